@@ -1,0 +1,17 @@
+"""HERA: route each AI-agent step between a local SLM and a cloud LLM.
+
+Importing hera_core loads nothing heavy: the native module, llama.cpp and XGBoost are imported
+where they are used.
+"""
+
+from ._version import __version__
+from .config import HeraSettings, load_settings
+from .errors import HeraError
+from .features import logit_features
+from .ledger import Ledger
+from .policy import Override, Route
+from .predictor import Kappa, Predictor
+from .runtime import Runtime, SubtaskResult
+
+__all__ = ["HeraError", "HeraSettings", "Kappa", "Ledger", "Override", "Predictor", "Route", "Runtime",
+           "SubtaskResult", "__version__", "load_settings", "logit_features"]

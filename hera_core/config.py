@@ -1,0 +1,123 @@
+"""One validated settings schema for HERA, with bounds and a description per field.
+
+Sources, later wins: defaults < TOML file (`--config hera.toml`) < environment
+(HERA_CLOUD_BASE_URL, HERA_CLOUD_API_KEY, HERA_CLOUD_MODEL, HERA_LOCAL_MODEL, HERA_LEDGER_PATH,
+HERA_THREADS). An invalid value is a ConfigError whose one-line message names the field.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from .errors import ConfigError
+from .models import default_cache_dir
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LocalSettings(_Strict):
+    model: str = Field("qwen2.5-coder-0.5b", description="manifest name (see `hera models list`) or path to a .gguf")
+    n_ctx: int = Field(4096, ge=256, le=131072, description="context window of the local SLM, tokens")
+    n_threads: int = Field(1, ge=1, le=256, description="llama.cpp decode threads (1 is fastest on 2 shared cores)")
+    n_threads_batch: int | None = Field(None, ge=1, le=256, description="llama.cpp prefill threads; default n_threads")
+
+
+class CloudSettings(_Strict):
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL ending in /v1; unset = start `hera cloud-sim`")
+    api_key: SecretStr | None = Field(None, description="bearer key of the cloud API; never logged or stored")
+    model: str = Field("qwen2.5-coder-1.5b", description="cloud model name (for cloud-sim: a manifest name or .gguf)")
+    timeout_s: float = Field(300.0, gt=0, le=3600, description="deadline per cloud request, seconds, retries included")
+    max_retries: int = Field(2, ge=0, le=10, description="retries of connection errors, 429 and 5xx")
+    sim_threads: int = Field(1, ge=1, le=256, description="threads of the cloud-sim model server")
+
+
+class PriceSettings(_Strict):
+    """Cloud at a named real model's published per-token price; local from energy and hardware."""
+
+    cloud_price_model: str = Field("gpt-4o-mini", description="the real cloud model whose prices are used")
+    cloud_input_usd_per_mtok: float = Field(0.15, ge=0, description="USD per 1M input tokens")
+    cloud_output_usd_per_mtok: float = Field(0.60, ge=0, description="USD per 1M output tokens")
+    cloud_price_date: str = Field("2024-07-18", description="date the cloud price was published")
+    local_watts: float = Field(15.0, ge=0, description="device power draw while the SLM runs, W (Jetson Orin NX class)")
+    local_usd_per_kwh: float = Field(0.15, ge=0, description="electricity price, USD per kWh")
+    local_amortization_usd_per_hour: float = Field(0.0, ge=0, description="device cost spread over its busy hours")
+
+    def cloud_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.cloud_input_usd_per_mtok + completion_tokens * self.cloud_output_usd_per_mtok) / 1e6
+
+    def local_cost(self, seconds: float) -> float:
+        hours = seconds / 3600.0
+        return self.local_watts / 1000.0 * hours * self.local_usd_per_kwh + self.local_amortization_usd_per_hour * hours
+
+
+class PolicySettings(_Strict):
+    predictor_path: str | None = Field(None, description="predictor file from `hera train`; default: the shipped one")
+    threshold_offset: float = Field(0.0, ge=-1, le=1, description="added to kappa(step): >0 keeps more steps in the cloud")
+
+
+class HeraSettings(_Strict):
+    local: LocalSettings = LocalSettings()
+    cloud: CloudSettings = CloudSettings()
+    prices: PriceSettings = PriceSettings()
+    policy: PolicySettings = PolicySettings()
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="models, completion cache, ledger")
+    ledger_path: Path | None = Field(None, description="SQLite ledger; default <cache_dir>/ledger.sqlite")
+    max_tokens: int = Field(512, ge=1, le=32768, description="default completion limit per subtask")
+
+    def resolved_ledger_path(self) -> Path:
+        return self.ledger_path or self.cache_dir / "ledger.sqlite"
+
+
+_ENV = {
+    "HERA_CLOUD_BASE_URL": ("cloud", "base_url"),
+    "HERA_CLOUD_API_KEY": ("cloud", "api_key"),
+    "HERA_CLOUD_MODEL": ("cloud", "model"),
+    "HERA_LOCAL_MODEL": ("local", "model"),
+    "HERA_THREADS": ("local", "n_threads"),
+    "HERA_LEDGER_PATH": (None, "ledger_path"),
+}
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+    if "api_key" in where:
+        got = ""  # never echo a secret
+    return f"config {source}: {where}: {err['msg']}{got}"
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                  env: dict[str, str] | None = None) -> HeraSettings:
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; pass an existing TOML file to --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    env = os.environ if env is None else env
+    for var, (section, key) in _ENV.items():
+        if env.get(var):
+            target = data.setdefault(section, {}) if section else data
+            target[key] = env[var]
+    for dotted, value in (overrides or {}).items():
+        *sections, key = dotted.split(".")
+        target = data
+        for s in sections:
+            target = target.setdefault(s, {})
+        target[key] = value
+    try:
+        return HeraSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None

@@ -1,0 +1,46 @@
+"""One exception hierarchy for HERA. The CLI prints `str(exc)` as one line; the server maps
+each class to an OpenAI-shaped error with its HTTP status (see hera_core.server)."""
+
+from __future__ import annotations
+
+
+class HeraError(Exception):
+    """Base class. The message is one line that names the fix."""
+
+    http_status = 500
+    error_type = "server_error"
+
+
+class ConfigError(HeraError, ValueError):
+    """A configuration value is invalid."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidRequestError(HeraError, ValueError):
+    """A client's request is malformed or cannot be served as asked."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(HeraError):
+    """A model file is not installed; the message names the package and command."""
+
+
+class ContextOverflowError(InvalidRequestError):
+    """The prompt does not fit the model's context window."""
+
+
+class CloudError(HeraError):
+    """The cloud LLM could not be reached or answered with an error."""
+
+    http_status = 502
+    error_type = "upstream_error"
+
+
+class CloudUnavailableError(CloudError):
+    """The cloud endpoint is unreachable (connection refused, DNS, timeout)."""
+
+    http_status = 503

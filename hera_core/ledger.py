@@ -1,0 +1,119 @@
+"""Cost ledger: one row per subtask in SQLite.
+
+Durability rule: WAL journal with synchronous=NORMAL, one transaction per row, committed before
+the caller answers the client. A committed row survives a killed process (kill -9): the WAL is in
+the OS page cache and is replayed on the next open; only a power loss can drop the last
+transactions. A row is never half-written (SQLite transactions are atomic). The file is created
+with mode 0600: it holds session ids and costs.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS subtasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,                 -- unix time the subtask finished
+    run TEXT NOT NULL,                -- label grouping rows (a demo arm, a server instance)
+    session TEXT NOT NULL,            -- agent session id
+    step INTEGER NOT NULL,            -- 0-based position of the subtask in its session
+    route TEXT NOT NULL,              -- 'local' or 'cloud'
+    model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,   -- prompt tokens reused from the local KV cache
+    latency_s REAL NOT NULL,
+    cost_usd REAL NOT NULL,           -- what this subtask cost on its route
+    cloud_cost_usd REAL NOT NULL,     -- what it would have cost on the cloud (= cost_usd there)
+    p_local REAL,                     -- predictor's P(SLM good enough); NULL when not scored
+    threshold REAL,                   -- kappa(step) used for the decision
+    reason TEXT NOT NULL,             -- why this route (predictor, local-only, budget, fallback...)
+    status TEXT NOT NULL DEFAULT 'ok' -- 'ok' or an error class
+);
+CREATE INDEX IF NOT EXISTS subtasks_run ON subtasks(run);
+CREATE INDEX IF NOT EXISTS subtasks_session ON subtasks(session);
+"""
+
+
+@dataclass
+class LedgerRow:
+    run: str
+    session: str
+    step: int
+    route: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    latency_s: float
+    cost_usd: float
+    cloud_cost_usd: float
+    p_local: float | None
+    threshold: float | None
+    reason: str
+    status: str = "ok"
+    ts: float = 0.0
+
+
+_COLUMNS = [f.name for f in fields(LedgerRow)]
+
+
+class Ledger:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Create with 0600 before SQLite opens it, so no other user can ever read it.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def record(self, row: LedgerRow) -> int:
+        row.ts = row.ts or time.time()
+        values = asdict(row)
+        sql = f"INSERT INTO subtasks ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
+        with self._lock:
+            cur = self._db.execute(sql, [values[c] for c in _COLUMNS])
+        return int(cur.lastrowid)
+
+    def rows(self, run: str | None = None) -> list[dict[str, Any]]:
+        q = "SELECT * FROM subtasks" + (" WHERE run=?" if run else "") + " ORDER BY id"
+        with self._lock:
+            cur = self._db.execute(q, (run,) if run else ())
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def totals(self, run: str | None = None) -> dict[str, Any]:
+        where = " WHERE run=?" if run else ""
+        q = ("SELECT COUNT(*), COALESCE(SUM(route='local'),0), COALESCE(SUM(cost_usd),0), "
+             "COALESCE(SUM(CASE WHEN route='cloud' THEN cost_usd ELSE 0 END),0), "
+             "COALESCE(SUM(cloud_cost_usd),0), COALESCE(SUM(prompt_tokens),0), "
+             f"COALESCE(SUM(completion_tokens),0), COALESCE(SUM(cached_tokens),0) FROM subtasks{where}")
+        with self._lock:
+            n, local, cost, cloud_cost, all_cloud, pt, ct, cached = self._db.execute(q, (run,) if run else ()).fetchone()
+        return {"subtasks": n, "local_subtasks": local, "local_share": local / n if n else 0.0,
+                "cost_usd": cost, "cloud_cost_usd": cloud_cost, "all_cloud_cost_usd": all_cloud,
+                "saving_usd": all_cloud - cost, "prompt_tokens": pt, "completion_tokens": ct,
+                "cached_tokens": cached}
+
+    def sessions(self, run: str | None = None) -> list[dict[str, Any]]:
+        where = " WHERE run=?" if run else ""
+        q = (f"SELECT session, COUNT(*), SUM(route='local'), SUM(cost_usd), SUM(cloud_cost_usd) FROM subtasks{where} "
+             "GROUP BY session ORDER BY MIN(id)")
+        with self._lock:
+            return [{"session": s, "subtasks": n, "local_subtasks": loc, "cost_usd": c, "all_cloud_cost_usd": a}
+                    for s, n, loc, c, a in self._db.execute(q, (run,) if run else ()).fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

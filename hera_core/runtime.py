@@ -1,0 +1,96 @@
+"""The in-process API: route one subtask (one chat completion of an agent step) and book it.
+
+    async with Runtime(local, cloud, predictor, ledger, prices) as rt:
+        result = await rt.complete(messages, session="s1")
+
+Flow per subtask: SLM prefill (KV reused across steps) -> logit + structure features ->
+predictor -> policy -> local decode continuing from that prefill, or the cloud -> ledger row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .config import PriceSettings
+from .engines.base import Engine, Generation, Message
+from .features import logit_features
+from .ledger import Ledger, LedgerRow
+from .policy import Decision, Override, Route, decide
+from .predictor import Predictor, feature_matrix, structure_features
+
+
+@dataclass
+class SubtaskResult:
+    text: str
+    route: Route
+    decision: Decision
+    generation: Generation
+    cost_usd: float  # on the route taken
+    cloud_cost_usd: float  # had it gone to the cloud (estimated from token counts when local)
+    step: int
+    ledger_id: int
+
+
+def step_index(messages: list[Message]) -> int:
+    """A subtask's position in its session: the number of assistant turns so far."""
+    return sum(1 for m in messages if m.get("role") == "assistant")
+
+
+class Runtime:
+    def __init__(self, local: Engine, cloud: Engine, predictor: Predictor, ledger: Ledger,
+                 prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
+                 max_tokens: int = 512) -> None:
+        self.local = local
+        self.cloud = cloud
+        self.predictor = predictor
+        self.ledger = ledger
+        self.prices = prices
+        self.run = run  # ledger label of this runtime's rows
+        self.threshold_offset = threshold_offset
+        self.max_tokens = max_tokens
+
+    async def score(self, messages: list[Message], step: int):
+        """SLM prefill + features + predictor for one subtask: (p_local, threshold, prefill)."""
+        pre = await self.local.prefill(messages)
+        X = feature_matrix(logit_features(pre.logits[None, :]),
+                           [structure_features(step, pre.prompt_tokens, messages)])
+        p = float(self.predictor.predict(X)[0])
+        return p, self.predictor.kappa(step) + self.threshold_offset, pre
+
+    async def complete(self, messages: list[Message], *, session: str, step: int | None = None,
+                       max_tokens: int | None = None, stop: list[str] | None = None,
+                       override: Override = Override.AUTO, run: str | None = None) -> SubtaskResult:
+        step = step_index(messages) if step is None else step
+        max_tokens = max_tokens or self.max_tokens
+        t0 = time.perf_counter()
+        p_local = threshold = None
+        if override is not Override.CLOUD_ONLY:
+            p_local, threshold, _ = await self.score(messages, step)
+        decision = decide(p_local, threshold, override)
+        if decision.route is Route.LOCAL:
+            gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop)
+            elapsed = time.perf_counter() - t0  # scoring prefill included: it is the local prefill
+            cost = self.prices.local_cost(elapsed)
+            cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+        else:
+            gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop)
+            elapsed = time.perf_counter() - t0
+            cost = cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+        row_id = self.ledger.record(LedgerRow(
+            run=run or self.run, session=session, step=step, route=decision.route.value, model=gen.model,
+            prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+            cached_tokens=gen.cached_tokens, latency_s=max(elapsed, gen.latency_s), cost_usd=cost,
+            cloud_cost_usd=cloud_cost, p_local=p_local, threshold=threshold, reason=decision.reason))
+        return SubtaskResult(text=gen.text, route=decision.route, decision=decision, generation=gen,
+                             cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id)
+
+    async def close(self) -> None:
+        await self.local.close()
+        await self.cloud.close()
+
+    async def __aenter__(self) -> "Runtime":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,124 @@
+"""Assemble a running HERA from settings: models, engines, cloud (real or simulated), ledger.
+
+`open_runtime(settings)` is an async context manager. Without cloud.base_url it starts
+`hera cloud-sim` as a child process on a free 127.0.0.1 port and stops it on exit, so the demo
+and the tests talk to a real model over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+
+from .completion_cache import CachingEngine, CompletionCache
+from .config import HeraSettings
+from .engines.cloud import CloudEngine
+from .engines.llamacpp import LlamaCppEngine
+from .errors import CloudUnavailableError
+from .ledger import Ledger
+from .models import model_path
+from .predictor import Predictor
+from .runtime import Runtime
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def cloud_sim(model: str, *, threads: int = 1, n_ctx: int = 4096, cache_dir: Path | None = None,
+                    startup_timeout_s: float = 120.0) -> AsyncIterator[str]:
+    """Run `hera cloud-sim` in a child process; yields its base URL (…/v1)."""
+    model_path(model, cache_dir)  # fail fast, in this process, with the install hint
+    port = free_port()
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["HERA_CACHE_DIR"] = str(cache_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "hera_core.cli", "cloud-sim", "--model", model,
+                             "--port", str(port), "--threads", str(threads), "--n-ctx", str(n_ctx)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = asyncio.get_running_loop().time() + startup_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+                    raise CloudUnavailableError(f"cloud-sim exited: {err[-1] if err else proc.returncode}")
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise CloudUnavailableError(f"cloud-sim did not start within {startup_timeout_s:.0f}s")
+                await asyncio.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@asynccontextmanager
+async def open_engines(settings: HeraSettings, *, use_cache: bool = False):
+    """(local, cloud) engines from settings. `use_cache` answers repeated greedy requests from the
+    completion cache (profiling reruns, evaluation of many policies)."""
+    local_file = model_path(settings.local.model, settings.cache_dir)
+    async with _cloud_base_url(settings) as base_url:
+        local = LlamaCppEngine(local_file, name=settings.local.model, n_ctx=settings.local.n_ctx,
+                               n_threads=settings.local.n_threads, n_threads_batch=settings.local.n_threads_batch)
+        api_key = settings.cloud.api_key.get_secret_value() if settings.cloud.api_key else None
+        cloud = CloudEngine(base_url, settings.cloud.model, api_key=api_key, timeout_s=settings.cloud.timeout_s,
+                            max_retries=settings.cloud.max_retries)
+        cache = None
+        if use_cache:
+            cache = CompletionCache(settings.cache_dir / "completions.sqlite")
+            local, cloud = CachingEngine(local, cache), CachingEngine(cloud, cache)
+        try:
+            yield local, cloud
+        finally:
+            await local.close()
+            await cloud.close()
+            if cache is not None:
+                cache.close()
+
+
+@asynccontextmanager
+async def open_runtime(settings: HeraSettings, *, run: str = "default", predictor: Predictor | None = None,
+                       use_cache: bool = False) -> AsyncIterator[Runtime]:
+    """A Runtime over the configured local SLM and cloud, booking into the configured ledger."""
+    predictor = predictor or Predictor.load(settings.policy.predictor_path)
+    async with open_engines(settings, use_cache=use_cache) as (local, cloud):
+        ledger = Ledger(settings.resolved_ledger_path())
+        try:
+            yield Runtime(local, cloud, predictor, ledger, settings.prices, run=run,
+                          threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens)
+        finally:
+            ledger.close()
+
+
+@asynccontextmanager
+async def _cloud_base_url(settings: HeraSettings) -> AsyncIterator[str]:
+    if settings.cloud.base_url:
+        yield settings.cloud.base_url
+        return
+    async with cloud_sim(settings.cloud.model, threads=settings.cloud.sim_threads,
+                         n_ctx=settings.local.n_ctx, cache_dir=settings.cache_dir) as url:
+        yield url

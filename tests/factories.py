@@ -1,0 +1,30 @@
+"""Small factories for test inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hera_core.predictor import FEATURE_NAMES, Kappa, Predictor
+
+
+def random_predictor(seed: int = 0, kappa: Kappa = Kappa(), trees: int = 10) -> Predictor:
+    """A real XGBoost predictor fitted on random rows: for plumbing, not for routing quality."""
+    import xgboost as xgb
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(200, len(FEATURE_NAMES))).astype(np.float32)
+    y = (X[:, 0] + rng.normal(scale=0.5, size=200) > 0).astype(np.float32)
+    booster = xgb.train({"objective": "binary:logistic", "max_depth": 3, "nthread": 1},
+                        xgb.DMatrix(X, label=y), num_boost_round=trees)
+    return Predictor(model_json=bytes(booster.save_raw("json")), kappa=kappa)
+
+
+def trace(task_id: str, split: str, llm_correct: float, labels: list[int], probs_feature: list[float]) -> dict:
+    """A profiled task as `hera profile` writes it; feature 0 carries the signal."""
+    steps = []
+    for k, (label, f0) in enumerate(zip(labels, probs_feature)):
+        feats = [0.0] * len(FEATURE_NAMES)
+        feats[0] = f0
+        feats[3] = float(k)
+        steps.append({"step": k, "features": feats, "label": label})
+    return {"task_id": task_id, "family": "f", "split": split, "llm_correct": llm_correct, "steps": steps}

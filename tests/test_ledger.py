@@ -1,0 +1,47 @@
+import os
+import stat
+import sqlite3
+
+from hera_core.ledger import Ledger, LedgerRow
+
+
+def row(**kw):
+    base = dict(run="r", session="s", step=0, route="cloud", model="m", prompt_tokens=100, completion_tokens=10,
+                cached_tokens=0, latency_s=0.5, cost_usd=0.002, cloud_cost_usd=0.002, p_local=0.3, threshold=0.6,
+                reason="predictor")
+    base.update(kw)
+    return LedgerRow(**base)
+
+
+def test_file_is_private_and_in_wal_mode(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    led = Ledger(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert led._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    led.close()
+
+
+def test_totals_sessions_and_saving(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite")
+    led.record(row(session="a", step=0, route="cloud", cost_usd=0.002, cloud_cost_usd=0.002))
+    led.record(row(session="a", step=1, route="local", cost_usd=0.0001, cloud_cost_usd=0.003))
+    led.record(row(session="b", step=0, route="local", cost_usd=0.0001, cloud_cost_usd=0.001))
+    led.record(row(run="other", cost_usd=5.0))
+    t = led.totals("r")
+    assert t["subtasks"] == 3 and t["local_subtasks"] == 2
+    assert abs(t["local_share"] - 2 / 3) < 1e-12
+    assert abs(t["cost_usd"] - 0.0022) < 1e-12 and abs(t["cloud_cost_usd"] - 0.002) < 1e-12
+    assert abs(t["all_cloud_cost_usd"] - 0.006) < 1e-12 and abs(t["saving_usd"] - 0.0038) < 1e-12
+    assert [s["session"] for s in led.sessions("r")] == ["a", "b"]
+    assert led.totals()["subtasks"] == 4
+    led.close()
+
+
+def test_committed_rows_are_visible_to_another_connection_at_once(tmp_path):
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path)
+    led.record(row())
+    other = sqlite3.connect(path)
+    assert other.execute("SELECT COUNT(*) FROM subtasks").fetchone()[0] == 1
+    other.close()
+    led.close()

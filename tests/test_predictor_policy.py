@@ -1,0 +1,97 @@
+import json
+
+import numpy as np
+import pytest
+
+from hera_core.errors import ConfigError
+from hera_core.policy import Override, Route, decide
+from hera_core.predictor import FEATURE_NAMES, FEATURE_SCHEMA, Kappa, Predictor
+from hera_core.training import auc, calibrate, train
+from tests.factories import random_predictor, trace
+
+
+def test_paper_kappa_grows_with_position_and_saturates():
+    k = Kappa()
+    assert [round(k(i), 2) for i in range(8)] == [0.6, 0.62, 0.64, 0.66, 0.68, 0.7, 0.7, 0.7]
+
+
+def test_predictor_round_trips_and_matches_xgboost(tmp_path):
+    import xgboost as xgb
+
+    p = random_predictor(kappa=Kappa(0.5, 0.03, 4))
+    path = tmp_path / "p.json"
+    p.save(path)
+    q = Predictor.load(path)
+    assert q.kappa == Kappa(0.5, 0.03, 4)
+    X = np.random.default_rng(1).normal(size=(32, len(FEATURE_NAMES))).astype(np.float32)
+    ref = xgb.Booster(model_file=bytearray(p.model_json)).inplace_predict(X)
+    np.testing.assert_allclose(q.predict(X), ref, atol=1e-6)
+
+
+def test_schema_mismatch_is_an_error_not_a_wrong_answer(tmp_path):
+    path = tmp_path / "p.json"
+    d = random_predictor().to_dict()
+    d["schema"] = "hera-features-v0"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="retrain"):
+        Predictor.load(path)
+    d["schema"] = FEATURE_SCHEMA
+    d["feature_names"] = d["feature_names"][:-1]
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="features"):
+        Predictor.load(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        Predictor.load(tmp_path / "nope.json")
+    path.write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Predictor.load(path)
+
+
+def test_wrong_feature_width_is_a_value_error():
+    with pytest.raises(ValueError, match="features must be"):
+        random_predictor().predict(np.zeros((2, 3), dtype=np.float32))
+
+
+def test_shipped_predictor_loads_with_a_calibrated_threshold():
+    p = Predictor.load()
+    assert 0.0 <= p.kappa.base <= 1.01
+    assert p.meta["train_rows"] > 0 and "auc_val" in p.meta
+    out = p.predict(np.zeros((3, len(FEATURE_NAMES)), dtype=np.float32))
+    assert out.shape == (3,) and np.all((out >= 0) & (out <= 1))
+
+
+def test_policy_overrides_and_threshold():
+    assert decide(0.9, 0.6).route is Route.LOCAL
+    assert decide(0.5, 0.6).route is Route.CLOUD
+    assert decide(0.1, 0.6, Override.LOCAL_ONLY).route is Route.LOCAL  # confidential stays local
+    assert decide(0.99, 0.6, Override.CLOUD_ONLY).route is Route.CLOUD
+    d = decide(0.99, 0.6, local_can_serve=False)
+    assert d.route is Route.CLOUD and d.reason == "cannot-serve-locally"
+
+
+def test_auc_matches_definition():
+    y = np.array([0, 0, 1, 1], dtype=np.float32)
+    assert auc(y, np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    assert auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert np.isnan(auc(np.ones(3, dtype=np.float32), np.ones(3)))
+
+
+def test_training_learns_the_signal_and_calibrates_within_the_drop():
+    rng = np.random.default_rng(0)
+    traces = []
+    for i in range(120):
+        split = "train" if i < 80 else "val"
+        f0 = rng.normal(size=2)
+        labels = [int(x > 0) for x in f0]  # feature 0 says whether the SLM is good enough
+        traces.append(trace(f"t{i}", split, 1.0, labels, list(f0)))
+    predictor, report = train(traces, max_drop=0.03, num_rounds=30)
+    assert report["auc_val"] > 0.9
+    cal = report["calibration"]
+    assert cal["est_accuracy"] >= cal["llm_accuracy"] - 0.03
+    assert cal["est_local_share"] > 0.2  # it keeps the steps it can keep
+
+
+def test_calibration_falls_back_to_all_cloud_when_nothing_is_safe():
+    traces = [trace(f"t{i}", "val", 1.0, [0, 0], [0.0, 0.0]) for i in range(5)]
+    kappa, est = calibrate(traces, random_predictor(), max_drop=0.0)
+    assert est.local_share == 0.0 and est.accuracy == 1.0
