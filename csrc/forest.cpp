@@ -488,7 +488,14 @@ TreeShape check_tree(const RawTree& t, const std::string& where, int32_t num_fea
   return s;
 }
 
-// Appends one node. Thresholds beyond float range act as +-inf, which is what the cast gives.
+// Thresholds beyond float range act as +-inf (converting such a double to float is undefined).
+float threshold_to_float(double v) {
+  if (v > std::numeric_limits<float>::max()) return std::numeric_limits<float>::infinity();
+  if (v < -std::numeric_limits<float>::max()) return -std::numeric_limits<float>::infinity();
+  return static_cast<float>(v);
+}
+
+// Appends one node.
 void push_node(Forest& f, int32_t feature, float threshold, int32_t left, uint8_t default_left, float leaf) {
   f.split.push_back(static_cast<int32_t>(static_cast<uint32_t>(feature) | (default_left ? kDefaultLeft : 0u)));
   f.threshold.push_back(threshold);
@@ -506,7 +513,7 @@ void append_compact(const RawTree& t, const TreeShape& s, Forest& f) {
     if (t.left[id] == -1) {
       push_node(f, 0, kNaN, slot - 1, 0, static_cast<float>(t.split_cond[id]));
     } else {
-      push_node(f, static_cast<int32_t>(t.split_index[id]), static_cast<float>(t.split_cond[id]), next_child,
+      push_node(f, static_cast<int32_t>(t.split_index[id]), threshold_to_float(t.split_cond[id]), next_child,
                 t.default_left[id], 0.0f);
       next_child += 2;
     }
@@ -531,7 +538,7 @@ void append_complete(const RawTree& t, const TreeShape& s, Forest& f) {
     if (i >= first_leaf) {
       push_node(f, 0, kNaN, base + static_cast<int32_t>(i) - 1, 0, value);
     } else if (is_split) {
-      push_node(f, static_cast<int32_t>(t.split_index[id]), static_cast<float>(t.split_cond[id]),
+      push_node(f, static_cast<int32_t>(t.split_index[id]), threshold_to_float(t.split_cond[id]),
                 base + static_cast<int32_t>(2 * i + 1), t.default_left[id], 0.0f);
       src[2 * i + 1] = t.left[id];
       src[2 * i + 2] = t.right[id];
@@ -587,7 +594,9 @@ Forest Forest::from_json(std::string_view json) {
   }
   if (m.base_score.empty()) fail("no learner_model_param.base_score");
   const double base_score = scalar_from_string(m.base_score, "base_score");
-  if (!std::isfinite(base_score)) fail("base_score is not finite");
+  if (!std::isfinite(base_score) || std::fabs(base_score) > std::numeric_limits<float>::max()) {
+    fail("base_score is not a finite float");
+  }
 
   Forest f;
   f.num_feature = static_cast<int32_t>(num_feature);

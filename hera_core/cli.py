@@ -46,6 +46,25 @@ def cmd_cloud_sim(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from aiohttp import web
+
+    from .server import create_app
+
+    overrides = {}
+    if args.host:
+        overrides["server.host"] = args.host
+    if args.port is not None:
+        overrides["server.port"] = args.port
+    from .config import load_settings
+
+    settings = load_settings(args.config, overrides)
+    s = settings.server
+    print(f"hera serve: http://{s.host}:{s.port}/v1 (model 'hera' is routed; others pass through)", flush=True)
+    web.run_app(create_app(settings), host=s.host, port=s.port, print=None, access_log=None)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import render, run_demo
 
@@ -115,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--n-ctx", type=int, default=4096)
     c.set_defaults(func=cmd_cloud_sim)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible hybrid endpoint (model 'hera' is routed per step)")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run agent tasks with HERA and all-cloud, print the comparison")
     d.add_argument("--tasks", type=int, default=8, help="number of tasks (default 8)")

@@ -68,14 +68,16 @@ class CachingEngine(Engine):
         self.name = inner.name
         self.is_local = inner.is_local
 
-    async def generate(self, messages, *, max_tokens: int = 256, stop=None) -> Generation:
-        request = {"messages": messages, "max_tokens": max_tokens, "stop": list(stop or [])}
+    async def generate(self, messages, *, max_tokens: int = 256, stop=None, on_text=None, **kwargs) -> Generation:
+        request = {"messages": messages, "max_tokens": max_tokens, "stop": list(stop or []), **kwargs}
         hit = self.cache.get(self.name, request)
         if hit is not None:
+            if on_text is not None and hit.text:
+                on_text(hit.text)
             return hit
         if self.cache.read_only:
             raise LookupError(f"completion cache miss for {self.name} in offline mode")
-        gen = await self.inner.generate(messages, max_tokens=max_tokens, stop=stop)
+        gen = await self.inner.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text, **kwargs)
         self.cache.put(self.name, request, gen)
         return gen
 

@@ -62,11 +62,25 @@ class PolicySettings(_Strict):
     threshold_offset: float = Field(0.0, ge=-1, le=1, description="added to kappa(step): >0 keeps more steps in the cloud")
 
 
+class ServerSettings(_Strict):
+    host: str = Field("127.0.0.1", description="address `hera serve` listens on")
+    port: int = Field(8088, ge=0, le=65535, description="port of `hera serve` (0 = any free port)")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="client bearer keys; empty = no auth")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="largest request body, bytes (413 past it)")
+    max_tokens_cap: int = Field(4096, ge=1, le=131072, description="largest max_tokens a client may ask for (400 past it)")
+    max_concurrency: int = Field(64, ge=1, le=100000, description="requests in flight; more get 429 with Retry-After")
+    max_local_queue: int = Field(32, ge=1, le=100000, description="subtasks waiting for the SLM; more get 429")
+    session_budget_usd: float | None = Field(None, ge=0, description="cloud spend cap per session, USD")
+    daily_budget_usd: float | None = Field(None, ge=0, description="cloud spend cap per UTC day, USD")
+    budget_action: Literal["local", "refuse"] = Field("local", description="past a cap: run on the SLM, or refuse (429)")
+
+
 class HeraSettings(_Strict):
     local: LocalSettings = LocalSettings()
     cloud: CloudSettings = CloudSettings()
     prices: PriceSettings = PriceSettings()
     policy: PolicySettings = PolicySettings()
+    server: ServerSettings = ServerSettings()
     cache_dir: Path = Field(default_factory=default_cache_dir, description="models, completion cache, ledger")
     ledger_path: Path | None = Field(None, description="SQLite ledger; default <cache_dir>/ledger.sqlite")
     max_tokens: int = Field(512, ge=1, le=32768, description="default completion limit per subtask")

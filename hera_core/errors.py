@@ -44,3 +44,10 @@ class CloudUnavailableError(CloudError):
     """The cloud endpoint is unreachable (connection refused, DNS, timeout)."""
 
     http_status = 503
+
+
+class BudgetExceededError(HeraError):
+    """A cloud spend cap is reached and the configured action is to refuse."""
+
+    http_status = 429
+    error_type = "insufficient_quota"

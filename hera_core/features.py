@@ -1,7 +1,13 @@
 """Logit features of the SLM prefill: the model's own uncertainty about the next token.
 
-`logit_features` dispatches to the native kernel (csrc/features.cpp) or to `logit_features_numpy`,
-its pure-numpy twin and reference.
+`logit_features` dispatches to the native kernel (csrc/features.cpp: one read of each row,
+vectorized) or to `logit_features_numpy`, its pure-numpy twin and reference.
+`logit_features_cuda` runs the CUDA kernel (csrc/cuda/) on host arrays; for logits already on
+the GPU call `hera_core.native.load_cuda().logit_features_device` with device pointers.
+
+Semantics (all three): per row of float32 [batch, vocab] logits, entropy of the softmax in nats,
+top-1 probability, and top-1 minus top-2 probability. -inf marks an impossible token; NaN, +inf
+or a row that is all -inf raise ValueError.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ def _validate(logits: np.ndarray) -> np.ndarray:
         raise ValueError(f"logits must be a float32 array, got dtype {dtype}")
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D [batch, n], got {logits.ndim}-D")
+    if not logits.flags.c_contiguous:
+        raise ValueError("logits must be C-contiguous (use np.ascontiguousarray)")
     if logits.shape[1] < 1:
         raise ValueError("logits must have at least one column (vocab >= 1)")
     return logits
@@ -51,3 +59,9 @@ def logit_features(logits: np.ndarray) -> np.ndarray:
     if native.native_enabled():
         return native.load().logit_features(logits)
     return logit_features_numpy(logits)
+
+
+def logit_features_cuda(logits: np.ndarray) -> np.ndarray:
+    """The CUDA kernel on a host array (copies through the device). Needs hera_core._native_cuda
+    and a GPU; ImportError / RuntimeError otherwise, ValueError for bad logits like the CPU."""
+    return native.load_cuda().logit_features(logits)

@@ -10,10 +10,14 @@ predictor -> policy -> local decode continuing from that prefill, or the cloud -
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .config import PriceSettings
+from .budget import Budget
 from .engines.base import Engine, Generation, Message
+from .errors import BudgetExceededError, ContextOverflowError, InvalidRequestError
 from .features import logit_features
 from .ledger import Ledger, LedgerRow
 from .policy import Decision, Override, Route, decide
@@ -40,7 +44,7 @@ def step_index(messages: list[Message]) -> int:
 class Runtime:
     def __init__(self, local: Engine, cloud: Engine, predictor: Predictor, ledger: Ledger,
                  prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
-                 max_tokens: int = 512) -> None:
+                 max_tokens: int = 512, budget: "Budget | None" = None) -> None:
         self.local = local
         self.cloud = cloud
         self.predictor = predictor
@@ -49,6 +53,7 @@ class Runtime:
         self.run = run  # ledger label of this runtime's rows
         self.threshold_offset = threshold_offset
         self.max_tokens = max_tokens
+        self.budget = budget  # cloud spend caps; None = unlimited
 
     async def score(self, messages: list[Message], step: int):
         """SLM prefill + features + predictor for one subtask: (p_local, threshold, prefill)."""
@@ -60,23 +65,54 @@ class Runtime:
 
     async def complete(self, messages: list[Message], *, session: str, step: int | None = None,
                        max_tokens: int | None = None, stop: list[str] | None = None,
-                       override: Override = Override.AUTO, run: str | None = None) -> SubtaskResult:
+                       override: Override = Override.AUTO, run: str | None = None,
+                       local_can_serve: bool = True, on_text: Callable[[str], None] | None = None,
+                       cloud_extra: dict[str, Any] | None = None, threshold: float | None = None,
+                       on_decision: Callable[[Decision], Awaitable[None]] | None = None) -> SubtaskResult:
+        """Route and run one subtask, book it, return the answer with its route and cost.
+
+        local_can_serve=False (tools, images) sends the step to the cloud; a prompt longer than the
+        SLM's window does too. `cloud_extra` holds request fields only the cloud understands.
+        `on_text` receives the answer's text deltas as they are produced (streaming);
+        `on_decision` is awaited once the route is known, before generation (response headers).
+        `threshold` replaces kappa(step) for this call.
+        """
         step = step_index(messages) if step is None else step
         max_tokens = max_tokens or self.max_tokens
         t0 = time.perf_counter()
-        p_local = threshold = None
-        if override is not Override.CLOUD_ONLY:
-            p_local, threshold, _ = await self.score(messages, step)
-        decision = decide(p_local, threshold, override)
+        fixed_threshold, p_local, threshold = threshold, None, None
+        why_not_local = None if local_can_serve else "the request needs the cloud (tools or non-text content)"
+        if override is not Override.CLOUD_ONLY and why_not_local is None:
+            try:
+                p_local, threshold, _ = await self.score(messages, step)
+                threshold = fixed_threshold if fixed_threshold is not None else threshold
+            except ContextOverflowError as exc:
+                why_not_local = str(exc)
+        if override is Override.LOCAL_ONLY and why_not_local is not None:
+            raise InvalidRequestError(f"local-only step cannot run on the SLM: {why_not_local}")
+        decision = decide(p_local, threshold, override, local_can_serve=why_not_local is None)
+        if decision.route is Route.CLOUD and self.budget is not None:
+            exceeded = self.budget.exceeded(session)
+            if exceeded is not None:
+                if self.budget.action == "local" and why_not_local is None:
+                    decision = Decision(Route.LOCAL, f"budget-{exceeded}", p_local, threshold)
+                else:
+                    raise BudgetExceededError(f"the {exceeded} cloud budget is spent; the step was refused "
+                                              "(raise the cap, or set budget_action = 'local')")
+        if on_decision is not None:
+            await on_decision(decision)
         if decision.route is Route.LOCAL:
-            gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop)
+            gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
             elapsed = time.perf_counter() - t0  # scoring prefill included: it is the local prefill
             cost = self.prices.local_cost(elapsed)
             cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
         else:
-            gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop)
+            kwargs = {"extra": cloud_extra} if cloud_extra else {}
+            gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text, **kwargs)
             elapsed = time.perf_counter() - t0
             cost = cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+            if self.budget is not None:
+                self.budget.add(session, cost)
         row_id = self.ledger.record(LedgerRow(
             run=run or self.run, session=session, step=step, route=decision.route.value, model=gen.model,
             prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,

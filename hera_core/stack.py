@@ -104,6 +104,7 @@ async def open_engines(settings: HeraSettings, *, use_cache: bool = False):
 async def open_runtime(settings: HeraSettings, *, run: str = "default", predictor: Predictor | None = None,
                        use_cache: bool = False) -> AsyncIterator[Runtime]:
     """A Runtime over the configured local SLM and cloud, booking into the configured ledger."""
+    model_path(settings.local.model, settings.cache_dir)  # a missing model is the first thing to fix
     predictor = predictor or Predictor.load(settings.policy.predictor_path)
     async with open_engines(settings, use_cache=use_cache) as (local, cloud):
         ledger = Ledger(settings.resolved_ledger_path())

@@ -10,7 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
+import hypothesis  # noqa: F401 - imported early: its plugin importing it at session end trips a
+import pytest       # CPython 3.11.7 AST bug under pytest's rewriter ("recursion depth mismatch")
 
 from hera_core.models import model_path
 from hera_core.stack import free_port
@@ -69,3 +70,35 @@ def tmp_cache(tmp_path, monkeypatch):
     """An empty HERA cache folder for this test; real models stay where `make` put them."""
     monkeypatch.setenv("HERA_LEDGER_PATH", str(tmp_path / "ledger.sqlite"))
     return tmp_path
+
+
+class ServerThread:
+    """An aiohttp app served on a free loopback port from an event loop in a background thread,
+    so that synchronous clients (the openai SDK) can talk to it from the test."""
+
+    def __init__(self, make_app) -> None:
+        import threading
+
+        from aiohttp import web
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = free_port()
+
+        async def start():
+            self.runner = web.AppRunner(await make_app() if asyncio.iscoroutinefunction(make_app) else make_app())
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+        self.call(start())
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.call(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()

@@ -9,6 +9,7 @@ prefill.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
-                       stop: list[str] | None = None) -> Generation: ...
+                       stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
+                       **kwargs: Any) -> Generation:
+        """Greedy completion of a chat. `on_text` receives text deltas as they are produced."""
 
     async def prefill(self, messages: list[Message]) -> Prefill:
         raise NotImplementedError(f"{type(self).__name__} has no prefill (only local engines do)")

@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -83,20 +84,77 @@ class CloudEngine(Engine):
             await asyncio.sleep(delay)
 
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
-                       stop: list[str] | None = None) -> Generation:
-        payload: dict[str, Any] = {"model": self.name, "messages": messages,
+                       stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
+                       extra: dict[str, Any] | None = None) -> Generation:
+        """One chat completion. `extra` carries request fields passed through as they are (tools,
+        response_format, ...); `on_text` streams text deltas as the upstream sends them."""
+        payload: dict[str, Any] = {**(extra or {}), "model": self.name, "messages": messages,
                                    "max_tokens": max_tokens, "temperature": 0}
         if stop:
             payload["stop"] = stop
+        if on_text is not None:
+            return await self._generate_streaming(payload, on_text)
         data, latency = await self.chat(payload)
         choice = data["choices"][0]
         usage = data.get("usage") or {}
-        gen = Generation(text=(choice.get("message") or {}).get("content") or "",
-                         prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                         completion_tokens=int(usage.get("completion_tokens", 0)),
-                         latency_s=latency, ttft_s=latency,
-                         finish_reason=choice.get("finish_reason") or "stop", model=self.name)
-        return gen
+        message = choice.get("message") or {}
+        return Generation(text=message.get("content") or "",
+                          prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                          completion_tokens=int(usage.get("completion_tokens", 0)),
+                          latency_s=latency, ttft_s=latency,
+                          finish_reason=choice.get("finish_reason") or "stop", model=self.name,
+                          extra={"message": message} if set(message) - {"role", "content"} else {})
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """POST a streaming chat-completions payload; yields each server-sent JSON chunk.
+
+        Only the connection is retried: once bytes have arrived a retry would duplicate output.
+        """
+        payload = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+        url = f"{self.base_url}/chat/completions"
+        try:
+            async with self._get_session().post(url, data=json.dumps(payload).encode(), headers=self._headers(),
+                                                timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+                if resp.status != 200:
+                    text = (await resp.text())[:300]
+                    raise CloudError(f"cloud LLM at {self.base_url} answered HTTP {resp.status}: {text}")
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    try:
+                        yield json.loads(data)
+                    except json.JSONDecodeError as exc:
+                        raise CloudError(f"cloud LLM at {self.base_url} sent a malformed stream chunk: {exc}") from exc
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ClientPayloadError) as exc:
+            raise CloudUnavailableError(
+                f"cloud LLM stream from {self.base_url} failed ({type(exc).__name__}); "
+                "check HERA_CLOUD_BASE_URL, or start the stand-in with `hera cloud-sim`") from None
+
+    async def _generate_streaming(self, payload: dict[str, Any], on_text: Callable[[str], None]) -> Generation:
+        t0 = time.perf_counter()
+        ttft = None
+        parts: list[str] = []
+        usage: dict[str, Any] = {}
+        finish = "stop"
+        async for chunk in self.stream(payload):
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                delta = (choice.get("delta") or {}).get("content")
+                if delta:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    parts.append(delta)
+                    on_text(delta)
+                finish = choice.get("finish_reason") or finish
+        latency = time.perf_counter() - t0
+        text = "".join(parts)
+        return Generation(text=text, prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                          completion_tokens=int(usage.get("completion_tokens", 0)), latency_s=latency,
+                          ttft_s=ttft if ttft is not None else latency, finish_reason=finish, model=self.name)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -108,13 +109,16 @@ class LlamaCppEngine(Engine):
         return Prefill(logits=logits, prompt_tokens=len(tokens), cached_tokens=reused,
                        latency_s=time.perf_counter() - t0)
 
-    def _generate_sync(self, messages: list[Message], max_tokens: int, stop: list[str]) -> Generation:
+    def _generate_sync(self, messages: list[Message], max_tokens: int, stop: list[str],
+                       on_text: Callable[[str], None] | None = None) -> Generation:
         t0 = time.perf_counter()
         tokens = self.tokenize_messages(messages)
         logits, reused = self._eval_prompt(tokens)
         max_tokens = max(0, min(max_tokens, self.n_ctx - len(tokens)))
+        # A streamed delta holds back what could still become a stop string.
+        holdback = max((len(s) for s in stop), default=1) - 1
         out: list[int] = []
-        text = ""
+        text, sent = "", 0
         finish = "length"
         ttft = None
         while len(out) < max_tokens:
@@ -126,15 +130,21 @@ class LlamaCppEngine(Engine):
                 break
             out.append(token)
             text = self._llm.detokenize(out).decode("utf-8", errors="ignore")
-            if stop and any(s in text for s in stop):
-                text = text[: min(text.index(s) for s in stop if s in text)]
+            hits = [text.index(s) for s in stop if s in text]
+            if hits:
+                text = text[: min(hits)]
                 finish = "stop"
                 break
+            if on_text is not None and len(text) - holdback > sent:
+                on_text(text[sent: len(text) - holdback])
+                sent = len(text) - holdback
             if len(out) == max_tokens:
                 break
             self._llm.eval([token])
             self._kv_tokens.append(token)
             logits = self._last_logits = self._read_logits()
+        if on_text is not None and len(text) > sent:
+            on_text(text[sent:])
         self.stats["generated_tokens"] += len(out)
         latency = time.perf_counter() - t0
         return Generation(text=text, prompt_tokens=len(tokens), completion_tokens=len(out),
@@ -146,11 +156,18 @@ class LlamaCppEngine(Engine):
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._prefill_sync, messages)
 
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
-                       stop: list[str] | None = None) -> Generation:
+                       stop: list[str] | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
+        """Greedy completion. `on_text`, if given, receives text deltas as they decode (called on
+        the event loop's thread, in order)."""
         if max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._generate_sync, messages, max_tokens, list(stop or []))
+        loop = asyncio.get_running_loop()
+        callback = None
+        if on_text is not None:
+            def callback(delta: str) -> None:
+                loop.call_soon_threadsafe(on_text, delta)
+        return await loop.run_in_executor(
+            self._executor, self._generate_sync, messages, max_tokens, list(stop or []), callback)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)

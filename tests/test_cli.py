@@ -1,0 +1,72 @@
+"""The `hera` command as a user runs it: real subprocesses, one-line errors, the demo's JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hera_core.stack import free_port
+from tests.conftest import TINY
+
+
+def hera(*args, env=None, timeout=300):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "hera_core.cli", *args], capture_output=True, text=True,
+                          env=e, timeout=timeout)
+
+
+def one_line_error(proc):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hera: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_bad_config_value(tmp_path):
+    cfg = tmp_path / "hera.toml"
+    cfg.write_text("[local]\nn_threads = 0\n")
+    assert "local.n_threads" in one_line_error(hera("--config", str(cfg), "demo", "--tasks", "1"))
+
+
+def test_missing_model_names_the_install_command(tmp_path):
+    msg = one_line_error(hera("demo", "--tasks", "1", env={"HERA_CACHE_DIR": str(tmp_path)}))
+    assert "hera models ensure" in msg
+
+
+def test_unreachable_cloud_names_the_setting(tmp_path, tiny_model_path):
+    env = {"HERA_CLOUD_BASE_URL": f"http://127.0.0.1:{free_port()}/v1", "HERA_LOCAL_MODEL": TINY,
+           "HERA_LEDGER_PATH": str(tmp_path / "l.sqlite")}
+    cfg = tmp_path / "hera.toml"
+    cfg.write_text("[cloud]\ntimeout_s = 3\nmax_retries = 0\n")
+    msg = one_line_error(hera("--config", str(cfg), "demo", "--tasks", "1", "--no-cache", env=env))
+    assert "HERA_CLOUD_BASE_URL" in msg
+
+
+def test_models_list():
+    proc = hera("models", "list")
+    assert proc.returncode == 0 and "smollm2-135m" in proc.stdout and "installed" in proc.stdout
+
+
+def test_demo_json_reads_routes_and_costs_from_the_ledger(tmp_path, tiny_model_path):
+    """The whole path with SmolLM2 as both models (plumbing): cloud-sim started and stopped by the demo."""
+    cfg = tmp_path / "hera.toml"
+    cfg.write_text("max_tokens = 64\n[policy]\nthreshold_offset = -0.3\n")
+    env = {"HERA_LOCAL_MODEL": TINY, "HERA_CLOUD_MODEL": TINY, "HERA_LEDGER_PATH": str(tmp_path / "l.sqlite")}
+    proc = hera("--config", str(cfg), "demo", "--tasks", "2", "--json", "--no-cache", env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in ("accuracy", "local_share", "cost_usd", "all_cloud_cost_usd", "all_cloud_accuracy", "subtasks"):
+        assert key in out
+    assert out["tasks"] == 2 and out["subtasks"] >= 2
+    assert out["all_cloud_cost_usd"] > 0 and 0.0 <= out["local_share"] <= 1.0
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "l.sqlite")
+    n = db.execute("SELECT COUNT(*) FROM subtasks WHERE run=?", (out["runs"]["hera"],)).fetchone()[0]
+    assert n == out["subtasks"]
+    assert db.execute("SELECT COUNT(*) FROM subtasks WHERE run=? AND route='local'",
+                      (out["runs"]["all_cloud"],)).fetchone()[0] == 0

@@ -1,0 +1,71 @@
+"""End to end: a real SLM in process, a real model over HTTP as the cloud, a real SQLite ledger."""
+
+import pytest
+
+from hera_core.config import load_settings
+from hera_core.engines.cloud import CloudEngine
+from hera_core.harness import run_task
+from hera_core.ledger import Ledger
+from hera_core.policy import Override, Route
+from hera_core.predictor import Kappa
+from hera_core.runtime import Runtime, step_index
+from hera_core.workloads import make_tasks
+from tests.conftest import TINY, run
+from tests.factories import random_predictor
+
+# kappa(0) = 1.01 sends step 0 to the cloud whatever P is; kappa(k >= 1) = -0.01 keeps later steps
+# local: both routes in one session, through the real scoring path.
+SPLIT = Kappa(base=1.01, per_step=-1.02, max_steps=1)
+
+
+@pytest.fixture
+def runtime(tiny_engine, cloud_url, tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    cloud = CloudEngine(cloud_url, TINY)
+    rt = Runtime(tiny_engine, cloud, random_predictor(kappa=SPLIT), ledger, load_settings(env={}).prices,
+                 run="t", max_tokens=48)
+    yield rt
+    run(cloud.close())
+    ledger.close()
+
+
+def test_agent_tasks_write_ledger_rows_with_both_routes(runtime):
+    tasks = make_tasks(["basic_arithmetic", "letter_counting"], per_family=1, seed=0)
+
+    async def go():
+        out = []
+        for task in tasks:
+            async def step(messages, k, task=task):
+                r = await runtime.complete(messages, session=task.task_id, step=k)
+                return r.text, r.route.value
+            out.append(await run_task(task, step))
+        return out
+
+    trajs = run(go())
+    rows = runtime.ledger.rows("t")
+    assert len(rows) == sum(len(t.routes) for t in trajs)
+    assert {r["route"] for r in rows} == {"local", "cloud"}
+    for r in rows:
+        assert r["route"] == ("cloud" if r["step"] == 0 else "local")
+        assert 0.0 <= r["p_local"] <= 1.0 and r["reason"] == "predictor"
+        assert r["prompt_tokens"] > 0 and r["latency_s"] > 0 and r["cost_usd"] > 0
+        if r["route"] == "cloud":
+            assert r["cost_usd"] == r["cloud_cost_usd"]
+        else:
+            assert r["cost_usd"] < r["cloud_cost_usd"]  # energy of a small model vs per-token price
+    totals = runtime.ledger.totals("t")
+    assert 0 < totals["local_share"] < 1 and totals["saving_usd"] > 0
+
+
+def test_local_only_never_reaches_the_cloud_and_cloud_only_skips_scoring(runtime):
+    msgs = [{"role": "user", "content": "Confidential: summarize 'acct 991'."}]
+    r = run(runtime.complete(msgs, session="c", step=0, override=Override.LOCAL_ONLY))
+    assert r.route is Route.LOCAL and r.decision.reason == "local-only"
+    r = run(runtime.complete(msgs, session="c", step=5, override=Override.CLOUD_ONLY))
+    assert r.route is Route.CLOUD and r.decision.p_local is None
+
+
+def test_step_index_counts_assistant_turns():
+    msgs = [{"role": "system", "content": ""}, {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert step_index(msgs) == 1 and step_index(msgs[:2]) == 0
