@@ -140,7 +140,7 @@ inline void sweep_exp(const float* x, int64_t n, float m, double& s0_out, double
 
 // Cloned for x86-64-v3 (AVX2 + FMA) with a runtime dispatch (ifunc): twice the vector width where
 // the CPU has it, while the module still loads on any x86-64.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void row_features(const float* x, int64_t vocab, int64_t row, float* out) {
   RowState st;
   for (int l = 0; l < kLanes; ++l) {

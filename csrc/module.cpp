@@ -16,7 +16,12 @@ namespace py = pybind11;
 namespace {
 
 // Validate before touching memory: dtype, rank, contiguity. The message names the fix.
-py::array_t<float> as_float32_matrix(const py::array& a, const char* name) {
+py::array_t<float> as_float32_matrix(const py::object& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::value_error(std::string(name) + " must be a numpy float32 array, got " +
+                          std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  const auto a = py::reinterpret_borrow<py::array>(obj);
   if (!py::isinstance<py::array_t<float>>(a) || a.dtype().kind() != 'f' || a.itemsize() != 4) {
     throw py::value_error(std::string(name) + " must be a float32 array, got dtype " +
                           std::string(py::str(a.dtype())));
@@ -31,7 +36,7 @@ py::array_t<float> as_float32_matrix(const py::array& a, const char* name) {
   return py::reinterpret_borrow<py::array_t<float>>(a);
 }
 
-py::array_t<float> logit_features(const py::array& logits_any) {
+py::array_t<float> logit_features(const py::object& logits_any) {
   auto logits = as_float32_matrix(logits_any, "logits");
   const int64_t batch = logits.shape(0), vocab = logits.shape(1);
   if (vocab < 1) throw py::value_error("logits must have at least one column (vocab >= 1)");
@@ -64,7 +69,7 @@ py::dict forest_arrays(const hera::Forest& f) {
   return d;
 }
 
-py::array_t<float> forest_predict(const hera::Forest& f, const py::array& x_any, bool output_margin) {
+py::array_t<float> forest_predict(const hera::Forest& f, const py::object& x_any, bool output_margin) {
   auto x = as_float32_matrix(x_any, "X");
   const int64_t batch = x.shape(0), nf = x.shape(1);
   if (nf != f.num_feature) {

@@ -12,6 +12,9 @@ constexpr int kFeatureThreads = 256;  // threads per row: 8 warps keep one SM's 
 constexpr int kWarps = kFeatureThreads / 32;
 constexpr int kForestThreads = 128;   // rows per block of the forest kernel
 constexpr unsigned kFullMask = 0xffffffffu;
+// e^d below this is 0 in float (even as a denormal); such terms are skipped, which also avoids
+// 0 * -inf when x - m overflows (logits near +-3e38).
+constexpr float kExpMin = -104.0f;
 
 // Partial reduction of a slice of one row. s0/s1 are relative to m: s0 = sum e^(x-m),
 // s1 = sum e^(x-m) (x-m); entropy is log S0 - S1 / S0 once the row is done.
@@ -33,8 +36,10 @@ __device__ inline void add_logit(Partial& p, float v) {
   p.t1 = fmaxf(p.t1, v);
   if (v == -INFINITY) return;  // masked token: probability 0
   if (v > p.m) {
-    if (p.m != -INFINITY) {  // shift the sums to the new max
-      const float delta = p.m - v;
+    const float delta = p.m - v;  // -inf on the first finite logit: the sums are still 0
+    if (delta < kExpMin) {
+      p.s0 = p.s1 = 0.0f;
+    } else {  // shift the sums to the new max: e^(x-v) = e^(x-m) e^(m-v)
       const float f = expf(delta);
       p.s1 = f * (p.s1 + delta * p.s0);
       p.s0 = f * p.s0;
@@ -42,6 +47,7 @@ __device__ inline void add_logit(Partial& p, float v) {
     p.m = v;
   }
   const float d = v - p.m;
+  if (d < kExpMin) return;
   const float e = expf(d);
   p.s0 += e;
   p.s1 += e * d;
@@ -65,8 +71,13 @@ __device__ inline void merge(Partial& a, const Partial& b) {
     m_hi = b.m, s0_hi = b.s0, s1_hi = b.s1, m_lo = a.m, s0_lo = a.s0, s1_lo = a.s1;
   }
   const float delta = m_lo - m_hi;
-  const float f = expf(delta);
   a.m = m_hi;
+  if (delta < kExpMin) {  // the smaller side's terms are all 0 at the larger max
+    a.s0 = s0_hi;
+    a.s1 = s1_hi;
+    return;
+  }
+  const float f = expf(delta);
   a.s0 = s0_hi + f * s0_lo;
   a.s1 = s1_hi + f * (s1_lo + delta * s0_lo);
 }

@@ -67,7 +67,12 @@ int device_count() {
   return n;
 }
 
-py::array_t<float> as_float32_matrix(const py::array& a, const char* name) {
+py::array_t<float> as_float32_matrix(const py::object& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::value_error(std::string(name) + " must be a numpy float32 array, got " +
+                          std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  const auto a = py::reinterpret_borrow<py::array>(obj);
   if (!py::isinstance<py::array_t<float>>(a) || a.dtype().kind() != 'f' || a.itemsize() != 4) {
     throw py::value_error(std::string(name) + " must be a float32 array, got dtype " + std::string(py::str(a.dtype())));
   }
@@ -93,7 +98,7 @@ void logit_features_device(uintptr_t logits, int64_t batch, int64_t vocab, uintp
   check(err, "logit_features kernel launch");
 }
 
-py::array_t<float> logit_features_host(const py::array& logits_any) {
+py::array_t<float> logit_features_host(const py::object& logits_any) {
   auto logits = as_float32_matrix(logits_any, "logits");
   const int64_t batch = logits.shape(0), vocab = logits.shape(1);
   if (vocab < 1) throw py::value_error("logits must have at least one column (vocab >= 1)");
@@ -178,7 +183,7 @@ class CudaForest {
     check(err, "forest kernel launch");
   }
 
-  py::array_t<float> predict_host(const py::array& x_any, bool output_margin) const {
+  py::array_t<float> predict_host(const py::object& x_any, bool output_margin) const {
     ensure_open();
     auto x = as_float32_matrix(x_any, "X");
     const int64_t batch = x.shape(0), nf = x.shape(1);

@@ -1,70 +1,122 @@
-"""Local SLM engine on llama.cpp (llama-cpp-python), the embedded default.
+"""Local SLM engine on llama.cpp (llama-cpp-python's low-level bindings), the embedded default.
+
+KV-cache reuse across agent steps and interleaved sessions, without copying states in and out:
+one llama.cpp context holds up to `n_slots` sequences in a *unified* KV cache. A radix index
+(hera_core.radix, native in csrc/radix.cpp) maps cached prompt prefixes, block by block, to the
+slots that hold them. A new prompt goes to the slot sharing its longest prefix and only the new
+tokens are evaluated:
+
+- the next step of the same conversation continues its slot in place (the slot's last prompt is
+  a prefix of the new one; only the reply and the new user turn are evaluated);
+- a prompt that shares only part of a slot (a common system prompt, a branch) gets a free or
+  least-recently-used slot and the shared prefix is linked into it with `llama_memory_seq_cp`,
+  which on a unified cache tags the existing cells with the new sequence id: nothing is copied;
+- when the cache fills up, least-recently-used unpinned blocks are evicted (`llama_memory_seq_rm`).
 
 Decoding is greedy and driven here token by token, so the prefill that scores a subtask is the
-one its local decode continues from. The KV of the last evaluated prompt stays in the context:
-a prompt that extends it (the next step of the same agent session) evaluates only its new tokens.
+one its local decode continues from: no second prefill when the step stays local.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ContextOverflowError, InvalidRequestError
+from ..errors import ContextOverflowError, HeraError, InvalidRequestError
+from ..radix import RadixIndex
 from .base import Engine, Generation, Message, Prefill
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if diff.size else n
+
+
+@dataclass
+class _Slot:
+    tokens: list[int] = field(default_factory=list)  # token ids whose KV this sequence holds (positions 0..)
+    prompt_len: int = 0  # length of the last prompt evaluated here; a continuation must match it whole
+    logits: np.ndarray | None = None  # logits after tokens[-1], kept only right after an evaluation
+    last_used: int = 0  # logical clock, for choosing a slot to recycle
 
 
 class LlamaCppEngine(Engine):
     is_local = True
 
     def __init__(self, model_path: str | Path, *, name: str | None = None, n_ctx: int = 4096,
-                 n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512) -> None:
-        from llama_cpp import Llama
+                 n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512,
+                 n_slots: int = 8, kv_cells: int | None = None, block_size: int = 16,
+                 kv_budget_bytes: int | None = None) -> None:
+        """n_ctx: the longest prompt + completion of one subtask, tokens. n_slots: sequences kept
+        in the KV cache at once. kv_cells: KV cache size in tokens, shared by all slots (default
+        4 * n_ctx). kv_budget_bytes: cap on the KV bytes the index may keep (default: all cells)."""
+        import llama_cpp
+        from llama_cpp import _internals as internals
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        if n_threads < 1:
-            raise InvalidRequestError(f"n_threads must be >= 1, got {n_threads}")
+        for arg, value, low in (("n_threads", n_threads, 1), ("n_slots", n_slots, 1), ("block_size", block_size, 1),
+                                ("n_ctx", n_ctx, 16)):
+            if value < low:
+                raise InvalidRequestError(f"{arg} must be >= {low}, got {value}")
+        if n_slots > 64:
+            raise InvalidRequestError(f"n_slots must be <= 64, got {n_slots}")
+        self._lib = llama_cpp
+        llama_cpp.llama_backend_init()
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)  # llama.cpp's load and graph logs are noise here
         self.name = name or Path(model_path).stem
-        self._llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch,
-                          n_threads=n_threads, n_threads_batch=n_threads_batch or n_threads,
-                          logits_all=False, verbose=False)
-        model = self._llm._model
-        template = self._llm.metadata.get("tokenizer.chat_template")
+        mparams = llama_cpp.llama_model_default_params()
+        self._model = internals.LlamaModel(path_model=str(model_path), params=mparams, verbose=False)
+        self.n_ctx = n_ctx
+        self.kv_cells = kv_cells or 4 * n_ctx
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.kv_cells
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_batch, 512)
+        cparams.n_seq_max = n_slots
+        cparams.kv_unified = True  # one cell pool for all sequences: seq_cp shares cells, copies nothing
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads_batch or n_threads
+        self._ctx = internals.LlamaContext(model=self._model, params=cparams, verbose=False)
+        self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.n_batch = n_batch
+        self.n_vocab = self._model.n_vocab()
+
+        meta = self._model.metadata()
+        template = meta.get("tokenizer.chat_template")
         if not template:
             raise InvalidRequestError(f"model {self.name} has no chat template; use an instruct model")
-        eos = self._llm.token_eos()
-        self._formatter = Jinja2ChatFormatter(
-            template=template, eos_token=model.token_get_text(eos),
-            bos_token=model.token_get_text(self._llm.token_bos()) if self._llm.token_bos() != -1 else "")
-        # Tokens that end a turn: EOS and whatever the vocabulary marks end-of-generation.
-        self._stop_ids = {t for t in range(self._llm.n_vocab()) if self._is_eog(t)} | {eos}
-        self.n_ctx = n_ctx
-        self.n_vocab = self._llm.n_vocab()
+        eos, bos = self._model.token_eos(), self._model.token_bos()
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=self._model.token_get_text(eos),
+                                              bos_token=self._model.token_get_text(bos) if bos != -1 else "")
+
+        # KV bytes per token (f16 K and V over all layers), for the index's byte accounting.
+        n_layer = llama_cpp.llama_model_n_layer(self._model.model)
+        head_dim = llama_cpp.llama_model_n_embd(self._model.model) // llama_cpp.llama_model_n_head(self._model.model)
+        self.kv_bytes_per_token = 2 * 2 * n_layer * llama_cpp.llama_model_n_head_kv(self._model.model) * head_dim
+        # Slack for each slot's partial last block, which the block-granular index does not count.
+        budget_cap = (self.kv_cells - n_slots * block_size) * self.kv_bytes_per_token
+        budget = min(kv_budget_bytes, budget_cap) if kv_budget_bytes is not None else budget_cap
+        self._index = RadixIndex(block_size, self.kv_bytes_per_token, budget, n_slots)
+        self._slots = [_Slot() for _ in range(n_slots)]
+        self._clock = 0
         # One worker thread: a llama.cpp context is not thread-safe, and calls queue in order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hera-{self.name}")
-        self._kv_tokens: list[int] = []  # tokens whose KV sits in the context (sequence 0)
-        self._last_logits: np.ndarray | None = None  # logits after the last of _kv_tokens
-        # Counters (tokens): evaluated vs. reused from the KV prefix.
-        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
-
-    def _is_eog(self, token: int) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "seq_copies": 0}
 
     # --- tokens -------------------------------------------------------------------------------
     def tokenize_messages(self, messages: list[Message]) -> list[int]:
@@ -74,38 +126,133 @@ class LlamaCppEngine(Engine):
             prompt = self._formatter(messages=messages).prompt
         except Exception as exc:  # jinja raises for roles the template does not accept
             raise InvalidRequestError(f"cannot format messages with the model's chat template: {exc}") from exc
-        return self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return self._model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
-    def _check_fits(self, tokens: list[int], max_tokens: int = 1) -> None:
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._model.detokenize(tokens, special=False).decode("utf-8", errors="ignore")
+
+    def _check_fits(self, tokens: list[int]) -> None:
         if len(tokens) + 1 > self.n_ctx:
             raise ContextOverflowError(
                 f"prompt has {len(tokens)} tokens, the local model's context window is {self.n_ctx}; "
                 "shorten the conversation or raise local.n_ctx")
 
-    # --- blocking work, on the engine thread ----------------------------------------------------
-    def _eval_prompt(self, tokens: list[int]) -> tuple[np.ndarray, int]:
-        """Bring the context to `tokens`, evaluating only what differs. Returns (logits, reused)."""
-        self._check_fits(tokens)
-        keep = _common_prefix(self._kv_tokens, tokens)
-        if keep == len(tokens) == len(self._kv_tokens) and self._last_logits is not None:
-            return self._last_logits, keep  # the exact prompt is already evaluated
-        keep = min(keep, len(tokens) - 1)  # always evaluate at least one token to get its logits
-        self._llm.n_tokens = keep  # Llama.eval drops KV from n_tokens on before evaluating
-        self._llm.eval(tokens[keep:])
-        self._kv_tokens = list(tokens)
-        self._last_logits = self._read_logits()
-        self.stats["prefill_tokens"] += len(tokens) - keep
-        self.stats["reused_tokens"] += keep
-        return self._last_logits, keep
+    def cache_stats(self) -> dict[str, float]:
+        seen = self.stats["prefill_tokens"] + self.stats["reused_tokens"]
+        return {**self.stats, "hit_rate": self.stats["reused_tokens"] / seen if seen else 0.0,
+                "bytes_held": self._index.bytes_held, "evictions": self._index.evictions}
 
-    def _read_logits(self) -> np.ndarray:
-        ptr = self._llm._ctx.get_logits_ith(-1)
+    # --- KV bookkeeping (engine thread only) ----------------------------------------------------
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _seq_rm(self, slot: int, start: int) -> None:
+        self._lib.llama_memory_seq_rm(self._mem, slot, start, -1)
+        s = self._slots[slot]
+        if start < len(s.tokens):
+            s.tokens = s.tokens[:start]
+            s.logits = None
+        s.prompt_len = min(s.prompt_len, start)
+
+    def _apply_evictions(self, evicted) -> None:
+        for slot, start, _n in evicted:
+            self._seq_rm(slot, start)
+
+    def _recycle_slot(self, exclude: int) -> int:
+        """An empty slot, else the least recently used one (emptied)."""
+        free = [i for i, s in enumerate(self._slots) if not s.tokens and i != exclude]
+        slot = free[0] if free else min((i for i in range(len(self._slots)) if i != exclude),
+                                        key=lambda i: self._slots[i].last_used)
+        self._index.truncate(slot, 0)
+        self._seq_rm(slot, 0)
+        return slot
+
+    def _decode(self, tokens: list[int], slot: int, start: int) -> np.ndarray:
+        """Evaluate `tokens` at positions start.. of sequence `slot`; logits of the last one."""
+        lib, batch = self._lib, self._batch
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i:i + self.n_batch]
+            n = len(chunk)
+            batch.n_tokens = n
+            np.ctypeslib.as_array(batch.token, shape=(n,))[:] = chunk
+            np.ctypeslib.as_array(batch.pos, shape=(n,))[:] = np.arange(start + i, start + i + n)
+            np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
+            logits_flags = np.ctypeslib.as_array(batch.logits, shape=(n,))
+            logits_flags[:] = 0
+            logits_flags[n - 1] = 1
+            for j in range(n):
+                batch.seq_id[j][0] = slot
+            rc = lib.llama_decode(self._ctx.ctx, batch)
+            if rc == 1:  # no room in the KV cache: drop every unpinned block and retry once
+                self._apply_evictions(self._index.evict(self._index.bytes_held))
+                rc = lib.llama_decode(self._ctx.ctx, batch)
+            if rc != 0:
+                raise HeraError(f"llama_decode failed with status {rc} (KV cache of {self.kv_cells} cells full?); "
+                                "raise local.n_ctx or lower the number of sessions")
+        ptr = lib.llama_get_logits_ith(self._ctx.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    def _eval_prompt(self, tokens: list[int], reserve: int = 0) -> tuple[int, np.ndarray, int]:
+        """Bring some slot's KV to `tokens`, evaluating only what is not cached.
+
+        Returns (slot, logits after the last token, tokens reused). `reserve` is room to keep for
+        the completion.
+        """
+        self._check_fits(tokens)
+        now = self._tick()
+        self._index.match(np.asarray(tokens, dtype=np.int32))  # marks the cached path recently used
+        holder, m, exact = -1, 0, False
+        for i, slot_i in enumerate(self._slots):  # a handful of slots: an exact scan is cheap
+            if not slot_i.tokens:
+                continue
+            mi = _common_prefix(slot_i.tokens, tokens)
+            ex = mi == len(tokens) == len(slot_i.tokens) and slot_i.logits is not None
+            if (ex, mi, slot_i.last_used) > (exact, m, self._slots[holder].last_used if holder >= 0 else -1):
+                holder, m, exact = i, mi, ex
+        if exact:
+            self._slots[holder].last_used = now
+            self.stats["reused_tokens"] += m
+            return holder, self._slots[holder].logits, m  # this exact prompt was just evaluated here
+        if holder >= 0 and m > 0:
+            m = min(m, len(tokens) - 1)  # evaluate at least one token, to get its logits
+            if m + 1 >= self._slots[holder].prompt_len or len(self._slots) == 1:
+                # the same conversation one step on (or a retry), or nowhere else to go: in place
+                slot = holder
+            else:  # a shared prefix of another conversation: link it into a slot of its own
+                slot = self._recycle_slot(exclude=holder)
+                self._lib.llama_memory_seq_cp(self._mem, holder, slot, 0, m)
+                self._slots[slot].tokens = list(tokens[:m])
+                self._index.insert(np.asarray(tokens[:m], dtype=np.int32), slot)
+                self.stats["seq_copies"] += 1
+        else:
+            m = 0
+            slot = self._recycle_slot(exclude=-1)
+        self._index.truncate(slot, m)
+        self._seq_rm(slot, m)
+        # Make room for the new tokens (and the completion) without touching this prompt's prefix.
+        need = (len(tokens) - m + reserve) * self.kv_bytes_per_token
+        over = self._index.bytes_held + need - self._index.byte_budget
+        if over > 0:
+            key = np.asarray(tokens[:m], dtype=np.int32)
+            pinned = self._index.lock(key)
+            try:
+                self._apply_evictions(self._index.evict(over))
+            finally:
+                self._index.release(key, pinned)
+        logits = self._decode(tokens[m:], slot, m)
+        s = self._slots[slot]
+        s.tokens, s.prompt_len, s.logits, s.last_used = list(tokens), len(tokens), logits, now
+        self._apply_evictions(self._index.insert(np.asarray(tokens, dtype=np.int32), slot))
+        self.stats["prefill_tokens"] += len(tokens) - m
+        self.stats["reused_tokens"] += m
+        return slot, logits, m
+
+    # --- blocking work, on the engine thread ----------------------------------------------------
     def _prefill_sync(self, messages: list[Message]) -> Prefill:
         t0 = time.perf_counter()
         tokens = self.tokenize_messages(messages)
-        logits, reused = self._eval_prompt(tokens)
+        _, logits, reused = self._eval_prompt(tokens)
         return Prefill(logits=logits, prompt_tokens=len(tokens), cached_tokens=reused,
                        latency_s=time.perf_counter() - t0)
 
@@ -113,38 +260,37 @@ class LlamaCppEngine(Engine):
                        on_text: Callable[[str], None] | None = None) -> Generation:
         t0 = time.perf_counter()
         tokens = self.tokenize_messages(messages)
-        logits, reused = self._eval_prompt(tokens)
         max_tokens = max(0, min(max_tokens, self.n_ctx - len(tokens)))
+        slot, logits, reused = self._eval_prompt(tokens, reserve=max_tokens)
+        s = self._slots[slot]
         # A streamed delta holds back what could still become a stop string.
-        holdback = max((len(s) for s in stop), default=1) - 1
+        holdback = max((len(x) for x in stop), default=1) - 1
         out: list[int] = []
-        text, sent = "", 0
-        finish = "length"
-        ttft = None
+        text, sent, finish, ttft = "", 0, "length", None
         while len(out) < max_tokens:
             token = int(np.argmax(logits))  # greedy: outputs are reproducible and cacheable
             if ttft is None:
                 ttft = time.perf_counter() - t0
-            if token in self._stop_ids:
+            if self._lib.llama_vocab_is_eog(self._vocab, token):
                 finish = "stop"
                 break
             out.append(token)
-            text = self._llm.detokenize(out).decode("utf-8", errors="ignore")
-            hits = [text.index(s) for s in stop if s in text]
+            text = self.detokenize(out)
+            hits = [text.index(x) for x in stop if x in text]
             if hits:
-                text = text[: min(hits)]
-                finish = "stop"
+                text, finish = text[: min(hits)], "stop"
                 break
             if on_text is not None and len(text) - holdback > sent:
                 on_text(text[sent: len(text) - holdback])
                 sent = len(text) - holdback
             if len(out) == max_tokens:
                 break
-            self._llm.eval([token])
-            self._kv_tokens.append(token)
-            logits = self._last_logits = self._read_logits()
+            logits = self._decode([token], slot, len(s.tokens))
+            s.tokens.append(token)
+            s.logits = logits
         if on_text is not None and len(text) > sent:
             on_text(text[sent:])
+        self._apply_evictions(self._index.insert(np.asarray(s.tokens, dtype=np.int32), slot))
         self.stats["generated_tokens"] += len(out)
         latency = time.perf_counter() - t0
         return Generation(text=text, prompt_tokens=len(tokens), completion_tokens=len(out),
@@ -156,7 +302,8 @@ class LlamaCppEngine(Engine):
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._prefill_sync, messages)
 
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
-                       stop: list[str] | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
+                       stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
+                       **_: object) -> Generation:
         """Greedy completion. `on_text`, if given, receives text deltas as they decode (called on
         the event loop's thread, in order)."""
         if max_tokens < 1:
@@ -171,9 +318,13 @@ class LlamaCppEngine(Engine):
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)
-        llm, self._llm = self._llm, None
-        if llm is not None:
-            llm.close()
+        if self._batch is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._model.close()
+            self._ctx = None
 
 
 def default_threads() -> int:
