@@ -2,8 +2,8 @@
 
 XGBoost trains the model and stays the reference; scoring uses `Forest`, which loads XGBoost's
 JSON model format into flat arrays (csrc/forest.cpp) and predicts a float32 batch in one native
-call with the GIL released: about 2-3 microseconds for one row of a 200-tree model, where
-`Booster.inplace_predict` costs about 100.
+call with the GIL released: about 4 microseconds for one row of a 200-tree depth-6 model, where
+`Booster.inplace_predict` costs 120-150 (bench/test_scoring.py).
 
 `ForestPy` is the pure-numpy twin: same loader rules, same arithmetic (float32 sums in tree
 order), used under HERA_NATIVE=0 and as the reference in parity tests. `Forest.to_cuda()` gives a
@@ -288,7 +288,8 @@ class ForestPy:
         if not isinstance(trees, list):
             raise _fail("gradient_booster.model.trees must be an array")
         param = _obj(_member(learner, "learner_model_param", "learner"), "learner_model_param")
-        n_features = _int_from_str(_str(_member(param, "num_feature", "learner_model_param"), "num_feature"), "num_feature")
+        num_feature = _str(_member(param, "num_feature", "learner_model_param"), "num_feature")
+        n_features = _int_from_str(num_feature, "num_feature")
         if not 1 <= n_features <= 2**31 - 1:
             raise _fail(f"num_feature must be >= 1, got {n_features}")
         if _int_from_str(_str(param.get("num_class", "0"), "num_class"), "num_class") > 1:
@@ -300,7 +301,8 @@ class ForestPy:
             raise _fail("tree_info and trees differ in length")
         if any(g != 0 for g in tree_info):
             raise _fail("a tree belongs to another output group; only one output is supported")
-        base_score = _scalar_from_str(_str(_member(param, "base_score", "learner_model_param"), "base_score"), "base_score")
+        base_score_text = _str(_member(param, "base_score", "learner_model_param"), "base_score")
+        base_score = _scalar_from_str(base_score_text, "base_score")
         objective = _str(_obj(learner.get("objective", {}), "learner.objective").get("name", ""), "objective.name")
         if objective not in SUPPORTED_OBJECTIVES:
             raise _fail(f"objective '{objective}' is not supported ({', '.join(sorted(SUPPORTED_OBJECTIVES))} are)")
@@ -439,7 +441,9 @@ class CudaForest:
     def predict(self, X: np.ndarray, *, output_margin: bool = False) -> np.ndarray:
         return self._device.predict(X, output_margin)
 
-    def predict_device(self, x_ptr: int, batch: int, out_ptr: int, *, output_margin: bool = False, stream: int = 0) -> None:
+    def predict_device(
+        self, x_ptr: int, batch: int, out_ptr: int, *, output_margin: bool = False, stream: int = 0
+    ) -> None:
         """X: device float32 [batch, n_features] row-major; out: device float32 [batch]."""
         self._device.predict_device(x_ptr, batch, out_ptr, output_margin, stream)
 

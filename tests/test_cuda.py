@@ -42,12 +42,15 @@ def random_logits(batch: int, vocab: int, *, seed: int = 0, masked: float = 0.1)
     return x
 
 
-def trained(depth: int = 6, n_trees: int = 50, n_features: int = 8, missing: float = 0.2) -> tuple[xgb.Booster, np.ndarray]:
+def trained(
+    depth: int = 6, n_trees: int = 50, n_features: int = 8, missing: float = 0.2
+) -> tuple[xgb.Booster, np.ndarray]:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((500, n_features)).astype(np.float32)
     x[rng.random(x.shape) < missing] = np.nan
     y = (rng.random(500) < 0.4).astype(np.float32)
-    booster = xgb.train({"max_depth": depth, "nthread": 1, "objective": "binary:logistic"}, xgb.DMatrix(x, label=y), n_trees)
+    params = {"max_depth": depth, "nthread": 1, "objective": "binary:logistic"}
+    booster = xgb.train(params, xgb.DMatrix(x, label=y), n_trees)
     booster.set_param({"nthread": 1})
     return booster, x
 
@@ -98,7 +101,8 @@ def test_forest_compact_layout_matches_xgboost(gpu) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2000, 6)).astype(np.float32)
     y = (rng.random(2000) < 0.5).astype(np.float32)
-    params = {"max_depth": 0, "grow_policy": "lossguide", "max_leaves": 64, "nthread": 1, "objective": "binary:logistic"}
+    params = {"max_depth": 0, "grow_policy": "lossguide", "max_leaves": 64, "nthread": 1}
+    params["objective"] = "binary:logistic"
     booster = xgb.train(params, xgb.DMatrix(x, label=y), 10)
     with Forest.from_booster(booster).to_cuda() as device_forest:
         np.testing.assert_allclose(device_forest.predict(x), booster.inplace_predict(x), rtol=RTOL, atol=ATOL)
