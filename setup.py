@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,16 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _build_cuda() -> bool:
+    return os.environ.get("HERA_BUILD_CUDA", "1") != "0" and shutil.which("nvcc") is not None
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
         import pybind11
 
+        if Path(self.get_ext_fullpath(ext.name)).exists() and ext.name.endswith("_cuda"):
+            return  # one CMake run builds both modules; the second extension only declares its output
         extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_temp = Path(self.build_temp) / "cmake"
         build_temp.mkdir(parents=True, exist_ok=True)
@@ -48,14 +55,15 @@ class CMakeBuild(build_ext):
             f"-DHERA_SOURCE_HASH={SOURCE_HASH}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
-        if os.environ.get("HERA_BUILD_CUDA", "1") == "0":
+        if not _build_cuda():
             cmake_args.append("-DHERA_BUILD_CUDA=OFF")
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
         subprocess.run(["cmake", str(ROOT), *cmake_args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_temp, check=True)
 
 
+# _native_cuda is declared only where nvcc exists, so setuptools installs it there and nowhere else.
 setup(
-    ext_modules=[CMakeExtension("hera_core._native")],
+    ext_modules=[CMakeExtension("hera_core._native")] + ([CMakeExtension("hera_core._native_cuda")] if _build_cuda() else []),
     cmdclass={"build_ext": CMakeBuild},
 )

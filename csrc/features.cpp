@@ -1,4 +1,4 @@
-#include "features.h"
+#include "logit_features.h"
 
 #include <cmath>
 #include <cstring>
@@ -15,8 +15,9 @@ namespace hera {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-// Independent accumulators per row: 4 SSE registers of 4 floats, enough to hide the add latency
-// and a width gcc -O3 vectorizes for plain x86-64 (SSE2) without -march=native.
+// Independent accumulators per row: 4 SSE, 2 AVX2 or 1 AVX-512 register(s), enough to hide the
+// add latency; gcc -O3 vectorizes this width for plain x86-64 (SSE2) without -march=native.
+// (32 lanes measured slower on Zen 4.)
 constexpr int kLanes = 16;
 // Floats per chunk (4 KiB). The chunk is swept twice (max, then exponentials), the second time
 // from L1, so memory sees each row once. Small chunks also bound the float lane sums to 64 terms
@@ -138,8 +139,9 @@ inline void sweep_exp(const float* x, int64_t n, float m, double& s0_out, double
   s1_out += a1;
 }
 
-// Cloned for x86-64-v3 (AVX2 + FMA) with a runtime dispatch (ifunc): twice the vector width where
-// the CPU has it, while the module still loads on any x86-64.
+// Cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 + FMA) with a runtime dispatch (ifunc):
+// 2-4x the vector width where the CPU has it (about 19 -> 10 us per 49152-logit row on Zen 4),
+// while the module still loads on any x86-64.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void row_features(const float* x, int64_t vocab, int64_t row, float* out) {
   RowState st;

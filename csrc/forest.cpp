@@ -1,5 +1,6 @@
 #include "forest.h"
 
+#include <algorithm>
 #include <charconv>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -27,7 +28,8 @@ constexpr int kMaxJsonDepth = 64;
 }
 
 // ---------------------------------------------------------------------------------------------
-// A small schema-directed JSON reader. The model is read in one pass without building a document
+// A small schema-directed JSON reader (no dependency: the model loader must never crash, and a
+// reader this size can be fuzzed completely). The model is read in one pass without building a document
 // tree: callers say which keys they want and number arrays are parsed straight into vectors;
 // anything else is skipped (still fully syntax-checked). Every read is bounds-checked, and every
 // error is std::invalid_argument carrying the byte offset.
@@ -291,7 +293,9 @@ double scalar_from_string(const std::string& s, const char* what) {
   if (!v.empty() && v.front() == '[') {
     if (v.size() < 2 || v.back() != ']') fail(std::string(what) + " is not a number: '" + s.substr(0, 32) + "'");
     v = v.substr(1, v.size() - 2);
-    if (v.find(',') != std::string_view::npos) fail(std::string(what) + " has several values; only single-output models are supported");
+    if (v.find(',') != std::string_view::npos) {
+      fail(std::string(what) + " has several values; only single-output models are supported");
+    }
   }
   if (v.empty()) fail(std::string(what) + " is empty");
   return JsonReader::parse_double(v);
@@ -319,7 +323,7 @@ struct RawTree {
 
 // Everything the loader reads, before validation and flattening.
 struct RawModel {
-  bool have_learner = false;
+  bool have_learner = false;  // the document has a "learner" member
   std::string booster;        // gradient_booster.name
   std::string objective;      // objective.name
   std::string base_score;     // learner_model_param.base_score, as written
@@ -327,10 +331,11 @@ struct RawModel {
   std::string num_class = "0";   // learner_model_param.num_class
   std::string num_target = "1";  // learner_model_param.num_target
   std::vector<int64_t> tree_info;  // output group of each tree
-  std::vector<RawTree> trees;
-  bool have_trees = false;
+  std::vector<RawTree> trees;       // gradient_booster.model.trees, in boosting order
+  bool have_trees = false;          // the "trees" member was present
 };
 
+// Reads the parts of an XGBoost model document that prediction needs into a RawModel.
 class ModelParser {
  public:
   explicit ModelParser(std::string_view text) : r_(text) {}
@@ -408,7 +413,7 @@ class ModelParser {
       else if (k == "right_children") vec(t.right, [&] { return r_.integer(); }, d + 1);
       else if (k == "split_indices") vec(t.split_index, [&] { return r_.integer(); }, d + 1);
       else if (k == "split_conditions") vec(t.split_cond, [&] { return r_.number(); }, d + 1);
-      else if (k == "default_left") vec(t.default_left, [&] { return static_cast<uint8_t>(r_.boolean_or_01()); }, d + 1);
+      else if (k == "default_left") vec(t.default_left, [&] { return uint8_t{r_.boolean_or_01()}; }, d + 1);
       else if (k == "split_type") {
         r_.array([&] { t.has_categorical |= r_.integer() != 0; }, d + 1);
       } else if (k == "categories_nodes") {
@@ -429,8 +434,8 @@ class ModelParser {
     m_.trees.push_back(std::move(t));
   }
 
-  JsonReader r_;
-  RawModel m_;
+  JsonReader r_;  // the input, read once front to back
+  RawModel m_;    // what has been read so far
 };
 
 // Validates one tree and returns its nodes in breadth-first order from the root (raw ids, children

@@ -8,10 +8,12 @@
 #include <string_view>
 #include <type_traits>
 
-#include "features.h"
+#include "logit_features.h"
 #include "forest.h"
 
 namespace py = pybind11;
+
+void hera_register_radix(pybind11::module_&);  // csrc/radix_bindings.cpp
 
 namespace {
 
@@ -96,6 +98,7 @@ hera::Forest forest_from_json(const py::bytes& b) {
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "HERA native core: batched subtask scoring";
+  hera_register_radix(m);
   m.attr("__version__") = HERA_VERSION;
   m.attr("__source_hash__") = HERA_SOURCE_HASH;
   m.def("logit_features", &logit_features, py::arg("logits"),

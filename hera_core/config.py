@@ -36,6 +36,9 @@ class CloudSettings(_Strict):
     timeout_s: float = Field(300.0, gt=0, le=3600, description="deadline per cloud request, seconds, retries included")
     max_retries: int = Field(2, ge=0, le=10, description="retries of connection errors, 429 and 5xx")
     sim_threads: int = Field(1, ge=1, le=256, description="threads of the cloud-sim model server")
+    fallback: Literal["local", "fail"] = Field("local", description="cloud failed: serve the step on the SLM, or fail (503)")
+    breaker_failures: int = Field(5, ge=1, le=1000, description="consecutive failures that open the circuit")
+    breaker_reset_s: float = Field(10.0, gt=0, le=3600, description="seconds the circuit stays open before a probe")
 
 
 class PriceSettings(_Strict):

@@ -34,14 +34,29 @@ class ContextOverflowError(InvalidRequestError):
 
 
 class CloudError(HeraError):
-    """The cloud LLM could not be reached or answered with an error."""
+    """The cloud LLM could not be reached or answered with an error.
+
+    `attempts` lists each try as (outcome, seconds): outcome is "ok", an HTTP status, or the
+    name of the connection error; the runtime books them in the ledger.
+    """
 
     http_status = 502
     error_type = "upstream_error"
 
+    def __init__(self, message: str, attempts: list[tuple[str, float]] | None = None) -> None:
+        super().__init__(message)
+        self.attempts = attempts or []
+
+
+class CloudRequestError(CloudError):
+    """The cloud refused the request itself (HTTP 400-422 but 401/403): the client's mistake."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
 
 class CloudUnavailableError(CloudError):
-    """The cloud endpoint is unreachable (connection refused, DNS, timeout)."""
+    """The cloud endpoint is unreachable (connection refused, DNS, timeout, open circuit)."""
 
     http_status = 503
 

@@ -38,6 +38,16 @@ CREATE TABLE IF NOT EXISTS subtasks (
     status TEXT NOT NULL DEFAULT 'ok' -- 'ok' or an error class
 );
 CREATE INDEX IF NOT EXISTS subtasks_run ON subtasks(run);
+CREATE TABLE IF NOT EXISTS cloud_attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    run TEXT NOT NULL,
+    session TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,         -- 1-based try of this subtask's cloud request
+    outcome TEXT NOT NULL,            -- 'ok', an HTTP status, a connection error, 'circuit-open'
+    latency_s REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS subtasks_session ON subtasks(session);
 """
 
@@ -78,13 +88,33 @@ class Ledger:
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 
-    def record(self, row: LedgerRow) -> int:
+    def record(self, row: LedgerRow, attempts: list[tuple[str, float]] | None = None) -> int:
+        """Book one subtask (and its cloud attempts) in one transaction, committed on return."""
         row.ts = row.ts or time.time()
         values = asdict(row)
         sql = f"INSERT INTO subtasks ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
         with self._lock:
-            cur = self._db.execute(sql, [values[c] for c in _COLUMNS])
+            self._db.execute("BEGIN")
+            try:
+                cur = self._db.execute(sql, [values[c] for c in _COLUMNS])
+                if attempts:
+                    self._db.executemany(
+                        "INSERT INTO cloud_attempts (ts, run, session, step, attempt, outcome, latency_s) "
+                        "VALUES (?,?,?,?,?,?,?)",
+                        [(row.ts, row.run, row.session, row.step, i + 1, outcome, lat)
+                         for i, (outcome, lat) in enumerate(attempts)])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         return int(cur.lastrowid)
+
+    def attempts(self, run: str | None = None) -> list[dict[str, Any]]:
+        q = "SELECT * FROM cloud_attempts" + (" WHERE run=?" if run else "") + " ORDER BY id"
+        with self._lock:
+            cur = self._db.execute(q, (run,) if run else ())
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
 
     def rows(self, run: str | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM subtasks" + (" WHERE run=?" if run else "") + " ORDER BY id"
@@ -94,20 +124,23 @@ class Ledger:
             return [dict(zip(names, r)) for r in cur.fetchall()]
 
     def totals(self, run: str | None = None) -> dict[str, Any]:
-        where = " WHERE run=?" if run else ""
+        """Sums over served subtasks (rows of failed cloud calls are counted apart, as `failed_calls`)."""
+        where = " WHERE status='ok'" + (" AND run=?" if run else "")
         q = ("SELECT COUNT(*), COALESCE(SUM(route='local'),0), COALESCE(SUM(cost_usd),0), "
              "COALESCE(SUM(CASE WHEN route='cloud' THEN cost_usd ELSE 0 END),0), "
              "COALESCE(SUM(cloud_cost_usd),0), COALESCE(SUM(prompt_tokens),0), "
              f"COALESCE(SUM(completion_tokens),0), COALESCE(SUM(cached_tokens),0) FROM subtasks{where}")
         with self._lock:
             n, local, cost, cloud_cost, all_cloud, pt, ct, cached = self._db.execute(q, (run,) if run else ()).fetchone()
-        return {"subtasks": n, "local_subtasks": local, "local_share": local / n if n else 0.0,
+            failed = self._db.execute("SELECT COUNT(*) FROM subtasks WHERE status!='ok'" + (" AND run=?" if run else ""),
+                                      (run,) if run else ()).fetchone()[0]
+        return {"subtasks": n, "failed_calls": failed, "local_subtasks": local, "local_share": local / n if n else 0.0,
                 "cost_usd": cost, "cloud_cost_usd": cloud_cost, "all_cloud_cost_usd": all_cloud,
                 "saving_usd": all_cloud - cost, "prompt_tokens": pt, "completion_tokens": ct,
                 "cached_tokens": cached}
 
     def sessions(self, run: str | None = None) -> list[dict[str, Any]]:
-        where = " WHERE run=?" if run else ""
+        where = " WHERE status='ok'" + (" AND run=?" if run else "")
         q = (f"SELECT session, COUNT(*), SUM(route='local'), SUM(cost_usd), SUM(cloud_cost_usd) FROM subtasks{where} "
              "GROUP BY session ORDER BY MIN(id)")
         with self._lock:

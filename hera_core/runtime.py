@@ -17,7 +17,7 @@ from typing import Any
 from .config import PriceSettings
 from .budget import Budget
 from .engines.base import Engine, Generation, Message
-from .errors import BudgetExceededError, ContextOverflowError, InvalidRequestError
+from .errors import BudgetExceededError, CloudError, CloudRequestError, ContextOverflowError, InvalidRequestError
 from .features import logit_features
 from .ledger import Ledger, LedgerRow
 from .policy import Decision, Override, Route, decide
@@ -44,7 +44,7 @@ def step_index(messages: list[Message]) -> int:
 class Runtime:
     def __init__(self, local: Engine, cloud: Engine, predictor: Predictor, ledger: Ledger,
                  prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
-                 max_tokens: int = 512, budget: "Budget | None" = None) -> None:
+                 max_tokens: int = 512, budget: "Budget | None" = None, fallback: str = "local") -> None:
         self.local = local
         self.cloud = cloud
         self.predictor = predictor
@@ -54,6 +54,7 @@ class Runtime:
         self.threshold_offset = threshold_offset
         self.max_tokens = max_tokens
         self.budget = budget  # cloud spend caps; None = unlimited
+        self.fallback = fallback  # cloud failed: "local" serves the step on the SLM, "fail" raises
 
     async def score(self, messages: list[Message], step: int):
         """SLM prefill + features + predictor for one subtask: (p_local, threshold, prefill)."""
@@ -101,14 +102,28 @@ class Runtime:
                                               "(raise the cap, or set budget_action = 'local')")
         if on_decision is not None:
             await on_decision(decision)
+        attempts: list[tuple[str, float]] = []
+        if decision.route is Route.CLOUD:
+            kwargs = {"extra": cloud_extra} if cloud_extra else {}
+            streamed: list[str] = []
+            relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
+            try:
+                gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, on_text=relay, **kwargs)
+            except CloudError as exc:
+                can_fall_back = (self.fallback == "local" and why_not_local is None and not streamed
+                                 and override is not Override.CLOUD_ONLY and not isinstance(exc, CloudRequestError))
+                self._record_failure(run, session, step, decision, exc, time.perf_counter() - t0)
+                if not can_fall_back:
+                    raise
+                decision = Decision(Route.LOCAL, "fallback-local", p_local, threshold)
+            else:
+                attempts = gen.extra.get("attempts", [])
         if decision.route is Route.LOCAL:
             gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
             elapsed = time.perf_counter() - t0  # scoring prefill included: it is the local prefill
             cost = self.prices.local_cost(elapsed)
             cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
         else:
-            kwargs = {"extra": cloud_extra} if cloud_extra else {}
-            gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text, **kwargs)
             elapsed = time.perf_counter() - t0
             cost = cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
             if self.budget is not None:
@@ -117,9 +132,17 @@ class Runtime:
             run=run or self.run, session=session, step=step, route=decision.route.value, model=gen.model,
             prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
             cached_tokens=gen.cached_tokens, latency_s=max(elapsed, gen.latency_s), cost_usd=cost,
-            cloud_cost_usd=cloud_cost, p_local=p_local, threshold=threshold, reason=decision.reason))
+            cloud_cost_usd=cloud_cost, p_local=p_local, threshold=threshold, reason=decision.reason), attempts)
         return SubtaskResult(text=gen.text, route=decision.route, decision=decision, generation=gen,
                              cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id)
+
+    def _record_failure(self, run, session, step, decision, exc: CloudError, elapsed: float) -> None:
+        """A failed cloud call is a ledger row too (status = the error class, cost 0)."""
+        self.ledger.record(LedgerRow(
+            run=run or self.run, session=session, step=step, route="cloud", model=self.cloud.name,
+            prompt_tokens=0, completion_tokens=0, cached_tokens=0, latency_s=elapsed, cost_usd=0.0,
+            cloud_cost_usd=0.0, p_local=decision.p_local, threshold=decision.threshold, reason=decision.reason,
+            status=type(exc).__name__), exc.attempts)
 
     async def close(self) -> None:
         await self.local.close()

@@ -340,7 +340,7 @@ async def _passthrough(request: web.Request, payload: dict[str, Any], req: ChatC
         await response.write_eof()
         _book_passthrough(request, session, req, usage, time.perf_counter() - t0)
         return response
-    data, _ = await cloud.chat(payload)
+    data, _, attempts = await cloud.chat(payload)
     cost = _book_passthrough(request, session, req, data.get("usage") or {}, time.perf_counter() - t0)
     metrics.requests.labels("cloud", "ok").inc()
     return web.json_response(data, headers={"x-hera-route": "cloud", "x-hera-reason": "passthrough",

@@ -112,8 +112,8 @@ py::array_t<float> logit_features_host(const py::object& logits_any) {
     const size_t in_bytes = static_cast<size_t>(batch) * vocab * sizeof(float);
     DeviceBuffer d_in(in_bytes), d_out(batch * 3 * sizeof(float)), d_status(batch * sizeof(int32_t));
     d_in.upload(src, in_bytes);
-    check(hera::cuda::launch_logit_features(d_in.get<float>(), batch, vocab, d_out.get<float>(), d_status.get<int32_t>(),
-                                            nullptr),
+    check(hera::cuda::launch_logit_features(d_in.get<float>(), batch, vocab, d_out.get<float>(),
+                                            d_status.get<int32_t>(), nullptr),
           "logit_features kernel launch");
     check(cudaMemcpy(dst, d_out.get<float>(), batch * 3 * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy to host");
     check(cudaMemcpy(status.data(), d_status.get<int32_t>(), batch * sizeof(int32_t), cudaMemcpyDeviceToHost),
@@ -200,7 +200,8 @@ class CudaForest {
       const size_t in_bytes = static_cast<size_t>(batch) * nf * sizeof(float);
       DeviceBuffer d_x(in_bytes), d_out(batch * sizeof(float));
       d_x.upload(src, in_bytes);
-      check(hera::cuda::launch_forest_predict(view_, d_x.get<float>(), batch, d_out.get<float>(), output_margin, nullptr),
+      check(hera::cuda::launch_forest_predict(view_, d_x.get<float>(), batch, d_out.get<float>(), output_margin,
+                                              nullptr),
             "forest kernel launch");
       check(cudaMemcpy(dst, d_out.get<float>(), batch * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy to host");
     }
@@ -213,17 +214,21 @@ class CudaForest {
   }
 
  private:
-  static void validate(int32_t num_feature, const std::vector<int32_t>& tree_offset, const std::vector<int32_t>& tree_depth,
-                       const std::vector<uint8_t>& tree_complete, const std::vector<int32_t>& split,
-                       const std::vector<float>& threshold, const std::vector<int32_t>& left,
-                       const std::vector<float>& leaf_value) {
+  static void validate(int32_t num_feature, const std::vector<int32_t>& tree_offset,
+                       const std::vector<int32_t>& tree_depth, const std::vector<uint8_t>& tree_complete,
+                       const std::vector<int32_t>& split, const std::vector<float>& threshold,
+                       const std::vector<int32_t>& left, const std::vector<float>& leaf_value) {
     auto bad = [](const std::string& why) { throw py::value_error("invalid forest arrays: " + why); };
     if (num_feature < 1) bad("num_feature must be >= 1");
     const size_t n_trees = tree_depth.size();
     if (tree_offset.size() != n_trees + 1 || tree_complete.size() != n_trees) bad("tree array lengths differ");
     const size_t n_nodes = split.size();
-    if (threshold.size() != n_nodes || left.size() != n_nodes || leaf_value.size() != n_nodes) bad("node array lengths differ");
-    if (tree_offset[0] != 0 || static_cast<size_t>(tree_offset[n_trees]) != n_nodes) bad("tree_offset must span the nodes");
+    if (threshold.size() != n_nodes || left.size() != n_nodes || leaf_value.size() != n_nodes) {
+      bad("node array lengths differ");
+    }
+    if (tree_offset[0] != 0 || static_cast<size_t>(tree_offset[n_trees]) != n_nodes) {
+      bad("tree_offset must span the nodes");
+    }
     for (size_t t = 0; t < n_trees; ++t) {
       const int64_t lo = tree_offset[t], hi = tree_offset[t + 1], size = hi - lo;
       if (size < 1) bad("tree " + std::to_string(t) + " is empty");
