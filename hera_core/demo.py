@@ -14,7 +14,7 @@ from .stack import open_runtime
 from .workloads import FAMILIES, make_tasks
 
 
-async def run_demo(settings: HeraSettings, n_tasks: int = 8, *, seed: int = 0, progress: bool = True,
+async def run_demo(settings: HeraSettings, n_tasks: int = 16, *, seed: int = 0, progress: bool = True,
                    use_cache: bool = True) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
