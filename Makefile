@@ -13,17 +13,23 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+NATIVE_SRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') \
+              CMakeLists.txt setup.py hera_core/_version.py
+
 # Build tools first, then the package without build isolation, so the native build uses them.
 $(VENV)/.installed: $(PY) pyproject.toml setup.py
 	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja
 	$(PIP) install -q -e ".[test]" --no-build-isolation
-	touch $@
+	touch $@ $(VENV)/.native
 
 install: $(VENV)/.installed
 
-# Rebuild the native extension after editing csrc/.
-build: $(VENV)/.installed
+# Rebuild the native extension when csrc/ changed since the last build.
+$(VENV)/.native: $(VENV)/.installed $(NATIVE_SRC)
 	$(PIP) install -q -e . --no-build-isolation --no-deps
+	touch $@
+
+build: $(VENV)/.native
 
 models: install
 	$(HERA) models ensure
@@ -39,8 +45,13 @@ demo: run
 test: build models-test
 	$(PY) -m pytest -q
 
-bench: build models-test
-	$(PY) -m pytest bench --benchmark-only -q
+# LiteLLM (the proxy baseline of bench/test_proxy.py) lives in a virtualenv of its own.
+.venv-litellm/bin/litellm:
+	$(PYTHON) -m venv .venv-litellm
+	.venv-litellm/bin/pip install -q "litellm[proxy]"
+
+bench: build models-test .venv-litellm/bin/litellm
+	$(PY) -m pytest bench --benchmark-only -q -s
 
 clean:
 	rm -rf build *.egg-info hera_core/*.so $(VENV)

@@ -116,6 +116,94 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .completion_cache import CachingEngine, CompletionCache
+    from .evaluation import Evaluator, estimated_curve, evaluate, plot, render_report
+    from .predictor import Predictor
+    from .profiling import load_traces
+    from .workloads import make_tasks
+
+    settings = _settings(args)
+    traces = load_traces(args.traces)
+    families = sorted({t["family"] for t in traces})
+    tasks = make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=args.split)
+    ids = {t["task_id"] for t in traces}
+    tasks = [t for t in tasks if t.task_id in ids]
+    if not tasks:
+        raise ValueError(f"no task of {args.traces} is in the {args.split} split; profile it with "
+                         f"`hera profile --split {args.split}`")
+    predictor = Predictor.load(args.predictor or settings.policy.predictor_path)
+    cache_path = Path(args.cache) if args.cache else settings.cache_dir / "completions.sqlite"
+    if args.offline and not cache_path.exists():
+        raise ValueError(f"completion cache {cache_path} does not exist; pass --cache with the committed one")
+
+    async def go():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        cache = CompletionCache(cache_path, read_only=args.offline)
+        try:
+            if args.offline:
+                slm, llm = CachingEngine(_Offline(settings.local.model), cache), CachingEngine(_Offline(settings.cloud.model), cache)
+                return await _run_eval(tasks, traces, Evaluator(slm, llm, predictor, cache, settings.prices,
+                                                                settings.local.model), args)
+            from .stack import open_engines
+
+            async with open_engines(settings) as (local, cloud):
+                slm, llm = CachingEngine(local, cache), CachingEngine(cloud, cache)
+                return await _run_eval(tasks, traces, Evaluator(slm, llm, predictor, cache, settings.prices,
+                                                                settings.local.model), args)
+        finally:
+            cache.close()
+
+    report = asyncio.run(go())
+    report["curve_estimated"] = estimated_curve([t for t in traces if t["task_id"] in {x.task_id for x in tasks}],
+                                                predictor, report["methods"]["all_llm"])
+    report["prices"] = (f"cloud at {settings.prices.cloud_price_model} prices "
+                        f"(${settings.prices.cloud_input_usd_per_mtok}/${settings.prices.cloud_output_usd_per_mtok} "
+                        f"per 1M input/output tokens, {settings.prices.cloud_price_date})")
+    if args.plot:
+        plot(report, report["curve_estimated"], args.plot)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.json:
+        print(json.dumps({name: {k: m[k] for k in ("accuracy", "local_share", "cost_ratio")}
+                          for name, m in report["methods"].items()}))
+    else:
+        render_report(report)
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+async def _run_eval(tasks, traces, ev, args):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .evaluation import evaluate
+
+    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), disable=args.json) as bar:
+        job = bar.add_task("eval", total=5 * len(tasks))
+        return await evaluate(tasks, traces, ev, seed=args.seed, progress=lambda: bar.advance(job))
+
+
+class _Offline:
+    """Stands in for a model in --offline mode: the completion cache must answer everything."""
+
+    is_local = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def generate(self, *a, **k):
+        raise LookupError(f"completion cache miss for {self.name} in offline mode; rerun without --offline")
+
+    async def prefill(self, *a, **k):
+        raise LookupError(f"feature cache miss for {self.name} in offline mode; rerun without --offline")
+
+    async def close(self) -> None:
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hera", description="Route AI-agent steps between a local SLM and a cloud LLM.")
     p.add_argument("--config", help="TOML settings file (see README: Configuration)")
@@ -158,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--local-model")
     pr.add_argument("--cloud-model")
     pr.set_defaults(func=cmd_profile)
+
+    ev = sub.add_parser("eval", help="All-SLM, All-LLM, Random, query router, HERA and Oracle on the test split")
+    ev.add_argument("--traces", default="traces-test.jsonl", help="`hera profile --split test` output (tasks, labels)")
+    ev.add_argument("--tasks-per-family", type=int, default=30)
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--predictor", help="predictor file (default: the configured or shipped one)")
+    ev.add_argument("--cache", help="completion cache (default: <cache_dir>/completions.sqlite)")
+    ev.add_argument("--offline", action="store_true", help="replay from the cache only; a miss is an error")
+    ev.add_argument("--plot", default="eval.png", help="PNG of accuracy vs cloud use ('' for none)")
+    ev.add_argument("--out", help="write the full report as JSON")
+    ev.add_argument("--json", action="store_true", help="print {method: {accuracy, local_share, cost_ratio}}")
+    ev.add_argument("--local-model")
+    ev.add_argument("--cloud-model")
+    ev.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="fit the predictor on traces and calibrate kappa(step)")
     t.add_argument("traces", nargs="+", help="traces.jsonl files from `hera profile`")

@@ -31,6 +31,8 @@ class CompletionCache:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, model TEXT, value TEXT)")
+        # SLM prefill features per prompt: the router's inputs, so evaluations replay without a model.
+        self._db.execute("CREATE TABLE IF NOT EXISTS features (key TEXT PRIMARY KEY, model TEXT, value TEXT)")
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -51,6 +53,19 @@ class CompletionCache:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO completions VALUES (?,?,?)",
                              (cache_key(model, request), model, json.dumps(dataclasses.asdict(gen))))
+
+    def get_features(self, model: str, messages: list) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM features WHERE key=?",
+                                   (cache_key(model, {"messages": messages}),)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put_features(self, model: str, messages: list, value: dict[str, Any]) -> None:
+        if self.read_only:
+            return
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO features VALUES (?,?,?)",
+                             (cache_key(model, {"messages": messages}), model, json.dumps(value)))
 
     def close(self) -> None:
         self._db.close()

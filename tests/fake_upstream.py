@@ -78,3 +78,24 @@ class FakeUpstream:
                 await asyncio.sleep(0.05)
             return resp
         return web.json_response(self._reply(body))
+
+
+def main() -> None:
+    """`python -m tests.fake_upstream --port P`: serve it in a process of its own (benchmarks)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args()
+    fake = FakeUpstream()
+    fake.seen = _Discard()  # a long benchmark must not grow memory
+    web.run_app(fake.app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+class _Discard(list):
+    def append(self, item) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""`hera eval`: routing methods on the test split, live through the agent harness.
+
+Methods (a tiny base class and a registry, so lists of names come from here):
+  all_slm, all_llm    every step on one model
+  hera                per step: P(SLM good enough) from the SLM prefill >= kappa(step)
+  random              per step local with probability = HERA's measured local share (seeded)
+  query_router        one decision per task from the predictor's score of its first step
+                      (HybridLLM-style), thresholded so its local share of steps matches HERA's
+  oracle              estimated from profiled labels: local exactly where handing that single step
+                      to the SLM kept the task correct (accuracy assumes those choices compose)
+
+Every model call goes through the completion cache (greedy outputs are deterministic) and every
+SLM prefill's features through its feature cache, so `--offline` replays a committed run with no
+model at all; a miss is then an error.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import random as random_mod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .completion_cache import CompletionCache
+from .config import PriceSettings
+from .engines.base import Engine, Message
+from .features import logit_features
+from .harness import run_task
+from .predictor import Predictor, feature_matrix, structure_features
+from .workloads import Task
+
+MAX_TOKENS = 384  # the profile's completion limit: the same requests hit the same cache entries
+
+
+@dataclass
+class StepRecord:
+    route: str
+    latency_s: float
+    cloud_cost_usd: float  # spent on the cloud by this step (0 when local)
+    all_cloud_cost_usd: float  # what the step would cost on the cloud
+
+
+@dataclass
+class TaskResult:
+    task_id: str
+    family: str
+    correct: float
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+class Method(abc.ABC):
+    """Decides the route of each step; `start_task` lets per-task methods decide once."""
+
+    name: str
+
+    def start_task(self, task: Task) -> None:
+        return None
+
+    @abc.abstractmethod
+    async def route(self, task: Task, step: int, messages: list[Message], ev: "Evaluator") -> str: ...
+
+
+class AllSLM(Method):
+    name = "all_slm"
+
+    async def route(self, task, step, messages, ev):
+        return "local"
+
+
+class AllLLM(Method):
+    name = "all_llm"
+
+    async def route(self, task, step, messages, ev):
+        return "cloud"
+
+
+class Hera(Method):
+    name = "hera"
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+
+    async def route(self, task, step, messages, ev):
+        p = await ev.p_local(messages, step)
+        return "local" if p >= ev.predictor.kappa(step) + self.offset else "cloud"
+
+
+class RandomRouter(Method):
+    name = "random"
+
+    def __init__(self, share: float, seed: int = 0) -> None:
+        self.share = share
+        self.rng = random_mod.Random(seed)
+
+    async def route(self, task, step, messages, ev):
+        return "local" if self.rng.random() < self.share else "cloud"
+
+
+class QueryRouter(Method):
+    name = "query_router"
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._decision: dict[str, str] = {}
+
+    async def route(self, task, step, messages, ev):
+        if task.task_id not in self._decision:  # decided on the task's first step, kept for all
+            p = await ev.p_local(messages, 0)
+            self._decision[task.task_id] = "local" if p >= self.threshold else "cloud"
+        return self._decision[task.task_id]
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, Hera, RandomRouter, QueryRouter)}
+METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "hera", "oracle")
+
+
+class Evaluator:
+    def __init__(self, slm: Engine, llm: Engine, predictor: Predictor, cache: CompletionCache,
+                 prices: PriceSettings, slm_name: str) -> None:
+        self.slm, self.llm, self.predictor, self.cache, self.prices = slm, llm, predictor, cache, prices
+        self.slm_name = slm_name
+
+    async def p_local(self, messages: list[Message], step: int) -> float:
+        feats = self.cache.get_features(self.slm_name, messages)
+        if feats is None:
+            if self.cache.read_only:
+                raise LookupError(f"feature cache miss for {self.slm_name} in offline mode; rerun without --offline")
+            pre = await self.slm.prefill(messages)
+            feats = {"logit": [float(x) for x in logit_features(pre.logits[None, :])[0]],
+                     "prompt_tokens": pre.prompt_tokens}
+            self.cache.put_features(self.slm_name, messages, feats)
+        X = feature_matrix(np.asarray([feats["logit"]], dtype=np.float32),
+                           [structure_features(step, feats["prompt_tokens"], messages)])
+        return float(self.predictor.predict(X)[0])
+
+    async def run(self, method: Method, tasks: list[Task], progress=None) -> list[TaskResult]:
+        out = []
+        for task in tasks:
+            method.start_task(task)
+            result = TaskResult(task.task_id, task.family, 0.0)
+
+            async def step_fn(messages, k, task=task, result=result):
+                route = await method.route(task, k, messages, self)
+                gen = await (self.slm if route == "local" else self.llm).generate(messages, max_tokens=MAX_TOKENS)
+                all_cloud = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+                result.steps.append(StepRecord(route, gen.latency_s, all_cloud if route == "cloud" else 0.0, all_cloud))
+                return gen.text, route
+
+            traj = await run_task(task, step_fn)
+            result.correct = traj.correct
+            out.append(result)
+            if progress is not None:
+                progress()
+        return out
+
+
+def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if not values:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(values, dtype=np.float64)
+    means = arr[rng.integers(0, len(arr), size=(n, len(arr)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarize(results: list[TaskResult], all_llm_cloud_cost: float) -> dict[str, Any]:
+    steps = [s for r in results for s in r.steps]
+    acc = [r.correct for r in results]
+    lo, hi = bootstrap_ci(acc)
+    cloud = sum(s.cloud_cost_usd for s in steps)
+    return {"tasks": len(results), "accuracy": float(np.mean(acc)) if acc else math.nan, "accuracy_ci95": [lo, hi],
+            "local_share": sum(s.route == "local" for s in steps) / max(1, len(steps)), "subtasks": len(steps),
+            "cloud_cost_usd": cloud, "cost_ratio": cloud / all_llm_cloud_cost if all_llm_cloud_cost else math.nan,
+            "mean_latency_s": float(np.mean([sum(s.latency_s for s in r.steps) for r in results])) if results else math.nan}
+
+
+def oracle_summary(traces: list[dict[str, Any]], all_llm: list[TaskResult]) -> dict[str, Any]:
+    """Estimated from labels on the LLM's own trajectories (see module docstring)."""
+    by_id = {r.task_id: r for r in all_llm}
+    acc, local, steps, cloud, total = [], 0, 0, 0.0, 0.0
+    for t in traces:
+        r = by_id.get(t["task_id"])
+        if r is None:
+            continue
+        acc.append(t["llm_correct"])
+        for s, rec in zip(t["steps"], r.steps):
+            steps += 1
+            total += rec.all_cloud_cost_usd
+            if s["label"] == 1:
+                local += 1
+            else:
+                cloud += rec.all_cloud_cost_usd
+    lo, hi = bootstrap_ci(acc)
+    return {"tasks": len(acc), "accuracy": float(np.mean(acc)) if acc else math.nan, "accuracy_ci95": [lo, hi],
+            "local_share": local / max(1, steps), "subtasks": steps, "cloud_cost_usd": cloud,
+            "cost_ratio": cloud / total if total else math.nan, "mean_latency_s": math.nan, "estimated": True}
+
+
+def query_threshold(scores: dict[str, float], step_counts: dict[str, int], share: float) -> float:
+    """Threshold on first-step scores whose local tasks hold `share` of all steps."""
+    total = sum(step_counts.values())
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+    acc = 0
+    for task_id, p in ranked:
+        if total and (acc + step_counts[task_id]) / total > share:
+            return p + 1e-9  # this task would overshoot: the threshold sits just above it
+        acc += step_counts[task_id]
+    return -1.0  # everything local
+
+
+async def evaluate(tasks: list[Task], traces: list[dict[str, Any]], ev: Evaluator, *, seed: int = 0,
+                   progress=None) -> dict[str, Any]:
+    per_method: dict[str, list[TaskResult]] = {}
+    for name, method in (("all_llm", AllLLM()), ("all_slm", AllSLM()), ("hera", Hera())):
+        per_method[name] = await ev.run(method, tasks, progress)
+    all_llm_cost = sum(s.cloud_cost_usd for r in per_method["all_llm"] for s in r.steps)
+    hera_share = summarize(per_method["hera"], all_llm_cost)["local_share"]
+    per_method["random"] = await ev.run(RandomRouter(hera_share, seed), tasks, progress)
+    first = {}
+    for task, r in zip(tasks, per_method["all_llm"]):
+        from .harness import CODE_PROMPT, SYSTEM
+
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": CODE_PROMPT.format(question=task.question)}]
+        first[task.task_id] = await ev.p_local(msgs, 0)
+    counts = {r.task_id: len(r.steps) for r in per_method["all_llm"]}
+    per_method["query_router"] = await ev.run(QueryRouter(query_threshold(first, counts, hera_share)), tasks, progress)
+
+    report: dict[str, Any] = {"methods": {}, "families": {}}
+    for name, results in per_method.items():
+        report["methods"][name] = summarize(results, all_llm_cost)
+    report["methods"]["oracle"] = oracle_summary(traces, per_method["all_llm"])
+    for family in sorted({t.family for t in tasks}):
+        fam_llm = sum(s.cloud_cost_usd for r in per_method["all_llm"] if r.family == family for s in r.steps)
+        report["families"][family] = {name: summarize([r for r in results if r.family == family], fam_llm)
+                                      for name, results in per_method.items()}
+    report["per_task"] = {name: [{"task_id": r.task_id, "correct": r.correct, "routes": [s.route for s in r.steps]}
+                                 for r in results] for name, results in per_method.items()}
+    return report
+
+
+def estimated_curve(traces: list[dict[str, Any]], predictor: Predictor, all_llm: dict[str, Any]) -> list[dict[str, float]]:
+    """HERA's cost/accuracy trade-off as the threshold sweeps, estimated from profiled labels."""
+    from .training import estimate
+
+    probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in traces]
+    points = []
+    for base in np.round(np.arange(0.0, 1.0201, 0.02), 2):
+        kappa = type(predictor.kappa)(float(base), predictor.kappa.per_step, predictor.kappa.max_steps)
+        est = estimate(traces, probs, kappa)
+        points.append({"threshold_base": float(base), "accuracy": est.accuracy, "local_share": est.local_share})
+    return points
+
+
+def plot(report: dict[str, Any], curve: list[dict[str, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.plot([1 - p["local_share"] for p in curve], [p["accuracy"] for p in curve], "-", color="tab:blue", alpha=0.6,
+            label="HERA threshold sweep (estimated from labels)")
+    marks = {"all_slm": "s", "all_llm": "D", "random": "x", "query_router": "^", "hera": "o", "oracle": "*"}
+    for name, m in report["methods"].items():
+        ax.plot([1 - m["local_share"]], [m["accuracy"]], marks.get(name, "."), markersize=10,
+                label=f"{name} ({m['accuracy']:.0%}, {m['local_share']:.0%} local)")
+    ax.set_xlabel("share of subtasks sent to the cloud")
+    ax.set_ylabel("task accuracy")
+    ax.set_title("Accuracy vs cloud use (test split)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def render_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+
+    def table(title: str, methods: dict[str, Any]) -> Table:
+        t = Table(title=title)
+        for col in ("method", "tasks", "accuracy (95% CI)", "local share", "cloud cost vs All-LLM", "latency/task"):
+            t.add_column(col, justify="right")
+        for name in METHOD_NAMES:
+            m = methods.get(name)
+            if m is None:
+                continue
+            lo, hi = m["accuracy_ci95"]
+            lat = "-" if math.isnan(m["mean_latency_s"]) else f"{m['mean_latency_s']:.1f}s"
+            t.add_row(name + (" (est.)" if m.get("estimated") else ""), str(m["tasks"]),
+                      f"{m['accuracy']:.1%} ({lo:.0%}-{hi:.0%})", f"{m['local_share']:.1%}", f"{m['cost_ratio']:.2f}", lat)
+        return t
+
+    console.print(table("Overall (test split)", report["methods"]))
+    for family, methods in report["families"].items():
+        console.print(table(family, methods))
+    console.print(report.get("prices", ""))

@@ -1,0 +1,117 @@
+"""Profiling, training and evaluation on real models (SmolLM2 as both, for plumbing), and the
+offline replay that reproduces the report with no model running."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hera_core.completion_cache import CachingEngine, CompletionCache
+from hera_core.config import load_settings
+from hera_core.engines.cloud import CloudEngine
+from hera_core.evaluation import (METHOD_NAMES, Evaluator, bootstrap_ci, estimated_curve, evaluate, plot,
+                                  query_threshold)
+from hera_core.profiling import done_task_ids, load_traces, profile
+from hera_core.workloads import make_tasks
+from tests.conftest import TINY, run
+from tests.factories import random_predictor
+
+
+class _Offline:
+    is_local = False
+
+    def __init__(self, name):
+        self.name = name
+
+    async def generate(self, *a, **k):
+        raise AssertionError("offline replay must not call a model")
+
+    async def prefill(self, *a, **k):
+        raise AssertionError("offline replay must not call a model")
+
+    async def close(self):
+        return None
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny_engine, cloud_url, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    cache = CompletionCache(tmp / "cache.sqlite")
+    tasks = make_tasks(["basic_arithmetic", "letter_counting"], per_family=1, seed=0, split="test")
+
+    async def go():
+        async with CloudEngine(cloud_url, TINY) as cloud:
+            slm, llm = CachingEngine(tiny_engine, cache), CachingEngine(cloud, cache)
+            await profile(tasks[:1], slm, llm, tmp / "traces.jsonl", progress=False)
+            await profile(tasks, slm, llm, tmp / "traces.jsonl", progress=False)  # resumes: only the rest
+            ev = Evaluator(slm, llm, random_predictor(), cache, load_settings(env={}).prices, TINY)
+            return await evaluate(tasks, load_traces(tmp / "traces.jsonl"), ev)
+
+    report = run(go())
+    cache.close()
+    return tmp, tasks, report
+
+
+def test_profile_is_append_only_and_resumable(profiled):
+    tmp, tasks, _ = profiled
+    traces = load_traces(tmp / "traces.jsonl")
+    assert [t["task_id"] for t in traces] == [t.task_id for t in tasks]  # each task once, in order
+    assert done_task_ids(tmp / "traces.jsonl") == {t.task_id for t in tasks}
+    for t in traces:
+        assert t["steps"] and all(len(s["features"]) == 7 and s["label"] in (0, 1) for s in t["steps"])
+
+
+def test_report_has_every_method_with_consistent_numbers(profiled):
+    _, tasks, report = profiled
+    assert set(report["methods"]) == set(METHOD_NAMES)
+    m = report["methods"]
+    assert m["all_slm"]["local_share"] == 1.0 and m["all_llm"]["local_share"] == 0.0
+    assert m["all_llm"]["cost_ratio"] == 1.0 and m["all_slm"]["cost_ratio"] == 0.0
+    for name in METHOD_NAMES:
+        lo, hi = m[name]["accuracy_ci95"]
+        assert lo <= m[name]["accuracy"] <= hi and m[name]["tasks"] == len(tasks)
+    assert set(report["families"]) == {"basic_arithmetic", "letter_counting"}
+
+
+def test_offline_replay_reproduces_the_report_without_models(profiled):
+    tmp, tasks, report = profiled
+    cache = CompletionCache(tmp / "cache.sqlite", read_only=True)
+    ev = Evaluator(CachingEngine(_Offline(TINY), cache), CachingEngine(_Offline(TINY), cache), random_predictor(),
+                   cache, load_settings(env={}).prices, TINY)
+    again = run(evaluate(tasks, load_traces(tmp / "traces.jsonl"), ev))
+    cache.close()
+    for name in METHOD_NAMES:
+        for key in ("accuracy", "local_share", "cost_ratio"):
+            assert again["methods"][name][key] == report["methods"][name][key]
+
+
+def test_offline_miss_is_an_error(profiled, tmp_path):
+    tmp, tasks, _ = profiled
+    cache = CompletionCache(tmp_path / "empty.sqlite", read_only=True)
+    ev = Evaluator(CachingEngine(_Offline(TINY), cache), CachingEngine(_Offline(TINY), cache), random_predictor(),
+                   cache, load_settings(env={}).prices, TINY)
+    with pytest.raises(LookupError, match="offline"):
+        run(evaluate(tasks, load_traces(tmp / "traces.jsonl"), ev))
+    cache.close()
+
+
+def test_plot_and_estimated_curve(profiled, tmp_path):
+    tmp, _, report = profiled
+    curve = estimated_curve(load_traces(tmp / "traces.jsonl"), random_predictor(), report["methods"]["all_llm"])
+    assert curve[0]["local_share"] >= curve[-1]["local_share"]  # higher threshold, fewer local steps
+    path = tmp_path / "eval.png"
+    plot(report, curve, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_query_threshold_matches_the_share_of_steps():
+    scores = {"a": 0.9, "b": 0.7, "c": 0.5, "d": 0.1}
+    counts = {"a": 2, "b": 2, "c": 3, "d": 3}
+    t = query_threshold(scores, counts, 0.4)
+    assert sum(counts[k] for k, p in scores.items() if p >= t) / 10 == 0.4
+    assert query_threshold(scores, counts, 1.0) <= 0.1
+
+
+def test_bootstrap_interval_covers_the_mean():
+    lo, hi = bootstrap_ci([0, 1] * 50)
+    assert lo < 0.5 < hi and hi - lo < 0.25
