@@ -28,6 +28,8 @@ from hera_core.stack import free_port
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
 REQUESTS = {1: 400, 64: 64 * 40}
+KEY = "sk-bench-0123456789abcdef"  # both proxies check a client key, as deployed
+AUTH = {"Authorization": f"Bearer {KEY}"}
 BODY = {"model": "fake-model", "max_tokens": 8, "messages": [{"role": "user", "content": "ping"}]}
 
 
@@ -62,7 +64,7 @@ def hera(upstream, tmp_path_factory):
     cfg = tmp / "hera.toml"
     cfg.write_text(f'ledger_path = "{tmp / "ledger.sqlite"}"\n[local]\nmodel = "smollm2-135m"\nn_ctx = 1024\n'
                    f'[cloud]\nbase_url = "{upstream}"\nmodel = "fake-model"\n'
-                   f'[server]\nport = {port}\nmax_concurrency = 4096\n')
+                   f'[server]\nport = {port}\nmax_concurrency = 4096\napi_keys = ["{KEY}"]\n')
     proc = subprocess.Popen([sys.executable, "-m", "hera_core.cli", "--config", str(cfg), "serve"], cwd=ROOT,
                             stdout=subprocess.DEVNULL)
     _wait(f"http://127.0.0.1:{port}/healthz", proc)
@@ -81,7 +83,7 @@ def litellm(upstream, tmp_path_factory):
     cfg.write_text("model_list:\n  - model_name: fake-model\n    litellm_params:\n      model: openai/fake-model\n"
                    f"      api_base: {upstream}\n      api_key: sk-fake\n"
                    "litellm_settings:\n  telemetry: false\n  drop_params: true\n")
-    env = {**os.environ, "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "LITELLM_MASTER_KEY": KEY, "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([str(LITELLM), "--config", str(cfg), "--port", str(port), "--num_workers", "1"],
                             cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -141,10 +143,10 @@ def test_proxy_direct(benchmark, upstream, clients):
 @pytest.mark.parametrize("clients", [1, 64], ids=["c1", "c64"])
 def test_proxy_hera(benchmark, hera, clients):
     """Through `hera serve`: routing decision (policy), ledger row and metrics per request."""
-    _bench(benchmark, hera, clients, {**BODY, "model": "hera"}, {"X-Hera-Policy": "cloud-only"})
+    _bench(benchmark, hera, clients, {**BODY, "model": "hera"}, {"X-Hera-Policy": "cloud-only", **AUTH})
 
 
 @pytest.mark.parametrize("clients", [1, 64], ids=["c1", "c64"])
 def test_proxy_litellm(benchmark, litellm, clients):
     """Through LiteLLM's proxy (one worker, telemetry off)."""
-    _bench(benchmark, litellm, clients, BODY)
+    _bench(benchmark, litellm, clients, BODY, AUTH)
