@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from .errors import ConfigError
 from .models import default_cache_dir
@@ -27,6 +27,17 @@ class LocalSettings(_Strict):
     n_ctx: int = Field(4096, ge=256, le=131072, description="context window of the local SLM, tokens")
     n_threads: int = Field(1, ge=1, le=256, description="llama.cpp decode threads (1 is fastest on 2 shared cores)")
     n_threads_batch: int | None = Field(None, ge=1, le=256, description="llama.cpp prefill threads; default n_threads")
+    n_slots: int = Field(8, ge=1, le=64, description="agent sessions whose KV stays cached at once (sequences)")
+    kv_block_tokens: int = Field(16, ge=1, le=4096, description="block size of the KV radix index, tokens")
+    kv_budget_tokens: int | None = Field(None, ge=1, description="cap on cached KV, tokens (default: all slots' cells)")
+    kv_unified: bool = Field(False, description="one KV pool for all slots: shared prefixes stored once, slower attention")
+
+    @model_validator(mode="after")
+    def _budget_holds_a_block(self) -> "LocalSettings":
+        if self.kv_budget_tokens is not None and self.kv_budget_tokens < self.kv_block_tokens:
+            raise ValueError(f"kv_budget_tokens ({self.kv_budget_tokens}) is smaller than one block "
+                             f"(kv_block_tokens = {self.kv_block_tokens})")
+        return self
 
 
 class CloudSettings(_Strict):

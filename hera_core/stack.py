@@ -20,7 +20,7 @@ import aiohttp
 
 from .completion_cache import CachingEngine, CompletionCache
 from .config import HeraSettings
-from .engines.cloud import CloudEngine
+from .engines.cloud import CircuitBreaker, CloudEngine
 from .engines.llamacpp import LlamaCppEngine
 from .errors import CloudUnavailableError
 from .ledger import Ledger
@@ -82,11 +82,14 @@ async def open_engines(settings: HeraSettings, *, use_cache: bool = False):
     completion cache (profiling reruns, evaluation of many policies)."""
     local_file = model_path(settings.local.model, settings.cache_dir)
     async with _cloud_base_url(settings) as base_url:
-        local = LlamaCppEngine(local_file, name=settings.local.model, n_ctx=settings.local.n_ctx,
-                               n_threads=settings.local.n_threads, n_threads_batch=settings.local.n_threads_batch)
+        loc = settings.local
+        local = LlamaCppEngine(local_file, name=loc.model, n_ctx=loc.n_ctx, n_threads=loc.n_threads,
+                               n_threads_batch=loc.n_threads_batch, n_slots=loc.n_slots, block_size=loc.kv_block_tokens,
+                               kv_unified=loc.kv_unified, kv_budget_tokens=loc.kv_budget_tokens)
         api_key = settings.cloud.api_key.get_secret_value() if settings.cloud.api_key else None
         cloud = CloudEngine(base_url, settings.cloud.model, api_key=api_key, timeout_s=settings.cloud.timeout_s,
-                            max_retries=settings.cloud.max_retries)
+                            max_retries=settings.cloud.max_retries,
+                            breaker=CircuitBreaker(settings.cloud.breaker_failures, settings.cloud.breaker_reset_s))
         cache = None
         if use_cache:
             cache = CompletionCache(settings.cache_dir / "completions.sqlite")
@@ -110,7 +113,8 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
         ledger = Ledger(settings.resolved_ledger_path())
         try:
             yield Runtime(local, cloud, predictor, ledger, settings.prices, run=run,
-                          threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens)
+                          threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens,
+                          fallback=settings.cloud.fallback)
         finally:
             ledger.close()
 

@@ -49,3 +49,9 @@ def test_prices_are_per_million_tokens_and_energy():
     assert p.cloud_cost(1_000_000, 0) == pytest.approx(p.cloud_input_usd_per_mtok)
     assert p.cloud_cost(0, 2_000_000) == pytest.approx(2 * p.cloud_output_usd_per_mtok)
     assert p.local_cost(3600) == pytest.approx(p.local_watts / 1000 * p.local_usd_per_kwh)
+
+
+def test_kv_budget_smaller_than_a_block_is_rejected_at_load():
+    with pytest.raises(ConfigError, match="smaller than one block"):
+        load_settings(overrides={"local.kv_budget_tokens": 8, "local.kv_block_tokens": 16}, env={})
+    assert load_settings(overrides={"local.kv_budget_tokens": 16}, env={}).local.kv_budget_tokens == 16

@@ -55,7 +55,7 @@ def outcome(fn, *args) -> tuple[str, Any]:
     """("ok", result) or ("error", exception type): both sides must give the same."""
     try:
         return "ok", fn(*args)
-    except (ValueError, AssertionError) as exc:
+    except ValueError as exc:  # caller mistakes only: an AssertionError is a bug and propagates
         return "error", type(exc)
 
 
@@ -81,7 +81,7 @@ class RadixParity(RuleBasedStateMachine):
         self.impl = cls(block_size, bytes_per_token, budget, max_slots)
         self.max_slots = max_slots
         self.bs = block_size
-        self.seen: list[tuple[int, ...]] = [()]  # prompts used so far: new ones extend them
+        self.seen: list[tuple[int, ...]] = [()]  # prompts inserted so far: new ones extend them
         self.pins: Counter[tuple[int, ...]] = Counter()  # pinned prefix (whole blocks) -> pins
 
     # --- inputs -------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class RadixParity(RuleBasedStateMachine):
     def both(self, name: str, *args: Any) -> tuple[str, Any]:
         got_ref = outcome(getattr(self.ref, name), *args)
         got_impl = outcome(getattr(self.impl, name), *args)
-        assert got_impl == got_ref, f"{name}{args}: native {got_impl} != twin {got_ref}"
+        assert got_impl == got_ref, f"{name}{args}: {type(self.impl).__module__} {got_impl} != twin {got_ref}"
         return got_ref
 
     def slot(self, data: st.DataObject) -> int:
@@ -196,8 +196,8 @@ class RadixParity(RuleBasedStateMachine):
         if kind == "ok":
             self.check_evicted(got)
 
-    @rule(data=st.data())
-    def probe_pins(self, data: st.DataObject) -> None:
+    @rule()
+    def probe_pins(self) -> None:
         """Every pinned prefix is still cached whole: lock() finds all its blocks (then undo)."""
         for p in sorted(+self.pins):
             kind, n = self.both("lock", np.array(p, dtype=np.int32))
@@ -227,7 +227,7 @@ class RadixParity(RuleBasedStateMachine):
 
 
 RadixParity.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=50, deadline=None,
+    max_examples=300, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_radix_parity = RadixParity.TestCase

@@ -62,7 +62,7 @@ class LlamaCppEngine(Engine):
     def __init__(self, model_path: str | Path, *, name: str | None = None, n_ctx: int = 4096,
                  n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512,
                  n_slots: int = 8, block_size: int = 16, kv_budget_bytes: int | None = None,
-                 kv_unified: bool = False) -> None:
+                 kv_budget_tokens: int | None = None, kv_unified: bool = False) -> None:
         """n_ctx: the longest prompt + completion of one subtask, tokens (also each slot's size).
         n_slots: sequences kept in the KV cache at once. kv_budget_bytes: cap on the KV bytes the
         index keeps cached, counting a shared prefix block once (default: all slots' cells)."""
@@ -116,6 +116,8 @@ class LlamaCppEngine(Engine):
         self.kv_bytes_per_token = 2 * 2 * n_layer * llama_cpp.llama_model_n_head_kv(self._model.model) * head_dim
         # Slack for each slot's partial last block, which the block-granular index does not count.
         budget_cap = (self.kv_cells - n_slots * block_size) * self.kv_bytes_per_token
+        if kv_budget_tokens is not None:
+            kv_budget_bytes = kv_budget_tokens * self.kv_bytes_per_token
         budget = min(kv_budget_bytes, budget_cap) if kv_budget_bytes is not None else budget_cap
         self._index = RadixIndex(block_size, self.kv_bytes_per_token, budget, n_slots)
         self._slots = [_Slot() for _ in range(n_slots)]
