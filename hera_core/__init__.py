@@ -7,11 +7,14 @@ where they are used.
 from ._version import __version__
 from .config import HeraSettings, load_settings
 from .errors import HeraError
-from .features import logit_features
+from .features import logit_features, logit_features_numpy
+from .forest import Forest, ForestPy
 from .ledger import Ledger
 from .policy import Override, Route
 from .predictor import Kappa, Predictor
+from .radix import PyRadixIndex, RadixIndex
 from .runtime import Runtime, SubtaskResult
 
-__all__ = ["HeraError", "HeraSettings", "Kappa", "Ledger", "Override", "Predictor", "Route", "Runtime",
-           "SubtaskResult", "__version__", "load_settings", "logit_features"]
+__all__ = ["Forest", "ForestPy", "HeraError", "HeraSettings", "Kappa", "Ledger", "Override", "Predictor",
+           "PyRadixIndex", "RadixIndex", "Route", "Runtime", "SubtaskResult", "__version__", "load_settings",
+           "logit_features", "logit_features_numpy"]

@@ -83,8 +83,13 @@ def cmd_profile(args) -> int:
     from .workloads import make_tasks
 
     settings = _settings(args)
-    families = args.families.split(",") if args.families else None
-    tasks = make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=args.split)
+    if args.tasks_file:
+        from .workloads import load_jsonl_tasks
+
+        tasks = load_jsonl_tasks(args.tasks_file, split=args.split, seed=args.seed)
+    else:
+        families = args.families.split(",") if args.families else None
+        tasks = make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=args.split)
 
     async def go():
         async with open_engines(settings, use_cache=True) as (local, cloud):
@@ -125,8 +130,13 @@ def cmd_eval(args) -> int:
 
     settings = _settings(args)
     traces = load_traces(args.traces)
-    families = sorted({t["family"] for t in traces})
-    tasks = make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=args.split)
+    if args.tasks_file:
+        from .workloads import load_jsonl_tasks
+
+        tasks = load_jsonl_tasks(args.tasks_file, split=args.split, seed=args.seed)
+    else:
+        families = sorted({t["family"] for t in traces})
+        tasks = make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=args.split)
     ids = {t["task_id"] for t in traces}
     tasks = [t for t in tasks if t.task_id in ids]
     if not tasks:
@@ -241,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="traces.jsonl")
     pr.add_argument("--tasks-per-family", type=int, default=8)
     pr.add_argument("--families", help="comma-separated (default: all)")
+    pr.add_argument("--tasks-file", help="your own tasks, JSONL (see README: Your own tasks)")
     pr.add_argument("--split", default="train", choices=["train", "val", "test"])
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--local-model")
@@ -250,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="All-SLM, All-LLM, Random, query router, HERA and Oracle on the test split")
     ev.add_argument("--traces", default="traces-test.jsonl", help="`hera profile --split test` output (tasks, labels)")
     ev.add_argument("--tasks-per-family", type=int, default=30)
+    ev.add_argument("--tasks-file", help="your own tasks, JSONL (the file given to `hera profile`)")
     ev.add_argument("--split", default="test", choices=["train", "val", "test"])
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--predictor", help="predictor file (default: the configured or shipped one)")

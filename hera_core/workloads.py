@@ -21,19 +21,32 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+SCORERS = ("reasoning_gym", "exact", "number", "contains")
+
+
 @dataclass
 class Task:
     task_id: str
     family: str
     question: str
-    answer: str  # reference answer, for reports
+    answer: str  # reference answer
     entry: dict[str, Any] = field(repr=False)  # the generator's entry, for its scorer
+    scorer: str = "reasoning_gym"  # one of SCORERS
 
     def score(self, answer: str | None) -> float:
         """1.0 when the family's scorer accepts `answer`, else 0.0 (reasoning-gym gives partial credit
         for some families; a task counts as solved only at full credit)."""
         if answer is None:
             return 0.0
+        if self.scorer == "exact":
+            return float(normalize_answer(answer).lower() == normalize_answer(self.answer).lower())
+        if self.scorer == "number":
+            try:
+                return float(abs(float(normalize_answer(answer)) - float(normalize_answer(self.answer))) <= 1e-6)
+            except ValueError:
+                return 0.0
+        if self.scorer == "contains":
+            return float(normalize_answer(self.answer).lower() in answer.lower())
         dataset = _dataset(self.family, 1, 0)
         return max(1.0 if dataset.score_answer(answer=a, entry=self.entry) >= 1.0 else 0.0
                    for a in {answer, normalize_answer(answer)})
@@ -94,3 +107,32 @@ def make_tasks(families: list[str] | None = None, per_family: int = 4, seed: int
                 break
         by_family.append(tasks)
     return [t for group in zip(*by_family) for t in group]
+
+
+def load_jsonl_tasks(path: str, split: str | None = None, seed: int = 0) -> list[Task]:
+    """A user's own tasks, one JSON object per line:
+
+        {"id": "t1", "question": "...", "answer": "42", "family": "billing", "scorer": "number"}
+
+    `scorer` is exact (case-insensitive after normalization, the default), number (numeric
+    equality) or contains (the reference appears in the answer). Splits are by task id, as for
+    the built-in families.
+    """
+    import json
+    from pathlib import Path
+
+    tasks = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            task = Task(str(d["id"]), str(d.get("family", "custom")), str(d["question"]), str(d["answer"]), d,
+                        scorer=str(d.get("scorer", "exact")))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} line {n}: each line must be a JSON object with id, question and answer ({exc})") from None
+        if task.scorer not in SCORERS[1:]:
+            raise ValueError(f"{path} line {n}: scorer must be one of {', '.join(SCORERS[1:])}, got {task.scorer!r}")
+        if split is None or split_of(task.task_id, seed) == split:
+            tasks.append(task)
+    return tasks

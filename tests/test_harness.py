@@ -59,3 +59,23 @@ def test_harness_runs_tool_then_final_step_with_a_scripted_model():
     assert traj.routes == ["cloud", "local"]
     assert calls[1][-2:] == ["assistant", "user"]  # the tool output came back as a user turn
     assert traj.correct == 1.0, (traj.answer, task.answer)
+
+
+def test_user_tasks_from_jsonl(tmp_path):
+    from hera_core.workloads import load_jsonl_tasks
+
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"id": "a", "question": "2+2?", "answer": "4", "scorer": "number"}\n\n'
+                    '{"id": "b", "question": "Capital of France?", "answer": "Paris", "family": "geo"}\n'
+                    '{"id": "c", "question": "Say hi", "answer": "hi", "scorer": "contains"}\n')
+    a, b, c = load_jsonl_tasks(str(path))
+    assert a.score("4.0") == 1.0 and a.score("5") == 0.0 and a.family == "custom"
+    assert b.score("paris") == 1.0 and b.score("Lyon") == 0.0 and b.family == "geo"
+    assert c.score("well, hi there") == 1.0
+    assert {t.task_id for t in load_jsonl_tasks(str(path), split="test")} <= {"a", "b", "c"}
+    path.write_text('{"id": "x", "question": "q"}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        load_jsonl_tasks(str(path))
+    path.write_text('{"id": "x", "question": "q", "answer": "a", "scorer": "llm-judge"}\n')
+    with pytest.raises(ValueError, match="scorer must be one of"):
+        load_jsonl_tasks(str(path))

@@ -76,7 +76,8 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
 def _import_tensorrt_llm() -> Any:
     """tensorrt_llm, or ConfigError with a one-line message naming the package and the fix."""
     if importlib.util.find_spec("tensorrt_llm") is None:
-        raise ConfigError(f"the TensorRT-LLM engine needs the tensorrt_llm package, which is not installed; {INSTALL_HINT}")
+        raise ConfigError("the TensorRT-LLM engine needs the tensorrt_llm package, which is not installed; "
+                          + INSTALL_HINT)
     try:
         import tensorrt_llm
     except (ImportError, OSError) as exc:  # a missing libcuda / libnvinfer, a CUDA mismatch
@@ -181,7 +182,8 @@ class TensorRTLLMEngine(Engine):
         try:
             ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # noqa: BLE001 - jinja raises for roles the template does not accept
-            raise InvalidRequestError(f"cannot format messages with the model's chat template: {_one_line(exc)}") from None
+            raise InvalidRequestError(
+                f"cannot format messages with the model's chat template: {_one_line(exc)}") from None
         if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return [int(t) for t in ids]
