@@ -16,9 +16,10 @@ $(PY):
 NATIVE_SRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') \
               CMakeLists.txt setup.py hera_core/_version.py
 
-# Build tools first, then the package without build isolation, so the native build uses them.
+# Build tools first (ours, and scikit-build-core for llama-cpp-python, which builds from source),
+# then the package without build isolation, so the native builds use them.
 $(VENV)/.installed: $(PY) pyproject.toml setup.py
-	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja
+	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja "scikit-build-core[pyproject]>=0.9.2"
 	$(PIP) install -q -e ".[test]" --no-build-isolation
 	touch $@ $(VENV)/.native
 

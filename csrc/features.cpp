@@ -142,7 +142,9 @@ inline void sweep_exp(const float* x, int64_t n, float m, double& s0_out, double
 // Cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 + FMA) with a runtime dispatch (ifunc):
 // 2-4x the vector width where the CPU has it (about 19 -> 10 us per 49152-logit row on Zen 4),
 // while the module still loads on any x86-64.
+#if defined(__x86_64__) && defined(__GNUC__)  // aarch64 (Jetson) has no such clones: plain NEON build
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 void row_features(const float* x, int64_t vocab, int64_t row, float* out) {
   RowState st;
   for (int l = 0; l < kLanes; ++l) {

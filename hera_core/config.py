@@ -8,7 +8,10 @@ HERA_THREADS). An invalid value is a ConfigError whose one-line message names th
 from __future__ import annotations
 
 import os
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6's stock Python)
+    import tomli as tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +26,10 @@ class _Strict(BaseModel):
 
 
 class LocalSettings(_Strict):
-    model: str = Field("qwen2.5-coder-0.5b", description="manifest name (see `hera models list`) or path to a .gguf")
+    engine: Literal["llamacpp", "tensorrt"] = Field("llamacpp", description="local SLM engine: llama.cpp (CPU or CUDA build) or TensorRT-LLM")
+    model: str = Field("qwen2.5-coder-0.5b", description="manifest name (see `hera models list`) or path to a .gguf; "
+                                                      "for tensorrt, a Hugging Face checkpoint folder")
+    n_gpu_layers: int = Field(-1, ge=-1, le=1024, description="llama.cpp layers on the GPU; -1 all; ignored by a CPU build")
     n_ctx: int = Field(4096, ge=256, le=131072, description="context window of the local SLM, tokens")
     n_threads: int = Field(1, ge=1, le=256, description="llama.cpp decode threads (1 is fastest on 2 shared cores)")
     n_threads_batch: int | None = Field(None, ge=1, le=256, description="llama.cpp prefill threads; default n_threads")

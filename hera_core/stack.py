@@ -80,12 +80,18 @@ async def cloud_sim(model: str, *, threads: int = 1, n_ctx: int = 4096, cache_di
 async def open_engines(settings: HeraSettings, *, use_cache: bool = False):
     """(local, cloud) engines from settings. `use_cache` answers repeated greedy requests from the
     completion cache (profiling reruns, evaluation of many policies)."""
-    local_file = model_path(settings.local.model, settings.cache_dir)
+    loc = settings.local
+    local_file = model_path(loc.model, settings.cache_dir) if loc.engine == "llamacpp" else None
     async with _cloud_base_url(settings) as base_url:
-        loc = settings.local
-        local = LlamaCppEngine(local_file, name=loc.model, n_ctx=loc.n_ctx, n_threads=loc.n_threads,
-                               n_threads_batch=loc.n_threads_batch, n_slots=loc.n_slots, block_size=loc.kv_block_tokens,
-                               kv_unified=loc.kv_unified, kv_budget_tokens=loc.kv_budget_tokens)
+        if loc.engine == "tensorrt":
+            from .engines.tensorrt import TensorRTLLMEngine
+
+            local = TensorRTLLMEngine(loc.model, n_ctx=loc.n_ctx)
+        else:
+            local = LlamaCppEngine(local_file, name=loc.model, n_ctx=loc.n_ctx, n_threads=loc.n_threads,
+                                   n_threads_batch=loc.n_threads_batch, n_slots=loc.n_slots,
+                                   block_size=loc.kv_block_tokens, kv_unified=loc.kv_unified,
+                                   kv_budget_tokens=loc.kv_budget_tokens, n_gpu_layers=loc.n_gpu_layers)
         api_key = settings.cloud.api_key.get_secret_value() if settings.cloud.api_key else None
         cloud = CloudEngine(base_url, settings.cloud.model, api_key=api_key, timeout_s=settings.cloud.timeout_s,
                             max_retries=settings.cloud.max_retries,
@@ -107,7 +113,8 @@ async def open_engines(settings: HeraSettings, *, use_cache: bool = False):
 async def open_runtime(settings: HeraSettings, *, run: str = "default", predictor: Predictor | None = None,
                        use_cache: bool = False) -> AsyncIterator[Runtime]:
     """A Runtime over the configured local SLM and cloud, booking into the configured ledger."""
-    model_path(settings.local.model, settings.cache_dir)  # a missing model is the first thing to fix
+    if settings.local.engine == "llamacpp":
+        model_path(settings.local.model, settings.cache_dir)  # a missing model is the first thing to fix
     predictor = predictor or Predictor.load(settings.policy.predictor_path)
     async with open_engines(settings, use_cache=use_cache) as (local, cloud):
         ledger = Ledger(settings.resolved_ledger_path())

@@ -62,7 +62,7 @@ class LlamaCppEngine(Engine):
     def __init__(self, model_path: str | Path, *, name: str | None = None, n_ctx: int = 4096,
                  n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512,
                  n_slots: int = 8, block_size: int = 16, kv_budget_bytes: int | None = None,
-                 kv_budget_tokens: int | None = None, kv_unified: bool = False) -> None:
+                 kv_budget_tokens: int | None = None, kv_unified: bool = False, n_gpu_layers: int = -1) -> None:
         """n_ctx: the longest prompt + completion of one subtask, tokens (also each slot's size).
         n_slots: sequences kept in the KV cache at once. kv_budget_bytes: cap on the KV bytes the
         index keeps cached, counting a shared prefix block once (default: all slots' cells)."""
@@ -83,6 +83,7 @@ class LlamaCppEngine(Engine):
         _logger.set_verbose(False)  # llama.cpp's load and graph logs are noise here
         self.name = name or Path(model_path).stem
         mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers  # a CUDA build (Jetson) offloads; a CPU build ignores it
         self._model = internals.LlamaModel(path_model=str(model_path), params=mparams, verbose=False)
         self.n_ctx = n_ctx
         self.kv_cells = n_slots * n_ctx
