@@ -146,6 +146,15 @@ def cmd_eval(args) -> int:
     cache_path = Path(args.cache) if args.cache else settings.cache_dir / "completions.sqlite"
     if args.offline and not cache_path.exists():
         raise ValueError(f"completion cache {cache_path} does not exist; pass --cache with the committed one")
+    if cache_path.suffix == ".xz":  # the committed cache is compressed: replay from a private copy
+        import lzma
+        import shutil
+        import tempfile
+
+        unpacked = Path(tempfile.mkdtemp(prefix="hera-eval-")) / cache_path.stem
+        with lzma.open(cache_path) as src, open(unpacked, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        cache_path = unpacked
 
     async def go():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
