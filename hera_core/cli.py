@@ -123,7 +123,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .completion_cache import CachingEngine, CompletionCache
-    from .evaluation import Evaluator, estimated_curve, evaluate, plot, render_report
+    from .evaluation import Evaluator, estimated_curve, plot, render_report
     from .predictor import Predictor
     from .profiling import load_traces
     from .workloads import make_tasks
@@ -157,8 +157,6 @@ def cmd_eval(args) -> int:
         cache_path = unpacked
 
     async def go():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         cache = CompletionCache(cache_path, read_only=args.offline)
         try:
             if args.offline:

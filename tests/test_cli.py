@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from hera_core.stack import free_port
 from tests.conftest import TINY
 

@@ -1,9 +1,6 @@
 """Profiling, training and evaluation on real models (SmolLM2 as both, for plumbing), and the
 offline replay that reproduces the report with no model running."""
 
-import json
-
-import numpy as np
 import pytest
 
 from hera_core.completion_cache import CachingEngine, CompletionCache

@@ -286,7 +286,6 @@ def test_kill_9_loses_no_answered_subtask_and_leaves_no_half_row(tiny_model_path
     import aiohttp
 
     async def load():
-        nonlocal errors
         async with aiohttp.ClientSession() as http:
             async def one(i):
                 nonlocal errors

@@ -62,3 +62,13 @@ class Engine(abc.ABC):
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def check_context(n_prompt_tokens: int, n_ctx: int) -> None:
+    """A prompt must leave room for at least one generated token; refused before any work."""
+    from ..errors import ContextOverflowError
+
+    if n_prompt_tokens + 1 > n_ctx:
+        raise ContextOverflowError(
+            f"prompt has {n_prompt_tokens} tokens, the local model's context window is {n_ctx}; "
+            "shorten the conversation or raise local.n_ctx")

@@ -25,7 +25,6 @@ one its local decode continues from: no second prefill when the step stays local
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import time
 from collections.abc import Callable
@@ -35,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ContextOverflowError, HeraError, InvalidRequestError
+from ..errors import HeraError, InvalidRequestError
 from ..radix import RadixIndex
-from .base import Engine, Generation, Message, Prefill
+from .base import Engine, Generation, Message, Prefill, check_context
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -141,10 +140,7 @@ class LlamaCppEngine(Engine):
         return self._model.detokenize(tokens, special=False).decode("utf-8", errors="ignore")
 
     def _check_fits(self, tokens: list[int]) -> None:
-        if len(tokens) + 1 > self.n_ctx:
-            raise ContextOverflowError(
-                f"prompt has {len(tokens)} tokens, the local model's context window is {self.n_ctx}; "
-                "shorten the conversation or raise local.n_ctx")
+        check_context(len(tokens), self.n_ctx)
 
     def cache_stats(self) -> dict[str, float]:
         seen = self.stats["prefill_tokens"] + self.stats["reused_tokens"]
@@ -321,12 +317,11 @@ class LlamaCppEngine(Engine):
         if max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
         loop = asyncio.get_running_loop()
-        callback = None
-        if on_text is not None:
-            def callback(delta: str) -> None:
-                loop.call_soon_threadsafe(on_text, delta)
+        def callback(delta: str) -> None:
+            loop.call_soon_threadsafe(on_text, delta)
         return await loop.run_in_executor(
-            self._executor, self._generate_sync, messages, max_tokens, list(stop or []), callback)
+            self._executor, self._generate_sync, messages, max_tokens, list(stop or []),
+            callback if on_text is not None else None)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -59,8 +59,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import ConfigError, ContextOverflowError, HeraError, InvalidRequestError
-from .base import Engine, Generation, Message, Prefill
+from ..errors import ConfigError, HeraError, InvalidRequestError
+from .base import Engine, Generation, Message, Prefill, check_context
 
 INSTALL_HINT = (
     "install it with `pip install tensorrt-llm` (Linux x86_64 or aarch64 with an NVIDIA GPU and a "
@@ -189,10 +189,7 @@ class TensorRTLLMEngine(Engine):
         return [int(t) for t in ids]
 
     def _check_fits(self, tokens: list[int]) -> None:
-        if len(tokens) + 1 > self.n_ctx:
-            raise ContextOverflowError(
-                f"prompt has {len(tokens)} tokens, the local model's context window is {self.n_ctx}; "
-                "shorten the conversation or raise local.n_ctx")
+        check_context(len(tokens), self.n_ctx)
 
     def cache_stats(self) -> dict[str, float]:
         seen = self.stats["prefill_tokens"] + self.stats["reused_tokens"]
