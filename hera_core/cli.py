@@ -179,7 +179,7 @@ def cmd_eval(args) -> int:
                         f"(${settings.prices.cloud_input_usd_per_mtok}/${settings.prices.cloud_output_usd_per_mtok} "
                         f"per 1M input/output tokens, {settings.prices.cloud_price_date})")
     if args.plot:
-        plot(report, report["curve_estimated"], args.plot)
+        plot(report, args.plot)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     if args.json:
@@ -199,8 +199,9 @@ async def _run_eval(tasks, traces, ev, args):
 
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), disable=args.json) as bar:
-        job = bar.add_task("eval", total=5 * len(tasks))
-        return await evaluate(tasks, traces, ev, seed=args.seed, progress=lambda: bar.advance(job))
+        sweep = tuple(float(x) for x in args.sweep.split(",")) if args.sweep else ()
+        job = bar.add_task("eval", total=(5 + len(sweep)) * len(tasks))
+        return await evaluate(tasks, traces, ev, seed=args.seed, progress=lambda: bar.advance(job), sweep=sweep)
 
 
 class _Offline:
@@ -274,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictor", help="predictor file (default: the configured or shipped one)")
     ev.add_argument("--cache", help="completion cache (default: <cache_dir>/completions.sqlite)")
     ev.add_argument("--offline", action="store_true", help="replay from the cache only; a miss is an error")
-    ev.add_argument("--plot", default="eval.png", help="PNG of accuracy vs cloud use ('' for none)")
+    ev.add_argument("--plot", default="eval.png", help="PNG of accuracy vs cloud cost ('' for none)")
+    ev.add_argument("--sweep", default="-0.6,-0.3,-0.15,-0.05,0.03,0.06,0.1",
+                    help="threshold offsets of extra live HERA runs for the curve ('' for none)")
     ev.add_argument("--out", help="write the full report as JSON")
     ev.add_argument("--json", action="store_true", help="print {method: {accuracy, local_share, cost_ratio}}")
     ev.add_argument("--local-model")

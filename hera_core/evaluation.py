@@ -213,7 +213,8 @@ def query_threshold(scores: dict[str, float], step_counts: dict[str, int], share
 
 
 async def evaluate(tasks: list[Task], traces: list[dict[str, Any]], ev: Evaluator, *, seed: int = 0,
-                   progress=None) -> dict[str, Any]:
+                   progress=None, sweep: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Every method on `tasks`; `sweep` adds live HERA runs with these threshold offsets."""
     per_method: dict[str, list[TaskResult]] = {}
     for name, method in (("all_llm", AllLLM()), ("all_slm", AllSLM()), ("hera", Hera())):
         per_method[name] = await ev.run(method, tasks, progress)
@@ -237,6 +238,10 @@ async def evaluate(tasks: list[Task], traces: list[dict[str, Any]], ev: Evaluato
         fam_llm = sum(s.cloud_cost_usd for r in per_method["all_llm"] if r.family == family for s in r.steps)
         report["families"][family] = {name: summarize([r for r in results if r.family == family], fam_llm)
                                       for name, results in per_method.items()}
+    report["sweep"] = []
+    for offset in sweep:
+        m = summarize(await ev.run(Hera(offset), tasks, progress), all_llm_cost)
+        report["sweep"].append({"threshold_offset": offset, **{k: m[k] for k in ("accuracy", "local_share", "cost_ratio")}})
     report["per_task"] = {name: [{"task_id": r.task_id, "correct": r.correct, "routes": [s.route for s in r.steps]}
                                  for r in results] for name, results in per_method.items()}
     return report
@@ -255,22 +260,26 @@ def estimated_curve(traces: list[dict[str, Any]], predictor: Predictor, all_llm:
     return points
 
 
-def plot(report: dict[str, Any], curve: list[dict[str, float]], path: str) -> None:
+def plot(report: dict[str, Any], path: str) -> None:
+    """Accuracy against cloud cost (relative to All-LLM): the methods, and HERA's live threshold sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.plot([1 - p["local_share"] for p in curve], [p["accuracy"] for p in curve], "-", color="tab:blue", alpha=0.6,
-            label="HERA threshold sweep (estimated from labels)")
+    sweep = sorted(report.get("sweep") or [], key=lambda p: p["cost_ratio"])
+    if sweep:
+        ax.plot([p["cost_ratio"] for p in sweep], [p["accuracy"] for p in sweep], "-o", color="tab:green", alpha=0.5,
+                markersize=3, label="HERA, threshold sweep (live)")
     marks = {"all_slm": "s", "all_llm": "D", "random": "x", "query_router": "^", "hera": "o", "oracle": "*"}
     for name, m in report["methods"].items():
-        ax.plot([1 - m["local_share"]], [m["accuracy"]], marks.get(name, "."), markersize=10,
-                label=f"{name} ({m['accuracy']:.0%}, {m['local_share']:.0%} local)")
-    ax.set_xlabel("share of subtasks sent to the cloud")
+        est = " est." if m.get("estimated") else ""
+        ax.plot([m["cost_ratio"]], [m["accuracy"]], marks.get(name, "."), markersize=10,
+                label=f"{name}{est} ({m['accuracy']:.0%} acc., {m['local_share']:.0%} local)")
+    ax.set_xlabel("cloud cost relative to All-LLM")
     ax.set_ylabel("task accuracy")
-    ax.set_title("Accuracy vs cloud use (test split)")
+    ax.set_title(f"Accuracy vs cloud cost ({report['methods']['all_llm']['tasks']} test tasks)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

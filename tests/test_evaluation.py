@@ -42,7 +42,7 @@ def profiled(tiny_engine, cloud_url, tmp_path_factory):
             await profile(tasks[:1], slm, llm, tmp / "traces.jsonl", progress=False)
             await profile(tasks, slm, llm, tmp / "traces.jsonl", progress=False)  # resumes: only the rest
             ev = Evaluator(slm, llm, random_predictor(), cache, load_settings(env={}).prices, TINY)
-            return await evaluate(tasks, load_traces(tmp / "traces.jsonl"), ev)
+            return await evaluate(tasks, load_traces(tmp / "traces.jsonl"), ev, sweep=(-1.0, 1.0))
 
     report = run(go())
     cache.close()
@@ -75,7 +75,7 @@ def test_offline_replay_reproduces_the_report_without_models(profiled):
     cache = CompletionCache(tmp / "cache.sqlite", read_only=True)
     ev = Evaluator(CachingEngine(_Offline(TINY), cache), CachingEngine(_Offline(TINY), cache), random_predictor(),
                    cache, load_settings(env={}).prices, TINY)
-    again = run(evaluate(tasks, load_traces(tmp / "traces.jsonl"), ev))
+    again = run(evaluate(tasks, load_traces(tmp / "traces.jsonl"), ev, sweep=(-1.0, 1.0)))
     cache.close()
     for name in METHOD_NAMES:
         for key in ("accuracy", "local_share", "cost_ratio"):
@@ -97,7 +97,8 @@ def test_plot_and_estimated_curve(profiled, tmp_path):
     curve = estimated_curve(load_traces(tmp / "traces.jsonl"), random_predictor(), report["methods"]["all_llm"])
     assert curve[0]["local_share"] >= curve[-1]["local_share"]  # higher threshold, fewer local steps
     path = tmp_path / "eval.png"
-    plot(report, curve, str(path))
+    assert [p["local_share"] for p in report["sweep"]] == [1.0, 0.0]  # offsets past both ends
+    plot(report, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
