@@ -238,7 +238,8 @@ async def evaluate(tasks: list[Task], traces: list[dict[str, Any]], ev: Evaluato
         fam_llm = sum(s.cloud_cost_usd for r in per_method["all_llm"] if r.family == family for s in r.steps)
         report["families"][family] = {name: summarize([r for r in results if r.family == family], fam_llm)
                                       for name, results in per_method.items()}
-    report["sweep"] = []
+    hera = report["methods"]["hera"]
+    report["sweep"] = [{"threshold_offset": 0.0, **{k: hera[k] for k in ("accuracy", "local_share", "cost_ratio")}}]
     for offset in sweep:
         m = summarize(await ev.run(Hera(offset), tasks, progress), all_llm_cost)
         report["sweep"].append({"threshold_offset": offset, **{k: m[k] for k in ("accuracy", "local_share", "cost_ratio")}})
