@@ -55,3 +55,14 @@ def test_kv_budget_smaller_than_a_block_is_rejected_at_load():
     with pytest.raises(ConfigError, match="smaller than one block"):
         load_settings(overrides={"local.kv_budget_tokens": 8, "local.kv_block_tokens": 16}, env={})
     assert load_settings(overrides={"local.kv_budget_tokens": 16}, env={}).local.kv_budget_tokens == 16
+
+
+def test_the_readme_configuration_example_loads(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    cfg = tmp_path / "hera.toml"
+    cfg.write_text(block)
+    s = load_settings(cfg, env={})
+    assert s.server.budget_action == "local" and s.local.n_slots == 8 and s.cloud.fallback == "local"
