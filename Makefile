@@ -20,6 +20,7 @@ NATIVE_SRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o 
 # then the package without build isolation, so the native builds use them.
 $(VENV)/.installed: $(PY) pyproject.toml setup.py
 	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja "scikit-build-core[pyproject]>=0.9.2"
+	$(PIP) install -q "torch==2.13.0"  # CPU build, before sentence-transformers can pull a CUDA one
 	$(PIP) install -q -e ".[test]" --no-build-isolation
 	touch $@ $(VENV)/.native
 

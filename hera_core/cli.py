@@ -222,6 +222,18 @@ class _Offline:
         return None
 
 
+def cmd_compare_labels(args) -> int:
+    from .profiling import load_traces
+    from .similarity import add_similarity, load_encoder
+    from .training import compare_labels
+
+    encoder = load_encoder()
+    train = add_similarity(load_traces(args.train), encoder)
+    evals = {Path(p).stem: add_similarity(load_traces(p), encoder) for p in args.held_out}
+    print(json.dumps(compare_labels(train, evals), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hera", description="Route AI-agent steps between a local SLM and a cloud LLM.")
     p.add_argument("--config", help="TOML settings file (see README: Configuration)")
@@ -283,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--local-model")
     ev.add_argument("--cloud-model")
     ev.set_defaults(func=cmd_eval)
+
+    cl = sub.add_parser("compare-labels", help="substitution vs embedding-similarity label: which predicts better")
+    cl.add_argument("train", help="train-split traces")
+    cl.add_argument("held_out", nargs="+", help="held-out traces (val, test)")
+    cl.set_defaults(func=cmd_compare_labels)
 
     t = sub.add_parser("train", help="fit the predictor on traces and calibrate kappa(step)")
     t.add_argument("traces", nargs="+", help="traces.jsonl files from `hera profile`")

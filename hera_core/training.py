@@ -116,3 +116,32 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
     }
     predictor.meta = {**(meta or {}), **report}
     return predictor, report
+
+
+def compare_labels(train: list[dict[str, Any]], evals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Which label predicts substitutability better? Fit the same predictor on each label of the
+    train split (the substitution label, and the paper's embedding-similarity label, which
+    `similarity.add_similarity` fills in) and score both on held-out splits against each label.
+    Also: how well the similarity of the two outputs itself (a hindsight signal) ranks them."""
+    import xgboost as xgb
+
+    def xy(traces, key):
+        steps = [s for t in traces for s in t["steps"]]
+        return (np.asarray([s["features"] for s in steps], dtype=np.float32).reshape(-1, len(FEATURE_NAMES)),
+                np.asarray([s[key] for s in steps], dtype=np.float32), steps)
+
+    out: dict[str, Any] = {"trained_on": {}, "similarity_itself": {}}
+    for key in ("label", "label_similar"):
+        X, y, _ = xy(train, key)
+        booster = xgb.train(XGB_PARAMS, xgb.DMatrix(X, label=y), num_boost_round=100)
+        res = {}
+        for name, traces in evals.items():
+            Xe, y_sub, steps = xy(traces, "label")
+            _, y_sim, _ = xy(traces, "label_similar")
+            p = booster.inplace_predict(Xe)
+            res[name] = {"auc_vs_substitution": auc(y_sub, p), "auc_vs_similarity": auc(y_sim, p)}
+        out["trained_on"]["substitution" if key == "label" else "similarity"] = res
+    for name, traces in evals.items():
+        _, y_sub, steps = xy(traces, "label")
+        out["similarity_itself"][name] = auc(y_sub, np.asarray([s["similarity"] for s in steps]))
+    return out
