@@ -97,7 +97,8 @@ def test_plot_and_estimated_curve(profiled, tmp_path):
     curve = estimated_curve(load_traces(tmp / "traces.jsonl"), random_predictor(), report["methods"]["all_llm"])
     assert curve[0]["local_share"] >= curve[-1]["local_share"]  # higher threshold, fewer local steps
     path = tmp_path / "eval.png"
-    assert [p["local_share"] for p in report["sweep"]] == [1.0, 0.0]  # offsets past both ends
+    assert report["sweep"][0]["threshold_offset"] == 0.0  # HERA itself, then the offsets
+    assert [p["local_share"] for p in report["sweep"][1:]] == [1.0, 0.0]  # offsets past both ends
     plot(report, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
