@@ -95,3 +95,19 @@ def test_calibration_falls_back_to_all_cloud_when_nothing_is_safe():
     traces = [trace(f"t{i}", "val", 1.0, [0, 0], [0.0, 0.0]) for i in range(5)]
     kappa, est = calibrate(traces, random_predictor(), max_drop=0.0)
     assert est.local_share == 0.0 and est.accuracy == 1.0
+
+
+def test_training_on_a_dask_cluster_gives_a_working_predictor():
+    """`hera train --dask ADDRESS`: the same model through xgboost's Dask interface (LocalCluster)."""
+    from distributed import Client, LocalCluster
+
+    rng = np.random.default_rng(1)
+    traces = []
+    for i in range(60):
+        f0 = rng.normal(size=2)
+        traces.append(trace(f"t{i}", "train" if i < 40 else "val", 1.0, [int(x > 0) for x in f0], list(f0)))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        predictor, report = train(traces, num_rounds=20, dask_client=client)
+    assert report["auc_val"] > 0.9
+    assert predictor.predict(np.zeros((2, len(FEATURE_NAMES)), dtype=np.float32)).shape == (2,)
