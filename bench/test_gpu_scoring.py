@@ -15,9 +15,6 @@ Run: pytest bench/test_gpu_scoring.py --benchmark-only
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import numpy as np
 import pytest
 import xgboost as xgb
@@ -26,6 +23,7 @@ from hera_core import native
 from hera_core.forest import Forest
 from hera_core.gpu_scoring import score_batch_cpu, score_batch_device
 from hera_core.predictor import FEATURE_NAMES, STRUCTURE_FEATURE_NAMES
+from tests.factories import device_array_module, to_device
 
 if not native.cuda_available():
     pytest.skip("no CUDA device visible (or hera_core._native_cuda not built)", allow_module_level=True)
@@ -43,17 +41,7 @@ def batch_id(batch: int) -> str:
 @pytest.fixture(scope="module")
 def xp():
     """torch (CUDA build) or cupy, for the device copies of the inputs."""
-    for name in ("torch", "cupy"):
-        if importlib.util.find_spec(name) is not None:
-            module = importlib.import_module(name)
-            if name == "torch" and not module.cuda.is_available():
-                continue
-            return module
-    pytest.skip("needs torch (CUDA build) or cupy for device arrays")
-
-
-def to_device(xp, host: np.ndarray):
-    return xp.from_numpy(host).cuda() if xp.__name__ == "torch" else xp.asarray(host)
+    return device_array_module()
 
 
 @pytest.fixture(scope="module")

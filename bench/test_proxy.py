@@ -18,12 +18,12 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from hera_core.stack import free_port
+from tests.processes import wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
@@ -33,25 +33,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 BODY = {"model": "fake-model", "max_tokens": 8, "messages": [{"role": "user", "content": "ping"}]}
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"{proc.args[:3]} did not start")
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def upstream():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.fake_upstream", "--port", str(port)], cwd=ROOT)
-    _wait(f"http://127.0.0.1:{port}/v1/chat/completions", proc)
+    wait_for_http(f"http://127.0.0.1:{port}/v1/chat/completions", proc)
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait()
@@ -67,7 +53,7 @@ def hera(upstream, tmp_path_factory):
                    f'[server]\nport = {port}\nmax_concurrency = 4096\napi_keys = ["{KEY}"]\n')
     proc = subprocess.Popen([sys.executable, "-m", "hera_core.cli", "--config", str(cfg), "serve"], cwd=ROOT,
                             stdout=subprocess.DEVNULL)
-    _wait(f"http://127.0.0.1:{port}/healthz", proc)
+    wait_for_http(f"http://127.0.0.1:{port}/healthz", proc)
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait()
@@ -87,7 +73,7 @@ def litellm(upstream, tmp_path_factory):
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([str(LITELLM), "--config", str(cfg), "--port", str(port), "--num_workers", "1"],
                             cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait(f"http://127.0.0.1:{port}/health/liveliness", proc, timeout=180)
+    wait_for_http(f"http://127.0.0.1:{port}/health/liveliness", proc, timeout_s=180)
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait()

@@ -36,11 +36,7 @@ class Budget:
 
     def _seed(self, ledger: Ledger) -> None:
         day_start = calendar.timegm(time.strptime(self._day, "%Y-%m-%d"))
-        with ledger._lock:
-            rows = ledger._db.execute(
-                "SELECT session, SUM(cost_usd), SUM(CASE WHEN ts >= ? THEN cost_usd ELSE 0 END) "
-                "FROM subtasks WHERE route='cloud' GROUP BY session", (day_start,)).fetchall()
-        for session, total, today in rows:
+        for session, total, today in ledger.cloud_spend(since=day_start):
             self._session_spend[session] = total
             self._day_spend += today
 

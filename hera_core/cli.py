@@ -77,19 +77,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _tasks(args, families: list[str] | None):
+    """The user's JSONL tasks (--tasks-file), else the built-in families, of the chosen split."""
+    from .workloads import load_jsonl_tasks, make_tasks
+
+    if args.tasks_file:
+        return load_jsonl_tasks(args.tasks_file, split=args.split, seed=args.seed)
+    return make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=args.split)
+
+
 def cmd_profile(args) -> int:
     from .profiling import profile
     from .stack import open_engines
-    from .workloads import make_tasks
 
     settings = _settings(args)
-    if args.tasks_file:
-        from .workloads import load_jsonl_tasks
-
-        tasks = load_jsonl_tasks(args.tasks_file, split=args.split, seed=args.seed)
-    else:
-        families = args.families.split(",") if args.families else None
-        tasks = make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=args.split)
+    tasks = _tasks(args, args.families.split(",") if args.families else None)
 
     async def go():
         async with open_engines(settings, use_cache=True) as (local, cloud):
@@ -126,17 +128,10 @@ def cmd_eval(args) -> int:
     from .evaluation import Evaluator, estimated_curve, plot, render_report
     from .predictor import Predictor
     from .profiling import load_traces
-    from .workloads import make_tasks
 
     settings = _settings(args)
     traces = load_traces(args.traces)
-    if args.tasks_file:
-        from .workloads import load_jsonl_tasks
-
-        tasks = load_jsonl_tasks(args.tasks_file, split=args.split, seed=args.seed)
-    else:
-        families = sorted({t["family"] for t in traces})
-        tasks = make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=args.split)
+    tasks = _tasks(args, sorted({t["family"] for t in traces}))
     ids = {t["task_id"] for t in traces}
     tasks = [t for t in tasks if t.task_id in ids]
     if not tasks:
@@ -173,8 +168,7 @@ def cmd_eval(args) -> int:
             cache.close()
 
     report = asyncio.run(go())
-    report["curve_estimated"] = estimated_curve([t for t in traces if t["task_id"] in {x.task_id for x in tasks}],
-                                                predictor, report["methods"]["all_llm"])
+    report["curve_estimated"] = estimated_curve([t for t in traces if t["task_id"] in ids], predictor)
     report["prices"] = (f"cloud at {settings.prices.cloud_price_model} prices "
                         f"(${settings.prices.cloud_input_usd_per_mtok}/${settings.prices.cloud_output_usd_per_mtok} "
                         f"per 1M input/output tokens, {settings.prices.cloud_price_date})")

@@ -28,8 +28,8 @@ from .completion_cache import CompletionCache
 from .config import PriceSettings
 from .engines.base import Engine, Message
 from .features import logit_features
-from .harness import run_task
-from .predictor import Predictor, feature_matrix, structure_features
+from .harness import first_messages, run_task
+from .predictor import Kappa, Predictor, feature_matrix, structure_features
 from .workloads import Task
 
 MAX_TOKENS = 384  # the profile's completion limit: the same requests hit the same cache entries
@@ -221,12 +221,7 @@ async def evaluate(tasks: list[Task], traces: list[dict[str, Any]], ev: Evaluato
     all_llm_cost = sum(s.cloud_cost_usd for r in per_method["all_llm"] for s in r.steps)
     hera_share = summarize(per_method["hera"], all_llm_cost)["local_share"]
     per_method["random"] = await ev.run(RandomRouter(hera_share, seed), tasks, progress)
-    first = {}
-    for task, r in zip(tasks, per_method["all_llm"]):
-        from .harness import CODE_PROMPT, SYSTEM
-
-        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": CODE_PROMPT.format(question=task.question)}]
-        first[task.task_id] = await ev.p_local(msgs, 0)
+    first = {task.task_id: await ev.p_local(first_messages(task), 0) for task in tasks}
     counts = {r.task_id: len(r.steps) for r in per_method["all_llm"]}
     per_method["query_router"] = await ev.run(QueryRouter(query_threshold(first, counts, hera_share)), tasks, progress)
 
@@ -248,14 +243,14 @@ async def evaluate(tasks: list[Task], traces: list[dict[str, Any]], ev: Evaluato
     return report
 
 
-def estimated_curve(traces: list[dict[str, Any]], predictor: Predictor, all_llm: dict[str, Any]) -> list[dict[str, float]]:
+def estimated_curve(traces: list[dict[str, Any]], predictor: Predictor) -> list[dict[str, float]]:
     """HERA's cost/accuracy trade-off as the threshold sweeps, estimated from profiled labels."""
     from .training import estimate
 
     probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in traces]
     points = []
     for base in np.round(np.arange(0.0, 1.0201, 0.02), 2):
-        kappa = type(predictor.kappa)(float(base), predictor.kappa.per_step, predictor.kappa.max_steps)
+        kappa = Kappa(float(base), predictor.kappa.per_step, predictor.kappa.max_steps)
         est = estimate(traces, probs, kappa)
         points.append({"threshold_base": float(base), "accuracy": est.accuracy, "local_share": est.local_share})
     return points

@@ -75,9 +75,13 @@ def run_python(code: str, timeout_s: float = 5.0) -> tuple[bool, str]:
     return True, (out[:500] if out else "(nothing)")
 
 
+def first_messages(task: Task) -> list[Message]:
+    """The conversation a task starts from: the prompt of its first step."""
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": CODE_PROMPT.format(question=task.question)}]
+
+
 async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> Trajectory:
-    traj = Trajectory(task, messages=[{"role": "system", "content": SYSTEM},
-                                      {"role": "user", "content": CODE_PROMPT.format(question=task.question)}])
+    traj = Trajectory(task, messages=first_messages(task))
 
     async def step() -> str:
         text, route = await step_fn(traj.messages, len(traj.routes))

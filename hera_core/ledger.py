@@ -139,6 +139,13 @@ class Ledger:
                 "saving_usd": all_cloud - cost, "prompt_tokens": pt, "completion_tokens": ct,
                 "cached_tokens": cached}
 
+    def cloud_spend(self, since: float) -> list[tuple[str, float, float]]:
+        """Per session: (session, cloud USD all time, cloud USD since the unix time `since`)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT session, SUM(cost_usd), SUM(CASE WHEN ts >= ? THEN cost_usd ELSE 0 END) "
+                "FROM subtasks WHERE route='cloud' GROUP BY session", (since,)).fetchall()
+
     def sessions(self, run: str | None = None) -> list[dict[str, Any]]:
         where = " WHERE status='ok'" + (" AND run=?" if run else "")
         q = (f"SELECT session, COUNT(*), SUM(route='local'), SUM(cost_usd), SUM(cloud_cost_usd) FROM subtasks{where} "

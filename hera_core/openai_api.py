@@ -77,13 +77,15 @@ def error_from_exception(exc: HeraError) -> tuple[int, dict]:
 
 
 def completion_response(*, model: str, text: str, prompt_tokens: int, completion_tokens: int,
-                        finish_reason: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                        finish_reason: str, extra: dict[str, Any] | None = None, id: str | None = None,
+                        message_fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A chat.completion body; `message_fields` adds to the message (tool_calls from the cloud)."""
     body = {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "id": id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, **(message_fields or {})},
                      "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},

@@ -25,7 +25,8 @@ from aiohttp import web
 from .budget import Budget
 from .config import HeraSettings
 from .errors import HeraError, InvalidRequestError
-from .openai_api import ChatCompletionRequest, error_body, error_from_exception, parse_request
+from .openai_api import (ChatCompletionRequest, completion_response, error_body, error_from_exception,
+                         parse_request)
 from .policy import Decision, Override, Route
 from .runtime import Runtime, step_index
 
@@ -248,18 +249,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         metrics.cache_hit_rate.set(local_stats["reused_tokens"] / seen if seen else 0.0)
     if response is not None:
         return response
-    message: dict[str, Any] = {"role": "assistant", "content": gen.text}
-    message.update({k: v for k, v in (gen.extra.get("message") or {}).items() if k not in ("role", "content")})
-    finish = "tool_calls" if message.get("tool_calls") else gen.finish_reason
-    body = {
-        "id": f"chatcmpl-hera-{result.ledger_id}", "object": "chat.completion", "created": int(time.time()),
-        "model": gen.model, "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                  "total_tokens": gen.prompt_tokens + gen.completion_tokens},
-        "hera": {"route": route, "reason": result.decision.reason, "p_local": result.decision.p_local,
-                 "threshold": result.decision.threshold, "step": result.step, "session": session,
-                 "cost_usd": result.cost_usd, "cloud_cost_usd": result.cloud_cost_usd},
-    }
+    tool_fields = {k: v for k, v in (gen.extra.get("message") or {}).items() if k not in ("role", "content")}
+    body = completion_response(
+        model=gen.model, text=gen.text, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+        finish_reason="tool_calls" if tool_fields.get("tool_calls") else gen.finish_reason,
+        id=f"chatcmpl-hera-{result.ledger_id}", message_fields=tool_fields,
+        extra={"hera": {"route": route, "reason": result.decision.reason, "p_local": result.decision.p_local,
+                        "threshold": result.decision.threshold, "step": result.step, "session": session,
+                        "cost_usd": result.cost_usd, "cloud_cost_usd": result.cloud_cost_usd}})
     headers = _decision_headers(result.decision)
     headers["x-hera-cost-usd"] = f"{result.cost_usd:.8f}"
     headers["x-hera-session"] = session

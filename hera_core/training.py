@@ -68,13 +68,11 @@ def calibrate(traces: list[dict[str, Any]], predictor: Predictor, max_drop: floa
               per_step: float = 0.02, max_steps: int = 5) -> tuple[Kappa, PolicyEstimate]:
     probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32).reshape(-1, len(FEATURE_NAMES)))
              for t in traces]
-    best: tuple[Kappa, PolicyEstimate] | None = None
     for base in np.round(np.arange(0.05, 1.0001, 0.01), 2):  # low to high: first feasible keeps most local
         kappa = Kappa(float(base), per_step, max_steps)
         est = estimate(traces, probs, kappa)
         if est.accuracy >= est.llm_accuracy - max_drop:
             return kappa, est
-        best = best or (kappa, est)
     kappa = Kappa(1.01, per_step, max_steps)  # nothing meets the target: all cloud
     return kappa, estimate(traces, probs, kappa)
 

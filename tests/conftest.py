@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import hypothesis  # noqa: F401 - imported early: its plugin importing it at session end trips a
@@ -14,6 +12,7 @@ import pytest       # CPython 3.11.7 AST bug under pytest's rewriter ("recursion
 
 from hera_core.models import model_path
 from hera_core.stack import free_port
+from tests.processes import wait_for_http
 
 TINY = "smollm2-135m"  # plumbing tests: fast, real
 
@@ -33,18 +32,7 @@ def cloud_url(tiny_model_path) -> str:
     proc = subprocess.Popen([sys.executable, "-m", "hera_core.cli", "cloud-sim", "--model", TINY,
                              "--port", str(port), "--threads", "1", "--n-ctx", "2048"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("cloud-sim did not start")
-        time.sleep(0.2)
+    wait_for_http(f"http://127.0.0.1:{port}/healthz", proc)
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait(timeout=10)

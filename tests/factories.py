@@ -28,3 +28,23 @@ def trace(task_id: str, split: str, llm_correct: float, labels: list[int], probs
         feats[3] = float(k)
         steps.append({"step": k, "features": feats, "label": label})
     return {"task_id": task_id, "family": "f", "split": split, "llm_correct": llm_correct, "steps": steps}
+
+
+def device_array_module():
+    """torch (CUDA build) or cupy for device copies of test inputs, else skip the caller."""
+    import importlib
+    import importlib.util
+
+    import pytest
+
+    for name in ("torch", "cupy"):
+        if importlib.util.find_spec(name) is not None:
+            module = importlib.import_module(name)
+            if name == "torch" and not module.cuda.is_available():
+                continue
+            return module
+    pytest.skip("needs torch (CUDA build) or cupy for device arrays")
+
+
+def to_device(xp, host: np.ndarray):
+    return xp.from_numpy(host).cuda() if xp.__name__ == "torch" else xp.asarray(host)

@@ -94,7 +94,7 @@ def test_offline_miss_is_an_error(profiled, tmp_path):
 
 def test_plot_and_estimated_curve(profiled, tmp_path):
     tmp, _, report = profiled
-    curve = estimated_curve(load_traces(tmp / "traces.jsonl"), random_predictor(), report["methods"]["all_llm"])
+    curve = estimated_curve(load_traces(tmp / "traces.jsonl"), random_predictor())
     assert curve[0]["local_share"] >= curve[-1]["local_share"]  # higher threshold, fewer local steps
     path = tmp_path / "eval.png"
     assert report["sweep"][0]["threshold_offset"] == 0.0  # HERA itself, then the offsets

@@ -31,6 +31,7 @@ from hera_core.forest import Forest
 from hera_core.gpu_scoring import (device_matrix, score_batch_cpu, score_batch_device,
                                    structure_matrix)
 from hera_core.predictor import FEATURE_NAMES, STRUCTURE_FEATURE_NAMES, Predictor, feature_matrix
+from tests.factories import device_array_module, to_device
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ROOT / "engines"
@@ -234,17 +235,7 @@ def device_arrays():
     """torch or cupy with a CUDA device, else skip."""
     if not native.cuda_available():
         pytest.skip("no CUDA device visible (or hera_core._native_cuda not built)")
-    for name in ("torch", "cupy"):
-        if importlib.util.find_spec(name) is not None:
-            module = importlib.import_module(name)
-            if name == "torch" and not module.cuda.is_available():
-                continue
-            return module
-    pytest.skip("needs torch (CUDA build) or cupy for device arrays")
-
-
-def to_device(xp, host: np.ndarray):
-    return xp.from_numpy(host).cuda() if xp.__name__ == "torch" else xp.asarray(host)
+    return device_array_module()
 
 
 def to_host(xp, dev) -> np.ndarray:

@@ -32,6 +32,7 @@ from hera_core.server import create_app
 from hera_core.stack import free_port
 from tests.conftest import TINY, ServerThread, run
 from tests.fake_upstream import FakeUpstream
+from tests.processes import wait_for_http
 from tests.factories import random_predictor
 
 pytestmark = pytest.mark.reliability
@@ -274,14 +275,7 @@ def test_kill_9_loses_no_answered_subtask_and_leaves_no_half_row(tiny_model_path
     proc = subprocess.Popen([sys.executable, "-m", "hera_core.cli", "--config", str(cfg), "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.2)
+    wait_for_http(url + "/healthz", proc)
     answered, errors = [], 0
     import aiohttp
 

@@ -25,7 +25,6 @@ one its local decode continues from: no second prefill when the step stays local
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -333,8 +332,3 @@ class LlamaCppEngine(Engine):
             self._model.close()
             self._ctx = None
 
-
-def default_threads() -> int:
-    """One thread per engine unless HERA_THREADS says otherwise: on 2 shared cores llama.cpp's
-    spin-waiting workers stall each other (measured: 2 threads 36-41 prompt tok/s, 1 thread 218-229)."""
-    return max(1, int(os.environ.get("HERA_THREADS", "1")))
