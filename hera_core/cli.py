@@ -156,13 +156,13 @@ def cmd_eval(args) -> int:
         try:
             if args.offline:
                 slm, llm = CachingEngine(_Offline(settings.local.model), cache), CachingEngine(_Offline(settings.cloud.model), cache)
-                return await _run_eval(tasks, traces, Evaluator(slm, llm, predictor, cache, settings.prices,
+                return await _run_eval(tasks, Evaluator(slm, llm, predictor, cache, settings.prices,
                                                                 settings.local.model), args)
             from .stack import open_engines
 
             async with open_engines(settings) as (local, cloud):
                 slm, llm = CachingEngine(local, cache), CachingEngine(cloud, cache)
-                return await _run_eval(tasks, traces, Evaluator(slm, llm, predictor, cache, settings.prices,
+                return await _run_eval(tasks, Evaluator(slm, llm, predictor, cache, settings.prices,
                                                                 settings.local.model), args)
         finally:
             cache.close()
@@ -186,7 +186,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-async def _run_eval(tasks, traces, ev, args):
+async def _run_eval(tasks, ev, args):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .evaluation import evaluate
@@ -194,8 +194,8 @@ async def _run_eval(tasks, traces, ev, args):
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), disable=args.json) as bar:
         sweep = tuple(float(x) for x in args.sweep.split(",")) if args.sweep else ()
-        job = bar.add_task("eval", total=(5 + len(sweep)) * len(tasks))
-        return await evaluate(tasks, traces, ev, seed=args.seed, progress=lambda: bar.advance(job), sweep=sweep)
+        job = bar.add_task("eval", total=(6 + len(sweep)) * len(tasks))
+        return await evaluate(tasks, ev, seed=args.seed, progress=lambda: bar.advance(job), sweep=sweep)
 
 
 class _Offline:

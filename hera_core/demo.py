@@ -11,14 +11,14 @@ from .harness import run_task
 from .ledger import Ledger
 from .policy import Override
 from .stack import open_runtime
-from .workloads import FAMILIES, make_tasks
+from .workloads import REASONING_GYM, make_tasks
 
 
 async def run_demo(settings: HeraSettings, n_tasks: int = 16, *, seed: int = 0, progress: bool = True,
                    use_cache: bool = True) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    families = list(FAMILIES)
+    families = list(REASONING_GYM)  # the quick families: HumanEval and MMLU are in `hera eval`
     tasks = make_tasks(families, per_family=math.ceil(n_tasks / len(families)), seed=seed, split="test")[:n_tasks]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = {"hera": f"demo-{stamp}-hera", "all_cloud": f"demo-{stamp}-all-cloud"}

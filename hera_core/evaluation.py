@@ -6,8 +6,10 @@ Methods (a tiny base class and a registry, so lists of names come from here):
   random              per step local with probability = HERA's measured local share (seeded)
   query_router        one decision per task from the predictor's score of its first step
                       (HybridLLM-style), thresholded so its local share of steps matches HERA's
-  oracle              estimated from profiled labels: local exactly where handing that single step
-                      to the SLM kept the task correct (accuracy assumes those choices compose)
+  oracle              run, with lookahead: at each step, local exactly when finishing the task on
+                      the LLM after this step on the SLM ends at least as correct as with the LLM
+                      here too (the profile's substitution label, computed on the oracle's own
+                      trajectory, so its choices compose)
 
 Every model call goes through the completion cache (greedy outputs are deterministic) and every
 SLM prefill's features through its feature cache, so `--offline` replays a committed run with no
@@ -113,7 +115,18 @@ class QueryRouter(Method):
         return self._decision[task.task_id]
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, Hera, RandomRouter, QueryRouter)}
+class Oracle(Method):
+    """Per step: the cheaper model whenever it costs the task nothing, known by playing the task out."""
+
+    name = "oracle"
+
+    async def route(self, task, step, messages, ev):
+        local = await ev.rollout(task, messages, step, "local")
+        cloud = await ev.rollout(task, messages, step, "cloud")
+        return "local" if local >= cloud else "cloud"
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, Hera, RandomRouter, QueryRouter, Oracle)}
 METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "hera", "oracle")
 
 
@@ -135,6 +148,19 @@ class Evaluator:
         X = feature_matrix(np.asarray([feats["logit"]], dtype=np.float32),
                            [structure_features(step, feats["prompt_tokens"], messages)])
         return float(self.predictor.predict(X)[0])
+
+    async def rollout(self, task: Task, messages: list[Message], step: int, route: str) -> float:
+        """Correctness of `task` when the steps before `step` replay the assistant turns in
+        `messages`, step `step` runs on `route` and every later step on the LLM."""
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+
+        async def step_fn(msgs, k):
+            if k < step:
+                return replies[k], "replay"
+            engine = self.slm if k == step and route == "local" else self.llm
+            return (await engine.generate(msgs, max_tokens=MAX_TOKENS)).text, route
+
+        return (await run_task(task, step_fn)).correct
 
     async def run(self, method: Method, tasks: list[Task], progress=None) -> list[TaskResult]:
         out = []
@@ -178,28 +204,6 @@ def summarize(results: list[TaskResult], all_llm_cloud_cost: float) -> dict[str,
             "mean_latency_s": float(np.mean([sum(s.latency_s for s in r.steps) for r in results])) if results else math.nan}
 
 
-def oracle_summary(traces: list[dict[str, Any]], all_llm: list[TaskResult]) -> dict[str, Any]:
-    """Estimated from labels on the LLM's own trajectories (see module docstring)."""
-    by_id = {r.task_id: r for r in all_llm}
-    acc, local, steps, cloud, total = [], 0, 0, 0.0, 0.0
-    for t in traces:
-        r = by_id.get(t["task_id"])
-        if r is None:
-            continue
-        acc.append(t["llm_correct"])
-        for s, rec in zip(t["steps"], r.steps):
-            steps += 1
-            total += rec.all_cloud_cost_usd
-            if s["label"] == 1:
-                local += 1
-            else:
-                cloud += rec.all_cloud_cost_usd
-    lo, hi = bootstrap_ci(acc)
-    return {"tasks": len(acc), "accuracy": float(np.mean(acc)) if acc else math.nan, "accuracy_ci95": [lo, hi],
-            "local_share": local / max(1, steps), "subtasks": steps, "cloud_cost_usd": cloud,
-            "cost_ratio": cloud / total if total else math.nan, "mean_latency_s": math.nan, "estimated": True}
-
-
 def query_threshold(scores: dict[str, float], step_counts: dict[str, int], share: float) -> float:
     """Threshold on first-step scores whose local tasks hold `share` of all steps."""
     total = sum(step_counts.values())
@@ -212,7 +216,7 @@ def query_threshold(scores: dict[str, float], step_counts: dict[str, int], share
     return -1.0  # everything local
 
 
-async def evaluate(tasks: list[Task], traces: list[dict[str, Any]], ev: Evaluator, *, seed: int = 0,
+async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
                    progress=None, sweep: tuple[float, ...] = ()) -> dict[str, Any]:
     """Every method on `tasks`; `sweep` adds live HERA runs with these threshold offsets."""
     per_method: dict[str, list[TaskResult]] = {}
@@ -224,11 +228,11 @@ async def evaluate(tasks: list[Task], traces: list[dict[str, Any]], ev: Evaluato
     first = {task.task_id: await ev.p_local(first_messages(task), 0) for task in tasks}
     counts = {r.task_id: len(r.steps) for r in per_method["all_llm"]}
     per_method["query_router"] = await ev.run(QueryRouter(query_threshold(first, counts, hera_share)), tasks, progress)
+    per_method["oracle"] = await ev.run(Oracle(), tasks, progress)
 
     report: dict[str, Any] = {"methods": {}, "families": {}}
     for name, results in per_method.items():
         report["methods"][name] = summarize(results, all_llm_cost)
-    report["methods"]["oracle"] = oracle_summary(traces, per_method["all_llm"])
     for family in sorted({t.family for t in tasks}):
         fam_llm = sum(s.cloud_cost_usd for r in per_method["all_llm"] if r.family == family for s in r.steps)
         report["families"][family] = {name: summarize([r for r in results if r.family == family], fam_llm)

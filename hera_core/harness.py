@@ -1,21 +1,24 @@
 """The agent harness: a multi-step agent with a Python tool, one chat call per step.
 
-Step 0 asks for a short program that prints the answer (code is the strength of the Qwen2.5-Coder
-models); the harness runs it in a sandboxed subprocess and sends back its output; if it failed,
-one repair step; the last step asks for the final answer as `ANSWER: <answer>`. The conversation
-grows step by step, so every step resends the whole prefix (what the KV cache reuses).
+By the task's kind:
+- compute: step 0 asks for a short program that prints the answer (code is the strength of the
+  Qwen2.5-Coder models); the harness runs it in the sandbox and sends back its output; if it
+  failed, one repair step; the last step asks for the final answer as `ANSWER: <answer>`.
+- code (HumanEval): step 0 writes the function; the harness runs the examples of the task's
+  docstring against it (never the hidden tests) and, if one fails, asks for one fix.
+- choice (MMLU): step 0 reasons briefly about the options, step 1 answers with a letter.
+The conversation grows step by step, so every step resends the whole prefix (what the KV cache
+reuses).
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .engines.base import Message
+from .sandbox import run_python
 from .workloads import Task
 
 SYSTEM = ("You are a careful problem solver with a Python tool. Keep answers short. "
@@ -55,29 +58,63 @@ def extract_answer(text: str) -> str | None:
     return m.group(1).strip().strip("`").strip()
 
 
-def run_python(code: str, timeout_s: float = 5.0) -> tuple[bool, str]:
-    """Run model-written code in an isolated subprocess (no site, no env, temp cwd, time limit)."""
-    def limits() -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-        resource.setrlimit(resource.RLIMIT_CPU, (int(timeout_s), int(timeout_s)))
-
-    with tempfile.TemporaryDirectory(prefix="hera-tool-") as cwd:
-        try:
-            proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=cwd, capture_output=True, text=True,
-                                  timeout=timeout_s, env={}, preexec_fn=limits)
-        except subprocess.TimeoutExpired:
-            return False, f"timed out after {timeout_s:.0f}s"
-    if proc.returncode != 0:
-        return False, (proc.stderr.strip().splitlines() or ["error"])[-1][:300]
-    out = proc.stdout.strip()
-    return True, (out[:500] if out else "(nothing)")
+FUNCTION_PROMPT = ("Complete this Python function. Reply with one ```python code block that contains the whole "
+                   "function and its imports.\n\n```python\n{question}```")
+EXAMPLES_FAIL = "Running the examples from the docstring failed:\n{output}\nFix the function. Reply with one ```python code block."
+CHOICE_PROMPT = "{question}\n\nWhich option is correct? Think it through in at most three short sentences."
+CHOICE_FINAL = "Reply with only the letter of the correct option, as: ANSWER: <letter>"
 
 
 def first_messages(task: Task) -> list[Message]:
     """The conversation a task starts from: the prompt of its first step."""
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": CODE_PROMPT.format(question=task.question)}]
+    prompt = {"code": FUNCTION_PROMPT, "choice": CHOICE_PROMPT}.get(task.kind, CODE_PROMPT)
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt.format(question=task.question)}]
+
+
+# Lines such as `f(1, 2) == 3` or `f(1) ➞ 3` in docstrings that do not use the doctest format.
+_EXAMPLE_RE = re.compile(r"^\s*(?:>>>\s*)?([A-Za-z_]\w*\(.*\))\s*(?:==>|==|➞|=>|->|returns|should return)\s*(.+?)\s*$")
+
+
+def docstring_examples(task: Task) -> list[tuple[str, str]]:
+    """(call, expected) pairs from the task's docstring: doctest examples, else `call == value` lines."""
+    import doctest
+
+    entry = task.entry.get("entry_point", "")
+    examples = [(e.source.strip(), e.want.strip()) for e in doctest.DocTestParser().get_examples(task.question)
+                if e.want.strip()]
+    if not examples:
+        for line in task.question.splitlines():
+            m = _EXAMPLE_RE.match(line)
+            if m and m.group(1).startswith(entry + "("):
+                examples.append((m.group(1), m.group(2).rstrip(".")))
+    return examples
+
+
+_EXAMPLE_RUNNER = """
+_fails = []
+for _call, _want in _EXAMPLES:
+    try:
+        _expected = eval(_want)
+    except Exception:
+        continue  # prose such as "19 - 5 - 6 = 8": not checkable
+    try:
+        _got = eval(_call)
+    except Exception as _e:
+        _got = f"{type(_e).__name__}: {_e}"
+    if _got != _expected:
+        _fails.append(f"{_call} returned {_got!r}, expected {_want}")
+if _fails:
+    raise AssertionError("; ".join(_fails[:2]))
+print("ok")
+"""
+
+
+def check_examples(task: Task, code: str) -> tuple[bool, str]:
+    """Run the docstring's examples against the model's function, in the sandbox."""
+    from .workloads import humaneval_program
+
+    program = humaneval_program(task.entry, code) + "\n\n_EXAMPLES = " + repr(docstring_examples(task)) + _EXAMPLE_RUNNER
+    return run_python(program, timeout_s=10.0)
 
 
 async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> Trajectory:
@@ -88,6 +125,27 @@ async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> T
         traj.routes.append(route)
         traj.messages.append({"role": "assistant", "content": text})
         return text
+
+    if task.kind == "choice":
+        await step()
+        traj.messages.append({"role": "user", "content": CHOICE_FINAL})
+        text = await step()
+        traj.answer = extract_answer(text) or text.strip() or None
+        traj.correct = task.score(traj.answer)
+        return traj
+    if task.kind == "code":
+        for attempt in range(max_code_attempts):
+            text = await step()
+            code = extract_code(text) or text
+            traj.answer = code
+            if attempt == max_code_attempts - 1:
+                break
+            ok, output = check_examples(task, code)
+            if ok:
+                break
+            traj.messages.append({"role": "user", "content": EXAMPLES_FAIL.format(output=output)})
+        traj.correct = task.score(traj.answer)
+        return traj
 
     for attempt in range(max_code_attempts):
         text = await step()

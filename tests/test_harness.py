@@ -1,6 +1,6 @@
 import pytest
 
-from hera_core.harness import extract_answer, extract_code, run_python, run_task
+from hera_core.harness import docstring_examples, extract_answer, extract_code, run_python, run_task
 from hera_core.workloads import FAMILIES, make_tasks, normalize_answer, split_of
 from tests.conftest import run
 
@@ -59,6 +59,87 @@ def test_harness_runs_tool_then_final_step_with_a_scripted_model():
     assert traj.routes == ["cloud", "local"]
     assert calls[1][-2:] == ["assistant", "user"]  # the tool output came back as a user turn
     assert traj.correct == 1.0, (traj.answer, task.answer)
+
+
+def test_tool_has_no_network():
+    ok, out = run_python("import socket; socket.create_connection(('127.0.0.1', 9))")
+    assert not ok and "network access is disabled" in out
+    ok, out = run_python("x = (1,\n")
+    assert not ok and "SyntaxError" in out  # reported with the program's own line numbers
+
+
+def test_humaneval_scorer_runs_the_tests_out_of_process():
+    tasks = make_tasks(["humaneval"], per_family=4, seed=0, split="test")
+    assert len(tasks) == 4 and all(t.kind == "code" and t.family == "humaneval" for t in tasks)
+    for task in tasks:
+        solution = task.entry["prompt"] + task.entry["canonical_solution"]
+        assert task.score(f"```python\n{solution}```") == 1.0
+        assert task.score(task.answer) == 1.0  # a bare body completes the prompt
+        assert task.score(f"def {task.entry['entry_point']}(*args):\n    return None\n") == 0.0
+        # Exit status 0 alone is not a pass: the tests must have run to the end.
+        assert task.score("import os\nos._exit(0)") == 0.0
+
+
+def test_humaneval_tests_never_run_in_this_process(monkeypatch):
+    import hera_core.sandbox as sandbox
+
+    seen = []
+    real = sandbox.run_python
+    monkeypatch.setattr(sandbox, "run_python", lambda code, **kw: seen.append(code) or real(code, **kw))
+    task = make_tasks(["humaneval"], per_family=1, seed=0, split="test")[0]
+    assert task.score(task.answer) == 1.0 and seen and f"check({task.entry['entry_point']})" in seen[0]
+
+
+def test_mmlu_tasks_and_letter_scorer():
+    tasks = make_tasks(["mmlu"], per_family=5, seed=0, split="test")
+    assert len(tasks) == 5 and all(t.kind == "choice" and t.answer in "ABCD" for t in tasks)
+    task = tasks[0]
+    assert "\nA. " in task.question and "\nD. " in task.question
+    wrong = next(x for x in "ABCD" if x != task.answer)
+    assert task.score(task.answer) == 1.0 and task.score(f"({task.answer.lower()})") == 1.0
+    assert task.score(f"{task.answer}. because ...") == 1.0
+    assert task.score(wrong) == 0.0 and task.score("I am not sure") == 0.0
+
+
+def test_harness_code_kind_checks_docstring_examples_then_asks_for_a_fix():
+    def checkable(task):
+        try:
+            return any(eval(want) is not None for _, want in docstring_examples(task))
+        except Exception:
+            return False
+
+    task = next(t for t in make_tasks(["humaneval"], per_family=10, seed=0, split="train") if checkable(t))
+    name = task.entry["entry_point"]
+    replies = [f"```python\ndef {name}(*args):\n    return None\n```",
+               f"```python\n{task.entry['prompt']}{task.entry['canonical_solution']}```"]
+
+    async def model(messages, step):
+        return replies[step], "local"
+
+    traj = run(run_task(task, model))
+    assert traj.routes == ["local", "local"] and traj.correct == 1.0
+    assert "Running the examples from the docstring failed" in traj.messages[3]["content"]
+    assert "returned None" in traj.messages[3]["content"]
+
+    async def right_first(messages, step):
+        return replies[1], "cloud"
+
+    traj = run(run_task(task, right_first))
+    assert traj.routes == ["cloud"] and traj.correct == 1.0  # examples pass: no second step
+
+
+def test_harness_choice_kind_reasons_then_answers():
+    task = make_tasks(["mmlu"], per_family=1, seed=0, split="test")[0]
+
+    async def model(messages, step):
+        if step == 0:
+            assert "Which option is correct?" in messages[-1]["content"]
+            return "Option analysis.", "cloud"
+        assert "ANSWER: <letter>" in messages[-1]["content"]
+        return f"ANSWER: {task.answer}", "local"
+
+    traj = run(run_task(task, model))
+    assert traj.routes == ["cloud", "local"] and traj.correct == 1.0
 
 
 def test_user_tasks_from_jsonl(tmp_path):
