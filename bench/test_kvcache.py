@@ -9,7 +9,9 @@
 
 extra_info: prefill_tokens (evaluated), ideal_prefill_tokens (new tokens only), ttft_s_steps3plus
 (mean time to first token of steps 3 and later), rss_growth_mb (RSS after minus before, engine
-creation included), outputs_sha (to check that greedy outputs are token-identical).
+creation included), outputs_sha (to check that greedy outputs are token-identical). All three
+use the same threads and the same attention kernel (flash attention on; llama-cpp-python's Llama
+defaults to off, which alone changes greedy outputs).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class _Plain:
         from llama_cpp import Llama, LlamaRAMCache
 
         self.llm = Llama(model_path=str(path), n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS,
-                         n_batch=512, verbose=False)
+                         n_batch=512, flash_attn=True, verbose=False)  # as ours: the setting changes outputs
         if ramcache:
             self.llm.set_cache(LlamaRAMCache(capacity_bytes=64 << 30))
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter

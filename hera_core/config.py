@@ -37,6 +37,7 @@ class LocalSettings(_Strict):
     kv_block_tokens: int = Field(16, ge=1, le=4096, description="block size of the KV radix index, tokens")
     kv_budget_tokens: int | None = Field(None, ge=1, description="cap on cached KV, tokens (default: all slots' cells)")
     kv_unified: bool = Field(False, description="one KV pool for all slots: shared prefixes stored once, slower attention")
+    flash_attn: bool = Field(True, description="llama.cpp fused attention (faster prefill on CPU)")
 
     @model_validator(mode="after")
     def _budget_holds_a_block(self) -> "LocalSettings":

@@ -60,10 +60,15 @@ class LlamaCppEngine(Engine):
     def __init__(self, model_path: str | Path, *, name: str | None = None, n_ctx: int = 4096,
                  n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512,
                  n_slots: int = 8, block_size: int = 16, kv_budget_bytes: int | None = None,
-                 kv_budget_tokens: int | None = None, kv_unified: bool = False, n_gpu_layers: int = -1) -> None:
+                 kv_budget_tokens: int | None = None, kv_unified: bool = False, n_gpu_layers: int = -1,
+                 flash_attn: bool = True) -> None:
         """n_ctx: the longest prompt + completion of one subtask, tokens (also each slot's size).
         n_slots: sequences kept in the KV cache at once. kv_budget_bytes: cap on the KV bytes the
-        index keeps cached, counting a shared prefix block once (default: all slots' cells)."""
+        index keeps cached, counting a shared prefix block once (default: all slots' cells).
+        flash_attn: llama.cpp's fused attention (faster prefill here). Set explicitly because
+        llama.cpp's "auto" depends on the build, and the setting changes greedy outputs: compare
+        engines only with the same setting. Even then llama.cpp's CPU kernels round differently
+        for different batch splits, so a reused prefix can flip a near-tie (tests/test_kvcache.py)."""
         import llama_cpp
         from llama_cpp import _internals as internals
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -92,6 +97,7 @@ class LlamaCppEngine(Engine):
         cparams.n_ubatch = min(n_batch, 512)
         cparams.n_seq_max = n_slots
         cparams.kv_unified = kv_unified
+        cparams.flash_attn_type = 1 if flash_attn else 0  # explicit: "auto" may differ by build
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads_batch or n_threads
         self._ctx = internals.LlamaContext(model=self._model, params=cparams, verbose=False)
