@@ -81,6 +81,8 @@ class PriceSettings(_Strict):
 class PolicySettings(_Strict):
     predictor_path: str | None = Field(None, description="predictor file from `hera train`; default: the shipped one")
     threshold_offset: float = Field(0.0, ge=-1, le=1, description="added to kappa(step): >0 keeps more steps in the cloud")
+    hot_prefix_discount: float = Field(0.0, ge=0, le=1, description="kappa is lowered by this times the share of the "
+                                       "prompt already in the device's KV cache (a hot prefix makes the local step cheap)")
 
 
 class ServerSettings(_Strict):

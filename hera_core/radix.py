@@ -319,3 +319,37 @@ def RadixIndex(block_size: int, bytes_per_token: int, byte_budget: int, max_slot
         if hasattr(mod, "RadixIndex"):
             return mod.RadixIndex(block_size, bytes_per_token, byte_budget, max_slots)
     return PyRadixIndex(block_size, bytes_per_token, byte_budget, max_slots)
+
+
+class HotPrefixTracker:
+    """The radix index as a routing signal rather than storage: which prompt prefixes an engine
+    that manages its own KV reuse (TensorRT-LLM block reuse) probably still holds on the device.
+
+    Records the token ids of every request sent (`served`) under an LRU token budget sized like
+    the device cache, and answers, before a request runs, how much of its prompt is hot (`hot`).
+    It mirrors, not controls: the engine may have evicted a block the tracker still lists.
+    Conversations are tracked as index slots: a prompt that extends a slot's whole sequence
+    continues that slot, any other takes the least recently used one.
+    """
+
+    def __init__(self, block_size: int, budget_tokens: int, conversations: int = 64) -> None:
+        if budget_tokens < block_size:
+            raise ValueError(f"budget_tokens ({budget_tokens}) is smaller than one block ({block_size})")
+        self.block_size = block_size
+        self._index = RadixIndex(block_size, 1, budget_tokens, conversations)
+        self._last_used = [0] * conversations
+        self._clock = 0
+
+    def hot(self, tokens: Sequence[int]) -> int:
+        """Leading tokens of `tokens` in recently served prompts (block-aligned)."""
+        return self._index.match(np.asarray(tokens, dtype=np.int32))[0]
+
+    def served(self, tokens: Sequence[int]) -> None:
+        key = np.asarray(tokens, dtype=np.int32)
+        matched, holder = self._index.match(key)
+        if holder < 0 or matched < self._index.slot_blocks(holder) * self.block_size:
+            holder = min(range(len(self._last_used)), key=self._last_used.__getitem__)
+            self._index.truncate(holder, 0)
+        self._clock += 1
+        self._last_used[holder] = self._clock
+        self._index.insert(key, holder)

@@ -44,7 +44,8 @@ def step_index(messages: list[Message]) -> int:
 class Runtime:
     def __init__(self, local: Engine, cloud: Engine, predictor: Predictor, ledger: Ledger,
                  prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
-                 max_tokens: int = 512, budget: "Budget | None" = None, fallback: str = "local") -> None:
+                 max_tokens: int = 512, budget: "Budget | None" = None, fallback: str = "local",
+                 hot_prefix_discount: float = 0.0) -> None:
         self.local = local
         self.cloud = cloud
         self.predictor = predictor
@@ -55,6 +56,9 @@ class Runtime:
         self.max_tokens = max_tokens
         self.budget = budget  # cloud spend caps; None = unlimited
         self.fallback = fallback  # cloud failed: "local" serves the step on the SLM, "fail" raises
+        # A prompt whose prefix is already in the device's KV cache is cheap to finish locally:
+        # kappa is lowered by this much times the share of the prompt that was cached.
+        self.hot_prefix_discount = hot_prefix_discount
 
     async def score(self, messages: list[Message], step: int):
         """SLM prefill + features + predictor for one subtask: (p_local, threshold, prefill)."""
@@ -62,7 +66,8 @@ class Runtime:
         X = feature_matrix(logit_features(pre.logits[None, :]),
                            [structure_features(step, pre.prompt_tokens, messages)])
         p = float(self.predictor.predict(X)[0])
-        return p, self.predictor.kappa(step) + self.threshold_offset, pre
+        hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
+        return p, self.predictor.kappa(step) + self.threshold_offset - self.hot_prefix_discount * hot, pre
 
     async def complete(self, messages: list[Message], *, session: str, step: int | None = None,
                        max_tokens: int | None = None, stop: list[str] | None = None,

@@ -122,7 +122,7 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
         try:
             yield Runtime(local, cloud, predictor, ledger, settings.prices, run=run,
                           threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens,
-                          fallback=settings.cloud.fallback)
+                          fallback=settings.cloud.fallback, hot_prefix_discount=settings.policy.hot_prefix_discount)
         finally:
             ledger.close()
 

@@ -100,9 +100,28 @@ def test_tensorrt_engine_checks_its_arguments_first() -> None:
     from hera_core.engines.tensorrt import TensorRTLLMEngine
 
     for kwargs in ({"n_ctx": 8}, {"max_batch_size": 0}, {"free_gpu_memory_fraction": 0.0},
-                   {"tokens_per_block": 0}, {"logits_source": "hidden"}):
+                   {"tokens_per_block": 0}, {"logits_source": "hidden"},
+                   {"tokens_per_block": 32, "hot_prefix_tokens": 16}):
         with pytest.raises(InvalidRequestError):
             TensorRTLLMEngine("/models/x", **kwargs)
+
+
+def test_tensorrt_reused_tokens_come_from_its_metrics_else_the_hot_prefix_index() -> None:
+    """Routing signal of the TensorRT-LLM engine (logic only; the engine itself needs a GPU)."""
+    from types import SimpleNamespace
+
+    from hera_core.engines.tensorrt import TensorRTLLMEngine
+
+    eng = TensorRTLLMEngine.__new__(TensorRTLLMEngine)
+    eng.tokens_per_block = 32
+
+    def out(metrics):
+        return SimpleNamespace(outputs=[SimpleNamespace(request_perf_metrics=metrics)])
+
+    with_metrics = out(SimpleNamespace(kv_cache_metrics=SimpleNamespace(num_reused_blocks=3)))
+    assert eng._cached_tokens(with_metrics, 500, hot=64) == 96  # TensorRT-LLM's own count wins
+    assert eng._cached_tokens(with_metrics, 50, hot=64) == 50  # never more than the prompt
+    assert eng._cached_tokens(out(None), 500, hot=64) == 64  # no metrics: the index's estimate
 
 
 def test_importing_the_gpu_modules_loads_no_gpu_library() -> None:

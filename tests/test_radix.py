@@ -469,3 +469,23 @@ def test_token_inputs_agree(backend: str) -> None:
     idx.insert(toks(1, 2, 3, 4), 0)
     assert idx.match([1, 2, 3, 4]) == idx.match((1, 2, 3, 4)) == idx.match([np.int64(1), 2, 3, 4]) == (4, 0)
     assert idx.match(np.array([], dtype=np.int32)) == (0, -1) == idx.match([])
+
+
+def test_hot_prefix_tracker_mirrors_served_prompts_under_its_budget():
+    from hera_core.radix import HotPrefixTracker
+
+    t = HotPrefixTracker(block_size=4, budget_tokens=64, conversations=2)
+    a = list(range(100, 120))
+    b = list(range(100, 108)) + list(range(300, 312))  # shares a's first two blocks
+    assert t.hot(a) == 0
+    t.served(a)
+    assert t.hot(a) == 20 and t.hot(a + [1, 2, 3, 4]) == 20 and t.hot(b) == 8
+    t.served(b)  # a second conversation: a stays hot
+    assert t.hot(a) == 20 and t.hot(b) == 20
+    t.served(a + [7, 7, 7, 7])  # the next step of a continues its conversation
+    assert t.hot(a + [7, 7, 7, 7]) == 24
+    c = list(range(500, 540))
+    t.served(c)  # past two conversations: the least recently used (b) goes, its shared prefix stays
+    assert t.hot(c) == 40 and t.hot(a) == 20 and t.hot(b) == 8
+    with pytest.raises(ValueError, match="smaller than one block"):
+        HotPrefixTracker(block_size=16, budget_tokens=8)

@@ -69,3 +69,22 @@ def test_step_index_counts_assistant_turns():
     msgs = [{"role": "system", "content": ""}, {"role": "user", "content": "a"},
             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     assert step_index(msgs) == 1 and step_index(msgs[:2]) == 0
+
+
+def test_hot_prefix_lowers_the_threshold_by_the_cached_share(runtime):
+    """policy.hot_prefix_discount: a step whose prompt is mostly in the SLM's KV cache gets a
+    lower kappa (finishing it locally costs little), in proportion to the cached share."""
+    runtime.hot_prefix_discount = 0.5
+    kappa = runtime.predictor.kappa(1)
+    conv = [{"role": "system", "content": "You are a terse assistant number 4711. " * 12},
+            {"role": "user", "content": "Say hi."}]
+    _, cold, pre_cold = run(runtime.score(conv, 1))
+    assert cold == pytest.approx(kappa - 0.5 * pre_cold.cached_tokens / pre_cold.prompt_tokens)
+    conv += [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Again."}]
+    _, hot, pre_hot = run(runtime.score(conv, 1))
+    share = pre_hot.cached_tokens / pre_hot.prompt_tokens
+    assert share > 0.8 and hot == pytest.approx(kappa - 0.5 * share) and hot < cold
+    result = run(runtime.complete(conv, session="hot", step=1, max_tokens=4))
+    assert result.decision.threshold < kappa  # the discount reaches the routing decision
+    runtime.hot_prefix_discount = 0.0
+    assert run(runtime.score(conv, 1))[1] == pytest.approx(kappa)

@@ -60,6 +60,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import ConfigError, HeraError, InvalidRequestError
+from ..radix import HotPrefixTracker
 from .base import Engine, Generation, Message, Prefill, check_context
 
 INSTALL_HINT = (
@@ -110,13 +111,16 @@ class TensorRTLLMEngine(Engine):
     def __init__(self, model: str | Path, *, name: str | None = None, tokenizer: str | Path | None = None,
                  n_ctx: int = 4096, max_batch_size: int = 64, free_gpu_memory_fraction: float = 0.5,
                  tokens_per_block: int = 32, logits_source: Literal["generation", "context"] = "generation",
-                 token_logprobs: bool = False, llm_kwargs: Mapping[str, Any] | None = None) -> None:
+                 token_logprobs: bool = False, hot_prefix_tokens: int = 1 << 17,
+                 llm_kwargs: Mapping[str, Any] | None = None) -> None:
         """model: a Hugging Face checkpoint folder (or hub name), or a TensorRT engine folder
         (then `tokenizer` must name the checkpoint whose tokenizer and chat template to use).
         n_ctx: longest prompt + completion of one subtask, tokens (TensorRT-LLM's max_seq_len).
         free_gpu_memory_fraction: share of the GPU memory left after loading the weights that the
         KV cache takes (on Jetson the GPU shares the system memory: keep it well under 1).
         token_logprobs: also return each generated token's log-probability in Generation.extra.
+        hot_prefix_tokens: budget of the radix index that mirrors what block reuse probably still
+        holds (size it like the device KV cache, in tokens): the routing signal of hot prefixes.
         llm_kwargs: further `LLM(...)` arguments, passed as they are (they win over the above)."""
         if n_ctx < 16:
             raise InvalidRequestError(f"n_ctx must be >= 16, got {n_ctx}")
@@ -126,6 +130,9 @@ class TensorRTLLMEngine(Engine):
             raise InvalidRequestError(f"free_gpu_memory_fraction must be in (0, 1], got {free_gpu_memory_fraction}")
         if tokens_per_block < 1:
             raise InvalidRequestError(f"tokens_per_block must be >= 1, got {tokens_per_block}")
+        if hot_prefix_tokens < tokens_per_block:
+            raise InvalidRequestError(f"hot_prefix_tokens ({hot_prefix_tokens}) is smaller than one block "
+                                      f"(tokens_per_block = {tokens_per_block})")
         if logits_source not in ("generation", "context"):
             raise InvalidRequestError(f"logits_source must be 'generation' or 'context', got {logits_source!r}")
 
@@ -173,6 +180,8 @@ class TensorRTLLMEngine(Engine):
             raise ConfigError(f"TensorRT-LLM could not load {model}: {_one_line(exc)}") from None
         self._device = torch.device("cuda", torch.cuda.current_device())  # where device batches go
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "logits_rows_uploaded": 0}
+        # Storage is TensorRT-LLM's; the radix index only tracks which prefixes are hot, for routing.
+        self._hot = HotPrefixTracker(tokens_per_block, hot_prefix_tokens)
 
     # --- tokens -------------------------------------------------------------------------------
     def tokenize_messages(self, messages: list[Message]) -> list[int]:
@@ -209,24 +218,36 @@ class TensorRTLLMEngine(Engine):
             fields["return_perf_metrics"] = True  # for the reused-block count
         return self._SamplingParams(**fields)
 
-    def _cached_tokens(self, out: Any, prompt_tokens: int) -> int:
+    def _cached_tokens(self, out: Any, prompt_tokens: int, hot: int) -> int:
+        """Reused prompt tokens: TensorRT-LLM's own count where this version reports it, else
+        the hot-prefix index's estimate taken before the request."""
         metrics = getattr(out.outputs[0], "request_perf_metrics", None)
-        reused = getattr(getattr(metrics, "kv_cache_metrics", None), "num_reused_blocks", 0) or 0
+        reused = getattr(getattr(metrics, "kv_cache_metrics", None), "num_reused_blocks", None)
+        if reused is None:
+            return min(prompt_tokens, hot)
         return min(prompt_tokens, int(reused) * self.tokens_per_block)
+
+    def hot_prefix_tokens(self, messages: list[Message]) -> int:
+        """How much of this prompt is probably cached on the device now (before running it)."""
+        return self._hot.hot(self.tokenize_messages(messages))
 
     def _book_prompt(self, prompt_tokens: int, cached: int) -> None:
         self.stats["prefill_tokens"] += prompt_tokens - cached
         self.stats["reused_tokens"] += cached
 
-    async def _score_request(self, messages: list[Message]) -> tuple[list[int], Any]:
-        """One request for one token, asking for the logits of the last prompt position."""
+    async def _score_request(self, messages: list[Message]) -> tuple[list[int], Any, int]:
+        """One request for one token, asking for the logits of the last prompt position.
+        Returns (tokens, output, reused prompt tokens)."""
         if self._llm is None:
             raise HeraError("the TensorRT-LLM engine is closed")
         tokens = self.tokenize_messages(messages)
         self._check_fits(tokens)
+        hot = self._hot.hot(tokens)
         out = await self._llm.generate_async(tokens, self._params(max_tokens=1, scoring=True))
-        self._book_prompt(len(tokens), self._cached_tokens(out, len(tokens)))
-        return tokens, out
+        self._hot.served(tokens)
+        cached = self._cached_tokens(out, len(tokens), hot)
+        self._book_prompt(len(tokens), cached)
+        return tokens, out, cached
 
     def _last_position_logits(self, out: Any) -> Any:
         """torch [vocab] (device or host, model dtype): the logits after the last prompt token."""
@@ -247,10 +268,10 @@ class TensorRTLLMEngine(Engine):
         """The prompt's last-position logits as a host float32 [vocab] array (one row copied to
         the host if it arrived on the device). Batches for GPU scoring: prefill_batch_device."""
         t0 = time.perf_counter()
-        tokens, out = await self._score_request(messages)
+        tokens, out, cached = await self._score_request(messages)
         row = self._last_position_logits(out).detach().to(device="cpu", dtype=self._torch.float32)
         return Prefill(logits=np.ascontiguousarray(row.numpy(), dtype=np.float32), prompt_tokens=len(tokens),
-                       cached_tokens=self._cached_tokens(out, len(tokens)), latency_s=time.perf_counter() - t0)
+                       cached_tokens=cached, latency_s=time.perf_counter() - t0)
 
     async def prefill_batch_device(self, batch: list[list[Message]]) -> DevicePrefillBatch:
         """Score-prefill several prompts at once (TensorRT-LLM batches the concurrent requests in
@@ -260,13 +281,13 @@ class TensorRTLLMEngine(Engine):
             raise InvalidRequestError("the batch must hold at least one conversation")
         t0 = time.perf_counter()
         results = await asyncio.gather(*(self._score_request(messages) for messages in batch))
-        rows = [self._last_position_logits(out).detach() for _, out in results]
+        rows = [self._last_position_logits(out).detach() for _, out, _ in results]
         uploaded = sum(1 for r in rows if r.device.type != "cuda")
         # Stack where the rows are, then one move/cast to the device (no-op for rows already there).
         logits = self._torch.stack(rows).to(device=self._device, dtype=self._torch.float32).contiguous()
         self.stats["logits_rows_uploaded"] += uploaded
-        return DevicePrefillBatch(logits=logits, prompt_tokens=[len(t) for t, _ in results],
-                                  cached_tokens=[self._cached_tokens(out, len(t)) for t, out in results],
+        return DevicePrefillBatch(logits=logits, prompt_tokens=[len(t) for t, _, _ in results],
+                                  cached_tokens=[cached for _, _, cached in results],
                                   latency_s=time.perf_counter() - t0, uploaded_rows=uploaded)
 
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
@@ -281,6 +302,7 @@ class TensorRTLLMEngine(Engine):
         tokens = self.tokenize_messages(messages)
         self._check_fits(tokens)
         max_tokens = max(1, min(max_tokens, self.n_ctx - len(tokens)))
+        hot = self._hot.hot(tokens)
         stop = [s for s in (stop or []) if s]
         # TensorRT-LLM matches stop strings on token ids; the text check below also catches a stop
         # string that the model produced with another tokenization.
@@ -318,7 +340,8 @@ class TensorRTLLMEngine(Engine):
         completion = out.outputs[0]
         finish = "stop" if cut is not None or completion.finish_reason != "length" else "length"
         n_out = len(completion.token_ids)
-        cached = self._cached_tokens(out, len(tokens))
+        self._hot.served(tokens + list(completion.token_ids))
+        cached = self._cached_tokens(out, len(tokens), hot)
         self._book_prompt(len(tokens), cached)
         self.stats["generated_tokens"] += n_out
         extra: dict[str, Any] = {}
