@@ -216,6 +216,30 @@ class _Offline:
         return None
 
 
+def cmd_check_harness(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .harness import compare_with_direct
+    from .stack import open_engines
+
+    settings = _settings(args)
+    tasks = _tasks(args, args.families.split(",") if args.families else None)
+
+    async def go():
+        async with open_engines(settings, use_cache=True) as (local, cloud):
+            with Progress(TextColumn("harness vs direct"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          TextColumn("ETA"), TimeRemainingColumn()) as bar:
+                job = bar.add_task("check", total=len(tasks))
+                return await compare_with_direct(tasks, {"slm": local, "llm": cloud}, progress=lambda: bar.advance(job))
+
+    report = asyncio.run(go())
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def cmd_compare_labels(args) -> int:
     from .profiling import load_traces
     from .similarity import add_similarity, load_encoder
@@ -289,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--local-model")
     ev.add_argument("--cloud-model")
     ev.set_defaults(func=cmd_eval)
+
+    ch = sub.add_parser("check-harness", help="accuracy of both models through the agent harness vs one direct call")
+    ch.add_argument("--tasks-per-family", type=int, default=10)
+    ch.add_argument("--families", help="comma-separated (default: all)")
+    ch.add_argument("--tasks-file", help="your own tasks, JSONL")
+    ch.add_argument("--split", default="val", choices=["train", "val", "test"])
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--out", help="also write the report as JSON")
+    ch.add_argument("--local-model")
+    ch.add_argument("--cloud-model")
+    ch.set_defaults(func=cmd_check_harness)
 
     cl = sub.add_parser("compare-labels", help="substitution vs embedding-similarity label: which predicts better")
     cl.add_argument("train", help="train-split traces")

@@ -16,8 +16,9 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from .engines.base import Message
+from .engines.base import Engine, Message
 from .sandbox import run_python
 from .workloads import Task
 
@@ -174,11 +175,34 @@ DIRECT_PROMPT = "{question}\n\nThink briefly, then give the final answer on the 
 
 
 async def run_direct(task: Task, step_fn: StepFn) -> Trajectory:
-    """Baseline: one direct call, to check the harness does not make a model worse."""
-    traj = Trajectory(task, messages=[{"role": "user", "content": DIRECT_PROMPT.format(question=task.question)}])
+    """Baseline: one direct call, to check the harness does not make a model worse. For code
+    tasks the one call is the harness's first step, scored as it is (no example check, no fix)."""
+    if task.kind == "code":
+        traj = Trajectory(task, messages=first_messages(task))
+    else:
+        traj = Trajectory(task, messages=[{"role": "user", "content": DIRECT_PROMPT.format(question=task.question)}])
     text, route = await step_fn(traj.messages, 0)
     traj.routes.append(route)
     traj.messages.append({"role": "assistant", "content": text})
-    traj.answer = extract_answer(text)
+    traj.answer = (extract_code(text) or text) if task.kind == "code" else extract_answer(text)
     traj.correct = task.score(traj.answer)
     return traj
+
+
+async def compare_with_direct(tasks: list[Task], models: dict[str, Engine], max_tokens: int = 384,
+                              progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Accuracy per family and model through the harness and with one direct call."""
+    from collections import defaultdict
+
+    scores: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for task in tasks:
+        for name, engine in models.items():
+            async def step(messages, k, engine=engine, name=name):
+                return (await engine.generate(messages, max_tokens=max_tokens)).text, name
+
+            scores[task.family][name]["harness"].append((await run_task(task, step)).correct)
+            scores[task.family][name]["direct"].append((await run_direct(task, step)).correct)
+        if progress is not None:
+            progress()
+    return {family: {name: {way: {"accuracy": sum(v) / len(v), "tasks": len(v)} for way, v in ways.items()}
+                     for name, ways in by_model.items()} for family, by_model in scores.items()}

@@ -160,3 +160,27 @@ def test_user_tasks_from_jsonl(tmp_path):
     path.write_text('{"id": "x", "question": "q", "answer": "a", "scorer": "llm-judge"}\n')
     with pytest.raises(ValueError, match="scorer must be one of"):
         load_jsonl_tasks(str(path))
+
+
+def test_compare_with_direct_scores_both_ways_per_family_and_model():
+    from types import SimpleNamespace
+
+    from hera_core.harness import compare_with_direct
+
+    tasks = make_tasks(["basic_arithmetic", "mmlu"], per_family=1, seed=0, split="val")
+
+    class Scripted:  # answers right through the harness, wrong when asked directly
+        async def generate(self, messages, max_tokens):
+            task = next(t for t in tasks if any(t.question in m["content"] for m in messages))
+            direct = messages[0]["role"] == "user"
+            if direct:
+                return SimpleNamespace(text="ANSWER: nope")
+            if task.kind == "choice" or "printed" in messages[-1]["content"]:
+                return SimpleNamespace(text=f"ANSWER: {task.answer}")
+            return SimpleNamespace(text=f"```python\nprint({task.answer!r})\n```")
+
+    report = run(compare_with_direct(tasks, {"llm": Scripted()}))
+    assert set(report) == {"basic_arithmetic", "mmlu"}
+    for family in report.values():
+        assert family["llm"]["harness"] == {"accuracy": 1.0, "tasks": 1}
+        assert family["llm"]["direct"] == {"accuracy": 0.0, "tasks": 1}
