@@ -237,11 +237,18 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
         fam_llm = sum(s.cloud_cost_usd for r in per_method["all_llm"] if r.family == family for s in r.steps)
         report["families"][family] = {name: summarize([r for r in results if r.family == family], fam_llm)
                                       for name, results in per_method.items()}
-    hera = report["methods"]["hera"]
-    report["sweep"] = [{"threshold_offset": 0.0, **{k: hera[k] for k in ("accuracy", "local_share", "cost_ratio")}}]
+    # The sweep: HERA at other thresholds, and the query router at each point's local share, so the
+    # two are compared at equal share along the whole curve, not only at HERA's operating point.
+    keys = ("accuracy", "local_share", "cost_ratio")
+    methods = report["methods"]
+    report["sweep"] = [{"threshold_offset": 0.0, **{k: methods["hera"][k] for k in keys},
+                        "query_router": {k: methods["query_router"][k] for k in keys}}]
     for offset in sweep:
         m = summarize(await ev.run(Hera(offset), tasks, progress), all_llm_cost)
-        report["sweep"].append({"threshold_offset": offset, **{k: m[k] for k in ("accuracy", "local_share", "cost_ratio")}})
+        router = QueryRouter(query_threshold(first, counts, m["local_share"]))
+        q = summarize(await ev.run(router, tasks, progress), all_llm_cost)
+        report["sweep"].append({"threshold_offset": offset, **{k: m[k] for k in keys},
+                                "query_router": {k: q[k] for k in keys}})
     report["per_task"] = {name: [{"task_id": r.task_id, "correct": r.correct, "routes": [s.route for s in r.steps]}
                                  for r in results] for name, results in per_method.items()}
     return report
@@ -272,6 +279,10 @@ def plot(report: dict[str, Any], path: str) -> None:
     if sweep:
         ax.plot([p["cost_ratio"] for p in sweep], [p["accuracy"] for p in sweep], "-o", color="tab:green", alpha=0.5,
                 markersize=3, label="HERA, threshold sweep (live)")
+    routed = sorted((p["query_router"] for p in sweep if "query_router" in p), key=lambda q: q["cost_ratio"])
+    if routed:
+        ax.plot([q["cost_ratio"] for q in routed], [q["accuracy"] for q in routed], "--^", color="tab:orange",
+                alpha=0.5, markersize=3, label="query router at each sweep point's local share (live)")
     marks = {"all_slm": "s", "all_llm": "D", "random": "x", "query_router": "^", "hera": "o", "oracle": "*"}
     for name, m in report["methods"].items():
         est = " est." if m.get("estimated") else ""

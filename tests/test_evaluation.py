@@ -110,6 +110,8 @@ def test_plot_and_estimated_curve(profiled, tmp_path):
     path = tmp_path / "eval.png"
     assert report["sweep"][0]["threshold_offset"] == 0.0  # HERA itself, then the offsets
     assert [p["local_share"] for p in report["sweep"][1:]] == [1.0, 0.0]  # offsets past both ends
+    # the router is run at each point's share: all tasks local at share 1, none at share 0
+    assert [p["query_router"]["local_share"] for p in report["sweep"][1:]] == [1.0, 0.0]
     plot(report, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
