@@ -172,6 +172,10 @@ async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> T
 
 
 DIRECT_PROMPT = "{question}\n\nThink briefly, then give the final answer on the last line as: ANSWER: <answer>"
+DIRECT_CHOICE_PROMPT = "{question}\n\nThink briefly, then give the final answer on the last line as: ANSWER: <letter>"
+# A direct answer that ignores the requested format but still names its option ("the correct
+# answer is: D. Pricing") counts: the baseline should not lose on formatting alone.
+CHOICE_FALLBACK_RE = re.compile(r"answer is\s*:?\s*\**\s*\(?([A-D])\b")
 
 
 async def run_direct(task: Task, step_fn: StepFn) -> Trajectory:
@@ -180,11 +184,15 @@ async def run_direct(task: Task, step_fn: StepFn) -> Trajectory:
     if task.kind == "code":
         traj = Trajectory(task, messages=first_messages(task))
     else:
-        traj = Trajectory(task, messages=[{"role": "user", "content": DIRECT_PROMPT.format(question=task.question)}])
+        prompt = DIRECT_CHOICE_PROMPT if task.kind == "choice" else DIRECT_PROMPT
+        traj = Trajectory(task, messages=[{"role": "user", "content": prompt.format(question=task.question)}])
     text, route = await step_fn(traj.messages, 0)
     traj.routes.append(route)
     traj.messages.append({"role": "assistant", "content": text})
     traj.answer = (extract_code(text) or text) if task.kind == "code" else extract_answer(text)
+    if traj.answer is None and task.kind == "choice":
+        named = CHOICE_FALLBACK_RE.findall(text)
+        traj.answer = named[-1] if named else None
     traj.correct = task.score(traj.answer)
     return traj
 

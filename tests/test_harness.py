@@ -184,3 +184,24 @@ def test_compare_with_direct_scores_both_ways_per_family_and_model():
     for family in report.values():
         assert family["llm"]["harness"] == {"accuracy": 1.0, "tasks": 1}
         assert family["llm"]["direct"] == {"accuracy": 0.0, "tasks": 1}
+
+
+@pytest.mark.parametrize("reply,correct", [
+    ("Reasoning.\nANSWER: {a}", True),
+    ("Reasoning. The final answer is: {a}. Some option text", True),  # format ignored, option named
+    ("I think the correct answer is **({a})**", True),
+    ("The answer is {b}, not {a}? No: the answer is {a}", True),  # the last one named counts
+    ("Reasoning about {a} without a conclusion", False),
+    ("The final answer is: {b}.", False),
+])
+def test_direct_choice_answer_is_read_leniently(reply, correct):
+    from hera_core.harness import run_direct
+
+    task = make_tasks(["mmlu"], per_family=1, seed=0, split="val")[0]
+    wrong = "A" if task.answer != "A" else "B"
+
+    async def model(messages, step):
+        assert "ANSWER: <letter>" in messages[-1]["content"]
+        return reply.format(a=task.answer, b=wrong), "cloud"
+
+    assert run(run_direct(task, model)).correct == float(correct)
