@@ -173,8 +173,10 @@ async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> T
 
 DIRECT_PROMPT = "{question}\n\nThink briefly, then give the final answer on the last line as: ANSWER: <answer>"
 DIRECT_CHOICE_PROMPT = "{question}\n\nThink briefly, then give the final answer on the last line as: ANSWER: <letter>"
-# A direct answer that ignores the requested format but still names its option ("the correct
-# answer is: D. Pricing") counts: the baseline should not lose on formatting alone.
+# A direct answer that ignores the requested format but still states its result counts: the
+# baseline should not lose on formatting alone. Models trained on math write \boxed{44}; on
+# choices, "the correct answer is: D. Pricing".
+BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 CHOICE_FALLBACK_RE = re.compile(r"answer is\s*:?\s*\**\s*\(?([A-D])\b")
 
 
@@ -190,9 +192,9 @@ async def run_direct(task: Task, step_fn: StepFn) -> Trajectory:
     traj.routes.append(route)
     traj.messages.append({"role": "assistant", "content": text})
     traj.answer = (extract_code(text) or text) if task.kind == "code" else extract_answer(text)
-    if traj.answer is None and task.kind == "choice":
-        named = CHOICE_FALLBACK_RE.findall(text)
-        traj.answer = named[-1] if named else None
+    if traj.answer is None and task.kind != "code":
+        named = BOXED_RE.findall(text) or (CHOICE_FALLBACK_RE.findall(text) if task.kind == "choice" else [])
+        traj.answer = named[-1].strip() if named else None
     traj.correct = task.score(traj.answer)
     return traj
 

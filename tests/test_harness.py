@@ -205,3 +205,21 @@ def test_direct_choice_answer_is_read_leniently(reply, correct):
         return reply.format(a=task.answer, b=wrong), "cloud"
 
     assert run(run_direct(task, model)).correct == float(correct)
+
+
+@pytest.mark.parametrize("reply,correct", [
+    ("Reasoning.\nANSWER: {a}", True),
+    ("So he has \\(\\boxed{{{a}}}\\) pebbles.", True),  # format ignored, result boxed
+    ("\\boxed{{{b}}} first, then \\boxed{{{a}}}", True),  # the last boxed counts
+    ("He has {a} pebbles.", False),  # no stated final answer
+])
+def test_direct_compute_answer_reads_a_boxed_result(reply, correct):
+    from hera_core.harness import run_direct
+
+    task = next(t for t in make_tasks(["basic_arithmetic"], per_family=5, seed=0, split="val"))
+    wrong = str(int(float(task.answer)) + 1)
+
+    async def model(messages, step):
+        return reply.format(a=task.answer, b=wrong), "cloud"
+
+    assert run(run_direct(task, model)).correct == float(correct)
