@@ -239,16 +239,15 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
                                       for name, results in per_method.items()}
     # The sweep: HERA at other thresholds, and the query router at each point's local share, so the
     # two are compared at equal share along the whole curve, not only at HERA's operating point.
-    keys = ("accuracy", "local_share", "cost_ratio")
-    methods = report["methods"]
-    report["sweep"] = [{"threshold_offset": 0.0, **{k: methods["hera"][k] for k in keys},
-                        "query_router": {k: methods["query_router"][k] for k in keys}}]
+    def point(offset: float, hera: dict[str, Any], router: dict[str, Any]) -> dict[str, Any]:
+        keys = ("accuracy", "local_share", "cost_ratio")
+        return {"threshold_offset": offset, **{k: hera[k] for k in keys}, "query_router": {k: router[k] for k in keys}}
+
+    report["sweep"] = [point(0.0, report["methods"]["hera"], report["methods"]["query_router"])]
     for offset in sweep:
         m = summarize(await ev.run(Hera(offset), tasks, progress), all_llm_cost)
         router = QueryRouter(query_threshold(first, counts, m["local_share"]))
-        q = summarize(await ev.run(router, tasks, progress), all_llm_cost)
-        report["sweep"].append({"threshold_offset": offset, **{k: m[k] for k in keys},
-                                "query_router": {k: q[k] for k in keys}})
+        report["sweep"].append(point(offset, m, summarize(await ev.run(router, tasks, progress), all_llm_cost)))
     report["per_task"] = {name: [{"task_id": r.task_id, "correct": r.correct, "routes": [s.route for s in r.steps]}
                                  for r in results] for name, results in per_method.items()}
     return report

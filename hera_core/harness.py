@@ -171,13 +171,22 @@ async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> T
     return traj
 
 
-DIRECT_PROMPT = "{question}\n\nThink briefly, then give the final answer on the last line as: ANSWER: <answer>"
-DIRECT_CHOICE_PROMPT = "{question}\n\nThink briefly, then give the final answer on the last line as: ANSWER: <letter>"
+DIRECT_PROMPT = "{question}\n\nThink briefly, then give the final answer on the last line as: ANSWER: <{slot}>"
 # A direct answer that ignores the requested format but still states its result counts: the
 # baseline should not lose on formatting alone. Models trained on math write \boxed{44}; on
 # choices, "the correct answer is: D. Pricing".
 BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 CHOICE_FALLBACK_RE = re.compile(r"answer is\s*:?\s*\**\s*\(?([A-D])\b")
+
+
+def direct_answer(text: str, kind: str) -> str | None:
+    """The answer of a direct reply: its ANSWER line, else its last boxed result, else (choice)
+    the last option it names as the answer."""
+    answer = extract_answer(text)
+    if answer is not None:
+        return answer
+    named = BOXED_RE.findall(text) or (CHOICE_FALLBACK_RE.findall(text) if kind == "choice" else [])
+    return named[-1].strip() if named else None
 
 
 async def run_direct(task: Task, step_fn: StepFn) -> Trajectory:
@@ -186,15 +195,13 @@ async def run_direct(task: Task, step_fn: StepFn) -> Trajectory:
     if task.kind == "code":
         traj = Trajectory(task, messages=first_messages(task))
     else:
-        prompt = DIRECT_CHOICE_PROMPT if task.kind == "choice" else DIRECT_PROMPT
-        traj = Trajectory(task, messages=[{"role": "user", "content": prompt.format(question=task.question)}])
+        slot = "letter" if task.kind == "choice" else "answer"
+        traj = Trajectory(task, messages=[{"role": "user", "content": DIRECT_PROMPT.format(question=task.question,
+                                                                                          slot=slot)}])
     text, route = await step_fn(traj.messages, 0)
     traj.routes.append(route)
     traj.messages.append({"role": "assistant", "content": text})
-    traj.answer = (extract_code(text) or text) if task.kind == "code" else extract_answer(text)
-    if traj.answer is None and task.kind != "code":
-        named = BOXED_RE.findall(text) or (CHOICE_FALLBACK_RE.findall(text) if task.kind == "choice" else [])
-        traj.answer = named[-1].strip() if named else None
+    traj.answer = (extract_code(text) or text) if task.kind == "code" else direct_answer(text, task.kind)
     traj.correct = task.score(traj.answer)
     return traj
 

@@ -216,7 +216,7 @@ def test_direct_choice_answer_is_read_leniently(reply, correct):
 def test_direct_compute_answer_reads_a_boxed_result(reply, correct):
     from hera_core.harness import run_direct
 
-    task = next(t for t in make_tasks(["basic_arithmetic"], per_family=5, seed=0, split="val"))
+    task = make_tasks(["basic_arithmetic"], per_family=1, seed=0, split="val")[0]
     wrong = str(int(float(task.answer)) + 1)
 
     async def model(messages, step):
