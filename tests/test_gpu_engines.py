@@ -157,6 +157,14 @@ def test_manifest_doc_lists_every_model_and_checksum() -> None:
         assert spec.parts[0].package in text and spec.parts[-1].package in text
 
 
+def test_gpu_check_script_parses_and_names_its_modes() -> None:
+    """engines/gpu_check.sh (the one-run GPU check) is valid bash and says how to call it."""
+    script = ENGINES / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "wheels | run" in usage.stderr
+
+
 def _toml_blocks() -> list[tuple[str, str]]:
     blocks = []
     for doc in sorted(ENGINES.glob("*.md")):
