@@ -3,9 +3,11 @@
 8 agent sessions x 6 steps on SmolLM2-135M, round-robin. Each session starts from its own
 ~300-token system prompt; each step adds a ~150-token user turn and up to 32 greedy tokens.
 
-- test_agent_steps_reuse: HERA's engine (multi-slot unified KV cache + radix index)
+- test_agent_steps_reuse: HERA's engine (multi-slot KV cache, one stream per session, + radix index)
 - test_agent_steps_noreuse: llama-cpp-python's plain `Llama` (keeps only the last sequence's prefix)
 - test_agent_steps_ramcache: `Llama` with `LlamaRAMCache` large enough for every session
+- test_one_session_reuse / _plain: session 0 alone in ours and in the plain `Llama` (which then
+  keeps its prefix too): the no-switch floor of the time to first token
 
 extra_info: prefill_tokens (evaluated), ideal_prefill_tokens (new tokens only), ttft_s_steps3plus
 (mean time to first token of steps 3 and later), rss_growth_mb (RSS after minus before, engine
@@ -100,10 +102,10 @@ class _Plain:
         return self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
 
     def step(self, messages):
+        t0 = time.perf_counter()  # from the messages, as ours (which formats and tokenizes inside)
         toks = self.tokens(messages)
         before = self.prefill
         self._in_prefill = True
-        t0 = time.perf_counter()
         ttft, parts = None, []
         for chunk in self.llm.create_completion(toks, max_tokens=MAX_NEW, temperature=0.0, stream=True):
             if ttft is None:
@@ -117,10 +119,10 @@ class _Plain:
         self.llm.close()
 
 
-def run_agents(make_engine) -> dict:
+def run_agents(make_engine, n_sessions: int = SESSIONS) -> dict:
     rss0 = rss_mb()
     eng = make_engine()
-    sessions = [[{"role": "system", "content": sys_prompt}] for sys_prompt, _ in workload()]
+    sessions = [[{"role": "system", "content": sys_prompt}] for sys_prompt, _ in workload()[:n_sessions]]
     turns = [t for _, t in workload()]
     prev_tokens: list[list[int]] = [[] for _ in sessions]
     prefill = ideal = 0
@@ -154,11 +156,11 @@ def path():
     return model_path("smollm2-135m")
 
 
-def _bench(benchmark, make):
+def _bench(benchmark, make, n_sessions: int = SESSIONS):
     result = {}
 
     def go():
-        result.update(run_agents(make))
+        result.update(run_agents(make, n_sessions))
 
     benchmark.pedantic(go, rounds=1, iterations=1)
     benchmark.extra_info.update(result)
@@ -166,7 +168,7 @@ def _bench(benchmark, make):
 
 
 def test_agent_steps_reuse(benchmark, path):
-    """HERA's engine: multi-slot unified KV cache with radix index."""
+    """HERA's engine: multi-slot KV cache (one stream per session) with the radix index."""
     _bench(benchmark, lambda: _Ours(path))
 
 
@@ -178,3 +180,17 @@ def test_agent_steps_noreuse(benchmark, path):
 def test_agent_steps_ramcache(benchmark, path):
     """llama-cpp-python's Llama with LlamaRAMCache holding every session's state."""
     _bench(benchmark, lambda: _Plain(path, ramcache=True))
+
+
+# The floor: one session alone, where plain llama-cpp-python keeps its prefix too and nobody
+# switches. What is left of a step's time to first token is the prefill of its new tokens.
+
+
+def test_one_session_reuse(benchmark, path):
+    """HERA's engine, session 0 of the workload alone."""
+    _bench(benchmark, lambda: _Ours(path), n_sessions=1)
+
+
+def test_one_session_plain(benchmark, path):
+    """Plain llama-cpp-python, session 0 alone: its own prefix reuse covers every step."""
+    _bench(benchmark, lambda: _Plain(path, ramcache=False), n_sessions=1)

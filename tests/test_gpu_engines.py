@@ -100,7 +100,7 @@ def test_tensorrt_engine_checks_its_arguments_first() -> None:
     from hera_core.engines.tensorrt import TensorRTLLMEngine
 
     for kwargs in ({"n_ctx": 8}, {"max_batch_size": 0}, {"free_gpu_memory_fraction": 0.0},
-                   {"tokens_per_block": 0}, {"logits_source": "hidden"},
+                   {"tokens_per_block": 0}, {"logits_source": "hidden"}, {"backend": "onnx"},
                    {"tokens_per_block": 32, "hot_prefix_tokens": 16}):
         with pytest.raises(InvalidRequestError):
             TensorRTLLMEngine("/models/x", **kwargs)
@@ -115,13 +115,16 @@ def test_tensorrt_reused_tokens_come_from_its_metrics_else_the_hot_prefix_index(
     eng = TensorRTLLMEngine.__new__(TensorRTLLMEngine)
     eng.tokens_per_block = 32
 
-    def out(metrics):
-        return SimpleNamespace(outputs=[SimpleNamespace(request_perf_metrics=metrics)])
+    def out(metrics, **fields):
+        return SimpleNamespace(outputs=[SimpleNamespace(request_perf_metrics=metrics)], **fields)
 
     with_metrics = out(SimpleNamespace(kv_cache_metrics=SimpleNamespace(num_reused_blocks=3)))
-    assert eng._cached_tokens(with_metrics, 500, hot=64) == 96  # TensorRT-LLM's own count wins
-    assert eng._cached_tokens(with_metrics, 50, hot=64) == 50  # never more than the prompt
+    assert eng._cached_tokens(with_metrics, 500, hot=64) == 96  # TensorRT-LLM's block count wins
+    assert eng._cached_tokens(with_metrics, 50, hot=64) == 49  # the last prompt token is always computed
     assert eng._cached_tokens(out(None), 500, hot=64) == 64  # no metrics: the index's estimate
+    assert eng._cached_tokens(out(None), 40, hot=64) == 39
+    exact = out(SimpleNamespace(kv_cache_metrics=SimpleNamespace(num_reused_blocks=3)), cached_tokens=90)
+    assert eng._cached_tokens(exact, 500, hot=64) == 90  # the exact count of newer releases wins
 
 
 def test_importing_the_gpu_modules_loads_no_gpu_library() -> None:
@@ -401,7 +404,9 @@ def test_tensorrt_batch_prefill_stays_on_the_device_and_scores(trt_engine) -> No
     host = t.cpu().numpy()
     for row, single in zip(host, singles):
         assert int(np.argmax(row)) == int(np.argmax(single.logits))
-        np.testing.assert_allclose(row, single.logits, rtol=1e-3, atol=1e-2)  # batched kernels may round apart
+        # Batched kernels round apart, and block reuse moves first-token logits by up to about one
+        # bf16 step (TensorRT-LLM issue 15503): close, not equal.
+        np.testing.assert_allclose(row, single.logits, rtol=1e-2, atol=0.25)
     structure = np.array([[0, n, len(c), len(c[-1]["content"])] for n, c in zip(batch.prompt_tokens, CHATS)],
                          dtype=np.float32)
     booster = trained_booster()

@@ -3,12 +3,15 @@
 `tensorrt_llm` is imported in the constructor only: importing this module needs nothing, and a
 machine without the package gets a ConfigError naming it and how to install it.
 
-UNVERIFIED: written against the documented LLM API of TensorRT-LLM 1.x (PyTorch backend, the
-default) without a GPU or the wheel; tests/test_gpu_engines.py has the checks to run where both
-exist. The API parts used, as documented (https://nvidia.github.io/TensorRT-LLM/, llm-api
-reference; tensorrt_llm/sampling_params.py, llmapi/llm_args.py, executor/result.py):
+UNVERIFIED: written against the LLM API of TensorRT-LLM 1.x without a GPU or the wheel, then
+checked call by call against its source (llmapi/llm.py, llmapi/llm_args.py, sampling_params.py,
+executor/result.py, _torch/pyexecutor/handle_logits.py); tests/test_gpu_engines.py has the checks
+to run where both exist. The API parts used:
 - `LLM(model=..., tokenizer=..., kv_cache_config=KvCacheConfig(enable_block_reuse=True, ...),
-  max_seq_len=..., max_batch_size=..., gather_generation_logits=True)`; `LLM.shutdown()`.
+  max_seq_len=..., max_batch_size=...)`; `LLM.shutdown()`. `tensorrt_llm.LLM` is the PyTorch
+  backend (a Hugging Face checkpoint; it refuses engine folders and `build_config`);
+  `backend="tensorrt"` takes `tensorrt_llm._tensorrt_engine.LLM` (TensorRT engines), which
+  also gets `gather_generation_logits=True`.
 - `LLM.generate_async(prompt, sampling_params, streaming=False)` returns a GenerationResult: await
   it for the final RequestOutput, or `async for` over it when streaming (the same object,
   updated; `.outputs[0].text` is the text so far); `.abort()` cancels the request.
@@ -16,7 +19,8 @@ reference; tensorrt_llm/sampling_params.py, llmapi/llm_args.py, executor/result.
   return_generation_logits, return_context_logits, return_perf_metrics)`.
 - `CompletionOutput`: text, token_ids, finish_reason ("stop" | "length" | "timeout" |
   "cancelled"), logprobs, generation_logits (torch [generated tokens, vocab]),
-  request_perf_metrics.kv_cache_metrics.num_reused_blocks; `RequestOutput.context_logits`.
+  request_perf_metrics.kv_cache_metrics.num_reused_blocks; `RequestOutput.context_logits`, and
+  in newer 1.x releases `RequestOutput.cached_tokens` (the exact reused prompt tokens).
 
 KV-cache reuse is TensorRT-LLM's own block reuse (`enable_block_reuse`): the KV of a finished
 request stays in blocks of `tokens_per_block` tokens keyed by their content, and a later prompt
@@ -35,7 +39,9 @@ output token t). It is one vocab-sized row per request. `logits_source="context"
 the last row of `RequestOutput.context_logits` (`return_context_logits=True`): the same numbers,
 but TensorRT-LLM then materialises [prompt tokens evaluated, vocab] per request (with block reuse
 only the recomputed suffix, whose last row is still the last prompt position), and the TensorRT
-backend needs `build_config=BuildConfig(gather_context_logits=True)` in `llm_kwargs`.
+backend needs `build_config=BuildConfig(gather_context_logits=True)` in `llm_kwargs`. TensorRT-LLM's
+own tests skip context logits together with block reuse for a known bug (nvbugs/5577178), so
+"generation" stays the default.
 
 Where the logits live: in the PyTorch backend the worker keeps context logits in device memory,
 and generation logits in pinned host memory by default (chunked transfer); the LLM API also runs
@@ -112,9 +118,12 @@ class TensorRTLLMEngine(Engine):
                  n_ctx: int = 4096, max_batch_size: int = 64, free_gpu_memory_fraction: float = 0.5,
                  tokens_per_block: int = 32, logits_source: Literal["generation", "context"] = "generation",
                  token_logprobs: bool = False, hot_prefix_tokens: int = 1 << 17,
+                 backend: Literal["pytorch", "tensorrt"] = "pytorch",
                  llm_kwargs: Mapping[str, Any] | None = None) -> None:
-        """model: a Hugging Face checkpoint folder (or hub name), or a TensorRT engine folder
-        (then `tokenizer` must name the checkpoint whose tokenizer and chat template to use).
+        """model: a Hugging Face checkpoint folder (or hub name); with backend="tensorrt", a
+        TensorRT engine folder (then `tokenizer` must name the checkpoint whose tokenizer and chat
+        template to use). backend: "pytorch" (TensorRT-LLM's default LLM) or "tensorrt" (its
+        TensorRT-engine LLM, which also takes `build_config` in llm_kwargs).
         n_ctx: longest prompt + completion of one subtask, tokens (TensorRT-LLM's max_seq_len).
         free_gpu_memory_fraction: share of the GPU memory left after loading the weights that the
         KV cache takes (on Jetson the GPU shares the system memory: keep it well under 1).
@@ -135,11 +144,18 @@ class TensorRTLLMEngine(Engine):
                                       f"(tokens_per_block = {tokens_per_block})")
         if logits_source not in ("generation", "context"):
             raise InvalidRequestError(f"logits_source must be 'generation' or 'context', got {logits_source!r}")
+        if backend not in ("pytorch", "tensorrt"):
+            raise InvalidRequestError(f"backend must be 'pytorch' or 'tensorrt', got {backend!r}")
 
         _import_tensorrt_llm()
         import torch
-        from tensorrt_llm import LLM, SamplingParams
+        from tensorrt_llm import SamplingParams
         from tensorrt_llm.llmapi import KvCacheConfig
+
+        if backend == "tensorrt":
+            from tensorrt_llm._tensorrt_engine import LLM
+        else:
+            from tensorrt_llm import LLM
 
         try:
             from transformers import AutoTokenizer
@@ -171,8 +187,10 @@ class TensorRTLLMEngine(Engine):
                                 "max_seq_len": n_ctx, "max_batch_size": max_batch_size}
         if tokenizer is not None:
             args["tokenizer"] = str(tokenizer)
-        if logits_source == "generation":
-            args["gather_generation_logits"] = True  # needed by the TensorRT backend, harmless on PyTorch
+        if logits_source == "generation" and backend == "tensorrt":
+            # A TensorRT engine keeps generation logits only when built to; the PyTorch backend
+            # returns them without it (and the flag would pull its worker into this process).
+            args["gather_generation_logits"] = True
         args.update(llm_kwargs or {})
         try:
             self._llm = LLM(**args)
@@ -219,13 +237,18 @@ class TensorRTLLMEngine(Engine):
         return self._SamplingParams(**fields)
 
     def _cached_tokens(self, out: Any, prompt_tokens: int, hot: int) -> int:
-        """Reused prompt tokens: TensorRT-LLM's own count where this version reports it, else
-        the hot-prefix index's estimate taken before the request."""
+        """Reused prompt tokens: TensorRT-LLM's exact count (`RequestOutput.cached_tokens`, newer
+        1.x), else its reused blocks x block size, else the hot-prefix index's estimate taken
+        before the request. Never the whole prompt: the last prompt token is always computed."""
+        cap = max(prompt_tokens - 1, 0)
+        exact = getattr(out, "cached_tokens", None)
+        if isinstance(exact, int) and exact > 0:
+            return min(cap, exact)
         metrics = getattr(out.outputs[0], "request_perf_metrics", None)
         reused = getattr(getattr(metrics, "kv_cache_metrics", None), "num_reused_blocks", None)
         if reused is None:
-            return min(prompt_tokens, hot)
-        return min(prompt_tokens, int(reused) * self.tokens_per_block)
+            return min(cap, hot)
+        return min(cap, int(reused) * self.tokens_per_block)
 
     def hot_prefix_tokens(self, messages: list[Message]) -> int:
         """How much of this prompt is probably cached on the device now (before running it)."""
