@@ -187,6 +187,8 @@ class TensorRTLLMEngine(Engine):
                                 "max_seq_len": n_ctx, "max_batch_size": max_batch_size}
         if tokenizer is not None:
             args["tokenizer"] = str(tokenizer)
+        if n_ctx > 8192:  # max_num_tokens (tokens per iteration, default 8192) must hold a whole prompt
+            args["max_num_tokens"] = n_ctx
         if logits_source == "generation" and backend == "tensorrt":
             # A TensorRT engine keeps generation logits only when built to; the PyTorch backend
             # returns them without it (and the flag would pull its worker into this process).
