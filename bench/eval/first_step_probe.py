@@ -29,7 +29,8 @@ from hera_core.workloads import make_tasks
 
 
 def probe(engine: LlamaCppEngine, messages, n_tokens: int) -> np.ndarray:
-    """[1 + decoded, 3] logit features: the prefill's last position, then each greedy token's."""
+    """[1 + decoded, 3] logit features: the prefill's last position, then each greedy token's.
+    Drives the engine's slot directly: its public generate does not hand out per-token logits."""
     slot, logits, _ = engine._eval_prompt(engine.tokenize_messages(messages))
     held = engine._slots[slot].tokens
     rows = [logits]
