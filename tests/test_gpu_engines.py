@@ -127,6 +127,34 @@ def test_tensorrt_reused_tokens_come_from_its_metrics_else_the_hot_prefix_index(
     assert eng._cached_tokens(exact, 500, hot=64) == 90  # the exact count of newer releases wins
 
 
+def test_tensorrt_requests_stop_on_the_checkpoints_end_of_turn_tokens(tmp_path) -> None:
+    """generation_config.json's eos ids become stop_token_ids (logic only; the engine needs a GPU)."""
+    from dataclasses import dataclass, field
+
+    from hera_core.engines.tensorrt import TensorRTLLMEngine, _generation_eos_ids
+
+    pytest.importorskip("transformers")
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [128001, 128009]}')
+    assert _generation_eos_ids(str(tmp_path)) == [128001, 128009]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 151645}')
+    assert _generation_eos_ids(str(tmp_path)) == [151645]
+    assert _generation_eos_ids(str(tmp_path / "absent")) == []
+
+    @dataclass
+    class Params:  # the SamplingParams fields _params fills
+        max_tokens: int = 0
+        temperature: float = 1.0
+        top_k: int = 0
+        stop: list = field(default_factory=list)
+        stop_token_ids: list = field(default_factory=list)
+
+    eng = TensorRTLLMEngine.__new__(TensorRTLLMEngine)
+    eng._SamplingParams, eng._sampling_fields = Params, frozenset(Params.__dataclass_fields__)
+    eng.logits_source, eng.token_logprobs, eng._stop_token_ids = "generation", False, [128009]
+    params = eng._params(max_tokens=8, stop=["\n\n"])
+    assert (params.max_tokens, params.top_k, params.stop, params.stop_token_ids) == (8, 1, ["\n\n"], [128009])
+
+
 def test_importing_the_gpu_modules_loads_no_gpu_library() -> None:
     code = ("import sys, hera_core.engines.tensorrt, hera_core.gpu_scoring; "
             "print(sorted(m for m in ('tensorrt_llm', 'torch', 'cupy', 'transformers') if m in sys.modules))")

@@ -176,6 +176,9 @@ class TensorRTLLMEngine(Engine):
         self._SamplingParams = SamplingParams
         # SamplingParams fields vary across releases (return_perf_metrics is recent): send only known ones.
         self._sampling_fields = frozenset(getattr(SamplingParams, "__dataclass_fields__", ()))
+        # TensorRT-LLM ends on the tokenizer's EOS only; instruct models whose turn-end token is
+        # another one (Llama 3's <|eot_id|>) list it in generation_config.json: stop on those too.
+        self._stop_token_ids = _generation_eos_ids(source)
         self.n_ctx = n_ctx
         self.tokens_per_block = tokens_per_block  # KV block size; converts reused blocks to tokens
         self.logits_source = logits_source
@@ -230,6 +233,8 @@ class TensorRTLLMEngine(Engine):
         fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "top_k": 1}
         if stop:
             fields["stop"] = list(stop)
+        if self._stop_token_ids and "stop_token_ids" in self._sampling_fields:
+            fields["stop_token_ids"] = list(self._stop_token_ids)
         if scoring:
             fields["return_generation_logits" if self.logits_source == "generation" else "return_context_logits"] = True
         elif self.token_logprobs:
@@ -381,6 +386,19 @@ class TensorRTLLMEngine(Engine):
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)
+
+
+def _generation_eos_ids(source: str) -> list[int]:
+    """The end-of-turn token ids of a checkpoint's generation_config.json (none if it has none)."""
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(source).eos_token_id
+    except (ImportError, OSError, ValueError):
+        return []
+    if eos is None:
+        return []
+    return [int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def _sampled_logprobs(completion: Any) -> list[float]:
