@@ -38,6 +38,8 @@ class LocalSettings(_Strict):
     kv_budget_tokens: int | None = Field(None, ge=1, description="cap on cached KV, tokens (default: all slots' cells)")
     kv_unified: bool = Field(False, description="one KV pool for all slots: shared prefixes stored once, slower attention")
     flash_attn: bool = Field(True, description="llama.cpp fused attention (faster prefill on CPU)")
+    decode_chunk: int = Field(8, ge=0, le=4096, description="tokens a local answer decodes before other waiting "
+                              "requests (another session's routing prefill) get the engine; 0 = none")
 
     @model_validator(mode="after")
     def _budget_holds_a_block(self) -> "LocalSettings":

@@ -1,6 +1,8 @@
 """KV-cache reuse in the local engine: interleaved sessions, shared prefixes, eviction, and
 greedy outputs identical to an engine that reuses nothing."""
 
+import asyncio
+
 import pytest
 
 from hera_core.engines.llamacpp import LlamaCppEngine
@@ -136,3 +138,81 @@ def test_tight_budget_evicts_without_corrupting_the_kv(tiny_model_path):
 def test_budget_smaller_than_a_block_is_rejected(tiny_model_path):
     with pytest.raises(ValueError, match="smaller than one block"):
         engine(tiny_model_path, block_size=16, kv_budget_bytes=100)
+
+
+# --- concurrent requests on the one engine thread ------------------------------------------------
+
+LONG = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+OTHER = [{"role": "system", "content": SYSTEMS[1]}, {"role": "user", "content": TURNS[0]}]
+
+
+def solo(path, messages, max_tokens):
+    """The reference: the request alone on a fresh engine, decoded in one go."""
+    eng = engine(path, n_slots=2, decode_chunk=0)
+    try:
+        return run(eng.generate(messages, max_tokens=max_tokens)).text
+    finally:
+        run(eng.close())
+
+
+@pytest.mark.parametrize("chunk,first_done", [(4, "prefill"), (0, "generation")])
+def test_a_scoring_prefill_waits_for_one_chunk_not_a_whole_generation(tiny_model_path, chunk, first_done):
+    """Another session's prefill (a routing decision) sent while a long local answer decodes ends
+    first when generations run in chunks (and last when a generation holds the engine to its
+    end, chunk 0); the answer is the same as decoded alone."""
+    eng = engine(tiny_model_path, n_slots=2, decode_chunk=chunk)
+    order: list[str] = []
+
+    async def go():
+        decoding = asyncio.Event()
+        long = asyncio.create_task(eng.generate(LONG, max_tokens=96, on_text=lambda _: decoding.set()))
+        long.add_done_callback(lambda _: order.append("generation"))
+        await decoding.wait()
+        await eng.prefill(OTHER)
+        order.append("prefill")
+        return await long
+
+    try:
+        gen = run(go())
+    finally:
+        run(eng.close())
+    assert gen.completion_tokens > 16  # many chunks: the order means something
+    assert order[0] == first_done, order
+    assert gen.text == solo(tiny_model_path, LONG, 96)
+
+
+def test_a_cancelled_generation_stops_and_frees_its_slot(tiny_model_path):
+    eng = engine(tiny_model_path, n_slots=1, decode_chunk=4)
+
+    async def go():
+        decoding = asyncio.Event()
+        long = asyncio.create_task(eng.generate(LONG, max_tokens=200, on_text=lambda _: decoding.set()))
+        await decoding.wait()
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        # the only slot is free again: another conversation runs, and runs right
+        return await asyncio.wait_for(eng.generate(OTHER, max_tokens=12), timeout=60)
+
+    try:
+        other = run(go())
+        assert eng.stats["generated_tokens"] - other.completion_tokens < 200  # it stopped early
+        assert not any(slot.busy for slot in eng._slots)
+        eng._index.check_invariants()
+    finally:
+        run(eng.close())
+    assert other.text == solo(tiny_model_path, OTHER, 12)
+
+
+def test_when_every_slot_is_generating_a_new_request_waits_for_one(tiny_model_path):
+    eng = engine(tiny_model_path, n_slots=1, decode_chunk=2)
+
+    async def go():
+        return await asyncio.gather(eng.generate(LONG, max_tokens=24), eng.generate(OTHER, max_tokens=12))
+
+    try:
+        long, other = run(go())
+    finally:
+        run(eng.close())
+    assert long.text == solo(tiny_model_path, LONG, 24)
+    assert other.text == solo(tiny_model_path, OTHER, 12)

@@ -20,6 +20,14 @@ about 5x slower time-to-first-token with 8 interleaved sessions on SmolLM2.
 
 Decoding is greedy and driven here token by token, so the prefill that scores a subtask is the
 one its local decode continues from: no second prefill when the step stays local.
+
+Concurrent requests share the one llama.cpp context on one engine thread. A generation runs there
+`decode_chunk` tokens at a time and queues again behind whatever arrived meanwhile, so another
+session's scoring prefill (the routing decision of a cloud-bound step) waits for one chunk, not
+for a whole local answer; each llama_decode still holds one sequence, so outputs are the same as
+run alone. A slot that is generating is never recycled, continued or evicted by another request;
+when every slot is generating, a new request waits for one to finish. A cancelled generation
+stops at its next chunk.
 """
 
 from __future__ import annotations
@@ -52,6 +60,32 @@ class _Slot:
     prompt_len: int = 0  # length of the last prompt evaluated here; a continuation must match it whole
     logits: np.ndarray | None = None  # logits after tokens[-1], kept only right after an evaluation
     last_used: int = 0  # logical clock, for choosing a slot to recycle
+    busy: bool = False  # a generation is decoding here: not to be recycled, continued or evicted
+
+
+class _NoFreeSlot(Exception):
+    """Every slot is generating; the request waits for one (engine-internal)."""
+
+
+@dataclass
+class _Decoding:
+    """A generation in progress, decoded a chunk at a time on the engine thread."""
+
+    slot: int
+    logits: np.ndarray  # the distribution of the next token
+    max_tokens: int
+    stop: list[str]
+    on_text: Callable[[str], None] | None
+    t0: float
+    prompt_tokens: int
+    reused: int
+    pinned: int  # index blocks of the prompt locked against eviction while decoding
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    finish: str = "length"
+    ttft: float | None = None
+    done: bool = False
 
 
 class LlamaCppEngine(Engine):
@@ -61,20 +95,22 @@ class LlamaCppEngine(Engine):
                  n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512,
                  n_slots: int = 8, block_size: int = 16, kv_budget_bytes: int | None = None,
                  kv_budget_tokens: int | None = None, kv_unified: bool = False, n_gpu_layers: int = -1,
-                 flash_attn: bool = True) -> None:
+                 flash_attn: bool = True, decode_chunk: int = 8) -> None:
         """n_ctx: the longest prompt + completion of one subtask, tokens (also each slot's size).
         n_slots: sequences kept in the KV cache at once. kv_budget_bytes: cap on the KV bytes the
         index keeps cached, counting a shared prefix block once (default: all slots' cells).
         flash_attn: llama.cpp's fused attention (faster prefill here). Set explicitly because
         llama.cpp's "auto" depends on the build, and the setting changes greedy outputs: compare
         engines only with the same setting. Even then llama.cpp's CPU kernels round differently
-        for different batch splits, so a reused prefix can flip a near-tie (tests/test_kvcache.py)."""
+        for different batch splits, so a reused prefix can flip a near-tie (tests/test_kvcache.py).
+        decode_chunk: tokens a generation decodes before other queued requests get the engine
+        (0: the whole generation at once)."""
         import llama_cpp
         from llama_cpp import _internals as internals
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         for arg, value, low in (("n_threads", n_threads, 1), ("n_slots", n_slots, 1), ("block_size", block_size, 1),
-                                ("n_ctx", n_ctx, 16)):
+                                ("n_ctx", n_ctx, 16), ("decode_chunk", decode_chunk, 0)):
             if value < low:
                 raise InvalidRequestError(f"{arg} must be >= {low}, got {value}")
         if n_slots > 64:
@@ -106,6 +142,7 @@ class LlamaCppEngine(Engine):
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.n_batch = n_batch
         self.n_vocab = self._model.n_vocab()
+        self.decode_chunk = decode_chunk
 
         meta = self._model.metadata()
         template = meta.get("tokenizer.chat_template")
@@ -170,10 +207,12 @@ class LlamaCppEngine(Engine):
             self._seq_rm(slot, start)
 
     def _recycle_slot(self, exclude: int) -> int:
-        """An empty slot, else the least recently used one (emptied)."""
-        free = [i for i, s in enumerate(self._slots) if not s.tokens and i != exclude]
-        slot = free[0] if free else min((i for i in range(len(self._slots)) if i != exclude),
-                                        key=lambda i: self._slots[i].last_used)
+        """An empty slot, else the least recently used idle one (emptied); _NoFreeSlot if none."""
+        idle = [i for i, s in enumerate(self._slots) if not s.busy and i != exclude]
+        if not idle:
+            raise _NoFreeSlot
+        free = [i for i in idle if not self._slots[i].tokens]
+        slot = free[0] if free else min(idle, key=lambda i: self._slots[i].last_used)
         self._index.truncate(slot, 0)
         self._seq_rm(slot, 0)
         return slot
@@ -207,7 +246,7 @@ class LlamaCppEngine(Engine):
         """Bring some slot's KV to `tokens`, evaluating only what is not cached.
 
         Returns (slot, logits after the last token, tokens reused). `reserve` is room to keep for
-        the completion.
+        the completion. A generating slot can lend its prefix (copied) but is never taken over.
         """
         self._check_fits(tokens)
         now = self._tick()
@@ -217,7 +256,8 @@ class LlamaCppEngine(Engine):
             if not slot_i.tokens:
                 continue
             mi = _common_prefix(slot_i.tokens, tokens)
-            ex = mi == len(tokens) == len(slot_i.tokens) and slot_i.logits is not None
+            ex = (mi == len(tokens) == len(slot_i.tokens) and slot_i.logits is not None
+                  and not slot_i.busy)
             if (ex, mi, slot_i.last_used) > (exact, m, self._slots[holder].last_used if holder >= 0 else -1):
                 holder, m, exact = i, mi, ex
         if exact:
@@ -226,7 +266,8 @@ class LlamaCppEngine(Engine):
             return holder, self._slots[holder].logits, m  # this exact prompt was just evaluated here
         if holder >= 0 and m > 0:
             m = min(m, len(tokens) - 1)  # evaluate at least one token, to get its logits
-            if m + 1 >= self._slots[holder].prompt_len or len(self._slots) == 1:
+            if not self._slots[holder].busy and (m + 1 >= self._slots[holder].prompt_len
+                                                 or len(self._slots) == 1):
                 # the same conversation one step on (or a retry), or nowhere else to go: in place
                 slot = holder
             else:  # a shared prefix of another conversation: link it into a slot of its own
@@ -269,50 +310,87 @@ class LlamaCppEngine(Engine):
         return Prefill(logits=logits, prompt_tokens=len(tokens), cached_tokens=reused,
                        latency_s=time.perf_counter() - t0)
 
-    def _generate_sync(self, messages: list[Message], max_tokens: int, stop: list[str],
-                       on_text: Callable[[str], None] | None = None) -> Generation:
+    def _start(self, messages: list[Message], max_tokens: int, stop: list[str],
+               on_text: Callable[[str], None] | None) -> _Decoding:
+        """Evaluate the prompt into a slot and claim it for this generation."""
         t0 = time.perf_counter()
         tokens = self.tokenize_messages(messages)
         max_tokens = max(0, min(max_tokens, self.n_ctx - len(tokens)))
         slot, logits, reused = self._eval_prompt(tokens, reserve=max_tokens)
-        s = self._slots[slot]
-        # A streamed delta holds back what could still become a stop string.
-        holdback = max((len(x) for x in stop), default=1) - 1
-        out: list[int] = []
-        text, sent, finish, ttft = "", 0, "length", None
-        while len(out) < max_tokens:
-            token = int(np.argmax(logits))  # greedy: outputs are reproducible and cacheable
-            if ttft is None:
-                ttft = time.perf_counter() - t0
+        self._slots[slot].busy = True
+        pinned = self._index.lock(np.asarray(tokens, dtype=np.int32))
+        return _Decoding(slot=slot, logits=logits, max_tokens=max_tokens, stop=stop, on_text=on_text, t0=t0,
+                         prompt_tokens=len(tokens), reused=reused, pinned=pinned)
+
+    def _step(self, d: _Decoding) -> bool:
+        """Decode up to `decode_chunk` tokens of `d` (all of it when 0); True once it is done."""
+        s = self._slots[d.slot]
+        holdback = max((len(x) for x in d.stop), default=1) - 1  # what could still become a stop string
+        budget = self.decode_chunk or d.max_tokens
+        while not d.done and budget > 0:
+            if len(d.out) >= d.max_tokens:
+                d.done = True
+                break
+            token = int(np.argmax(d.logits))  # greedy: outputs are reproducible and cacheable
+            if d.ttft is None:
+                d.ttft = time.perf_counter() - d.t0
             if self._lib.llama_vocab_is_eog(self._vocab, token):
-                finish = "stop"
+                d.finish, d.done = "stop", True
                 break
-            out.append(token)
-            text = self.detokenize(out)
-            hits = [text.index(x) for x in stop if x in text]
+            d.out.append(token)
+            d.text = self.detokenize(d.out)
+            hits = [d.text.index(x) for x in d.stop if x in d.text]
             if hits:
-                text, finish = text[: min(hits)], "stop"
+                d.text, d.finish, d.done = d.text[: min(hits)], "stop", True
                 break
-            if on_text is not None and len(text) - holdback > sent:
-                on_text(text[sent: len(text) - holdback])
-                sent = len(text) - holdback
-            if len(out) == max_tokens:
+            if d.on_text is not None and len(d.text) - holdback > d.sent:
+                d.on_text(d.text[d.sent: len(d.text) - holdback])
+                d.sent = len(d.text) - holdback
+            if len(d.out) == d.max_tokens:
+                d.done = True
                 break
-            logits = self._decode([token], slot, len(s.tokens))
+            d.logits = self._decode([token], d.slot, len(s.tokens))
             s.tokens.append(token)
-            s.logits = logits
-        if on_text is not None and len(text) > sent:
-            on_text(text[sent:])
-        self._apply_evictions(self._index.insert(np.asarray(s.tokens, dtype=np.int32), slot))
-        self.stats["generated_tokens"] += len(out)
-        latency = time.perf_counter() - t0
-        return Generation(text=text, prompt_tokens=len(tokens), completion_tokens=len(out),
-                          latency_s=latency, ttft_s=ttft if ttft is not None else latency,
-                          finish_reason=finish, cached_tokens=reused, model=self.name)
+            s.logits = d.logits
+            budget -= 1
+        if d.done:
+            self._finish(d)
+        return d.done
+
+    def _finish(self, d: _Decoding) -> None:
+        """Flush the text held back, then hand the slot back."""
+        if d.on_text is not None and len(d.text) > d.sent:
+            d.on_text(d.text[d.sent:])
+            d.sent = len(d.text)
+        self._release(d)
+
+    def _release(self, d: _Decoding) -> None:
+        """Unpin the prompt, free the slot and index what it now holds (prompt + decoded tokens)."""
+        s = self._slots[d.slot]
+        if s.busy:
+            s.busy = False
+            self._index.release(np.asarray(s.tokens[: d.prompt_tokens], dtype=np.int32), d.pinned)
+            self._apply_evictions(self._index.insert(np.asarray(s.tokens, dtype=np.int32), d.slot))
+            self.stats["generated_tokens"] += len(d.out)
+
+    def _generation(self, d: _Decoding) -> Generation:
+        latency = time.perf_counter() - d.t0
+        return Generation(text=d.text, prompt_tokens=d.prompt_tokens, completion_tokens=len(d.out),
+                          latency_s=latency, ttft_s=d.ttft if d.ttft is not None else latency,
+                          finish_reason=d.finish, cached_tokens=d.reused, model=self.name)
 
     # --- async interface ------------------------------------------------------------------------
+    async def _when_a_slot_is_free(self, fn, *args):
+        """Run `fn` on the engine thread; while every slot is generating, wait for one."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return await loop.run_in_executor(self._executor, fn, *args)
+            except _NoFreeSlot:
+                await asyncio.sleep(0.005)  # a chunk of some generation, at most, until one ends
+
     async def prefill(self, messages: list[Message]) -> Prefill:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._prefill_sync, messages)
+        return await self._when_a_slot_is_free(self._prefill_sync, messages)
 
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
                        stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
@@ -322,11 +400,23 @@ class LlamaCppEngine(Engine):
         if max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
         loop = asyncio.get_running_loop()
+
         def callback(delta: str) -> None:
             loop.call_soon_threadsafe(on_text, delta)
-        return await loop.run_in_executor(
-            self._executor, self._generate_sync, messages, max_tokens, list(stop or []),
-            callback if on_text is not None else None)
+
+        d = await self._when_a_slot_is_free(self._start, messages, max_tokens, list(stop or []),
+                                            callback if on_text is not None else None)
+        try:
+            while not await loop.run_in_executor(self._executor, self._step, d):
+                pass  # between chunks, requests queued meanwhile run
+        except BaseException:
+            if not d.done:  # cancelled (client gone) or failed: free the slot after the chunk in flight
+                try:
+                    self._executor.submit(self._release, d)
+                except RuntimeError:  # the engine is closing: nothing left to free
+                    pass
+            raise
+        return self._generation(d)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)
