@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS subtasks (
     p_local REAL,                     -- predictor's P(SLM good enough); NULL when not scored
     threshold REAL,                   -- kappa(step) used for the decision
     reason TEXT NOT NULL,             -- why this route (predictor, local-only, budget, fallback...)
-    status TEXT NOT NULL DEFAULT 'ok' -- 'ok' or an error class
+    status TEXT NOT NULL DEFAULT 'ok' -- 'ok', 'cancelled' (client left mid-answer) or an error class
 );
 CREATE INDEX IF NOT EXISTS subtasks_run ON subtasks(run);
 CREATE TABLE IF NOT EXISTS cloud_attempts (
@@ -124,7 +124,8 @@ class Ledger:
             return [dict(zip(names, r)) for r in cur.fetchall()]
 
     def totals(self, run: str | None = None) -> dict[str, Any]:
-        """Sums over served subtasks (rows of failed cloud calls are counted apart, as `failed_calls`)."""
+        """Sums over served subtasks (rows of failed cloud calls are counted apart, as `failed_calls`,
+        and of subtasks whose client left mid-answer as `cancelled`)."""
         where = " WHERE status='ok'" + (" AND run=?" if run else "")
         q = ("SELECT COUNT(*), COALESCE(SUM(route='local'),0), COALESCE(SUM(cost_usd),0), "
              "COALESCE(SUM(CASE WHEN route='cloud' THEN cost_usd ELSE 0 END),0), "
@@ -132,9 +133,11 @@ class Ledger:
              f"COALESCE(SUM(completion_tokens),0), COALESCE(SUM(cached_tokens),0) FROM subtasks{where}")
         with self._lock:
             n, local, cost, cloud_cost, all_cloud, pt, ct, cached = self._db.execute(q, (run,) if run else ()).fetchone()
-            failed = self._db.execute("SELECT COUNT(*) FROM subtasks WHERE status!='ok'" + (" AND run=?" if run else ""),
-                                      (run,) if run else ()).fetchone()[0]
-        return {"subtasks": n, "failed_calls": failed, "local_subtasks": local, "local_share": local / n if n else 0.0,
+            failed, cancelled = self._db.execute(
+                "SELECT COALESCE(SUM(status NOT IN ('ok','cancelled')),0), COALESCE(SUM(status='cancelled'),0) "
+                "FROM subtasks" + (" WHERE run=?" if run else ""), (run,) if run else ()).fetchone()
+        return {"subtasks": n, "failed_calls": failed, "cancelled": cancelled,
+                "local_subtasks": local, "local_share": local / n if n else 0.0,
                 "cost_usd": cost, "cloud_cost_usd": cloud_cost, "all_cloud_cost_usd": all_cloud,
                 "saving_usd": all_cloud - cost, "prompt_tokens": pt, "completion_tokens": ct,
                 "cached_tokens": cached}

@@ -9,6 +9,7 @@ predictor -> policy -> local decode continuing from that prefill, or the cloud -
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -107,32 +108,36 @@ class Runtime:
                                               "(raise the cap, or set budget_action = 'local')")
         if on_decision is not None:
             await on_decision(decision)
-        attempts: list[tuple[str, float]] = []
-        if decision.route is Route.CLOUD:
-            kwargs = {"extra": cloud_extra} if cloud_extra else {}
-            streamed: list[str] = []
-            relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
-            try:
-                gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, on_text=relay, **kwargs)
-            except CloudError as exc:
-                can_fall_back = (self.fallback == "local" and why_not_local is None and not streamed
-                                 and override is not Override.CLOUD_ONLY and not isinstance(exc, CloudRequestError))
-                self._record_failure(run, session, step, decision, exc, time.perf_counter() - t0)
-                if not can_fall_back:
-                    raise
-                decision = Decision(Route.LOCAL, "fallback-local", p_local, threshold)
+        try:
+            attempts: list[tuple[str, float]] = []
+            if decision.route is Route.CLOUD:
+                kwargs = {"extra": cloud_extra} if cloud_extra else {}
+                streamed: list[str] = []
+                relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
+                try:
+                    gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, on_text=relay, **kwargs)
+                except CloudError as exc:
+                    can_fall_back = (self.fallback == "local" and why_not_local is None and not streamed
+                                     and override is not Override.CLOUD_ONLY and not isinstance(exc, CloudRequestError))
+                    self._record_failure(run, session, step, decision, exc, time.perf_counter() - t0)
+                    if not can_fall_back:
+                        raise
+                    decision = Decision(Route.LOCAL, "fallback-local", p_local, threshold)
+                else:
+                    attempts = gen.extra.get("attempts", [])
+            if decision.route is Route.LOCAL:
+                gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
+                elapsed = time.perf_counter() - t0  # scoring prefill included: it is the local prefill
+                cost = self.prices.local_cost(elapsed)
+                cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
             else:
-                attempts = gen.extra.get("attempts", [])
-        if decision.route is Route.LOCAL:
-            gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
-            elapsed = time.perf_counter() - t0  # scoring prefill included: it is the local prefill
-            cost = self.prices.local_cost(elapsed)
-            cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
-        else:
-            elapsed = time.perf_counter() - t0
-            cost = cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
-            if self.budget is not None:
-                self.budget.add(session, cost)
+                elapsed = time.perf_counter() - t0
+                cost = cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+                if self.budget is not None:
+                    self.budget.add(session, cost)
+        except asyncio.CancelledError:  # the client went away mid-answer: book what was spent, then stop
+            self._record_cancelled(run, session, step, decision, time.perf_counter() - t0)
+            raise
         row_id = self.ledger.record(LedgerRow(
             run=run or self.run, session=session, step=step, route=decision.route.value, model=gen.model,
             prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
@@ -140,6 +145,18 @@ class Runtime:
             cloud_cost_usd=cloud_cost, p_local=p_local, threshold=threshold, reason=decision.reason), attempts)
         return SubtaskResult(text=gen.text, route=decision.route, decision=decision, generation=gen,
                              cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id)
+
+    def _record_cancelled(self, run, session, step, decision: Decision, elapsed: float) -> None:
+        """A subtask cancelled while generating (its client disconnected) is a row with status
+        'cancelled': a local one costs the energy of the time it ran; a cloud one is booked at 0
+        (what the provider bills for a request closed mid-answer is not known here)."""
+        local = decision.route is Route.LOCAL
+        self.ledger.record(LedgerRow(
+            run=run or self.run, session=session, step=step, route=decision.route.value,
+            model=(self.local if local else self.cloud).name, prompt_tokens=0, completion_tokens=0,
+            cached_tokens=0, latency_s=elapsed, cost_usd=self.prices.local_cost(elapsed) if local else 0.0,
+            cloud_cost_usd=0.0, p_local=decision.p_local, threshold=decision.threshold, reason=decision.reason,
+            status="cancelled"))
 
     def _record_failure(self, run, session, step, decision, exc: CloudError, elapsed: float) -> None:
         """A failed cloud call is a ledger row too (status = the error class, cost 0)."""

@@ -287,8 +287,21 @@ async def _stream_routed(request: web.Request, rt: Runtime, messages, kwargs):
             await response.write(chunk({"content": delta}))
 
     writer_task = asyncio.create_task(writer())
+    work = asyncio.create_task(rt.complete(messages, on_text=queue.put_nowait, on_decision=on_decision, **kwargs))
+
+    def client_gone(task: asyncio.Task) -> None:
+        # A write failed: the client disconnected. Stop the answer (a local one stops at its next
+        # chunk); the runtime books it as cancelled.
+        if not task.cancelled() and task.exception() is not None:
+            work.cancel()
+
+    writer_task.add_done_callback(client_gone)
     try:
-        result = await rt.complete(messages, on_text=queue.put_nowait, on_decision=on_decision, **kwargs)
+        result = await work
+    except asyncio.CancelledError:
+        if work.cancelled() and writer_task.done() and not writer_task.cancelled():
+            raise _StreamEnded(response) from None  # nobody to answer
+        raise
     except HeraError as exc:
         writer_task.cancel()
         if not response.prepared:

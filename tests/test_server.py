@@ -202,3 +202,36 @@ def test_ag2_agent_runs_a_multi_step_conversation_through_hera(server):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert [r["route"] for r in rows] == ["cloud", "local", "local"]
     assert len({r["session"] for r in rows}) == 1
+
+
+def test_a_streaming_client_that_leaves_stops_its_local_answer(server):
+    """The client closes the connection after the first chunk: the local answer stops at its next
+    chunk instead of decoding to max_tokens, and the ledger books the step as cancelled."""
+    import http.client
+    import time
+    from urllib.parse import urlparse
+
+    long = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+    engine = server.rt.local
+    before = engine.stats["generated_tokens"]
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions",
+                 json.dumps({"model": "hera", "messages": long, "max_tokens": 400, "stream": True}),
+                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", "X-Hera-Policy": "local-only"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.headers["x-hera-route"] == "local"
+    assert resp.readline().startswith(b"data: ")  # the role chunk: decoding has started
+    conn.sock.close()  # the client goes away
+    conn.close()
+    deadline = time.monotonic() + 60
+    while not [r for r in server.ledger.rows("serve") if r["status"] == "cancelled"]:
+        assert time.monotonic() < deadline, "no cancelled row in the ledger"
+        time.sleep(0.05)
+    row = [r for r in server.ledger.rows("serve") if r["status"] == "cancelled"][0]
+    assert row["route"] == "local" and row["cost_usd"] >= 0
+    assert server.ledger.totals("serve")["cancelled"] == 1
+    while any(slot.busy for slot in engine._slots):  # the slot is handed back after the chunk in flight
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert engine.stats["generated_tokens"] - before < 400
