@@ -216,3 +216,36 @@ def test_when_every_slot_is_generating_a_new_request_waits_for_one(tiny_model_pa
         run(eng.close())
     assert long.text == solo(tiny_model_path, LONG, 24)
     assert other.text == solo(tiny_model_path, OTHER, 12)
+
+
+def test_a_generation_cancelled_while_it_starts_does_not_keep_its_slot(tiny_model_path):
+    """Cancelled while its prompt evaluation runs on the engine thread (which cannot be stopped):
+    the slot it then claims is handed back right after."""
+    import threading
+
+    eng = engine(tiny_model_path, n_slots=1)
+    running, proceed = threading.Event(), threading.Event()
+    start = eng._start
+
+    def held_start(*args):
+        running.set()
+        proceed.wait(30)
+        return start(*args)
+
+    eng._start = held_start
+
+    async def go():
+        task = asyncio.create_task(eng.generate(OTHER, max_tokens=8))
+        await asyncio.get_running_loop().run_in_executor(None, running.wait, 30)
+        task.cancel()
+        proceed.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(eng.prefill(LONG), timeout=60)  # runs once the slot is handed back
+        assert not any(slot.busy for slot in eng._slots)
+        return await asyncio.wait_for(eng.generate(OTHER, max_tokens=8), timeout=60)
+
+    try:
+        assert run(go()).completion_tokens > 0
+    finally:
+        run(eng.close())

@@ -380,12 +380,30 @@ class LlamaCppEngine(Engine):
                           finish_reason=d.finish, cached_tokens=d.reused, model=self.name)
 
     # --- async interface ------------------------------------------------------------------------
+    def _release_later(self, d: _Decoding) -> None:
+        """Free `d`'s slot on the engine thread, after the work queued before it (any thread)."""
+        try:
+            self._executor.submit(self._release, d)
+        except RuntimeError:  # the engine is closing: nothing left to free
+            pass
+
+    async def _on_engine(self, fn, *args):
+        """Run `fn` on the engine thread. If the caller is cancelled once a generation's start
+        is already running there, that generation's slot is freed as soon as it has started."""
+        job = self._executor.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if fn == self._start and not job.cancelled():
+                job.add_done_callback(lambda j: None if j.cancelled() or j.exception() is not None
+                                      else self._release_later(j.result()))
+            raise
+
     async def _when_a_slot_is_free(self, fn, *args):
         """Run `fn` on the engine thread; while every slot is generating, wait for one."""
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                return await loop.run_in_executor(self._executor, fn, *args)
+                return await self._on_engine(fn, *args)
             except _NoFreeSlot:
                 await asyncio.sleep(0.005)  # a chunk of some generation, at most, until one ends
 
@@ -407,14 +425,11 @@ class LlamaCppEngine(Engine):
         d = await self._when_a_slot_is_free(self._start, messages, max_tokens, list(stop or []),
                                             callback if on_text is not None else None)
         try:
-            while not await loop.run_in_executor(self._executor, self._step, d):
+            while not await self._on_engine(self._step, d):
                 pass  # between chunks, requests queued meanwhile run
         except BaseException:
             if not d.done:  # cancelled (client gone) or failed: free the slot after the chunk in flight
-                try:
-                    self._executor.submit(self._release, d)
-                except RuntimeError:  # the engine is closing: nothing left to free
-                    pass
+                self._release_later(d)
             raise
         return self._generation(d)
 
