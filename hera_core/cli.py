@@ -40,16 +40,18 @@ def cmd_cloud_sim(args) -> int:
     from .cloud_sim import create_app
     from .engines.llamacpp import LlamaCppEngine
     from .models import model_path
+    from .server import RUNNER_OPTIONS
 
     engine = LlamaCppEngine(model_path(args.model), name=args.model, n_ctx=args.n_ctx, n_threads=args.threads)
-    web.run_app(create_app(engine), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(create_app(engine), host=args.host, port=args.port, print=None, access_log=None,
+                **RUNNER_OPTIONS)
     return 0
 
 
 def cmd_serve(args) -> int:
     from aiohttp import web
 
-    from .server import create_app
+    from .server import RUNNER_OPTIONS, create_app
 
     overrides = {}
     if args.host:
@@ -61,7 +63,7 @@ def cmd_serve(args) -> int:
     settings = load_settings(args.config, overrides)
     s = settings.server
     print(f"hera serve: http://{s.host}:{s.port}/v1 (model 'hera' is routed; others pass through)", flush=True)
-    web.run_app(create_app(settings), host=s.host, port=s.port, print=None, access_log=None)
+    web.run_app(create_app(settings), host=s.host, port=s.port, print=None, access_log=None, **RUNNER_OPTIONS)
     return 0
 
 

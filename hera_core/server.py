@@ -323,6 +323,12 @@ async def _stream_routed(request: web.Request, rt: Runtime, messages, kwargs):
     return result, response
 
 
+# aiohttp lets a handler run to its end after its client disconnected; with this a disconnect
+# cancels the handler, so a local answer stops at its next chunk and the runtime books the step as
+# cancelled. Pass to web.run_app / web.AppRunner.
+RUNNER_OPTIONS = {"handler_cancellation": True}
+
+
 class _StreamEnded(Exception):
     def __init__(self, response: web.StreamResponse) -> None:
         self.response = response

@@ -74,7 +74,10 @@ class ServerThread:
         self.port = free_port()
 
         async def start():
-            self.runner = web.AppRunner(await make_app() if asyncio.iscoroutinefunction(make_app) else make_app())
+            from hera_core.server import RUNNER_OPTIONS
+
+            app = await make_app() if asyncio.iscoroutinefunction(make_app) else make_app()
+            self.runner = web.AppRunner(app, **RUNNER_OPTIONS)  # as `hera serve` runs it
             await self.runner.setup()
             await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
 

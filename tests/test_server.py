@@ -235,3 +235,34 @@ def test_a_streaming_client_that_leaves_stops_its_local_answer(server):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert engine.stats["generated_tokens"] - before < 400
+
+
+def test_a_client_that_leaves_before_a_whole_answer_stops_it(server):
+    """Not streaming: the client closes the connection while the local answer decodes; the
+    handler is cancelled, the answer stops at its next chunk and the step is booked cancelled."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    body = json.dumps({"model": "hera", "max_tokens": 400,
+                       "messages": [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]})
+    engine = server.rt.local
+    before = engine.stats["generated_tokens"]
+    url = urlparse(server.url)
+    sock = socket.create_connection((url.hostname, url.port), timeout=60)
+    sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.hostname}\r\nAuthorization: Bearer {KEY}\r\n"
+                  f"Content-Type: application/json\r\nX-Hera-Policy: local-only\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    deadline = time.monotonic() + 60
+    while not any(slot.busy for slot in engine._slots):  # the answer is decoding
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sock.close()
+    while not [r for r in server.ledger.rows("serve") if r["status"] == "cancelled"]:
+        assert time.monotonic() < deadline, "no cancelled row in the ledger"
+        time.sleep(0.05)
+    while any(slot.busy for slot in engine._slots):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert engine.stats["generated_tokens"] - before < 400
+    assert server.ledger.totals("serve")["subtasks"] == 0  # nothing was served
