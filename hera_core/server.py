@@ -299,7 +299,9 @@ async def _stream_routed(request: web.Request, rt: Runtime, messages, kwargs):
     try:
         result = await work
     except asyncio.CancelledError:
-        if work.cancelled() and writer_task.done() and not writer_task.cancelled():
+        client_left = work.cancelled() and writer_task.done() and not writer_task.cancelled()
+        writer_task.cancel()
+        if client_left:
             raise _StreamEnded(response) from None  # nobody to answer
         raise
     except HeraError as exc:
