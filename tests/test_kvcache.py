@@ -249,3 +249,24 @@ def test_a_generation_cancelled_while_it_starts_does_not_keep_its_slot(tiny_mode
         assert run(go()).completion_tokens > 0
     finally:
         run(eng.close())
+
+
+def test_a_late_second_release_does_not_free_a_slot_claimed_since(tiny_model_path):
+    """A generation cancelled while its last chunk runs is released twice (by its end and by the
+    cancellation, queued behind another request's start); the second must not free that request's
+    slot."""
+    eng = engine(tiny_model_path, n_slots=1, decode_chunk=4)
+    try:
+        a = eng._start(LONG, 8, [], None)
+        while not eng._step(a):
+            pass
+        b = eng._start(OTHER, 8, [], None)  # takes the one slot A just handed back
+        assert b.slot == a.slot and eng._slots[b.slot].busy
+        eng._release(a)  # the late one
+        assert eng._slots[b.slot].busy
+        while not eng._step(b):
+            pass
+        assert not eng._slots[b.slot].busy
+        eng._index.check_invariants()
+    finally:
+        run(eng.close())

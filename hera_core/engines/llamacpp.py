@@ -86,6 +86,7 @@ class _Decoding:
     finish: str = "length"
     ttft: float | None = None
     done: bool = False
+    released: bool = False  # the slot has been handed back
 
 
 class LlamaCppEngine(Engine):
@@ -365,10 +366,11 @@ class LlamaCppEngine(Engine):
         self._release(d)
 
     def _release(self, d: _Decoding) -> None:
-        """Unpin the prompt, free the slot and index what it now holds (prompt + decoded tokens)."""
+        """Unpin the prompt, free the slot and index what it now holds (prompt + decoded tokens).
+        Once per generation: a late second call must not free a slot another one claimed since."""
         s = self._slots[d.slot]
-        if s.busy:
-            s.busy = False
+        if not d.released:
+            d.released, s.busy = True, False
             self._index.release(np.asarray(s.tokens[: d.prompt_tokens], dtype=np.int32), d.pinned)
             self._apply_evictions(self._index.insert(np.asarray(s.tokens, dtype=np.int32), d.slot))
             self.stats["generated_tokens"] += len(d.out)
