@@ -1,6 +1,6 @@
 """A routing decision while another session's local answer decodes, on the one engine thread.
 
-SmolLM2-135M. Session A asks for a long answer (128 greedy tokens); as soon as it streams its
+SmolLM2-135M (HERA_BENCH_MODEL names another manifest model). Session A asks for a long answer (128 greedy tokens); as soon as it streams its
 first text, session B sends its next step, whose scoring prefill (what the router needs before
 it can send B to the cloud or keep it) evaluates B's ~150 new tokens on top of its cached history.
 Each round uses a new turn for B. Two engines in one run:
@@ -26,6 +26,7 @@ import pytest
 from hera_core.models import model_path
 
 THREADS = int(os.environ.get("HERA_BENCH_THREADS", "1"))
+MODEL = os.environ.get("HERA_BENCH_MODEL", "smollm2-135m")
 ROUNDS, A_TOKENS = 6, 128
 WORDS = "agent tool plan step value result check list table file query answer model token cache".split()
 LONG = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
@@ -35,7 +36,7 @@ def run_rounds(chunk: int, with_answer: bool = True) -> dict:
     from hera_core.engines.llamacpp import LlamaCppEngine
 
     rng = random.Random(3)
-    eng = LlamaCppEngine(model_path("smollm2-135m"), n_ctx=2048, n_threads=THREADS, n_slots=4,
+    eng = LlamaCppEngine(model_path(MODEL), n_ctx=2048, n_threads=THREADS, n_slots=4,
                          decode_chunk=chunk)
     history = [{"role": "system", "content": "You are agent B. " + " ".join(rng.choice(WORDS) for _ in range(250))}]
     waits, latencies, answers = [], [], set()
@@ -66,7 +67,7 @@ def run_rounds(chunk: int, with_answer: bool = True) -> dict:
     n_tokens = next(iter(answers))[1] if len(answers) == 1 else -1
     return {"decode_chunk": chunk, "with_answer": with_answer, "prefill_wait_s": statistics.median(waits),
             "answer_latency_s": statistics.median(latencies) if latencies else None, "a_tokens": n_tokens,
-            "same_answer_every_round": len(answers) <= 1, "threads": THREADS}
+            "same_answer_every_round": len(answers) <= 1, "threads": THREADS, "model": MODEL}
 
 
 @pytest.mark.parametrize("chunk,with_answer", [(8, True), (0, True), (8, False)],
