@@ -389,23 +389,23 @@ class LlamaCppEngine(Engine):
         except RuntimeError:  # the engine is closing: nothing left to free
             pass
 
-    async def _on_engine(self, fn, *args):
-        """Run `fn` on the engine thread. If the caller is cancelled once a generation's start
-        is already running there, that generation's slot is freed as soon as it has started."""
+    async def _on_engine(self, fn, *args, if_abandoned: Callable[[object], None] | None = None):
+        """Run `fn` on the engine thread. If the caller is cancelled while `fn` already runs there
+        (it cannot be stopped), `if_abandoned` gets its result once it ends."""
         job = self._executor.submit(fn, *args)
         try:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
-            if fn == self._start and not job.cancelled():
+            if if_abandoned is not None and not job.cancelled():
                 job.add_done_callback(lambda j: None if j.cancelled() or j.exception() is not None
-                                      else self._release_later(j.result()))
+                                      else if_abandoned(j.result()))
             raise
 
-    async def _when_a_slot_is_free(self, fn, *args):
+    async def _when_a_slot_is_free(self, fn, *args, if_abandoned: Callable[[object], None] | None = None):
         """Run `fn` on the engine thread; while every slot is generating, wait for one."""
         while True:
             try:
-                return await self._on_engine(fn, *args)
+                return await self._on_engine(fn, *args, if_abandoned=if_abandoned)
             except _NoFreeSlot:
                 await asyncio.sleep(0.005)  # a chunk of some generation, at most, until one ends
 
@@ -424,8 +424,10 @@ class LlamaCppEngine(Engine):
         def callback(delta: str) -> None:
             loop.call_soon_threadsafe(on_text, delta)
 
+        # Cancelled while its start runs: the slot that start claims is handed back once it has.
         d = await self._when_a_slot_is_free(self._start, messages, max_tokens, list(stop or []),
-                                            callback if on_text is not None else None)
+                                            callback if on_text is not None else None,
+                                            if_abandoned=self._release_later)
         try:
             while not await self._on_engine(self._step, d):
                 pass  # between chunks, requests queued meanwhile run
