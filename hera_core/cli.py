@@ -34,6 +34,22 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .install.doctor import run_checks
+
+    checks = run_checks(Path(args.model) if args.model else None)
+    for c in checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:16} {c.detail}")
+    failed = [c for c in checks if not c.ok]
+    if failed:  # the first failure is the one to fix first: one line, naming the fix
+        raise SelfTestFailed(f"{failed[0].name}: {failed[0].detail}; fix: {failed[0].fix}")
+    return 0
+
+
+class SelfTestFailed(Exception):
+    """`hera doctor` found a broken install; the message names the fix."""
+
+
 def cmd_cloud_sim(args) -> int:
     from aiohttp import web
 
@@ -265,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("names", nargs="*", help="model names (default: all)")
     m.set_defaults(func=cmd_models)
 
+    dr = sub.add_parser("doctor", help="self-test the install: versions, native build, a greedy decode in a child process")
+    dr.add_argument("--model", help="GGUF to decode with (default: the installed SmolLM2-135M)")
+    dr.set_defaults(func=cmd_doctor)
+
     c = sub.add_parser("cloud-sim", help="serve a GGUF model over an OpenAI-compatible API (stand-in cloud)")
     c.add_argument("--model", default="qwen2.5-coder-1.5b")
     c.add_argument("--host", default="127.0.0.1")
@@ -342,13 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import faulthandler
+
     from .errors import HeraError
 
+    faulthandler.enable()  # a crash in native code prints where it happened, not only "Segmentation fault"
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (HeraError, ValueError, LookupError) as exc:
+    except (HeraError, ValueError, LookupError, SelfTestFailed) as exc:
         print(f"hera: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

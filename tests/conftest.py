@@ -17,6 +17,21 @@ from tests.processes import wait_for_http
 TINY = "smollm2-135m"  # plumbing tests: fast, real
 
 
+def pytest_sessionstart(session):
+    """The suite starts with the self-test: llama.cpp's first decode runs in a child process, so a
+    native crash (an instruction set this CPU lacks, a broken kernel) stops the run here with its
+    message and fix, instead of killing pytest mid-run and hiding every other result."""
+    from hera_core.install.doctor import decode_self_test
+
+    try:
+        path = model_path(TINY)
+    except Exception as exc:  # noqa: BLE001 - the message says how to install it
+        pytest.exit(f"{exc} (make test runs `hera models ensure {TINY}`)", returncode=3)
+    check = decode_self_test(path)
+    if not check.ok:
+        pytest.exit(f"llama.cpp self-test failed: {check.detail}; fix: {check.fix}", returncode=3)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     try:
