@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from hera_core.models import model_path
+from hera_core.install.models import model_path
 
 THREADS = int(os.environ.get("HERA_BENCH_THREADS", "1"))
 MODEL = os.environ.get("HERA_BENCH_MODEL", "smollm2-135m")
@@ -33,7 +33,7 @@ LONG = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}
 
 
 def run_rounds(chunk: int, with_answer: bool = True) -> dict:
-    from hera_core.engines.llamacpp import LlamaCppEngine
+    from hera_core.backends.llamacpp import LlamaCppEngine
 
     rng = random.Random(3)
     eng = LlamaCppEngine(model_path(MODEL), n_ctx=2048, n_threads=THREADS, n_slots=4,

@@ -20,9 +20,9 @@ import pytest
 import xgboost as xgb
 
 from hera_core import native
-from hera_core.forest import Forest
-from hera_core.gpu_scoring import score_batch_cpu, score_batch_device
-from hera_core.predictor import FEATURE_NAMES, STRUCTURE_FEATURE_NAMES
+from hera_core.native.forest import Forest
+from hera_core.gpu.scoring import score_batch_cpu, score_batch_device
+from hera_core.routing.predictor import FEATURE_NAMES, STRUCTURE_FEATURE_NAMES
 from tests.factories import device_array_module, to_device
 
 if not native.cuda_available():

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from hera_core.models import model_path
+from hera_core.install.models import model_path
 
 SESSIONS, STEPS, MAX_NEW = 8, 6, 32
 THREADS = int(os.environ.get("HERA_BENCH_THREADS", "1"))
@@ -53,7 +53,7 @@ def workload():
 
 class _Ours:
     def __init__(self, path):
-        from hera_core.engines.llamacpp import LlamaCppEngine
+        from hera_core.backends.llamacpp import LlamaCppEngine
 
         self.engine = LlamaCppEngine(path, n_ctx=N_CTX, n_threads=THREADS, n_slots=SESSIONS)
         self.loop = asyncio.new_event_loop()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from hera_core import native
-from hera_core.radix import PyRadixIndex
+from hera_core.native.radix import PyRadixIndex
 
 SESSIONS = 8
 STEPS = 6

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from hera_core.stack import free_port
+from hera_core.serving.assembly import free_port
 from tests.processes import wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent

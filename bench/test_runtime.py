@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from hera_core.config import PriceSettings
-from hera_core.engines.base import Engine, Generation, Prefill
-from hera_core.ledger import Ledger
-from hera_core.predictor import Predictor
-from hera_core.runtime import Runtime
+from hera_core.backends.base import Engine, Generation, Prefill
+from hera_core.routing.ledger import Ledger
+from hera_core.routing.predictor import Predictor
+from hera_core.routing.runtime import Runtime
 
 VOCAB = 151_936
 MESSAGES = [{"role": "system", "content": "You are a careful coding agent."},

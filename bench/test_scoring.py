@@ -13,8 +13,8 @@ import pytest
 import xgboost as xgb
 
 from hera_core import native
-from hera_core.features import logit_features_numpy
-from hera_core.forest import Forest
+from hera_core.native.features import logit_features_numpy
+from hera_core.native.forest import Forest
 
 N_FEATURES = 32
 N_TREES = 200

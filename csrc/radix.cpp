@@ -1,4 +1,4 @@
-// Block-granular radix index: see radix.h, and hera_core/radix.py for the reference twin.
+// Block-granular radix index: see radix.h, and hera_core/native/radix.py for the reference twin.
 #include "radix.h"
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 // Block-granular radix index over token ids: which KV slots (llama.cpp sequence ids) hold which
-// prompt prefixes. The native twin of hera_core/radix.py (PyRadixIndex), which is the reference:
+// prompt prefixes. The native twin of hera_core/native/radix.py (PyRadixIndex), which is the reference:
 // every operation, every return value and every tie-break here is the same as there.
 //
 // Each node below the root is one block of `block_size` token ids; a node's prefix is the

@@ -1,5 +1,5 @@
 // Python binding of hera::RadixIndex as hera_core._native.RadixIndex, the native twin of
-// hera_core.radix.PyRadixIndex: same method and property names, same results, ValueError for
+// hera_core.native.radix.PyRadixIndex: same method and property names, same results, ValueError for
 // caller mistakes, AssertionError from check_invariants().
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -122,7 +122,7 @@ void hera_register_radix(py::module_& m) {
   using Self = RadixIndexPy;
   py::class_<Self>(m, "RadixIndex",
                    "Block-granular radix index over token ids: which KV slots hold which prompt prefixes "
-                   "(native twin of hera_core.radix.PyRadixIndex; same methods, same results).")
+                   "(native twin of hera_core.native.radix.PyRadixIndex; same methods, same results).")
       .def(py::init<int64_t, int64_t, int64_t, int64_t>(), py::arg("block_size"), py::arg("bytes_per_token"),
            py::arg("byte_budget"), py::arg("max_slots") = 64,
            "ValueError unless block_size >= 1, bytes_per_token >= 1, 1 <= max_slots <= 64 and byte_budget "

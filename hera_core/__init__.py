@@ -4,16 +4,16 @@ Importing hera_core loads nothing heavy: the native module, llama.cpp and XGBoos
 where they are used.
 """
 
-from ._version import __version__
-from .config import HeraSettings, load_settings
-from .errors import HeraError
-from .features import logit_features, logit_features_numpy
-from .forest import Forest, ForestPy
-from .ledger import Ledger
-from .policy import Override, Route
-from .predictor import Kappa, Predictor
-from .radix import PyRadixIndex, RadixIndex
-from .runtime import Runtime, SubtaskResult
+from hera_core._version import __version__
+from hera_core.config import HeraSettings, load_settings
+from hera_core.errors import HeraError
+from hera_core.native.features import logit_features, logit_features_numpy
+from hera_core.native.forest import Forest, ForestPy
+from hera_core.routing.ledger import Ledger
+from hera_core.routing.policy import Override, Route
+from hera_core.routing.predictor import Kappa, Predictor
+from hera_core.native.radix import PyRadixIndex, RadixIndex
+from hera_core.routing.runtime import Runtime, SubtaskResult
 
 __all__ = ["Forest", "ForestPy", "HeraError", "HeraSettings", "Kappa", "Ledger", "Override", "Predictor",
            "PyRadixIndex", "RadixIndex", "Route", "Runtime", "SubtaskResult", "__version__", "load_settings",

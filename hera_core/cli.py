@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def _settings(args):
-    from .config import load_settings
+    from hera_core.config import load_settings
 
     overrides = {}
     if getattr(args, "local_model", None):
@@ -22,7 +22,7 @@ def _settings(args):
 
 
 def cmd_models(args) -> int:
-    from .models import MODELS, ensure, is_installed
+    from hera_core.install.models import MODELS, ensure, is_installed
 
     if args.action == "list":
         for spec in MODELS.values():
@@ -35,7 +35,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from .install.doctor import run_checks
+    from hera_core.install.doctor import run_checks
 
     checks = run_checks(Path(args.model) if args.model else None)
     for c in checks:
@@ -53,10 +53,10 @@ class SelfTestFailed(Exception):
 def cmd_cloud_sim(args) -> int:
     from aiohttp import web
 
-    from .cloud_sim import create_app
-    from .engines.llamacpp import LlamaCppEngine
-    from .models import model_path
-    from .server import RUNNER_OPTIONS
+    from hera_core.serving.cloud_sim import create_app
+    from hera_core.backends.llamacpp import LlamaCppEngine
+    from hera_core.install.models import model_path
+    from hera_core.serving.server import RUNNER_OPTIONS
 
     engine = LlamaCppEngine(model_path(args.model), name=args.model, n_ctx=args.n_ctx, n_threads=args.threads)
     web.run_app(create_app(engine), host=args.host, port=args.port, print=None, access_log=None,
@@ -67,14 +67,14 @@ def cmd_cloud_sim(args) -> int:
 def cmd_serve(args) -> int:
     from aiohttp import web
 
-    from .server import RUNNER_OPTIONS, create_app
+    from hera_core.serving.server import RUNNER_OPTIONS, create_app
 
     overrides = {}
     if args.host:
         overrides["server.host"] = args.host
     if args.port is not None:
         overrides["server.port"] = args.port
-    from .config import load_settings
+    from hera_core.config import load_settings
 
     settings = load_settings(args.config, overrides)
     s = settings.server
@@ -84,7 +84,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import render, run_demo
+    from hera_core.offline.demo import render, run_demo
 
     result = asyncio.run(run_demo(_settings(args), args.tasks, seed=args.seed, progress=not args.json,
                                   use_cache=not args.no_cache))
@@ -97,7 +97,7 @@ def cmd_demo(args) -> int:
 
 def _tasks(args, families: list[str] | None):
     """The user's JSONL tasks (--tasks-file), else the built-in families, of the chosen split."""
-    from .workloads import load_jsonl_tasks, make_tasks
+    from hera_core.offline.workloads import load_jsonl_tasks, make_tasks
 
     if args.tasks_file:
         return load_jsonl_tasks(args.tasks_file, split=args.split, seed=args.seed)
@@ -105,8 +105,8 @@ def _tasks(args, families: list[str] | None):
 
 
 def cmd_profile(args) -> int:
-    from .profiling import profile
-    from .stack import open_engines
+    from hera_core.offline.profiling import profile
+    from hera_core.serving.assembly import open_engines
 
     settings = _settings(args)
     tasks = _tasks(args, args.families.split(",") if args.families else None)
@@ -120,8 +120,8 @@ def cmd_profile(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .profiling import load_traces
-    from .training import train
+    from hera_core.offline.profiling import load_traces
+    from hera_core.offline.training import train
 
     traces = [t for path in args.traces for t in load_traces(path)]
     client = None
@@ -142,10 +142,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .completion_cache import CachingEngine, CompletionCache
-    from .evaluation import Evaluator, estimated_curve, plot, render_report
-    from .predictor import Predictor
-    from .profiling import load_traces
+    from hera_core.backends.caching import CachingEngine, CompletionCache
+    from hera_core.offline.evaluation import Evaluator, estimated_curve, plot, render_report
+    from hera_core.routing.predictor import Predictor
+    from hera_core.offline.profiling import load_traces
 
     settings = _settings(args)
     traces = load_traces(args.traces)
@@ -176,7 +176,7 @@ def cmd_eval(args) -> int:
                 slm, llm = CachingEngine(_Offline(settings.local.model), cache), CachingEngine(_Offline(settings.cloud.model), cache)
                 return await _run_eval(tasks, Evaluator(slm, llm, predictor, cache, settings.prices,
                                                                 settings.local.model), args)
-            from .stack import open_engines
+            from hera_core.serving.assembly import open_engines
 
             async with open_engines(settings) as (local, cloud):
                 slm, llm = CachingEngine(local, cache), CachingEngine(cloud, cache)
@@ -207,7 +207,7 @@ def cmd_eval(args) -> int:
 async def _run_eval(tasks, ev, args):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .evaluation import evaluate
+    from hera_core.offline.evaluation import evaluate
 
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), disable=args.json) as bar:
@@ -237,8 +237,8 @@ class _Offline:
 def cmd_check_harness(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .harness import compare_with_direct
-    from .stack import open_engines
+    from hera_core.offline.harness import compare_with_direct
+    from hera_core.serving.assembly import open_engines
 
     settings = _settings(args)
     tasks = _tasks(args, args.families.split(",") if args.families else None)
@@ -259,9 +259,9 @@ def cmd_check_harness(args) -> int:
 
 
 def cmd_compare_labels(args) -> int:
-    from .profiling import load_traces
-    from .similarity import add_similarity, load_encoder
-    from .training import compare_labels
+    from hera_core.offline.profiling import load_traces
+    from hera_core.offline.similarity import add_similarity, load_encoder
+    from hera_core.offline.training import compare_labels
 
     encoder = load_encoder()
     train = add_similarity(load_traces(args.train), encoder)
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
-    from .errors import HeraError
+    from hera_core.errors import HeraError
 
     faulthandler.enable()  # a crash in native code prints where it happened, not only "Segmentation fault"
     args = build_parser().parse_args(argv)

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from .errors import ConfigError
-from .models import default_cache_dir
+from hera_core.errors import ConfigError
+from hera_core.install.models import default_cache_dir
 
 
 class _Strict(BaseModel):

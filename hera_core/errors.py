@@ -1,5 +1,5 @@
 """One exception hierarchy for HERA. The CLI prints `str(exc)` as one line; the server maps
-each class to an OpenAI-shaped error with its HTTP status (see hera_core.server)."""
+each class to an OpenAI-shaped error with its HTTP status (see hera_core.serving.server)."""
 
 from __future__ import annotations
 

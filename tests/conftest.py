@@ -10,8 +10,8 @@ from pathlib import Path
 import hypothesis  # noqa: F401 - imported early: its plugin importing it at session end trips a
 import pytest       # CPython 3.11.7 AST bug under pytest's rewriter ("recursion depth mismatch")
 
-from hera_core.models import model_path
-from hera_core.stack import free_port
+from hera_core.install.models import model_path
+from hera_core.serving.assembly import free_port
 from tests.processes import wait_for_http
 
 TINY = "smollm2-135m"  # plumbing tests: fast, real
@@ -55,7 +55,7 @@ def cloud_url(tiny_model_path) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_path):
-    from hera_core.engines.llamacpp import LlamaCppEngine
+    from hera_core.backends.llamacpp import LlamaCppEngine
 
     engine = LlamaCppEngine(tiny_model_path, name=TINY, n_ctx=2048, n_threads=1)
     yield engine
@@ -89,7 +89,7 @@ class ServerThread:
         self.port = free_port()
 
         async def start():
-            from hera_core.server import RUNNER_OPTIONS
+            from hera_core.serving.server import RUNNER_OPTIONS
 
             app = await make_app() if asyncio.iscoroutinefunction(make_app) else make_app()
             self.runner = web.AppRunner(app, **RUNNER_OPTIONS)  # as `hera serve` runs it

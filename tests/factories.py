@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hera_core.predictor import FEATURE_NAMES, Kappa, Predictor
+from hera_core.routing.predictor import FEATURE_NAMES, Kappa, Predictor
 
 
 def random_predictor(seed: int = 0, kappa: Kappa = Kappa(), trees: int = 10) -> Predictor:

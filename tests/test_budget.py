@@ -1,7 +1,7 @@
 import pytest
 
-from hera_core.budget import Budget
-from hera_core.ledger import Ledger
+from hera_core.routing.budget import Budget
+from hera_core.routing.ledger import Ledger
 from tests.test_ledger import row
 
 

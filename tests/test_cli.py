@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from hera_core.stack import free_port
+from hera_core.serving.assembly import free_port
 from tests.conftest import TINY
 
 

@@ -13,8 +13,8 @@ import pytest
 import xgboost as xgb
 
 from hera_core import native
-from hera_core.features import logit_features_cuda, logit_features_numpy
-from hera_core.forest import Forest
+from hera_core.native.features import logit_features_cuda, logit_features_numpy
+from hera_core.native.forest import Forest
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from hera_core.engines.cloud import CloudEngine
+from hera_core.backends.cloud import CloudEngine
 from hera_core.errors import CloudError, CloudUnavailableError, ContextOverflowError, InvalidRequestError
-from hera_core.stack import free_port
+from hera_core.serving.assembly import free_port
 from tests.conftest import TINY, run
 
 Q = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]

@@ -3,13 +3,13 @@ offline replay that reproduces the report with no model running."""
 
 import pytest
 
-from hera_core.completion_cache import CachingEngine, CompletionCache
+from hera_core.backends.caching import CachingEngine, CompletionCache
 from hera_core.config import load_settings
-from hera_core.engines.cloud import CloudEngine
-from hera_core.evaluation import (METHOD_NAMES, Evaluator, bootstrap_ci, estimated_curve, evaluate, plot,
+from hera_core.backends.cloud import CloudEngine
+from hera_core.offline.evaluation import (METHOD_NAMES, Evaluator, bootstrap_ci, estimated_curve, evaluate, plot,
                                   query_threshold)
-from hera_core.profiling import done_task_ids, load_traces, profile
-from hera_core.workloads import make_tasks
+from hera_core.offline.profiling import done_task_ids, load_traces, profile
+from hera_core.offline.workloads import make_tasks
 from tests.conftest import TINY, run
 from tests.factories import random_predictor
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from hera_core import native
-from hera_core.features import LOGIT_FEATURE_NAMES, logit_features, logit_features_numpy
+from hera_core.native.features import LOGIT_FEATURE_NAMES, logit_features, logit_features_numpy
 
 RTOL, ATOL = 1e-5, 1e-6
 

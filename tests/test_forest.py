@@ -12,7 +12,7 @@ import xgboost as xgb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hera_core.forest import SUPPORTED_OBJECTIVES, Forest, ForestPy
+from hera_core.native.forest import SUPPORTED_OBJECTIVES, Forest, ForestPy
 
 TOL = 1e-6
 BACKENDS = [pytest.param(True, id="native"), pytest.param(False, id="python")]

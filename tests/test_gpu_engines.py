@@ -2,7 +2,7 @@
 
 Runs everywhere: the TensorRT-LLM engine's error when its package is missing, the manifest doc
 against its generator, the config blocks of the engines/ docs, the host-side checks of
-hera_core.gpu_scoring and its CPU reference against XGBoost.
+hera_core.gpu.scoring and its CPU reference against XGBoost.
 
 Marked gpu, skipped cleanly without a CUDA device (hera_core.native.cuda_available()): the CUDA
 kernels on device arrays against the CPU reference, the device forest against XGBoost, the
@@ -26,11 +26,11 @@ import xgboost as xgb
 from hera_core import native
 from hera_core.config import LocalSettings, load_settings
 from hera_core.errors import ConfigError, HeraError, InvalidRequestError
-from hera_core.features import logit_features, logit_features_numpy
-from hera_core.forest import Forest
-from hera_core.gpu_scoring import (device_matrix, score_batch_cpu, score_batch_device,
+from hera_core.native.features import logit_features, logit_features_numpy
+from hera_core.native.forest import Forest
+from hera_core.gpu.scoring import (device_matrix, score_batch_cpu, score_batch_device,
                                    structure_matrix)
-from hera_core.predictor import FEATURE_NAMES, STRUCTURE_FEATURE_NAMES, Predictor, feature_matrix
+from hera_core.routing.predictor import FEATURE_NAMES, STRUCTURE_FEATURE_NAMES, Predictor, feature_matrix
 from tests.factories import device_array_module, to_device
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ class CudaArrayInterface:
 
 
 def test_tensorrt_engine_without_the_package_is_a_one_line_config_error(monkeypatch) -> None:
-    from hera_core.engines.tensorrt import TensorRTLLMEngine
+    from hera_core.backends.tensorrt import TensorRTLLMEngine
 
     monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # absent, also where it is installed
     with pytest.raises(ConfigError) as err:
@@ -97,7 +97,7 @@ def test_tensorrt_engine_without_the_package_is_a_one_line_config_error(monkeypa
 
 
 def test_tensorrt_engine_checks_its_arguments_first() -> None:
-    from hera_core.engines.tensorrt import TensorRTLLMEngine
+    from hera_core.backends.tensorrt import TensorRTLLMEngine
 
     for kwargs in ({"n_ctx": 8}, {"max_batch_size": 0}, {"free_gpu_memory_fraction": 0.0},
                    {"tokens_per_block": 0}, {"logits_source": "hidden"}, {"backend": "onnx"},
@@ -110,7 +110,7 @@ def test_tensorrt_reused_tokens_come_from_its_metrics_else_the_hot_prefix_index(
     """Routing signal of the TensorRT-LLM engine (logic only; the engine itself needs a GPU)."""
     from types import SimpleNamespace
 
-    from hera_core.engines.tensorrt import TensorRTLLMEngine
+    from hera_core.backends.tensorrt import TensorRTLLMEngine
 
     eng = TensorRTLLMEngine.__new__(TensorRTLLMEngine)
     eng.tokens_per_block = 32
@@ -131,7 +131,7 @@ def test_tensorrt_requests_stop_on_the_checkpoints_end_of_turn_tokens(tmp_path) 
     """generation_config.json's eos ids become stop_token_ids (logic only; the engine needs a GPU)."""
     from dataclasses import dataclass, field
 
-    from hera_core.engines.tensorrt import TensorRTLLMEngine, _generation_eos_ids
+    from hera_core.backends.tensorrt import TensorRTLLMEngine, _generation_eos_ids
 
     pytest.importorskip("transformers")
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [128001, 128009]}')
@@ -156,7 +156,7 @@ def test_tensorrt_requests_stop_on_the_checkpoints_end_of_turn_tokens(tmp_path) 
 
 
 def test_importing_the_gpu_modules_loads_no_gpu_library() -> None:
-    code = ("import sys, hera_core.engines.tensorrt, hera_core.gpu_scoring; "
+    code = ("import sys, hera_core.backends.tensorrt, hera_core.gpu.scoring; "
             "print(sorted(m for m in ('tensorrt_llm', 'torch', 'cupy', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -174,13 +174,13 @@ def _load_generator():
 
 
 def test_models_md_is_the_generator_output() -> None:
-    """engines/models.md is generated from hera_core.models; regenerate it after a manifest change:
+    """engines/models.md is generated from hera_core.install.models; regenerate it after a manifest change:
     python engines/gen_manifest.py > engines/models.md"""
     assert (ENGINES / "models.md").read_text() == _load_generator().render()
 
 
 def test_manifest_doc_lists_every_model_and_checksum() -> None:
-    from hera_core.models import MODELS
+    from hera_core.install.models import MODELS
 
     text = _load_generator().render()
     for spec in MODELS.values():
@@ -387,7 +387,7 @@ def trt_engine():
     model = os.environ.get("HERA_TRT_MODEL")
     if not model:
         pytest.skip("set HERA_TRT_MODEL to a Hugging Face checkpoint folder of an instruct model")
-    from hera_core.engines.tensorrt import TensorRTLLMEngine
+    from hera_core.backends.tensorrt import TensorRTLLMEngine
 
     engine = TensorRTLLMEngine(model, n_ctx=2048, max_batch_size=8, free_gpu_memory_fraction=0.3)
     yield engine

@@ -1,7 +1,7 @@
 import pytest
 
-from hera_core.harness import docstring_examples, extract_answer, extract_code, run_python, run_task
-from hera_core.workloads import FAMILIES, make_tasks, normalize_answer, split_of
+from hera_core.offline.harness import docstring_examples, extract_answer, extract_code, run_python, run_task
+from hera_core.offline.workloads import FAMILIES, make_tasks, normalize_answer, split_of
 from tests.conftest import run
 
 
@@ -81,7 +81,7 @@ def test_humaneval_scorer_runs_the_tests_out_of_process():
 
 
 def test_humaneval_tests_never_run_in_this_process(monkeypatch):
-    import hera_core.sandbox as sandbox
+    import hera_core.offline.sandbox as sandbox
 
     seen = []
     real = sandbox.run_python
@@ -143,7 +143,7 @@ def test_harness_choice_kind_reasons_then_answers():
 
 
 def test_user_tasks_from_jsonl(tmp_path):
-    from hera_core.workloads import load_jsonl_tasks
+    from hera_core.offline.workloads import load_jsonl_tasks
 
     path = tmp_path / "tasks.jsonl"
     path.write_text('{"id": "a", "question": "2+2?", "answer": "4", "scorer": "number"}\n\n'
@@ -165,7 +165,7 @@ def test_user_tasks_from_jsonl(tmp_path):
 def test_compare_with_direct_scores_both_ways_per_family_and_model():
     from types import SimpleNamespace
 
-    from hera_core.harness import compare_with_direct
+    from hera_core.offline.harness import compare_with_direct
 
     tasks = make_tasks(["basic_arithmetic", "mmlu"], per_family=1, seed=0, split="val")
 
@@ -195,7 +195,7 @@ def test_compare_with_direct_scores_both_ways_per_family_and_model():
     ("The final answer is: {b}.", False),
 ])
 def test_direct_choice_answer_is_read_leniently(reply, correct):
-    from hera_core.harness import run_direct
+    from hera_core.offline.harness import run_direct
 
     task = make_tasks(["mmlu"], per_family=1, seed=0, split="val")[0]
     wrong = "A" if task.answer != "A" else "B"
@@ -214,7 +214,7 @@ def test_direct_choice_answer_is_read_leniently(reply, correct):
     ("He has {a} pebbles.", False),  # no stated final answer
 ])
 def test_direct_compute_answer_reads_a_boxed_result(reply, correct):
-    from hera_core.harness import run_direct
+    from hera_core.offline.harness import run_direct
 
     task = make_tasks(["basic_arithmetic"], per_family=1, seed=0, split="val")[0]
     wrong = str(int(float(task.answer)) + 1)

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from hera_core.engines.llamacpp import LlamaCppEngine
+from hera_core.backends.llamacpp import LlamaCppEngine
 from tests.conftest import run
 
 SYSTEMS = ["You are a terse geography tutor. " * 6, "You are a helpful cooking assistant. " * 6]

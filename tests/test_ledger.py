@@ -2,7 +2,7 @@ import os
 import stat
 import sqlite3
 
-from hera_core.ledger import Ledger, LedgerRow
+from hera_core.routing.ledger import Ledger, LedgerRow
 
 
 def row(**kw):

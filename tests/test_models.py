@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from hera_core import models
+from hera_core.install import models
 from hera_core.errors import ModelNotFoundError
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from hera_core.errors import ConfigError
-from hera_core.policy import Override, Route, decide
-from hera_core.predictor import FEATURE_NAMES, FEATURE_SCHEMA, Kappa, Predictor
-from hera_core.training import auc, calibrate, train
+from hera_core.routing.policy import Override, Route, decide
+from hera_core.routing.predictor import FEATURE_NAMES, FEATURE_SCHEMA, Kappa, Predictor
+from hera_core.offline.training import auc, calibrate, train
 from tests.factories import random_predictor, trace
 
 

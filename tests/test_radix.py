@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from hera_core import native
-from hera_core.radix import PyRadixIndex, RadixIndex
+from hera_core.native.radix import PyRadixIndex, RadixIndex
 
 VOCAB = 3  # token ids 0..2: blocks of one to four tokens collide often
 
@@ -472,7 +472,7 @@ def test_token_inputs_agree(backend: str) -> None:
 
 
 def test_hot_prefix_tracker_mirrors_served_prompts_under_its_budget():
-    from hera_core.radix import HotPrefixTracker
+    from hera_core.native.radix import HotPrefixTracker
 
     t = HotPrefixTracker(block_size=4, budget_tokens=64, conversations=2)
     a = list(range(100, 120))

@@ -23,13 +23,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hera_core.config import load_settings
-from hera_core.engines.cloud import CircuitBreaker, CloudEngine
+from hera_core.backends.cloud import CircuitBreaker, CloudEngine
 from hera_core.errors import CloudError, CloudUnavailableError
-from hera_core.ledger import Ledger
-from hera_core.predictor import Kappa
-from hera_core.runtime import Runtime
-from hera_core.server import create_app
-from hera_core.stack import free_port
+from hera_core.routing.ledger import Ledger
+from hera_core.routing.predictor import Kappa
+from hera_core.routing.runtime import Runtime
+from hera_core.serving.server import create_app
+from hera_core.serving.assembly import free_port
 from tests.conftest import TINY, ServerThread, run
 from tests.fake_upstream import FakeUpstream
 from tests.processes import wait_for_http

@@ -3,13 +3,13 @@
 import pytest
 
 from hera_core.config import load_settings
-from hera_core.engines.cloud import CloudEngine
-from hera_core.harness import run_task
-from hera_core.ledger import Ledger
-from hera_core.policy import Override, Route
-from hera_core.predictor import Kappa
-from hera_core.runtime import Runtime, step_index
-from hera_core.workloads import make_tasks
+from hera_core.backends.cloud import CloudEngine
+from hera_core.offline.harness import run_task
+from hera_core.routing.ledger import Ledger
+from hera_core.routing.policy import Override, Route
+from hera_core.routing.predictor import Kappa
+from hera_core.routing.runtime import Runtime, step_index
+from hera_core.offline.workloads import make_tasks
 from tests.conftest import TINY, run
 from tests.factories import random_predictor
 

@@ -8,11 +8,12 @@ import urllib.request
 import pytest
 
 from hera_core.config import load_settings
-from hera_core.engines.cloud import CloudEngine
-from hera_core.ledger import Ledger
-from hera_core.predictor import Kappa
-from hera_core.runtime import Runtime
-from hera_core.server import create_app
+from hera_core.backends.cloud import CloudEngine
+from hera_core.routing.ledger import Ledger
+from hera_core.routing.predictor import Kappa
+from hera_core.routing.runtime import Runtime
+from hera_core.serving.assembly import budget_from
+from hera_core.serving.server import create_app
 from tests.conftest import TINY, ServerThread, run
 from tests.factories import random_predictor
 
@@ -30,12 +31,7 @@ def make_server(tiny_engine, cloud_url, tmp_path, **server):
     def make_app():
         cloud = CloudEngine(cloud_url, TINY)
         holder["rt"] = Runtime(tiny_engine, cloud, random_predictor(kappa=SPLIT), ledger, settings.prices,
-                               run="serve", max_tokens=24)
-        if server.get("session_budget_usd") is not None:
-            from hera_core.budget import Budget
-
-            holder["rt"].budget = Budget(per_session_usd=server["session_budget_usd"],
-                                         action=server.get("budget_action", "local"), ledger=ledger)
+                               run="serve", max_tokens=24, budget=budget_from(settings, ledger))
         return create_app(settings, runtime=holder["rt"])
 
     srv = ServerThread(make_app)
@@ -177,6 +173,28 @@ def test_session_budget(tiny_engine, cloud_url, tmp_path, action, expect):
             assert headers["x-hera-route"] == "local" and headers["x-hera-reason"] == "budget-session"
         else:
             assert json.loads(raw)["error"]["type"] == "insufficient_quota" and "Retry-After" in headers
+    finally:
+        srv.call(srv.rt.cloud.close())
+        srv.close()
+        srv.ledger.close()
+
+
+def test_pass_through_is_budgeted_and_booked_by_the_runtime(tiny_engine, cloud_url, tmp_path):
+    """A request for another model counts against the session's cap like a routed cloud step, and
+    is refused (it cannot move to the SLM) once the cap is spent, streaming or not."""
+    srv = make_server(tiny_engine, cloud_url, tmp_path, session_budget_usd=1e-9, budget_action="local")
+    try:
+        body = {"model": TINY, "messages": Q, "max_tokens": 8}
+        code, headers, _ = http(srv, "/v1/chat/completions", body, headers={"X-Hera-Session": "p"})
+        assert code == 200 and float(headers["x-hera-cost-usd"]) > 0
+        row = srv.ledger.rows("serve")[-1]
+        assert (row["reason"], row["session"], row["model"]) == ("passthrough", "p", TINY) and row["cost_usd"] > 0
+        for extra in ({}, {"stream": True}):
+            code, _, raw = http(srv, "/v1/chat/completions", {**body, **extra}, headers={"X-Hera-Session": "p"})
+            assert code == 429 and json.loads(raw)["error"]["type"] == "insufficient_quota"
+        code, _, raw = http(srv, "/v1/chat/completions", {**body, "stream": True}, headers={"X-Hera-Session": "q"})
+        assert code == 200 and raw.rstrip().endswith(b"data: [DONE]")
+        assert srv.ledger.rows("serve")[-1]["session"] == "q" and srv.ledger.rows("serve")[-1]["status"] == "ok"
     finally:
         srv.call(srv.rt.cloud.close())
         srv.close()

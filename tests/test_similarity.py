@@ -1,7 +1,7 @@
 """The paper's embedding-similarity label, on the real all-MiniLM-L6-v2 shipped in its package."""
 
-from hera_core.similarity import SIMILAR, add_similarity, cosine_similarities, load_encoder
-from hera_core.training import compare_labels
+from hera_core.offline.similarity import SIMILAR, add_similarity, cosine_similarities, load_encoder
+from hera_core.offline.training import compare_labels
 from tests.factories import trace
 
 

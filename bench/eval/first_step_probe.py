@@ -19,13 +19,13 @@ from collections import defaultdict
 import numpy as np
 from rich.progress import track
 
-from hera_core.engines.llamacpp import LlamaCppEngine
-from hera_core.features import logit_features
-from hera_core.harness import first_messages
-from hera_core.models import model_path
-from hera_core.profiling import load_traces
-from hera_core.training import auc
-from hera_core.workloads import make_tasks
+from hera_core.backends.llamacpp import LlamaCppEngine
+from hera_core.native.features import logit_features
+from hera_core.offline.harness import first_messages
+from hera_core.install.models import model_path
+from hera_core.offline.profiling import load_traces
+from hera_core.offline.training import auc
+from hera_core.offline.workloads import make_tasks
 
 
 def probe(engine: LlamaCppEngine, messages, n_tokens: int) -> np.ndarray:

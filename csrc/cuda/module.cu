@@ -276,7 +276,7 @@ PYBIND11_MODULE(_native_cuda, m) {
   m.def("logit_features", &logit_features_host, py::arg("logits"),
         "Host convenience: numpy float32 [batch, vocab] -> float32 [batch, 3] through the device; "
         "ValueError for NaN/+inf/all -inf rows like the CPU function.");
-  py::class_<CudaForest>(m, "Forest", "A tree ensemble in device memory (see hera_core.forest.Forest.to_cuda).")
+  py::class_<CudaForest>(m, "Forest", "A tree ensemble in device memory (see hera_core.native.forest.Forest.to_cuda).")
       .def(py::init<int32_t, float, bool, py::dict>(), py::arg("n_features"), py::arg("base_margin"),
            py::arg("sigmoid"), py::arg("arrays"))
       .def_property_readonly("n_features", &CudaForest::n_features)

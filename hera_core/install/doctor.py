@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import llama_build
+from hera_core.install import llama_build
 
 # SmolLM2-135M-Instruct, greedy, no chat template: the top-1 token leads the runner-up by at least
 # 2.7 nats (log-prob) at each of the 15 tokens, so a correct build on any instruction set writes
@@ -88,7 +88,7 @@ def check_versions() -> Check:
 
 
 def check_native() -> Check:
-    from ..native import load
+    from hera_core.native.loader import load
 
     try:
         mod = load()
@@ -213,7 +213,7 @@ def decode_self_test(model_path: Path, timeout_s: float = 120, *, child: list[st
 def run_checks(model_path: Path | None) -> list[Check]:
     checks = [check_versions(), check_native(), check_no_amx()]
     if model_path is None:
-        from .. import models
+        from hera_core.install import models
 
         try:
             model_path = models.model_path(SELF_TEST_MODEL)

@@ -1,0 +1,449 @@
+"""Local SLM engine on llama.cpp (llama-cpp-python's low-level bindings), the embedded default.
+
+KV-cache reuse across agent steps and interleaved sessions, without copying states in and out:
+one llama.cpp context holds up to `n_slots` sequences (llama.cpp sequence ids) whose KV stays in
+place between requests. A radix index (hera_core.native.radix, native in csrc/radix.cpp) maps cached
+prompt prefixes, block by block, to the slots that hold them. A new prompt goes to the slot
+sharing its longest prefix and only the new tokens are evaluated:
+
+- the next step of the same conversation continues its slot in place (the slot's last prompt is
+  a prefix of the new one; only the reply and the new user turn are evaluated);
+- a prompt that shares only part of a slot (a common system prompt, a branch) gets a free or
+  least-recently-used slot and the shared prefix is linked into it with `llama_memory_seq_cp`;
+- least-recently-used unpinned blocks are evicted (`llama_memory_seq_rm`) to stay in the budget.
+
+Two cache layouts (`kv_unified`): per-slot streams (default) keep each slot's attention over its
+own tokens only, and linking a prefix copies the source stream once on the device (a memcpy of
+its KV, no recomputation); a unified cache links a prefix by tagging cells (no copy at all, the
+prefix is stored once) but every token then attends over the cells of all slots, which measured
+about 5x slower time-to-first-token with 8 interleaved sessions on SmolLM2.
+
+Decoding is greedy and driven here token by token, so the prefill that scores a subtask is the
+one its local decode continues from: no second prefill when the step stays local.
+
+Concurrent requests share the one llama.cpp context on one engine thread. A generation runs there
+`decode_chunk` tokens at a time and queues again behind whatever arrived meanwhile, so another
+session's scoring prefill (the routing decision of a cloud-bound step) waits for one chunk, not
+for a whole local answer; each llama_decode still holds one sequence, so outputs are the same as
+run alone. A slot that is generating is never recycled, continued or evicted by another request;
+when every slot is generating, a new request waits for one to finish. A cancelled generation
+stops at its next chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hera_core.errors import HeraError, InvalidRequestError
+from hera_core.native.radix import RadixIndex
+from hera_core.backends.base import Engine, Generation, Message, Prefill, check_context
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if diff.size else n
+
+
+@dataclass
+class _Slot:
+    tokens: list[int] = field(default_factory=list)  # token ids whose KV this sequence holds (positions 0..)
+    prompt_len: int = 0  # length of the last prompt evaluated here; a continuation must match it whole
+    logits: np.ndarray | None = None  # logits after tokens[-1], kept only right after an evaluation
+    last_used: int = 0  # logical clock, for choosing a slot to recycle
+    busy: bool = False  # a generation is decoding here: not to be recycled, continued or evicted
+
+
+class _NoFreeSlot(Exception):
+    """Every slot is generating; the request waits for one (engine-internal)."""
+
+
+@dataclass
+class _Decoding:
+    """A generation in progress, decoded a chunk at a time on the engine thread."""
+
+    slot: int
+    logits: np.ndarray  # the distribution of the next token
+    max_tokens: int
+    stop: list[str]
+    on_text: Callable[[str], None] | None
+    t0: float
+    prompt_tokens: int
+    reused: int
+    pinned: int  # index blocks of the prompt locked against eviction while decoding
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    finish: str = "length"
+    ttft: float | None = None
+    done: bool = False
+    released: bool = False  # the slot has been handed back
+
+
+class LlamaCppEngine(Engine):
+    is_local = True
+
+    def __init__(self, model_path: str | Path, *, name: str | None = None, n_ctx: int = 4096,
+                 n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512,
+                 n_slots: int = 8, block_size: int = 16, kv_budget_bytes: int | None = None,
+                 kv_budget_tokens: int | None = None, kv_unified: bool = False, n_gpu_layers: int = -1,
+                 flash_attn: bool = True, decode_chunk: int = 8) -> None:
+        """n_ctx: the longest prompt + completion of one subtask, tokens (also each slot's size).
+        n_slots: sequences kept in the KV cache at once. kv_budget_bytes: cap on the KV bytes the
+        index keeps cached, counting a shared prefix block once (default: all slots' cells).
+        flash_attn: llama.cpp's fused attention (faster prefill here). Set explicitly because
+        llama.cpp's "auto" depends on the build, and the setting changes greedy outputs: compare
+        engines only with the same setting. Even then llama.cpp's CPU kernels round differently
+        for different batch splits, so a reused prefix can flip a near-tie (tests/test_kvcache.py).
+        decode_chunk: tokens a generation decodes before other queued requests get the engine
+        (0: the whole generation at once)."""
+        import llama_cpp
+        from llama_cpp import _internals as internals
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        for arg, value, low in (("n_threads", n_threads, 1), ("n_slots", n_slots, 1), ("block_size", block_size, 1),
+                                ("n_ctx", n_ctx, 16), ("decode_chunk", decode_chunk, 0)):
+            if value < low:
+                raise InvalidRequestError(f"{arg} must be >= {low}, got {value}")
+        if n_slots > 64:
+            raise InvalidRequestError(f"n_slots must be <= 64, got {n_slots}")
+        self._lib = llama_cpp
+        llama_cpp.llama_backend_init()
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)  # llama.cpp's load and graph logs are noise here
+        self.name = name or Path(model_path).stem
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers  # a CUDA build (Jetson) offloads; a CPU build ignores it
+        self._model = internals.LlamaModel(path_model=str(model_path), params=mparams, verbose=False)
+        self.n_ctx = n_ctx
+        self.kv_cells = n_slots * n_ctx
+        self.kv_unified = kv_unified
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.kv_cells
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_batch, 512)
+        cparams.n_seq_max = n_slots
+        cparams.kv_unified = kv_unified
+        cparams.flash_attn_type = 1 if flash_attn else 0  # explicit: "auto" may differ by build
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads_batch or n_threads
+        self._ctx = internals.LlamaContext(model=self._model, params=cparams, verbose=False)
+        self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.n_batch = n_batch
+        self.n_vocab = self._model.n_vocab()
+        self.decode_chunk = decode_chunk
+
+        meta = self._model.metadata()
+        template = meta.get("tokenizer.chat_template")
+        if not template:
+            raise InvalidRequestError(f"model {self.name} has no chat template; use an instruct model")
+        eos, bos = self._model.token_eos(), self._model.token_bos()
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=self._model.token_get_text(eos),
+                                              bos_token=self._model.token_get_text(bos) if bos != -1 else "")
+
+        # KV bytes per token (f16 K and V over all layers), for the index's byte accounting.
+        n_layer = llama_cpp.llama_model_n_layer(self._model.model)
+        head_dim = llama_cpp.llama_model_n_embd(self._model.model) // llama_cpp.llama_model_n_head(self._model.model)
+        self.kv_bytes_per_token = 2 * 2 * n_layer * llama_cpp.llama_model_n_head_kv(self._model.model) * head_dim
+        # Slack for each slot's partial last block, which the block-granular index does not count.
+        budget_cap = (self.kv_cells - n_slots * block_size) * self.kv_bytes_per_token
+        if kv_budget_tokens is not None:
+            kv_budget_bytes = kv_budget_tokens * self.kv_bytes_per_token
+        budget = min(kv_budget_bytes, budget_cap) if kv_budget_bytes is not None else budget_cap
+        self._index = RadixIndex(block_size, self.kv_bytes_per_token, budget, n_slots)
+        self._slots = [_Slot() for _ in range(n_slots)]
+        self._clock = 0
+        # One worker thread: a llama.cpp context is not thread-safe, and calls queue in order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hera-{self.name}")
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "seq_copies": 0}
+
+    # --- tokens -------------------------------------------------------------------------------
+    def tokenize_messages(self, messages: list[Message]) -> list[int]:
+        if not messages:
+            raise InvalidRequestError("messages must not be empty")
+        try:
+            prompt = self._formatter(messages=messages).prompt
+        except Exception as exc:  # jinja raises for roles the template does not accept
+            raise InvalidRequestError(f"cannot format messages with the model's chat template: {exc}") from exc
+        return self._model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._model.detokenize(tokens, special=False).decode("utf-8", errors="ignore")
+
+    def _check_fits(self, tokens: list[int]) -> None:
+        check_context(len(tokens), self.n_ctx)
+
+    def cache_stats(self) -> dict[str, float]:
+        seen = self.stats["prefill_tokens"] + self.stats["reused_tokens"]
+        return {**self.stats, "hit_rate": self.stats["reused_tokens"] / seen if seen else 0.0,
+                "bytes_held": self._index.bytes_held, "evictions": self._index.evictions}
+
+    # --- KV bookkeeping (engine thread only) ----------------------------------------------------
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _seq_rm(self, slot: int, start: int) -> None:
+        self._lib.llama_memory_seq_rm(self._mem, slot, start, -1)
+        s = self._slots[slot]
+        if start < len(s.tokens):
+            s.tokens = s.tokens[:start]
+            s.logits = None
+        s.prompt_len = min(s.prompt_len, start)
+
+    def _apply_evictions(self, evicted) -> None:
+        for slot, start, _n in evicted:
+            self._seq_rm(slot, start)
+
+    def _recycle_slot(self, exclude: int) -> int:
+        """An empty slot, else the least recently used idle one (emptied); _NoFreeSlot if none."""
+        idle = [i for i, s in enumerate(self._slots) if not s.busy and i != exclude]
+        if not idle:
+            raise _NoFreeSlot
+        free = [i for i in idle if not self._slots[i].tokens]
+        slot = free[0] if free else min(idle, key=lambda i: self._slots[i].last_used)
+        self._index.truncate(slot, 0)
+        self._seq_rm(slot, 0)
+        return slot
+
+    def _decode(self, tokens: list[int], slot: int, start: int) -> np.ndarray:
+        """Evaluate `tokens` at positions start.. of sequence `slot`; logits of the last one."""
+        lib, batch = self._lib, self._batch
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i:i + self.n_batch]
+            n = len(chunk)
+            batch.n_tokens = n
+            np.ctypeslib.as_array(batch.token, shape=(n,))[:] = chunk
+            np.ctypeslib.as_array(batch.pos, shape=(n,))[:] = np.arange(start + i, start + i + n)
+            np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
+            logits_flags = np.ctypeslib.as_array(batch.logits, shape=(n,))
+            logits_flags[:] = 0
+            logits_flags[n - 1] = 1
+            for j in range(n):
+                batch.seq_id[j][0] = slot
+            rc = lib.llama_decode(self._ctx.ctx, batch)
+            if rc == 1:  # no room in the KV cache (unified layout): drop every unpinned block, retry once
+                self._apply_evictions(self._index.evict(self._index.bytes_held))
+                rc = lib.llama_decode(self._ctx.ctx, batch)
+            if rc != 0:
+                raise HeraError(f"llama_decode failed with status {rc} (KV cache of {self.kv_cells} cells full?); "
+                                "raise local.n_ctx or lower the number of sessions")
+        ptr = lib.llama_get_logits_ith(self._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _eval_prompt(self, tokens: list[int], reserve: int = 0) -> tuple[int, np.ndarray, int]:
+        """Bring some slot's KV to `tokens`, evaluating only what is not cached.
+
+        Returns (slot, logits after the last token, tokens reused). `reserve` is room to keep for
+        the completion. A generating slot can lend its prefix (copied) but is never taken over.
+        """
+        self._check_fits(tokens)
+        now = self._tick()
+        self._index.match(np.asarray(tokens, dtype=np.int32))  # marks the cached path recently used
+        holder, m, exact = -1, 0, False
+        for i, slot_i in enumerate(self._slots):  # a handful of slots: an exact scan is cheap
+            if not slot_i.tokens:
+                continue
+            mi = _common_prefix(slot_i.tokens, tokens)
+            ex = (mi == len(tokens) == len(slot_i.tokens) and slot_i.logits is not None
+                  and not slot_i.busy)
+            if (ex, mi, slot_i.last_used) > (exact, m, self._slots[holder].last_used if holder >= 0 else -1):
+                holder, m, exact = i, mi, ex
+        if exact:
+            self._slots[holder].last_used = now
+            self.stats["reused_tokens"] += m
+            return holder, self._slots[holder].logits, m  # this exact prompt was just evaluated here
+        if holder >= 0 and m > 0:
+            m = min(m, len(tokens) - 1)  # evaluate at least one token, to get its logits
+            if not self._slots[holder].busy and (m + 1 >= self._slots[holder].prompt_len
+                                                 or len(self._slots) == 1):
+                # the same conversation one step on (or a retry), or nowhere else to go: in place
+                slot = holder
+            else:  # a shared prefix of another conversation: link it into a slot of its own
+                slot = self._recycle_slot(exclude=holder)
+                if self.kv_unified:  # tag the shared cells with the new sequence id
+                    self._lib.llama_memory_seq_cp(self._mem, holder, slot, 0, m)
+                else:  # across streams llama.cpp copies the whole source stream; cut it at m below
+                    self._lib.llama_memory_seq_cp(self._mem, holder, slot, -1, -1)
+                self._slots[slot].tokens = list(tokens[:m])
+                self._index.insert(np.asarray(tokens[:m], dtype=np.int32), slot)
+                self.stats["seq_copies"] += 1
+        else:
+            m = 0
+            slot = self._recycle_slot(exclude=-1)
+        self._index.truncate(slot, m)
+        self._seq_rm(slot, m)
+        # Make room for the new tokens (and the completion) without touching this prompt's prefix.
+        need = (len(tokens) - m + reserve) * self.kv_bytes_per_token
+        over = self._index.bytes_held + need - self._index.byte_budget
+        if over > 0:
+            key = np.asarray(tokens[:m], dtype=np.int32)
+            pinned = self._index.lock(key)
+            try:
+                self._apply_evictions(self._index.evict(over))
+            finally:
+                self._index.release(key, pinned)
+        logits = self._decode(tokens[m:], slot, m)
+        s = self._slots[slot]
+        s.tokens, s.prompt_len, s.logits, s.last_used = list(tokens), len(tokens), logits, now
+        self._apply_evictions(self._index.insert(np.asarray(tokens, dtype=np.int32), slot))
+        self.stats["prefill_tokens"] += len(tokens) - m
+        self.stats["reused_tokens"] += m
+        return slot, logits, m
+
+    # --- blocking work, on the engine thread ----------------------------------------------------
+    def _prefill_sync(self, messages: list[Message]) -> Prefill:
+        t0 = time.perf_counter()
+        tokens = self.tokenize_messages(messages)
+        _, logits, reused = self._eval_prompt(tokens)
+        return Prefill(logits=logits, prompt_tokens=len(tokens), cached_tokens=reused,
+                       latency_s=time.perf_counter() - t0)
+
+    def _start(self, messages: list[Message], max_tokens: int, stop: list[str],
+               on_text: Callable[[str], None] | None) -> _Decoding:
+        """Evaluate the prompt into a slot and claim it for this generation."""
+        t0 = time.perf_counter()
+        tokens = self.tokenize_messages(messages)
+        max_tokens = max(0, min(max_tokens, self.n_ctx - len(tokens)))
+        slot, logits, reused = self._eval_prompt(tokens, reserve=max_tokens)
+        self._slots[slot].busy = True
+        pinned = self._index.lock(np.asarray(tokens, dtype=np.int32))
+        return _Decoding(slot=slot, logits=logits, max_tokens=max_tokens, stop=stop, on_text=on_text, t0=t0,
+                         prompt_tokens=len(tokens), reused=reused, pinned=pinned)
+
+    def _step(self, d: _Decoding) -> bool:
+        """Decode up to `decode_chunk` tokens of `d` (all of it when 0); True once it is done."""
+        s = self._slots[d.slot]
+        holdback = max((len(x) for x in d.stop), default=1) - 1  # what could still become a stop string
+        budget = self.decode_chunk or d.max_tokens
+        while not d.done and budget > 0:
+            if len(d.out) >= d.max_tokens:
+                d.done = True
+                break
+            token = int(np.argmax(d.logits))  # greedy: outputs are reproducible and cacheable
+            if d.ttft is None:
+                d.ttft = time.perf_counter() - d.t0
+            if self._lib.llama_vocab_is_eog(self._vocab, token):
+                d.finish, d.done = "stop", True
+                break
+            d.out.append(token)
+            d.text = self.detokenize(d.out)
+            hits = [d.text.index(x) for x in d.stop if x in d.text]
+            if hits:
+                d.text, d.finish, d.done = d.text[: min(hits)], "stop", True
+                break
+            if d.on_text is not None and len(d.text) - holdback > d.sent:
+                d.on_text(d.text[d.sent: len(d.text) - holdback])
+                d.sent = len(d.text) - holdback
+            if len(d.out) == d.max_tokens:
+                d.done = True
+                break
+            d.logits = self._decode([token], d.slot, len(s.tokens))
+            s.tokens.append(token)
+            s.logits = d.logits
+            budget -= 1
+        if d.done:
+            self._finish(d)
+        return d.done
+
+    def _finish(self, d: _Decoding) -> None:
+        """Flush the text held back, then hand the slot back."""
+        if d.on_text is not None and len(d.text) > d.sent:
+            d.on_text(d.text[d.sent:])
+            d.sent = len(d.text)
+        self._release(d)
+
+    def _release(self, d: _Decoding) -> None:
+        """Unpin the prompt, free the slot and index what it now holds (prompt + decoded tokens).
+        Once per generation: a late second call must not free a slot another one claimed since."""
+        s = self._slots[d.slot]
+        if not d.released:
+            d.released, s.busy = True, False
+            self._index.release(np.asarray(s.tokens[: d.prompt_tokens], dtype=np.int32), d.pinned)
+            self._apply_evictions(self._index.insert(np.asarray(s.tokens, dtype=np.int32), d.slot))
+            self.stats["generated_tokens"] += len(d.out)
+
+    def _generation(self, d: _Decoding) -> Generation:
+        latency = time.perf_counter() - d.t0
+        return Generation(text=d.text, prompt_tokens=d.prompt_tokens, completion_tokens=len(d.out),
+                          latency_s=latency, ttft_s=d.ttft if d.ttft is not None else latency,
+                          finish_reason=d.finish, cached_tokens=d.reused, model=self.name)
+
+    # --- async interface ------------------------------------------------------------------------
+    def _release_later(self, d: _Decoding) -> None:
+        """Free `d`'s slot on the engine thread, after the work queued before it (any thread)."""
+        try:
+            self._executor.submit(self._release, d)
+        except RuntimeError:  # the engine is closing: nothing left to free
+            pass
+
+    async def _on_engine(self, fn, *args, if_abandoned: Callable[[object], None] | None = None):
+        """Run `fn` on the engine thread. If the caller is cancelled while `fn` already runs there
+        (it cannot be stopped), `if_abandoned` gets its result once it ends."""
+        job = self._executor.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if if_abandoned is not None and not job.cancelled():
+                job.add_done_callback(lambda j: None if j.cancelled() or j.exception() is not None
+                                      else if_abandoned(j.result()))
+            raise
+
+    async def _when_a_slot_is_free(self, fn, *args, if_abandoned: Callable[[object], None] | None = None):
+        """Run `fn` on the engine thread; while every slot is generating, wait for one."""
+        while True:
+            try:
+                return await self._on_engine(fn, *args, if_abandoned=if_abandoned)
+            except _NoFreeSlot:
+                await asyncio.sleep(0.005)  # a chunk of some generation, at most, until one ends
+
+    async def prefill(self, messages: list[Message]) -> Prefill:
+        return await self._when_a_slot_is_free(self._prefill_sync, messages)
+
+    async def generate(self, messages: list[Message], *, max_tokens: int = 256,
+                       stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
+                       **_: object) -> Generation:
+        """Greedy completion. `on_text`, if given, receives text deltas as they decode (called on
+        the event loop's thread, in order)."""
+        if max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        loop = asyncio.get_running_loop()
+
+        def callback(delta: str) -> None:
+            loop.call_soon_threadsafe(on_text, delta)
+
+        # Cancelled while its start runs: the slot that start claims is handed back once it has.
+        d = await self._when_a_slot_is_free(self._start, messages, max_tokens, list(stop or []),
+                                            callback if on_text is not None else None,
+                                            if_abandoned=self._release_later)
+        try:
+            while not await self._on_engine(self._step, d):
+                pass  # between chunks, requests queued meanwhile run
+        except BaseException:
+            if not d.done:  # cancelled (client gone) or failed: free the slot after the chunk in flight
+                self._release_later(d)
+            raise
+        return self._generation(d)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        if self._batch is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._model.close()
+            self._ctx = None
+

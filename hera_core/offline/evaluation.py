@@ -1,0 +1,323 @@
+"""`hera eval`: routing methods on the test split, live through the agent harness.
+
+Methods (a tiny base class and a registry, so lists of names come from here):
+  all_slm, all_llm    every step on one model
+  hera                per step: P(SLM good enough) from the SLM prefill >= kappa(step)
+  random              per step local with probability = HERA's measured local share (seeded)
+  query_router        one decision per task from the predictor's score of its first step
+                      (HybridLLM-style), thresholded so its local share of steps matches HERA's
+  oracle              run, with lookahead: at each step, local exactly when finishing the task on
+                      the LLM after this step on the SLM ends at least as correct as with the LLM
+                      here too (the profile's substitution label, computed on the oracle's own
+                      trajectory, so its choices compose)
+
+Every model call goes through the completion cache (greedy outputs are deterministic) and every
+SLM prefill's features through its feature cache, so `--offline` replays a committed run with no
+model at all; a miss is then an error.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import random as random_mod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hera_core.backends.caching import CompletionCache
+from hera_core.config import PriceSettings
+from hera_core.backends.base import Engine, Message
+from hera_core.native.features import logit_features
+from hera_core.offline.harness import first_messages, run_task
+from hera_core.routing.predictor import Kappa, Predictor, feature_matrix, structure_features
+from hera_core.offline.workloads import Task
+
+MAX_TOKENS = 384  # the profile's completion limit: the same requests hit the same cache entries
+
+
+@dataclass
+class StepRecord:
+    route: str
+    latency_s: float
+    cloud_cost_usd: float  # spent on the cloud by this step (0 when local)
+    all_cloud_cost_usd: float  # what the step would cost on the cloud
+
+
+@dataclass
+class TaskResult:
+    task_id: str
+    family: str
+    correct: float
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+class Method(abc.ABC):
+    """Decides the route of each step; `start_task` lets per-task methods decide once."""
+
+    name: str
+
+    def start_task(self, task: Task) -> None:
+        return None
+
+    @abc.abstractmethod
+    async def route(self, task: Task, step: int, messages: list[Message], ev: "Evaluator") -> str: ...
+
+
+class AllSLM(Method):
+    name = "all_slm"
+
+    async def route(self, task, step, messages, ev):
+        return "local"
+
+
+class AllLLM(Method):
+    name = "all_llm"
+
+    async def route(self, task, step, messages, ev):
+        return "cloud"
+
+
+class Hera(Method):
+    name = "hera"
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+
+    async def route(self, task, step, messages, ev):
+        p = await ev.p_local(messages, step)
+        return "local" if p >= ev.predictor.kappa(step) + self.offset else "cloud"
+
+
+class RandomRouter(Method):
+    name = "random"
+
+    def __init__(self, share: float, seed: int = 0) -> None:
+        self.share = share
+        self.rng = random_mod.Random(seed)
+
+    async def route(self, task, step, messages, ev):
+        return "local" if self.rng.random() < self.share else "cloud"
+
+
+class QueryRouter(Method):
+    name = "query_router"
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._decision: dict[str, str] = {}
+
+    async def route(self, task, step, messages, ev):
+        if task.task_id not in self._decision:  # decided on the task's first step, kept for all
+            p = await ev.p_local(messages, 0)
+            self._decision[task.task_id] = "local" if p >= self.threshold else "cloud"
+        return self._decision[task.task_id]
+
+
+class Oracle(Method):
+    """Per step: the cheaper model whenever it costs the task nothing, known by playing the task out."""
+
+    name = "oracle"
+
+    async def route(self, task, step, messages, ev):
+        local = await ev.rollout(task, messages, step, "local")
+        cloud = await ev.rollout(task, messages, step, "cloud")
+        return "local" if local >= cloud else "cloud"
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, Hera, RandomRouter, QueryRouter, Oracle)}
+METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "hera", "oracle")
+
+
+class Evaluator:
+    def __init__(self, slm: Engine, llm: Engine, predictor: Predictor, cache: CompletionCache,
+                 prices: PriceSettings, slm_name: str) -> None:
+        self.slm, self.llm, self.predictor, self.cache, self.prices = slm, llm, predictor, cache, prices
+        self.slm_name = slm_name
+
+    async def p_local(self, messages: list[Message], step: int) -> float:
+        feats = self.cache.get_features(self.slm_name, messages)
+        if feats is None:
+            if self.cache.read_only:
+                raise LookupError(f"feature cache miss for {self.slm_name} in offline mode; rerun without --offline")
+            pre = await self.slm.prefill(messages)
+            feats = {"logit": [float(x) for x in logit_features(pre.logits[None, :])[0]],
+                     "prompt_tokens": pre.prompt_tokens}
+            self.cache.put_features(self.slm_name, messages, feats)
+        X = feature_matrix(np.asarray([feats["logit"]], dtype=np.float32),
+                           [structure_features(step, feats["prompt_tokens"], messages)])
+        return float(self.predictor.predict(X)[0])
+
+    async def rollout(self, task: Task, messages: list[Message], step: int, route: str) -> float:
+        """Correctness of `task` when the steps before `step` replay the assistant turns in
+        `messages`, step `step` runs on `route` and every later step on the LLM."""
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+
+        async def step_fn(msgs, k):
+            if k < step:
+                return replies[k], "replay"
+            engine = self.slm if k == step and route == "local" else self.llm
+            return (await engine.generate(msgs, max_tokens=MAX_TOKENS)).text, route
+
+        return (await run_task(task, step_fn)).correct
+
+    async def run(self, method: Method, tasks: list[Task], progress=None) -> list[TaskResult]:
+        out = []
+        for task in tasks:
+            method.start_task(task)
+            result = TaskResult(task.task_id, task.family, 0.0)
+
+            async def step_fn(messages, k, task=task, result=result):
+                route = await method.route(task, k, messages, self)
+                gen = await (self.slm if route == "local" else self.llm).generate(messages, max_tokens=MAX_TOKENS)
+                all_cloud = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+                result.steps.append(StepRecord(route, gen.latency_s, all_cloud if route == "cloud" else 0.0, all_cloud))
+                return gen.text, route
+
+            traj = await run_task(task, step_fn)
+            result.correct = traj.correct
+            out.append(result)
+            if progress is not None:
+                progress()
+        return out
+
+
+def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if not values:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(values, dtype=np.float64)
+    means = arr[rng.integers(0, len(arr), size=(n, len(arr)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarize(results: list[TaskResult], all_llm_cloud_cost: float) -> dict[str, Any]:
+    steps = [s for r in results for s in r.steps]
+    acc = [r.correct for r in results]
+    lo, hi = bootstrap_ci(acc)
+    cloud = sum(s.cloud_cost_usd for s in steps)
+    return {"tasks": len(results), "accuracy": float(np.mean(acc)) if acc else math.nan, "accuracy_ci95": [lo, hi],
+            "local_share": sum(s.route == "local" for s in steps) / max(1, len(steps)), "subtasks": len(steps),
+            "cloud_cost_usd": cloud, "cost_ratio": cloud / all_llm_cloud_cost if all_llm_cloud_cost else math.nan,
+            "mean_latency_s": float(np.mean([sum(s.latency_s for s in r.steps) for r in results])) if results else math.nan}
+
+
+def query_threshold(scores: dict[str, float], step_counts: dict[str, int], share: float) -> float:
+    """Threshold on first-step scores whose local tasks hold `share` of all steps."""
+    total = sum(step_counts.values())
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+    acc = 0
+    for task_id, p in ranked:
+        if total and (acc + step_counts[task_id]) / total > share:
+            return p + 1e-9  # this task would overshoot: the threshold sits just above it
+        acc += step_counts[task_id]
+    return -1.0  # everything local
+
+
+async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
+                   progress=None, sweep: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Every method on `tasks`; `sweep` adds live HERA runs with these threshold offsets."""
+    per_method: dict[str, list[TaskResult]] = {}
+    for name, method in (("all_llm", AllLLM()), ("all_slm", AllSLM()), ("hera", Hera())):
+        per_method[name] = await ev.run(method, tasks, progress)
+    all_llm_cost = sum(s.cloud_cost_usd for r in per_method["all_llm"] for s in r.steps)
+    hera_share = summarize(per_method["hera"], all_llm_cost)["local_share"]
+    per_method["random"] = await ev.run(RandomRouter(hera_share, seed), tasks, progress)
+    first = {task.task_id: await ev.p_local(first_messages(task), 0) for task in tasks}
+    counts = {r.task_id: len(r.steps) for r in per_method["all_llm"]}
+    per_method["query_router"] = await ev.run(QueryRouter(query_threshold(first, counts, hera_share)), tasks, progress)
+    per_method["oracle"] = await ev.run(Oracle(), tasks, progress)
+
+    report: dict[str, Any] = {"methods": {}, "families": {}}
+    for name, results in per_method.items():
+        report["methods"][name] = summarize(results, all_llm_cost)
+    for family in sorted({t.family for t in tasks}):
+        fam_llm = sum(s.cloud_cost_usd for r in per_method["all_llm"] if r.family == family for s in r.steps)
+        report["families"][family] = {name: summarize([r for r in results if r.family == family], fam_llm)
+                                      for name, results in per_method.items()}
+    # The sweep: HERA at other thresholds, and the query router at each point's local share, so the
+    # two are compared at equal share along the whole curve, not only at HERA's operating point.
+    def point(offset: float, hera: dict[str, Any], router: dict[str, Any]) -> dict[str, Any]:
+        keys = ("accuracy", "local_share", "cost_ratio")
+        return {"threshold_offset": offset, **{k: hera[k] for k in keys}, "query_router": {k: router[k] for k in keys}}
+
+    report["sweep"] = [point(0.0, report["methods"]["hera"], report["methods"]["query_router"])]
+    for offset in sweep:
+        m = summarize(await ev.run(Hera(offset), tasks, progress), all_llm_cost)
+        router = QueryRouter(query_threshold(first, counts, m["local_share"]))
+        report["sweep"].append(point(offset, m, summarize(await ev.run(router, tasks, progress), all_llm_cost)))
+    report["per_task"] = {name: [{"task_id": r.task_id, "correct": r.correct, "routes": [s.route for s in r.steps]}
+                                 for r in results] for name, results in per_method.items()}
+    return report
+
+
+def estimated_curve(traces: list[dict[str, Any]], predictor: Predictor) -> list[dict[str, float]]:
+    """HERA's cost/accuracy trade-off as the threshold sweeps, estimated from profiled labels."""
+    from hera_core.offline.training import estimate
+
+    probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in traces]
+    points = []
+    for base in np.round(np.arange(0.0, 1.0201, 0.02), 2):
+        kappa = Kappa(float(base), predictor.kappa.per_step, predictor.kappa.max_steps)
+        est = estimate(traces, probs, kappa)
+        points.append({"threshold_base": float(base), "accuracy": est.accuracy, "local_share": est.local_share})
+    return points
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Accuracy against cloud cost (relative to All-LLM): the methods, and HERA's live threshold sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    sweep = sorted(report.get("sweep") or [], key=lambda p: p["cost_ratio"])
+    if sweep:
+        ax.plot([p["cost_ratio"] for p in sweep], [p["accuracy"] for p in sweep], "-o", color="tab:green", alpha=0.5,
+                markersize=3, label="HERA, threshold sweep (live)")
+    routed = sorted((p["query_router"] for p in sweep if "query_router" in p), key=lambda q: q["cost_ratio"])
+    if routed:
+        ax.plot([q["cost_ratio"] for q in routed], [q["accuracy"] for q in routed], "--^", color="tab:orange",
+                alpha=0.5, markersize=3, label="query router at each sweep point's local share (live)")
+    marks = {"all_slm": "s", "all_llm": "D", "random": "x", "query_router": "^", "hera": "o", "oracle": "*"}
+    for name, m in report["methods"].items():
+        est = " est." if m.get("estimated") else ""
+        ax.plot([m["cost_ratio"]], [m["accuracy"]], marks.get(name, "."), markersize=10,
+                label=f"{name}{est} ({m['accuracy']:.0%} acc., {m['local_share']:.0%} local)")
+    ax.set_xlabel("cloud cost relative to All-LLM")
+    ax.set_ylabel("task accuracy")
+    ax.set_title(f"Accuracy vs cloud cost ({report['methods']['all_llm']['tasks']} test tasks)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def render_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+
+    def table(title: str, methods: dict[str, Any]) -> Table:
+        t = Table(title=title)
+        for col in ("method", "tasks", "accuracy (95% CI)", "local share", "cloud cost vs All-LLM", "latency/task"):
+            t.add_column(col, justify="right")
+        for name in METHOD_NAMES:
+            m = methods.get(name)
+            if m is None:
+                continue
+            lo, hi = m["accuracy_ci95"]
+            lat = "-" if math.isnan(m["mean_latency_s"]) else f"{m['mean_latency_s']:.1f}s"
+            t.add_row(name + (" (est.)" if m.get("estimated") else ""), str(m["tasks"]),
+                      f"{m['accuracy']:.1%} ({lo:.0%}-{hi:.0%})", f"{m['local_share']:.1%}", f"{m['cost_ratio']:.2f}", lat)
+        return t
+
+    console.print(table("Overall (test split)", report["methods"]))
+    for family, methods in report["families"].items():
+        console.print(table(family, methods))
+    console.print(report.get("prices", ""))

@@ -1,0 +1,98 @@
+"""`hera profile`: traces of both models on every step of the agent harness, for training.
+
+For each task: the LLM's trajectory step by step; at each of its steps the SLM's prefill
+features and output on the same prefix; and the substitution label: does the final answer stay
+correct when only this step runs on the SLM (the rest on the LLM)? Both models decode greedily
+through the completion cache, so reruns and substitutions replay shared prefixes for free.
+
+Output is append-only JSONL, one line per task, flushed as each task finishes: a killed run
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hera_core.backends.base import Engine, Message
+from hera_core.native.features import logit_features
+from hera_core.offline.harness import run_task
+from hera_core.routing.predictor import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, structure_features
+from hera_core.offline.workloads import Task, split_of
+
+MAX_TOKENS = 384
+
+
+async def profile_task(task: Task, slm: Engine, llm: Engine, seed: int = 0) -> dict[str, Any]:
+    prefixes: list[list[Message]] = []
+
+    async def llm_step(messages: list[Message], step: int):
+        prefixes.append([dict(m) for m in messages])
+        return (await llm.generate(messages, max_tokens=MAX_TOKENS)).text, "cloud"
+
+    base = await run_task(task, llm_step)
+    steps = []
+    for k, messages in enumerate(prefixes):
+        pre = await slm.prefill(messages)
+        feats = feature_matrix(logit_features(pre.logits[None, :]),
+                               [structure_features(k, pre.prompt_tokens, messages)])[0]
+        slm_gen = await slm.generate(messages, max_tokens=MAX_TOKENS)
+
+        async def substituted(msgs: list[Message], step: int, k=k):
+            engine = slm if step == k else llm
+            return (await engine.generate(msgs, max_tokens=MAX_TOKENS)).text, "local" if step == k else "cloud"
+
+        sub = await run_task(task, substituted)
+        steps.append({
+            "step": k, "features": [float(x) for x in feats], "prompt_tokens": pre.prompt_tokens,
+            "llm_text": base.messages[len(messages)]["content"], "slm_text": slm_gen.text,
+            "slm_completion_tokens": slm_gen.completion_tokens,
+            "sub_correct": sub.correct,
+            # Good enough = handing this step to the SLM does not lose the task.
+            "label": 1 if sub.correct >= base.correct else 0,
+        })
+    return {"task_id": task.task_id, "family": task.family, "split": split_of(task.task_id, seed),
+            "llm_correct": base.correct, "llm_steps": len(prefixes), "schema": FEATURE_SCHEMA,
+            "feature_names": list(FEATURE_NAMES), "steps": steps}
+
+
+def done_task_ids(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    done = set()
+    for line in path.read_text().splitlines():
+        try:
+            done.add(json.loads(line)["task_id"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut by a kill: that task is profiled again
+    return done
+
+
+def load_traces(path: str | Path) -> list[dict[str, Any]]:
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [t for t in out if t.get("schema") == FEATURE_SCHEMA]
+
+
+async def profile(tasks: list[Task], slm: Engine, llm: Engine, out: Path, seed: int = 0,
+                  progress: bool = True) -> Path:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = done_task_ids(out)
+    todo = [t for t in tasks if t.task_id not in done]
+    with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), disable=not progress) as bar:
+        job = bar.add_task("profile", total=len(tasks), completed=len(tasks) - len(todo))
+        for task in todo:
+            record = await profile_task(task, slm, llm, seed)
+            with open(out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+            bar.advance(job)
+    return out

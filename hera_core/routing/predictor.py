@@ -1,0 +1,117 @@
+"""The subtask predictor: P(the SLM's output at this step is good enough), from the SLM's own
+prefill (logit features) and the step's place in the task.
+
+A predictor file (JSON) holds the feature schema version, the feature names, the XGBoost model,
+the calibrated position-aware threshold kappa(step) and training metadata. Loading a file made
+for another feature schema is an error, never a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hera_core.errors import ConfigError
+from hera_core.native.features import LOGIT_FEATURE_NAMES
+
+FEATURE_SCHEMA = "hera-features-v1"
+STRUCTURE_FEATURE_NAMES = ("step_index", "prompt_tokens", "n_messages", "last_message_chars")
+FEATURE_NAMES = LOGIT_FEATURE_NAMES + STRUCTURE_FEATURE_NAMES
+DEFAULT_PREDICTOR = "default_predictor.json"
+
+
+def structure_features(step: int, prompt_tokens: int, messages: list[dict[str, Any]]) -> list[float]:
+    last = messages[-1].get("content") if messages else ""
+    return [float(step), float(prompt_tokens), float(len(messages)),
+            float(len(last) if isinstance(last, str) else 0)]
+
+
+def feature_matrix(logit_feats: np.ndarray, structure: list[list[float]]) -> np.ndarray:
+    """[batch, 3] logit features + [batch, 4] structure -> float32 [batch, len(FEATURE_NAMES)]."""
+    return np.ascontiguousarray(np.hstack([logit_feats.astype(np.float32),
+                                           np.asarray(structure, dtype=np.float32).reshape(len(structure), -1)]))
+
+
+@dataclass(frozen=True)
+class Kappa:
+    """Position-aware threshold: kappa(i) = base + min(i, max_steps) * per_step (paper: 0.6, 0.02, 5)."""
+
+    base: float = 0.6
+    per_step: float = 0.02
+    max_steps: int = 5
+
+    def __call__(self, step: int) -> float:
+        return self.base + min(max(step, 0), self.max_steps) * self.per_step
+
+
+@dataclass
+class Predictor:
+    model_json: bytes  # XGBoost JSON model (Booster.save_raw("json"))
+    kappa: Kappa = Kappa()
+    meta: dict[str, Any] = field(default_factory=dict)  # how it was trained, metrics
+    feature_names: tuple[str, ...] = FEATURE_NAMES
+
+    def __post_init__(self) -> None:
+        self._impl = None
+
+    def _evaluator(self):
+        """The native forest when built, else XGBoost itself (one thread: small batches)."""
+        if self._impl is None:
+            try:
+                from hera_core.native.forest import Forest
+
+                self._impl = Forest.from_json_bytes(self.model_json).predict
+            except ImportError:
+                import xgboost as xgb
+
+                booster = xgb.Booster(model_file=bytearray(self.model_json))
+                booster.set_param({"nthread": 1})
+                self._impl = lambda X: booster.inplace_predict(X).astype(np.float32)
+        return self._impl
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        if X.ndim != 2 or X.shape[1] != len(self.feature_names):
+            raise ValueError(f"features must be [batch, {len(self.feature_names)}], got {list(X.shape)}")
+        return self._evaluator()(np.ascontiguousarray(X, dtype=np.float32))
+
+    # --- files ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": FEATURE_SCHEMA, "feature_names": list(self.feature_names),
+                "kappa": {"base": self.kappa.base, "per_step": self.kappa.per_step,
+                          "max_steps": self.kappa.max_steps},
+                "meta": self.meta, "model_b64": base64.b64encode(self.model_json).decode()}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "Predictor":
+        """Load a predictor file; None loads the one shipped in the package."""
+        try:
+            if path is None:
+                path = f"<package>/data/{DEFAULT_PREDICTOR}"
+                text = resources.files("hera_core").joinpath("data", DEFAULT_PREDICTOR).read_text()
+            else:
+                text = Path(path).read_text()
+            d = json.loads(text)
+        except FileNotFoundError:
+            raise ConfigError(f"predictor file {path} does not exist; train one with `hera train`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"predictor file {path} is not valid JSON ({exc}); retrain with `hera train`") from None
+        if not isinstance(d, dict) or d.get("schema") != FEATURE_SCHEMA:
+            got = d.get("schema") if isinstance(d, dict) else None
+            raise ConfigError(f"predictor file {path} has feature schema {got!r}, this HERA needs "
+                              f"{FEATURE_SCHEMA!r}; retrain it with `hera train`")
+        if tuple(d.get("feature_names", ())) != FEATURE_NAMES:
+            raise ConfigError(f"predictor file {path} lists features {d.get('feature_names')}, expected "
+                              f"{list(FEATURE_NAMES)}; retrain it with `hera train`")
+        k = d.get("kappa", {})
+        return cls(model_json=base64.b64decode(d["model_b64"]),
+                   kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5))),
+                   meta=d.get("meta", {}))

@@ -1,0 +1,245 @@
+"""The in-process API: route one subtask (one chat completion of an agent step) and book it.
+
+    async with Runtime(local, cloud, predictor, ledger, prices) as rt:
+        result = await rt.complete(messages, session="s1")
+
+Flow per subtask: SLM prefill (KV reused across steps) -> logit + structure features ->
+predictor -> policy -> local decode continuing from that prefill, or the cloud -> ledger row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hera_core.config import PriceSettings
+from hera_core.routing.budget import Budget
+from hera_core.backends.base import Engine, Generation, Message
+from hera_core.errors import BudgetExceededError, CloudError, CloudRequestError, ContextOverflowError, InvalidRequestError
+from hera_core.native.features import logit_features
+from hera_core.routing.ledger import Ledger, LedgerRow
+from hera_core.routing.policy import Decision, Override, Route, decide
+from hera_core.routing.predictor import Predictor, feature_matrix, structure_features
+
+
+@dataclass
+class SubtaskResult:
+    text: str
+    route: Route
+    decision: Decision
+    generation: Generation
+    cost_usd: float  # on the route taken
+    cloud_cost_usd: float  # had it gone to the cloud (estimated from token counts when local)
+    step: int
+    ledger_id: int
+
+
+def step_index(messages: list[Message]) -> int:
+    """A subtask's position in its session: the number of assistant turns so far."""
+    return sum(1 for m in messages if m.get("role") == "assistant")
+
+
+class Runtime:
+    def __init__(self, local: Engine, cloud: Engine, predictor: Predictor, ledger: Ledger,
+                 prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
+                 max_tokens: int = 512, budget: "Budget | None" = None, fallback: str = "local",
+                 hot_prefix_discount: float = 0.0) -> None:
+        self.local = local
+        self.cloud = cloud
+        self.predictor = predictor
+        self.ledger = ledger
+        self.prices = prices
+        self.run = run  # ledger label of this runtime's rows
+        self.threshold_offset = threshold_offset
+        self.max_tokens = max_tokens
+        self.budget = budget  # cloud spend caps; None = unlimited
+        self.fallback = fallback  # cloud failed: "local" serves the step on the SLM, "fail" raises
+        # A prompt whose prefix is already in the device's KV cache is cheap to finish locally:
+        # kappa is lowered by this much times the share of the prompt that was cached.
+        self.hot_prefix_discount = hot_prefix_discount
+
+    async def score(self, messages: list[Message], step: int):
+        """SLM prefill + features + predictor for one subtask: (p_local, threshold, prefill)."""
+        pre = await self.local.prefill(messages)
+        X = feature_matrix(logit_features(pre.logits[None, :]),
+                           [structure_features(step, pre.prompt_tokens, messages)])
+        p = float(self.predictor.predict(X)[0])
+        hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
+        return p, self.predictor.kappa(step) + self.threshold_offset - self.hot_prefix_discount * hot, pre
+
+    async def complete(self, messages: list[Message], *, session: str, step: int | None = None,
+                       max_tokens: int | None = None, stop: list[str] | None = None,
+                       override: Override = Override.AUTO, run: str | None = None,
+                       local_can_serve: bool = True, on_text: Callable[[str], None] | None = None,
+                       cloud_extra: dict[str, Any] | None = None, threshold: float | None = None,
+                       on_decision: Callable[[Decision], Awaitable[None]] | None = None) -> SubtaskResult:
+        """Route and run one subtask, book it, return the answer with its route and cost.
+
+        local_can_serve=False (tools, images) sends the step to the cloud; a prompt longer than the
+        SLM's window does too. `cloud_extra` holds request fields only the cloud understands.
+        `on_text` receives the answer's text deltas as they are produced (streaming);
+        `on_decision` is awaited once the route is known, before generation (response headers).
+        `threshold` replaces kappa(step) for this call.
+        """
+        step = step_index(messages) if step is None else step
+        max_tokens = max_tokens or self.max_tokens
+        t0 = time.perf_counter()
+        fixed_threshold, p_local, threshold = threshold, None, None
+        why_not_local = None if local_can_serve else "the request needs the cloud (tools or non-text content)"
+        if override is not Override.CLOUD_ONLY and why_not_local is None:
+            try:
+                p_local, threshold, _ = await self.score(messages, step)
+                threshold = fixed_threshold if fixed_threshold is not None else threshold
+            except ContextOverflowError as exc:
+                why_not_local = str(exc)
+        if override is Override.LOCAL_ONLY and why_not_local is not None:
+            raise InvalidRequestError(f"local-only step cannot run on the SLM: {why_not_local}")
+        decision = decide(p_local, threshold, override, local_can_serve=why_not_local is None)
+        if decision.route is Route.CLOUD and self.budget is not None:
+            exceeded = self.budget.exceeded(session)
+            if exceeded is not None:
+                if self.budget.action == "local" and why_not_local is None:
+                    decision = Decision(Route.LOCAL, f"budget-{exceeded}", p_local, threshold)
+                else:
+                    raise BudgetExceededError(f"the {exceeded} cloud budget is spent; the step was refused "
+                                              "(raise the cap, or set budget_action = 'local')")
+        if on_decision is not None:
+            await on_decision(decision)
+        try:
+            attempts: list[tuple[str, float]] = []
+            if decision.route is Route.CLOUD:
+                kwargs = {"extra": cloud_extra} if cloud_extra else {}
+                streamed: list[str] = []
+                relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
+                try:
+                    gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, on_text=relay, **kwargs)
+                except CloudError as exc:
+                    can_fall_back = (self.fallback == "local" and why_not_local is None and not streamed
+                                     and override is not Override.CLOUD_ONLY and not isinstance(exc, CloudRequestError))
+                    self._record_failure(run, session, step, decision, exc, time.perf_counter() - t0)
+                    if not can_fall_back:
+                        raise
+                    decision = Decision(Route.LOCAL, "fallback-local", p_local, threshold)
+                else:
+                    attempts = gen.extra.get("attempts", [])
+            if decision.route is Route.LOCAL:
+                gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
+                elapsed = time.perf_counter() - t0  # scoring prefill included: it is the local prefill
+                cost = self.prices.local_cost(elapsed)
+                cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+            else:
+                elapsed = time.perf_counter() - t0
+                cost = cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+                if self.budget is not None:
+                    self.budget.add(session, cost)
+        except asyncio.CancelledError:  # the client went away mid-answer: book what was spent, then stop
+            self._record_cancelled(run, session, step, decision, time.perf_counter() - t0)
+            raise
+        row_id = self._book(run, session, step, decision, model=gen.model, gen=gen, latency_s=max(elapsed, gen.latency_s),
+                            cost=cost, cloud_cost=cloud_cost, attempts=attempts)
+        return SubtaskResult(text=gen.text, route=decision.route, decision=decision, generation=gen,
+                             cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id)
+
+    def _book(self, run: str | None, session: str, step: int, decision: Decision | None, *, model: str,
+              gen: Generation | None = None, latency_s: float, cost: float = 0.0, cloud_cost: float = 0.0,
+              status: str = "ok", reason: str | None = None, route: str | None = None,
+              attempts: list[tuple[str, float]] | tuple = ()) -> int:
+        """The one place a ledger row is built: a routed step, a failure, a cancellation, a pass-through."""
+        return self.ledger.record(LedgerRow(
+            run=run or self.run, session=session, step=step,
+            route=route or (decision.route.value if decision else "cloud"), model=model,
+            prompt_tokens=gen.prompt_tokens if gen else 0, completion_tokens=gen.completion_tokens if gen else 0,
+            cached_tokens=gen.cached_tokens if gen else 0, latency_s=latency_s, cost_usd=cost,
+            cloud_cost_usd=cloud_cost, p_local=decision.p_local if decision else None,
+            threshold=decision.threshold if decision else None,
+            reason=reason or (decision.reason if decision else ""), status=status), attempts)
+
+    def _record_cancelled(self, run, session, step, decision: Decision, elapsed: float) -> None:
+        """A subtask cancelled while generating (its client disconnected) is a row with status
+        'cancelled': a local one costs the energy of the time it ran; a cloud one is booked at 0
+        (what the provider bills for a request closed mid-answer is not known here)."""
+        local = decision.route is Route.LOCAL
+        self._book(run, session, step, decision, model=self.model_name(decision.route), latency_s=elapsed,
+                   cost=self.prices.local_cost(elapsed) if local else 0.0, status="cancelled")
+
+    def _record_failure(self, run, session, step, decision, exc: CloudError, elapsed: float) -> None:
+        """A failed cloud call is a ledger row too (status = the error class, cost 0)."""
+        self._book(run, session, step, decision, model=self.cloud.name, latency_s=elapsed, route="cloud",
+                   status=type(exc).__name__, attempts=exc.attempts)
+
+    # --- requests that bypass routing ------------------------------------------------------------
+    def _check_budget_for_passthrough(self, session: str) -> None:
+        exceeded = self.budget.exceeded(session) if self.budget is not None else None
+        if exceeded is not None:  # a named cloud model cannot move to the SLM: refused whatever the action
+            raise BudgetExceededError(f"the {exceeded} cloud budget is spent; the pass-through request was refused "
+                                      "(raise the cap)")
+
+    def _book_passthrough(self, run, session: str, step: int, model: str, usage: dict[str, Any], elapsed: float,
+                          attempts=(), status: str = "ok") -> float:
+        pt, ct = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        cost = self.prices.cloud_cost(pt, ct)
+        gen = Generation(text="", prompt_tokens=pt, completion_tokens=ct, latency_s=elapsed, ttft_s=elapsed,
+                         finish_reason="stop", model=model)
+        self._book(run, session, step, None, model=model, gen=gen, latency_s=elapsed, cost=cost, cloud_cost=cost,
+                   reason="passthrough", status=status, attempts=attempts)
+        if self.budget is not None:
+            self.budget.add(session, cost)
+        return cost
+
+    async def passthrough(self, payload: dict[str, Any], *, session: str, step: int = 0,
+                          run: str | None = None) -> tuple[dict[str, Any], float]:
+        """A request for a model other than HERA's, forwarded to the cloud as it is; checked against
+        the budget, booked and budgeted like any cloud step. Returns (response JSON, cost USD)."""
+        self._check_budget_for_passthrough(session)
+        t0 = time.perf_counter()
+        model = str(payload.get("model", self.cloud.name))
+        try:
+            data, attempts = await self.cloud.forward(payload)
+        except CloudError as exc:
+            self._book_passthrough(run, session, step, model, {}, time.perf_counter() - t0, exc.attempts,
+                                   status=type(exc).__name__)
+            raise
+        cost = self._book_passthrough(run, session, step, model, data.get("usage") or {}, time.perf_counter() - t0,
+                                      attempts)
+        return data, cost
+
+    async def passthrough_stream(self, payload: dict[str, Any], *, session: str, step: int = 0,
+                                 run: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """`passthrough`, streamed: yields the upstream's chunks; booked once the stream ends (as
+        'cancelled' if the consumer stops early)."""
+        self._check_budget_for_passthrough(session)
+        t0 = time.perf_counter()
+        usage: dict[str, Any] = {}
+        model = str(payload.get("model", self.cloud.name))
+        status = "cancelled"
+        try:
+            async for chunk in self.cloud.forward_stream(payload):
+                usage = chunk.get("usage") or usage
+                yield chunk
+            status = "ok"
+        except CloudError as exc:
+            status = type(exc).__name__
+            raise
+        finally:
+            self._book_passthrough(run, session, step, model, usage, time.perf_counter() - t0, status=status)
+
+    # --- what the serving layer may ask ----------------------------------------------------------
+    def model_name(self, route: Route) -> str:
+        return (self.local if route is Route.LOCAL else self.cloud).name
+
+    def cache_stats(self) -> dict[str, float] | None:
+        """The local engine's KV-cache counters (None if it keeps none)."""
+        return self.local.cache_stats()
+
+    async def close(self) -> None:
+        await self.local.close()
+        await self.cloud.close()
+
+    async def __aenter__(self) -> "Runtime":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

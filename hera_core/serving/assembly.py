@@ -1,0 +1,150 @@
+"""Assemble a running HERA from settings: models, engines, cloud (real or simulated), ledger,
+budget, runtime.
+
+`open_runtime(settings)` is an async context manager. Without cloud.base_url it starts
+`hera cloud-sim` as a child process on a free 127.0.0.1 port and stops it on exit, so the demo
+and the tests talk to a real model over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+
+from hera_core.config import HeraSettings
+from hera_core.backends.cloud import CircuitBreaker, CloudEngine
+from hera_core.backends.llamacpp import LlamaCppEngine
+from hera_core.errors import CloudUnavailableError
+from hera_core.routing.budget import Budget
+from hera_core.routing.ledger import Ledger
+from hera_core.install.models import model_path
+from hera_core.routing.predictor import Predictor
+from hera_core.routing.runtime import Runtime
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def cloud_sim(model: str, *, threads: int = 1, n_ctx: int = 4096, cache_dir: Path | None = None,
+                    startup_timeout_s: float = 120.0) -> AsyncIterator[str]:
+    """Run `hera cloud-sim` in a child process; yields its base URL (…/v1)."""
+    model_path(model, cache_dir)  # fail fast, in this process, with the install hint
+    port = free_port()
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["HERA_CACHE_DIR"] = str(cache_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "hera_core.cli", "cloud-sim", "--model", model,
+                             "--port", str(port), "--threads", str(threads), "--n-ctx", str(n_ctx)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = asyncio.get_running_loop().time() + startup_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+                    raise CloudUnavailableError(f"cloud-sim exited: {err[-1] if err else proc.returncode}")
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise CloudUnavailableError(f"cloud-sim did not start within {startup_timeout_s:.0f}s")
+                await asyncio.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@asynccontextmanager
+async def open_engines(settings: HeraSettings, *, use_cache: bool = False):
+    """(local, cloud) engines from settings. `use_cache` answers repeated greedy requests from the
+    completion cache (profiling reruns, evaluation of many policies)."""
+    loc = settings.local
+    local_file = model_path(loc.model, settings.cache_dir) if loc.engine == "llamacpp" else None
+    async with _cloud_base_url(settings) as base_url:
+        if loc.engine == "tensorrt":
+            from hera_core.backends.tensorrt import TensorRTLLMEngine
+
+            local = TensorRTLLMEngine(loc.model, n_ctx=loc.n_ctx)
+        else:
+            local = LlamaCppEngine(local_file, name=loc.model, n_ctx=loc.n_ctx, n_threads=loc.n_threads,
+                                   n_threads_batch=loc.n_threads_batch, n_slots=loc.n_slots,
+                                   block_size=loc.kv_block_tokens, kv_unified=loc.kv_unified,
+                                   kv_budget_tokens=loc.kv_budget_tokens, n_gpu_layers=loc.n_gpu_layers,
+                                   flash_attn=loc.flash_attn, decode_chunk=loc.decode_chunk)
+        api_key = settings.cloud.api_key.get_secret_value() if settings.cloud.api_key else None
+        cloud = CloudEngine(base_url, settings.cloud.model, api_key=api_key, timeout_s=settings.cloud.timeout_s,
+                            max_retries=settings.cloud.max_retries,
+                            breaker=CircuitBreaker(settings.cloud.breaker_failures, settings.cloud.breaker_reset_s))
+        cache = None
+        if use_cache:  # offline runs only (profiling, the demo); the server never asks for it
+            from hera_core.backends.caching import CachingEngine, CompletionCache
+
+            cache = CompletionCache(settings.cache_dir / "completions.sqlite")
+            local, cloud = CachingEngine(local, cache), CachingEngine(cloud, cache)
+        try:
+            yield local, cloud
+        finally:
+            await local.close()
+            await cloud.close()
+            if cache is not None:
+                cache.close()
+
+
+@asynccontextmanager
+async def open_runtime(settings: HeraSettings, *, run: str = "default", predictor: Predictor | None = None,
+                       use_cache: bool = False) -> AsyncIterator[Runtime]:
+    """A Runtime over the configured local SLM and cloud, booking into the configured ledger."""
+    if settings.local.engine == "llamacpp":
+        model_path(settings.local.model, settings.cache_dir)  # a missing model is the first thing to fix
+    predictor = predictor or Predictor.load(settings.policy.predictor_path)
+    async with open_engines(settings, use_cache=use_cache) as (local, cloud):
+        ledger = Ledger(settings.resolved_ledger_path())
+        try:
+            yield Runtime(local, cloud, predictor, ledger, settings.prices, run=run,
+                          threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens,
+                          fallback=settings.cloud.fallback, hot_prefix_discount=settings.policy.hot_prefix_discount,
+                          budget=budget_from(settings, ledger))
+        finally:
+            ledger.close()
+
+
+def budget_from(settings: HeraSettings, ledger: Ledger) -> Budget | None:
+    """The cloud spend caps of the settings, seeded from the ledger's spend (None: no cap set)."""
+    s = settings.server
+    if s.session_budget_usd is None and s.daily_budget_usd is None:
+        return None
+    return Budget(per_session_usd=s.session_budget_usd, per_day_usd=s.daily_budget_usd, action=s.budget_action,
+                  ledger=ledger)
+
+
+@asynccontextmanager
+async def _cloud_base_url(settings: HeraSettings) -> AsyncIterator[str]:
+    if settings.cloud.base_url:
+        yield settings.cloud.base_url
+        return
+    async with cloud_sim(settings.cloud.model, threads=settings.cloud.sim_threads,
+                         n_ctx=settings.local.n_ctx, cache_dir=settings.cache_dir) as url:
+        yield url

@@ -1,0 +1,66 @@
+"""`hera cloud-sim`: a GGUF model behind an OpenAI-compatible HTTP API on 127.0.0.1.
+
+The stand-in for a cloud LLM in the demo, the tests and the offline benchmark: real model, real
+HTTP. Point HERA_CLOUD_BASE_URL at a real provider and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+
+from hera_core.backends.base import Engine
+from hera_core.errors import HeraError
+from hera_core.serving.openai_api import completion_chunks, completion_response, error_body, error_from_exception, parse_request
+
+log = logging.getLogger(__name__)
+ENGINE_KEY = web.AppKey("engine", Engine)
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE_KEY]
+    try:
+        payload = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return web.json_response(error_body("body is not valid JSON", "invalid_request_error"), status=400)
+    try:
+        req = parse_request(payload)
+        gen = await engine.generate(req.plain_messages(), max_tokens=req.token_limit(512), stop=req.stop_list())
+    except HeraError as exc:
+        status, body = error_from_exception(exc)
+        return web.json_response(body, status=status)
+    if req.stream:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in completion_chunks(model=engine.name, text=gen.text, finish_reason=gen.finish_reason):
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+    return web.json_response(completion_response(
+        model=engine.name, text=gen.text, prompt_tokens=gen.prompt_tokens,
+        completion_tokens=gen.completion_tokens, finish_reason=gen.finish_reason))
+
+
+async def _models(request: web.Request) -> web.Response:
+    name = request.app[ENGINE_KEY].name
+    return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "hera-cloud-sim"}]})
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "model": request.app[ENGINE_KEY].name})
+
+
+def create_app(engine: Engine) -> web.Application:
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app[ENGINE_KEY] = engine
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/healthz", _health)
+
+    async def _close(app: web.Application) -> None:
+        await app[ENGINE_KEY].close()
+
+    app.on_cleanup.append(_close)
+    return app

@@ -1,0 +1,395 @@
+"""`hera serve`: an OpenAI-compatible hybrid endpoint. Point any agent framework's base URL here.
+
+Model `hera` (or `hera:<threshold>`) is routed per step between the local SLM and the cloud;
+any other model name passes straight through to the cloud. Each routed response says what
+happened: headers `x-hera-route`, `x-hera-cost-usd`, `x-hera-p-local`.
+
+Built by `create_app(settings)`: the runtime (engines, ledger, HTTP client) is opened by the
+app's cleanup context when the server starts and closed when it stops; nothing runs at import.
+All errors leave as OpenAI-shaped JSON (`{"error": {message, type, param, code}}`), translated in
+one middleware; a client's mistake is a 4xx, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from hera_core.config import HeraSettings
+from hera_core.errors import HeraError, InvalidRequestError
+from hera_core.serving.metrics import Metrics
+from hera_core.serving.openai_api import (ChatCompletionRequest, completion_response, error_body, error_from_exception,
+                         parse_request)
+from hera_core.routing.policy import Decision, Override, Route
+from hera_core.routing.runtime import Runtime, step_index
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", HeraSettings)
+RUNTIME = web.AppKey("runtime", Runtime)
+STATE = web.AppKey("state", dict)
+METRICS = web.AppKey("metrics", object)
+
+# Request fields HERA handles itself; everything else is passed to the cloud untouched.
+_OWN_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stop", "stream",
+               "stream_options", "n", "user"}
+_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def _json_error(status: int, message: str, type_: str | None = None, code: str | None = None,
+                param: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error_body(message, type_ or _STATUS_TYPES.get(status, "server_error"), code, param),
+                             status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HeraError as exc:
+        status, body = error_from_exception(exc)
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        return web.json_response(body, status=status, headers=headers)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return _json_error(413, f"request body too large: {exc.text}", code="body_too_large")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json_error(exc.status, exc.reason or exc.text or "error", code=f"http_{exc.status}")
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the one place unexpected errors become a 500
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _json_error(500, "internal error; see the server log", "server_error")
+
+
+def _auth_middleware(keys: list[bytes]):
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if keys and request.path != "/healthz":
+            header = request.headers.get("Authorization", "")
+            given = header[7:].encode() if header.startswith("Bearer ") else b""
+            ok = False
+            for key in keys:  # compare with every key, in constant time, so timing says nothing
+                ok |= hmac.compare_digest(given, key)
+            if not ok:
+                return _json_error(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                   code="invalid_api_key")
+        return await handler(request)
+    return auth
+
+
+def _limits_middleware(max_body: int, max_concurrency: int):
+    @web.middleware
+    async def limits(request: web.Request, handler):
+        # Refuse an oversized body from its declared length, before reading any of it.
+        if request.content_length is not None and request.content_length > max_body:
+            return _json_error(413, f"request body too large: {request.content_length} bytes, the limit is "
+                                    f"{max_body} bytes", code="body_too_large")
+        state = request.app[STATE]
+        if state["in_flight"] >= max_concurrency:
+            return _json_error(429, f"server busy: {max_concurrency} requests in flight; retry shortly",
+                               code="too_many_requests", headers={"Retry-After": "1"})
+        state["in_flight"] += 1
+        metrics = request.app[METRICS]
+        metrics.in_flight.inc()
+        try:
+            return await handler(request)
+        finally:
+            state["in_flight"] -= 1
+            metrics.in_flight.dec()
+    return limits
+
+
+# --- request helpers -------------------------------------------------------------------------------
+def _session_of(request: web.Request, messages: list[dict[str, Any]]) -> str:
+    """X-Hera-Session, else a hash of the conversation's opening (system + first user turn)."""
+    explicit = request.headers.get("X-Hera-Session")
+    if explicit:
+        if len(explicit) > 200:
+            raise InvalidRequestError("X-Hera-Session must be at most 200 characters")
+        return explicit
+    opening = []
+    for m in messages:
+        opening.append({"role": m.get("role"), "content": m.get("content")})
+        if m.get("role") == "user":
+            break
+    return "auto-" + hashlib.sha256(json.dumps(opening, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _override_of(request: web.Request) -> Override:
+    value = request.headers.get("X-Hera-Policy", "auto").strip().lower()
+    try:
+        return Override(value)
+    except ValueError:
+        raise InvalidRequestError(f"X-Hera-Policy must be one of {', '.join(o.value for o in Override)}, "
+                                  f"got {value!r}") from None
+
+
+def _routed_threshold(model: str) -> tuple[bool, float | None]:
+    """('hera' -> routed, kappa(step)); ('hera:0.7' -> routed, fixed 0.7); other -> pass-through."""
+    if model == "hera":
+        return True, None
+    if model.startswith("hera:"):
+        try:
+            t = float(model[5:])
+        except ValueError:
+            t = -1.0
+        if not 0.0 <= t <= 1.0:
+            raise InvalidRequestError(f"model {model!r}: the threshold after 'hera:' must be a number in [0, 1]")
+        return True, t
+    return False, None
+
+
+def _text_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages with list-of-parts text content flattened to strings (the SLM's chat template wants text)."""
+    out = []
+    for m in req.plain_messages():
+        if isinstance(m.get("content"), list):
+            m = {**m, "content": "".join(p.get("text", "") for p in m["content"] if p.get("type") == "text")}
+        out.append(m)
+    return out
+
+
+def _decision_headers(decision: Decision) -> dict[str, str]:
+    h = {"x-hera-route": decision.route.value, "x-hera-reason": decision.reason}
+    if decision.p_local is not None:
+        h["x-hera-p-local"] = f"{decision.p_local:.4f}"
+    return h
+
+
+# --- handlers ----------------------------------------------------------------------------------------
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    settings, rt = request.app[SETTINGS], request.app[RUNTIME]
+    raw = await request.read()
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequestError("request body is not valid JSON") from None
+    req = parse_request(payload)
+    max_tokens = req.token_limit(settings.max_tokens)
+    if max_tokens > settings.server.max_tokens_cap:
+        raise InvalidRequestError(f"max_tokens {max_tokens} exceeds this server's cap of "
+                                  f"{settings.server.max_tokens_cap}")
+    routed, fixed_threshold = _routed_threshold(req.model)
+    if not routed:
+        return await _passthrough(request, payload, req)
+
+    messages = _text_messages(req)
+    session = _session_of(request, messages)
+    override = _override_of(request)
+    local_can_serve = not req.tools and not req.has_non_text_content() and \
+        not any(m.get("role") in ("tool", "function") or m.get("tool_calls") for m in messages)
+    cloud_extra = {k: v for k, v in payload.items() if k not in _OWN_FIELDS}
+    state = request.app[STATE]
+    needs_slm = override is not Override.CLOUD_ONLY and local_can_serve
+    if needs_slm and state["slm_waiting"] >= settings.server.max_local_queue:
+        return _json_error(429, f"the local SLM queue is full ({settings.server.max_local_queue} waiting); retry shortly",
+                           code="local_queue_full", headers={"Retry-After": "1"})
+    metrics = request.app[METRICS]
+    t0 = time.perf_counter()
+    kwargs = dict(session=session, step=step_index(messages), max_tokens=max_tokens, stop=req.stop_list(),
+                  override=override, local_can_serve=local_can_serve, cloud_extra=cloud_extra or None,
+                  threshold=fixed_threshold)
+    if needs_slm:
+        state["slm_waiting"] += 1
+    try:
+        if req.stream:
+            result, response = await _stream_routed(request, rt, messages, kwargs)
+        else:
+            result = await rt.complete(messages, **kwargs)
+            response = None
+    finally:
+        if needs_slm:
+            state["slm_waiting"] -= 1
+    gen, route = result.generation, result.route.value
+    metrics.requests.labels(route, "ok").inc()
+    metrics.latency.labels(route).observe(time.perf_counter() - t0)
+    metrics.tokens.labels(route, "prompt").inc(gen.prompt_tokens)
+    metrics.tokens.labels(route, "completion").inc(gen.completion_tokens)
+    metrics.cost.labels(route).inc(result.cost_usd)
+    metrics.all_cloud_cost.inc(result.cloud_cost_usd)
+    metrics.observe_cache(rt.cache_stats())
+    if response is not None:
+        return response
+    tool_fields = {k: v for k, v in (gen.extra.get("message") or {}).items() if k not in ("role", "content")}
+    body = completion_response(
+        model=gen.model, text=gen.text, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+        finish_reason="tool_calls" if tool_fields.get("tool_calls") else gen.finish_reason,
+        id=f"chatcmpl-hera-{result.ledger_id}", message_fields=tool_fields,
+        extra={"hera": {"route": route, "reason": result.decision.reason, "p_local": result.decision.p_local,
+                        "threshold": result.decision.threshold, "step": result.step, "session": session,
+                        "cost_usd": result.cost_usd, "cloud_cost_usd": result.cloud_cost_usd}})
+    headers = _decision_headers(result.decision)
+    headers["x-hera-cost-usd"] = f"{result.cost_usd:.8f}"
+    headers["x-hera-session"] = session
+    return web.json_response(body, headers=headers)
+
+
+async def _stream_routed(request: web.Request, rt: Runtime, messages, kwargs):
+    """Server-sent events in OpenAI's chunk format; headers go out once the route is decided."""
+    cid, created = f"chatcmpl-hera-{time.time_ns()}", int(time.time())
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    model_name = {"name": ""}
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name["name"],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    async def on_decision(decision: Decision) -> None:
+        model_name["name"] = rt.model_name(decision.route)
+        response.headers.update(_decision_headers(decision))
+        response.headers["x-hera-session"] = kwargs["session"]
+        await response.prepare(request)
+        await response.write(chunk({"role": "assistant", "content": ""}))
+
+    async def writer() -> None:
+        while (delta := await queue.get()) is not None:
+            await response.write(chunk({"content": delta}))
+
+    writer_task = asyncio.create_task(writer())
+    work = asyncio.create_task(rt.complete(messages, on_text=queue.put_nowait, on_decision=on_decision, **kwargs))
+
+    def client_gone(task: asyncio.Task) -> None:
+        # A write failed: the client disconnected. Stop the answer (a local one stops at its next
+        # chunk); the runtime books it as cancelled.
+        if not task.cancelled() and task.exception() is not None:
+            work.cancel()
+
+    writer_task.add_done_callback(client_gone)
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        client_left = work.cancelled() and writer_task.done() and not writer_task.cancelled()
+        writer_task.cancel()
+        if client_left:
+            raise _StreamEnded(response) from None  # nobody to answer
+        raise
+    except HeraError as exc:
+        writer_task.cancel()
+        if not response.prepared:
+            raise
+        status, body = error_from_exception(exc)  # headers are gone: report in the stream
+        await response.write(f"data: {json.dumps(body)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        raise _StreamEnded(response) from None
+    queue.put_nowait(None)
+    await writer_task
+    gen = result.generation
+    usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+             "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+    await response.write(chunk({}, gen.finish_reason, usage=usage,
+                               hera={"route": result.route.value, "cost_usd": result.cost_usd,
+                                     "p_local": result.decision.p_local}))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return result, response
+
+
+# aiohttp lets a handler run to its end after its client disconnected; with this a disconnect
+# cancels the handler, so a local answer stops at its next chunk and the runtime books the step as
+# cancelled. Pass to web.run_app / web.AppRunner.
+RUNNER_OPTIONS = {"handler_cancellation": True}
+
+
+class _StreamEnded(Exception):
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+
+async def _passthrough(request: web.Request, payload: dict[str, Any], req: ChatCompletionRequest):
+    """Any model other than hera*: forwarded as is to the cloud by the runtime, which budgets and
+    books it like any cloud step."""
+    rt = request.app[RUNTIME]
+    messages = req.plain_messages()
+    where = dict(session=_session_of(request, messages), step=step_index(messages))
+    metrics = request.app[METRICS]
+    headers = {"x-hera-route": "cloud", "x-hera-reason": "passthrough"}
+    if req.stream:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               **headers})
+        async for chunk in rt.passthrough_stream(payload, **where):
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        metrics.requests.labels("cloud", "ok").inc()
+        return response
+    data, cost = await rt.passthrough(payload, **where)
+    metrics.requests.labels("cloud", "ok").inc()
+    return web.json_response(data, headers={**headers, "x-hera-cost-usd": f"{cost:.8f}"})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    ids = ["hera", rt.model_name(Route.CLOUD), rt.model_name(Route.LOCAL)]
+    return web.json_response({"object": "list", "data": [{"id": i, "object": "model", "owned_by": "hera"} for i in ids]})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def ledger_endpoint(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    run = request.query.get("run", rt.run)
+    totals = rt.ledger.totals(run)
+    return web.json_response({"run": run, "totals": totals, "sessions": rt.ledger.sessions(run)[-200:],
+                              "saving_vs_all_cloud": (totals["saving_usd"] / totals["all_cloud_cost_usd"])
+                              if totals["all_cloud_cost_usd"] else 0.0})
+
+
+@web.middleware
+async def _stream_end_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except _StreamEnded as ended:
+        return ended.response
+
+
+def create_app(settings: HeraSettings, *, runtime: Runtime | None = None) -> web.Application:
+    """The HERA server. Without `runtime`, one is opened from `settings` when the app starts."""
+    keys = [k.get_secret_value().encode() for k in settings.server.api_keys]
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[
+        error_middleware, _stream_end_middleware, _auth_middleware(keys),
+        _limits_middleware(settings.server.max_body_bytes, settings.server.max_concurrency)])
+    app[SETTINGS] = settings
+    app[STATE] = {"in_flight": 0, "slm_waiting": 0}
+    app[METRICS] = Metrics()
+    if runtime is not None:
+        app[RUNTIME] = runtime
+    else:
+        app.cleanup_ctx.append(_runtime_context)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/v1/hera/ledger", ledger_endpoint)
+    return app
+
+
+async def _runtime_context(app: web.Application):
+    from hera_core.serving.assembly import open_runtime
+
+    async with open_runtime(app[SETTINGS], run="serve") as rt:
+        app[RUNTIME] = rt
+        yield
