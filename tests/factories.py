@@ -48,3 +48,18 @@ def device_array_module():
 
 def to_device(xp, host: np.ndarray):
     return xp.from_numpy(host).cuda() if xp.__name__ == "torch" else xp.asarray(host)
+
+
+def constant_draft_stage(keep: bool, threshold: float = 0.5):
+    """A real XGBoost second stage fitted on one label only: it always keeps, or always escalates."""
+    import xgboost as xgb
+
+    from hera_core.routing.predictor import DRAFT_STAGE_FEATURE_NAMES, DraftStage
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(64, len(DRAFT_STAGE_FEATURE_NAMES))).astype(np.float32)
+    y = np.full(64, 1.0 if keep else 0.0, dtype=np.float32)
+    booster = xgb.train({"objective": "binary:logistic", "max_depth": 2, "nthread": 1, "base_score": 0.5},
+                        xgb.DMatrix(X, label=y),
+                        num_boost_round=5)
+    return DraftStage(model_json=bytes(booster.save_raw("json")), keep_threshold=threshold)

@@ -81,7 +81,7 @@ def test_humaneval_scorer_runs_the_tests_out_of_process():
 
 
 def test_humaneval_tests_never_run_in_this_process(monkeypatch):
-    import hera_core.offline.sandbox as sandbox
+    import hera_core.checks.sandbox as sandbox
 
     seen = []
     real = sandbox.run_python

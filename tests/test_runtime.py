@@ -78,13 +78,74 @@ def test_hot_prefix_lowers_the_threshold_by_the_cached_share(runtime):
     kappa = runtime.predictor.kappa(1)
     conv = [{"role": "system", "content": "You are a terse assistant number 4711. " * 12},
             {"role": "user", "content": "Say hi."}]
-    _, cold, pre_cold = run(runtime.score(conv, 1))
+    sc = run(runtime.score(conv, 1))
+    cold, pre_cold = sc.threshold, sc.prefill
     assert cold == pytest.approx(kappa - 0.5 * pre_cold.cached_tokens / pre_cold.prompt_tokens)
     conv += [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Again."}]
-    _, hot, pre_hot = run(runtime.score(conv, 1))
+    sc = run(runtime.score(conv, 1))
+    hot, pre_hot = sc.threshold, sc.prefill
     share = pre_hot.cached_tokens / pre_hot.prompt_tokens
     assert share > 0.8 and hot == pytest.approx(kappa - 0.5 * share) and hot < cold
     result = run(runtime.complete(conv, session="hot", step=1, max_tokens=4))
     assert result.decision.threshold < kappa  # the discount reaches the routing decision
     runtime.hot_prefix_discount = 0.0
-    assert run(runtime.score(conv, 1))[1] == pytest.approx(kappa)
+    assert run(runtime.score(conv, 1)).threshold == pytest.approx(kappa)
+
+
+# --- draft, check, escalate ---------------------------------------------------------------------
+ASK_PROGRAM = [{"role": "user", "content": "Write a short Python program that prints 6 * 7."}]
+
+
+def all_uncertain(runtime, draft_stage=None):
+    """Threshold 0.5 with a band of 1: every step is drafted and checked first."""
+    runtime.predictor.kappa = Kappa(0.5, 0.0, 0)
+    runtime.draft_band = 1.0
+    runtime.predictor.draft = draft_stage
+
+
+def test_an_escalated_step_is_one_cloud_row_that_also_pays_for_its_draft(runtime):
+    from tests.factories import constant_draft_stage
+
+    all_uncertain(runtime, constant_draft_stage(keep=False))
+    r = run(runtime.complete(ASK_PROGRAM, session="esc", step=0, max_tokens=24))
+    assert r.route is Route.CLOUD and r.decision.reason == "escalated" and r.draft is not None
+    rows = runtime.ledger.rows("t")
+    assert len(rows) == 1 and rows[0]["route"] == "cloud" and rows[0]["reason"] == "escalated"
+    assert rows[0]["cost_usd"] > rows[0]["cloud_cost_usd"] > 0  # the draft's energy is added
+    assert rows[0]["latency_s"] >= r.generation.latency_s
+
+
+def test_a_kept_draft_is_the_answer_without_a_second_decode(runtime):
+    from tests.factories import constant_draft_stage
+
+    all_uncertain(runtime, constant_draft_stage(keep=True))
+    before = runtime.local.stats["generated_tokens"]
+    r = run(runtime.complete(ASK_PROGRAM, session="keep", step=0, max_tokens=24))
+    assert r.route is Route.LOCAL and r.decision.reason == "draft-kept"
+    assert runtime.local.stats["generated_tokens"] - before == r.generation.completion_tokens  # decoded once
+    assert r.generation.extra["token_logprobs"] and len(r.generation.extra["token_logprobs"]) == r.generation.completion_tokens
+    assert runtime.ledger.rows("t")[-1]["reason"] == "draft-kept"
+
+
+def test_without_a_draft_stage_the_checks_decide(runtime):
+    all_uncertain(runtime)
+    for messages in (ASK_PROGRAM, [{"role": "user", "content": "Q? A) red B) blue\nReply with only the "
+                                                                "letter of the correct option, as: ANSWER: <letter>"}]):
+        r = run(runtime.complete(messages, session="rule", step=0, max_tokens=24))
+        assert r.draft is not None
+        assert (r.route is Route.LOCAL) == r.draft.passed
+        assert r.decision.reason == ("draft-kept" if r.draft.passed else "escalated")
+
+
+def test_streaming_an_escalated_step_sends_the_cloud_answer_once_decided(runtime):
+    from tests.factories import constant_draft_stage
+
+    all_uncertain(runtime, constant_draft_stage(keep=False))
+    decisions, deltas = [], []
+
+    async def on_decision(d):
+        decisions.append(d)
+
+    r = run(runtime.complete(ASK_PROGRAM, session="s", step=0, max_tokens=24, on_text=deltas.append,
+                             on_decision=on_decision))
+    assert [d.reason for d in decisions] == ["escalated"] and "".join(deltas) == r.text

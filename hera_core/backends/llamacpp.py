@@ -63,6 +63,12 @@ class _Slot:
     busy: bool = False  # a generation is decoding here: not to be recycled, continued or evicted
 
 
+def _logprob(logits: np.ndarray, token: int) -> float:
+    """log softmax(logits)[token], stable."""
+    top = float(logits.max())
+    return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+
+
 class _NoFreeSlot(Exception):
     """Every slot is generating; the request waits for one (engine-internal)."""
 
@@ -81,6 +87,7 @@ class _Decoding:
     reused: int
     pinned: int  # index blocks of the prompt locked against eviction while decoding
     out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # log-probability of each token of `out`
     text: str = ""
     sent: int = 0
     finish: str = "length"
@@ -218,8 +225,10 @@ class LlamaCppEngine(Engine):
         self._seq_rm(slot, 0)
         return slot
 
-    def _decode(self, tokens: list[int], slot: int, start: int) -> np.ndarray:
-        """Evaluate `tokens` at positions start.. of sequence `slot`; logits of the last one."""
+    def _decode(self, tokens: list[int], slot: int, start: int, all_logits: bool = False) -> np.ndarray:
+        """Evaluate `tokens` at positions start.. of sequence `slot`; logits of the last one
+        (`all_logits`: [len(tokens), vocab], one row per token)."""
+        rows: list[np.ndarray] = []
         lib, batch = self._lib, self._batch
         for i in range(0, len(tokens), self.n_batch):
             chunk = tokens[i:i + self.n_batch]
@@ -229,7 +238,7 @@ class LlamaCppEngine(Engine):
             np.ctypeslib.as_array(batch.pos, shape=(n,))[:] = np.arange(start + i, start + i + n)
             np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
             logits_flags = np.ctypeslib.as_array(batch.logits, shape=(n,))
-            logits_flags[:] = 0
+            logits_flags[:] = 1 if all_logits else 0
             logits_flags[n - 1] = 1
             for j in range(n):
                 batch.seq_id[j][0] = slot
@@ -240,6 +249,11 @@ class LlamaCppEngine(Engine):
             if rc != 0:
                 raise HeraError(f"llama_decode failed with status {rc} (KV cache of {self.kv_cells} cells full?); "
                                 "raise local.n_ctx or lower the number of sessions")
+            if all_logits:
+                ptr = lib.llama_get_logits(self._ctx.ctx)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy())
+        if all_logits:
+            return np.concatenate(rows) if rows else np.empty((0, self.n_vocab), np.float32)
         ptr = lib.llama_get_logits_ith(self._ctx.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
@@ -304,6 +318,25 @@ class LlamaCppEngine(Engine):
         return slot, logits, m
 
     # --- blocking work, on the engine thread ----------------------------------------------------
+    def _score_sync(self, messages: list[Message], text: str) -> list[float]:
+        """Teacher-forced: the log-probability of each token of `text` as the answer to `messages`
+        (one batched evaluation, logits at every position)."""
+        prompt = self.tokenize_messages(messages)
+        cont = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        if not cont:
+            return []
+        self._check_fits(prompt + cont)
+        slot, logits, _ = self._eval_prompt(prompt, reserve=len(cont))
+        out = [_logprob(logits, cont[0])]
+        if len(cont) > 1:
+            rows = self._decode(cont[:-1], slot, len(prompt), all_logits=True)
+            out += [_logprob(row, tok) for row, tok in zip(rows, cont[1:])]
+            s = self._slots[slot]  # the slot now holds the prompt and the continuation
+            s.tokens.extend(cont[:-1])
+            s.logits = None
+            self._apply_evictions(self._index.insert(np.asarray(s.tokens, dtype=np.int32), slot))
+        return out
+
     def _prefill_sync(self, messages: list[Message]) -> Prefill:
         t0 = time.perf_counter()
         tokens = self.tokenize_messages(messages)
@@ -339,6 +372,7 @@ class LlamaCppEngine(Engine):
                 d.finish, d.done = "stop", True
                 break
             d.out.append(token)
+            d.logprobs.append(_logprob(d.logits, token))  # the draft checks' token-level confidence
             d.text = self.detokenize(d.out)
             hits = [d.text.index(x) for x in d.stop if x in d.text]
             if hits:
@@ -379,7 +413,8 @@ class LlamaCppEngine(Engine):
         latency = time.perf_counter() - d.t0
         return Generation(text=d.text, prompt_tokens=d.prompt_tokens, completion_tokens=len(d.out),
                           latency_s=latency, ttft_s=d.ttft if d.ttft is not None else latency,
-                          finish_reason=d.finish, cached_tokens=d.reused, model=self.name)
+                          finish_reason=d.finish, cached_tokens=d.reused, model=self.name,
+                          extra={"token_logprobs": d.logprobs})
 
     # --- async interface ------------------------------------------------------------------------
     def _release_later(self, d: _Decoding) -> None:
@@ -411,6 +446,10 @@ class LlamaCppEngine(Engine):
 
     async def prefill(self, messages: list[Message]) -> Prefill:
         return await self._when_a_slot_is_free(self._prefill_sync, messages)
+
+    async def score_continuation(self, messages: list[Message], text: str) -> list[float]:
+        """Log-probability of each token of `text` as this model's answer to `messages`."""
+        return await self._when_a_slot_is_free(self._score_sync, messages, text)
 
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
                        stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hera_core.backends.base import Engine, Message
-from hera_core.offline.sandbox import run_python
+from hera_core.checks.drafts import docstring_examples as examples_in
+from hera_core.checks.drafts import extract_answer, extract_code, run_examples
+from hera_core.checks.sandbox import run_python
 from hera_core.offline.workloads import Task
 
 SYSTEM = ("You are a careful problem solver with a Python tool. Keep answers short. "
@@ -29,8 +31,6 @@ TOOL_OK = "The program printed:\n{output}\nReply with only the final answer, as:
 TOOL_FAIL = "The program failed:\n{output}\nFix the program. Reply with one ```python code block."
 FINAL_FAIL = "The program failed again:\n{output}\nReason it out briefly and reply with: ANSWER: <answer>"
 
-CODE_RE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
-ANSWER_RE = re.compile(r"ANSWER:\s*(.+)", re.I)
 
 # (messages, step) -> (assistant text, route label); the router, a fixed model, or a replay.
 StepFn = Callable[[list[Message], int], Awaitable[tuple[str, str]]]
@@ -43,20 +43,6 @@ class Trajectory:
     routes: list[str] = field(default_factory=list)  # route of each step
     answer: str | None = None
     correct: float = 0.0
-
-
-def extract_code(text: str) -> str | None:
-    m = CODE_RE.search(text)
-    if m:
-        return m.group(1)
-    return None
-
-
-def extract_answer(text: str) -> str | None:
-    m = ANSWER_RE.search(text)
-    if not m:
-        return None
-    return m.group(1).strip().strip("`").strip()
 
 
 FUNCTION_PROMPT = ("Complete this Python function. Reply with one ```python code block that contains the whole "
@@ -72,50 +58,16 @@ def first_messages(task: Task) -> list[Message]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt.format(question=task.question)}]
 
 
-# Lines such as `f(1, 2) == 3` or `f(1) ➞ 3` in docstrings that do not use the doctest format.
-_EXAMPLE_RE = re.compile(r"^\s*(?:>>>\s*)?([A-Za-z_]\w*\(.*\))\s*(?:==>|==|➞|=>|->|returns|should return)\s*(.+?)\s*$")
-
-
 def docstring_examples(task: Task) -> list[tuple[str, str]]:
-    """(call, expected) pairs from the task's docstring: doctest examples, else `call == value` lines."""
-    import doctest
-
-    entry = task.entry.get("entry_point", "")
-    examples = [(e.source.strip(), e.want.strip()) for e in doctest.DocTestParser().get_examples(task.question)
-                if e.want.strip()]
-    if not examples:
-        for line in task.question.splitlines():
-            m = _EXAMPLE_RE.match(line)
-            if m and m.group(1).startswith(entry + "("):
-                examples.append((m.group(1), m.group(2).rstrip(".")))
-    return examples
-
-
-_EXAMPLE_RUNNER = """
-_fails = []
-for _call, _want in _EXAMPLES:
-    try:
-        _expected = eval(_want)
-    except Exception:
-        continue  # prose such as "19 - 5 - 6 = 8": not checkable
-    try:
-        _got = eval(_call)
-    except Exception as _e:
-        _got = f"{type(_e).__name__}: {_e}"
-    if _got != _expected:
-        _fails.append(f"{_call} returned {_got!r}, expected {_want}")
-if _fails:
-    raise AssertionError("; ".join(_fails[:2]))
-print("ok")
-"""
+    """(call, expected) pairs from the task's docstring (of its entry point)."""
+    return examples_in(task.question, entry=task.entry.get("entry_point", ""))
 
 
 def check_examples(task: Task, code: str) -> tuple[bool, str]:
     """Run the docstring's examples against the model's function, in the sandbox."""
     from hera_core.offline.workloads import humaneval_program
 
-    program = humaneval_program(task.entry, code) + "\n\n_EXAMPLES = " + repr(docstring_examples(task)) + _EXAMPLE_RUNNER
-    return run_python(program, timeout_s=10.0)
+    return run_examples(humaneval_program(task.entry, code), docstring_examples(task))
 
 
 async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> Trajectory:

@@ -94,7 +94,7 @@ def humaneval_program(entry: dict[str, Any], code: str) -> str:
 def humaneval_passes(entry: dict[str, Any], answer: str, timeout_s: float = 10.0) -> bool:
     """HumanEval's own tests against the answer's code, in the sandbox (never in this process)."""
     from hera_core.offline.harness import extract_code
-    from hera_core.offline.sandbox import run_python
+    from hera_core.checks.sandbox import run_python
 
     import secrets
 

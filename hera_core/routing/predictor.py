@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, DraftCheck
 from hera_core.errors import ConfigError
 from hera_core.native.features import LOGIT_FEATURE_NAMES
 
@@ -50,12 +51,40 @@ class Kappa:
         return self.base + min(max(step, 0), self.max_steps) * self.per_step
 
 
+DRAFT_STAGE_FEATURE_NAMES = FEATURE_NAMES + DRAFT_FEATURE_NAMES
+
+
+@dataclass
+class DraftStage:
+    """The second stage: P(keeping the SLM's draft keeps the task correct), from the prefill's
+    features and the draft's (checks, log-probabilities), trained on the same substitution labels."""
+
+    model_json: bytes  # XGBoost JSON over DRAFT_STAGE_FEATURE_NAMES
+    keep_threshold: float = 0.5  # keep the draft when P >= this (calibrated by `hera train`)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._forest = None
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        if X.ndim != 2 or X.shape[1] != len(DRAFT_STAGE_FEATURE_NAMES):
+            raise ValueError(f"draft features must be [batch, {len(DRAFT_STAGE_FEATURE_NAMES)}], got {list(X.shape)}")
+        if self._forest is None:
+            self._forest = Predictor(model_json=self.model_json, feature_names=DRAFT_STAGE_FEATURE_NAMES)
+        return self._forest.predict(X)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature_names": list(DRAFT_STAGE_FEATURE_NAMES), "keep_threshold": self.keep_threshold,
+                "meta": self.meta, "model_b64": base64.b64encode(self.model_json).decode()}
+
+
 @dataclass
 class Predictor:
     model_json: bytes  # XGBoost JSON model (Booster.save_raw("json"))
     kappa: Kappa = Kappa()
     meta: dict[str, Any] = field(default_factory=dict)  # how it was trained, metrics
     feature_names: tuple[str, ...] = FEATURE_NAMES
+    draft: DraftStage | None = None  # second stage for uncertain steps; None: keep a draft that passes its checks
 
     def __post_init__(self) -> None:
         self._impl = None
@@ -80,12 +109,24 @@ class Predictor:
             raise ValueError(f"features must be [batch, {len(self.feature_names)}], got {list(X.shape)}")
         return self._evaluator()(np.ascontiguousarray(X, dtype=np.float32))
 
+    def keep_draft(self, prefill_row: np.ndarray, check: DraftCheck) -> tuple[bool, float | None]:
+        """Second stage for an uncertain step: (keep the SLM's draft?, P from the draft stage or
+        None when this predictor has none and the draft's own checks decide)."""
+        if self.draft is None:
+            return check.passed, None
+        X = np.hstack([prefill_row.reshape(1, -1), check.features.reshape(1, -1)]).astype(np.float32)
+        p = float(self.draft.predict(X)[0])
+        return p >= self.draft.keep_threshold, p
+
     # --- files ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": FEATURE_SCHEMA, "feature_names": list(self.feature_names),
-                "kappa": {"base": self.kappa.base, "per_step": self.kappa.per_step,
-                          "max_steps": self.kappa.max_steps},
-                "meta": self.meta, "model_b64": base64.b64encode(self.model_json).decode()}
+        d = {"schema": FEATURE_SCHEMA, "feature_names": list(self.feature_names),
+             "kappa": {"base": self.kappa.base, "per_step": self.kappa.per_step,
+                       "max_steps": self.kappa.max_steps},
+             "meta": self.meta, "model_b64": base64.b64encode(self.model_json).decode()}
+        if self.draft is not None:
+            d["draft_stage"] = self.draft.to_dict()
+        return d
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -112,6 +153,14 @@ class Predictor:
             raise ConfigError(f"predictor file {path} lists features {d.get('feature_names')}, expected "
                               f"{list(FEATURE_NAMES)}; retrain it with `hera train`")
         k = d.get("kappa", {})
+        draft = None
+        if d.get("draft_stage") is not None:
+            ds = d["draft_stage"]
+            if tuple(ds.get("feature_names", ())) != DRAFT_STAGE_FEATURE_NAMES:
+                raise ConfigError(f"predictor file {path}: its draft stage lists features {ds.get('feature_names')}, "
+                                  f"expected {list(DRAFT_STAGE_FEATURE_NAMES)}; retrain it with `hera train`")
+            draft = DraftStage(model_json=base64.b64decode(ds["model_b64"]),
+                               keep_threshold=float(ds.get("keep_threshold", 0.5)), meta=ds.get("meta", {}))
         return cls(model_json=base64.b64decode(d["model_b64"]),
                    kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5))),
-                   meta=d.get("meta", {}))
+                   meta=d.get("meta", {}), draft=draft)

@@ -5,6 +5,10 @@
 
 Flow per subtask: SLM prefill (KV reused across steps) -> logit + structure features ->
 predictor -> policy -> local decode continuing from that prefill, or the cloud -> ledger row.
+Where the predictor is uncertain (|P - kappa| < draft_band) the SLM drafts the step first; the
+draft is checked on the device (its program runs, its answer parses, the prompt's examples pass;
+`hera_core.checks.drafts`) and the second stage keeps it or escalates the step to the cloud, booked
+as one row with the draft's time and energy added (reason `escalated`).
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from hera_core.config import PriceSettings
 from hera_core.routing.budget import Budget
-from hera_core.backends.base import Engine, Generation, Message
+from hera_core.backends.base import Engine, Generation, Message, Prefill
 from hera_core.errors import BudgetExceededError, CloudError, CloudRequestError, ContextOverflowError, InvalidRequestError
 from hera_core.native.features import logit_features
 from hera_core.routing.ledger import Ledger, LedgerRow
 from hera_core.routing.policy import Decision, Override, Route, decide
+from hera_core.checks.drafts import DraftCheck, check_draft
 from hera_core.routing.predictor import Predictor, feature_matrix, structure_features
 
 
@@ -35,6 +42,15 @@ class SubtaskResult:
     cloud_cost_usd: float  # had it gone to the cloud (estimated from token counts when local)
     step: int
     ledger_id: int
+    draft: DraftCheck | None = None  # the checks of the SLM's draft, for a step that was drafted first
+
+
+@dataclass
+class Score:
+    p_local: float  # the predictor's P(the SLM's output at this step is good enough)
+    threshold: float  # kappa(step) + offset - hot-prefix discount
+    prefill: Prefill
+    features: np.ndarray  # float32 [1, len(FEATURE_NAMES)], the predictor's input row
 
 
 def step_index(messages: list[Message]) -> int:
@@ -46,7 +62,8 @@ class Runtime:
     def __init__(self, local: Engine, cloud: Engine, predictor: Predictor, ledger: Ledger,
                  prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
                  max_tokens: int = 512, budget: "Budget | None" = None, fallback: str = "local",
-                 hot_prefix_discount: float = 0.0) -> None:
+                 hot_prefix_discount: float = 0.0, draft_band: float = 0.0,
+                 draft_check_timeout_s: float = 5.0) -> None:
         self.local = local
         self.cloud = cloud
         self.predictor = predictor
@@ -60,15 +77,28 @@ class Runtime:
         # A prompt whose prefix is already in the device's KV cache is cheap to finish locally:
         # kappa is lowered by this much times the share of the prompt that was cached.
         self.hot_prefix_discount = hot_prefix_discount
+        # |P - threshold| below this: the SLM drafts, the draft is checked, then kept or escalated.
+        self.draft_band = draft_band
+        self.draft_check_timeout_s = draft_check_timeout_s
 
-    async def score(self, messages: list[Message], step: int):
-        """SLM prefill + features + predictor for one subtask: (p_local, threshold, prefill)."""
+    async def score(self, messages: list[Message], step: int) -> "Score":
+        """SLM prefill + features + predictor for one subtask."""
         pre = await self.local.prefill(messages)
         X = feature_matrix(logit_features(pre.logits[None, :]),
                            [structure_features(step, pre.prompt_tokens, messages)])
         p = float(self.predictor.predict(X)[0])
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
-        return p, self.predictor.kappa(step) + self.threshold_offset - self.hot_prefix_discount * hot, pre
+        return Score(p, self.predictor.kappa(step) + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
+
+    async def _draft_and_check(self, messages, prefill_row, max_tokens, stop):
+        """The SLM's draft of the step (decoding on from the prefill that scored it) and its checks:
+        (draft, check, keep?, P of the draft stage or None)."""
+        draft = await self.local.generate(messages, max_tokens=max_tokens, stop=stop)
+        check = await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
+                                        token_logprobs=draft.extra.get("token_logprobs"),
+                                        timeout_s=self.draft_check_timeout_s)
+        keep, p_keep = self.predictor.keep_draft(prefill_row, check)
+        return draft, check, keep, p_keep
 
     async def complete(self, messages: list[Message], *, session: str, step: int | None = None,
                        max_tokens: int | None = None, stop: list[str] | None = None,
@@ -87,17 +117,33 @@ class Runtime:
         step = step_index(messages) if step is None else step
         max_tokens = max_tokens or self.max_tokens
         t0 = time.perf_counter()
-        fixed_threshold, p_local, threshold = threshold, None, None
+        fixed_threshold, p_local, threshold, prefill_row = threshold, None, None, None
         why_not_local = None if local_can_serve else "the request needs the cloud (tools or non-text content)"
         if override is not Override.CLOUD_ONLY and why_not_local is None:
             try:
-                p_local, threshold, _ = await self.score(messages, step)
+                scored = await self.score(messages, step)
+                p_local, threshold, prefill_row = scored.p_local, scored.threshold, scored.features
                 threshold = fixed_threshold if fixed_threshold is not None else threshold
             except ContextOverflowError as exc:
                 why_not_local = str(exc)
         if override is Override.LOCAL_ONLY and why_not_local is not None:
             raise InvalidRequestError(f"local-only step cannot run on the SLM: {why_not_local}")
         decision = decide(p_local, threshold, override, local_can_serve=why_not_local is None)
+        draft = check = None
+        draft_s = 0.0  # time the SLM spent drafting and checking a step that was then escalated
+        if (override is Override.AUTO and why_not_local is None and self.draft_band > 0
+                and abs(p_local - threshold) < self.draft_band):
+            try:
+                draft, check, keep, p_keep = await self._draft_and_check(messages, prefill_row, max_tokens, stop)
+            except asyncio.CancelledError:
+                self._record_cancelled(run, session, step, Decision(Route.LOCAL, "drafting", p_local, threshold),
+                                       time.perf_counter() - t0)
+                raise
+            if keep:
+                decision = Decision(Route.LOCAL, "draft-kept", p_local, threshold)
+            else:
+                decision = Decision(Route.CLOUD, "escalated", p_local, threshold)
+                draft_s = time.perf_counter() - t0
         if decision.route is Route.CLOUD and self.budget is not None:
             exceeded = self.budget.exceeded(session)
             if exceeded is not None:
@@ -126,22 +172,28 @@ class Runtime:
                 else:
                     attempts = gen.extra.get("attempts", [])
             if decision.route is Route.LOCAL:
-                gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
+                if draft is not None:  # the kept draft is the answer: no second decode
+                    gen = draft
+                    if on_text is not None and gen.text:
+                        on_text(gen.text)
+                else:
+                    gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
                 elapsed = time.perf_counter() - t0  # scoring prefill included: it is the local prefill
                 cost = self.prices.local_cost(elapsed)
                 cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
             else:
                 elapsed = time.perf_counter() - t0
-                cost = cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+                cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+                cost = cloud_cost + self.prices.local_cost(draft_s)  # an escalated step also paid for its draft
                 if self.budget is not None:
-                    self.budget.add(session, cost)
+                    self.budget.add(session, cloud_cost)
         except asyncio.CancelledError:  # the client went away mid-answer: book what was spent, then stop
             self._record_cancelled(run, session, step, decision, time.perf_counter() - t0)
             raise
         row_id = self._book(run, session, step, decision, model=gen.model, gen=gen, latency_s=max(elapsed, gen.latency_s),
                             cost=cost, cloud_cost=cloud_cost, attempts=attempts)
         return SubtaskResult(text=gen.text, route=decision.route, decision=decision, generation=gen,
-                             cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id)
+                             cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id, draft=check)
 
     def _book(self, run: str | None, session: str, step: int, decision: Decision | None, *, model: str,
               gen: Generation | None = None, latency_s: float, cost: float = 0.0, cloud_cost: float = 0.0,

@@ -126,7 +126,8 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
             yield Runtime(local, cloud, predictor, ledger, settings.prices, run=run,
                           threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens,
                           fallback=settings.cloud.fallback, hot_prefix_discount=settings.policy.hot_prefix_discount,
-                          budget=budget_from(settings, ledger))
+                          budget=budget_from(settings, ledger), draft_band=settings.policy.draft_band,
+                          draft_check_timeout_s=settings.policy.draft_check_timeout_s)
         finally:
             ledger.close()
 

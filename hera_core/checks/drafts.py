@@ -1,0 +1,183 @@
+"""Checks of one SLM draft, run on the device, and the output-side features they give.
+
+Why: the SLM's prefill (what the first-stage predictor reads) ranks whether the SLM will do well at
+chance on the step that decides most tasks; what the SLM actually wrote separates good drafts from
+bad ones much better (FrugalGPT, AutoMix, CodeT). The checks are generic: they read the draft and
+the prompt that asked for it, not a task's hidden answer.
+
+- a ```python block in the draft: does it run (sandbox, timeout) and print, and is what it prints
+  a number?
+- the prompt asks for `ANSWER: <...>`: is the answer there, and is it a number, a letter, or a
+  value the prompt itself already states (a tool's output the step only has to pass on)?
+- the prompt holds a function's docstring examples (`>>> f(1)` / `f(1) == 2`): does the draft's
+  code pass them?
+- the draft's token log-probabilities (min, 10% quantile, mean) where the engine recorded them.
+
+Every feature is a float; -1 means "does not apply", NaN "not measured" (XGBoost treats NaN as
+missing, so a model trained without log-probabilities ignores them).
+"""
+
+from __future__ import annotations
+
+import doctest
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hera_core.checks.sandbox import run_python
+
+CODE_RE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
+ANSWER_RE = re.compile(r"ANSWER:\s*(.+)", re.I)
+FENCE_RE = re.compile(r"^[ \t]*```\w*[ \t]*$", re.M)
+ASKS_ANSWER_RE = re.compile(r"ANSWER:\s*<", re.I)
+ASKS_LETTER_RE = re.compile(r"\bletter\b", re.I)
+LETTER_RE = re.compile(r"^\(?([A-J])\)?[.)]?$")
+NUMBER_RE = re.compile(r"^[-+]?\$?\d[\d,]*(\.\d+)?%?$|^[-+]?\d+/\d+$")
+# Lines such as `f(1, 2) == 3` or `f(1) ➞ 3` in docstrings that do not use the doctest format.
+EXAMPLE_LINE_RE = re.compile(r"^\s*(?:>>>\s*)?([A-Za-z_]\w*\(.*\))\s*(?:==>|==|➞|=>|->|returns|should return)\s*(.+?)\s*$")
+
+DRAFT_FEATURE_NAMES = (
+    "draft_tokens",          # completion tokens of the draft
+    "has_code",              # 1: a ```python block
+    "code_ran",              # -1 no code; 0 failed or timed out; 1 exited 0
+    "code_printed_number",   # -1 no code or it failed; 1 it printed a number; 0 something else or nothing
+    "asked_answer",          # 1: the prompt asks for `ANSWER: <...>`
+    "answer_tagged",         # 1: the draft has an `ANSWER:` line
+    "answer_numeric",        # -1 no short answer; 1 the answer is a number
+    "answer_letter",         # -1 the prompt asks for no letter; 1 the answer is one letter
+    "answer_in_prompt",      # -1 no short answer; 1 the answer appears verbatim in the last user turn
+    "examples_pass",         # -1 no docstring examples or no code; share of examples that pass
+    "logprob_min",           # min token log-probability of the draft (NaN: not recorded)
+    "logprob_q10",           # 10% quantile
+    "logprob_mean",          # mean
+)
+
+
+@dataclass
+class DraftCheck:
+    features: np.ndarray  # float32 [len(DRAFT_FEATURE_NAMES)]
+    passed: bool  # no check that applies failed (code ran, examples pass, a letter when asked)
+    detail: str  # the first failure, or "ok"
+
+
+def extract_code(text: str) -> str | None:
+    m = CODE_RE.search(text)
+    return m.group(1) if m else None
+
+
+def extract_answer(text: str) -> str | None:
+    m = ANSWER_RE.search(text)
+    return m.group(1).strip().strip("`").strip() if m else None
+
+
+def docstring_examples(text: str, entry: str | None = None) -> list[tuple[str, str]]:
+    """(call, expected) pairs from a docstring: doctest examples, else `call == value` lines
+    (of the function `entry` when given)."""
+    text = FENCE_RE.sub("", text)  # a fence right after an example would read as part of its output
+    try:
+        examples = [(e.source.strip(), e.want.strip()) for e in doctest.DocTestParser().get_examples(text)
+                    if e.want.strip()]
+    except ValueError:  # malformed doctest indentation in a prompt: fall back to the line pattern
+        examples = []
+    if not examples:
+        for line in text.splitlines():
+            m = EXAMPLE_LINE_RE.match(line)
+            if m and (entry is None or m.group(1).startswith(entry + "(")):
+                examples.append((m.group(1), m.group(2).rstrip(".")))
+    return examples
+
+
+EXAMPLE_RUNNER = """
+_fails, _ran = [], 0
+for _call, _want in _EXAMPLES:
+    try:
+        _expected = eval(_want)
+    except Exception:
+        continue  # prose such as "19 - 5 - 6 = 8": not checkable
+    _ran += 1
+    try:
+        _got = eval(_call)
+    except Exception as _e:
+        _got = f"{type(_e).__name__}: {_e}"
+    if _got != _expected:
+        _fails.append(f"{_call} returned {_got!r}, expected {_want}")
+print(f"{_ran - len(_fails)}/{_ran}")
+if _fails:
+    raise AssertionError("; ".join(_fails[:2]))
+"""
+
+
+def run_examples(code: str, examples: list[tuple[str, str]], prelude: str = "",
+                 timeout_s: float = 10.0) -> tuple[bool, str]:
+    """Run (call, expected) examples against `code` in the sandbox: (all passed, output or error)."""
+    program = prelude + code + "\n\n_EXAMPLES = " + repr(examples) + EXAMPLE_RUNNER
+    return run_python(program, timeout_s=timeout_s)
+
+
+def _is_number(s: str) -> bool:
+    return bool(NUMBER_RE.match(s.replace(" ", "")))
+
+
+def logprob_summary(token_logprobs: list[float] | None) -> tuple[float, float, float]:
+    if not token_logprobs:
+        return math.nan, math.nan, math.nan
+    lp = np.asarray(token_logprobs, dtype=np.float64)
+    return float(lp.min()), float(np.quantile(lp, 0.1)), float(lp.mean())
+
+
+def _last_user(messages: list[dict[str, Any]]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user" and isinstance(m.get("content"), str):
+            return m["content"]
+    return ""
+
+
+def check_draft(messages: list[dict[str, Any]], draft: str, *, completion_tokens: int | None = None,
+                token_logprobs: list[float] | None = None, timeout_s: float = 5.0) -> DraftCheck:
+    """Check the SLM's draft of the step that `messages` asks for. Blocking (it may run code in
+    the sandbox): call it from a worker thread on an event loop."""
+    prompt = _last_user(messages)
+    code = extract_code(draft)
+    failures: list[str] = []
+
+    code_ran = printed_number = -1.0
+    if code is not None:
+        ok, out = run_python(code, timeout_s=timeout_s)
+        code_ran = 1.0 if ok else 0.0
+        if ok:
+            printed_number = 1.0 if _is_number(out.strip().splitlines()[-1] if out.strip() else "") else 0.0
+        else:
+            failures.append(f"the draft's program failed: {out}")
+
+    asked_answer = bool(ASKS_ANSWER_RE.search(prompt))
+    tagged = extract_answer(draft)
+    short = tagged if tagged is not None else (draft.strip() if code is None and len(draft.strip()) <= 40 else None)
+    answer_numeric = -1.0 if not short else float(_is_number(short))
+    asks_letter = asked_answer and bool(ASKS_LETTER_RE.search(prompt))
+    answer_letter = -1.0
+    if asks_letter:
+        answer_letter = float(bool(short) and bool(LETTER_RE.match(short.strip())))
+        if not answer_letter:
+            failures.append("the prompt asks for a letter and the draft gives none")
+    answer_in_prompt = -1.0 if not short else float(short.strip() in prompt)
+
+    examples_pass = -1.0
+    examples = docstring_examples(prompt)
+    if examples and code is not None:
+        ok, out = run_examples(code, examples, timeout_s=timeout_s)
+        m = re.match(r"(\d+)/(\d+)", out)
+        if m and int(m.group(2)):
+            examples_pass = int(m.group(1)) / int(m.group(2))
+        else:
+            examples_pass = 1.0 if ok else 0.0
+        if not ok:
+            failures.append(f"the draft fails the prompt's examples: {out}")
+
+    tokens = completion_tokens if completion_tokens is not None else max(1, len(draft) // 4)
+    feats = [float(tokens), float(code is not None), code_ran, printed_number, float(asked_answer),
+             float(tagged is not None), answer_numeric, answer_letter, answer_in_prompt, examples_pass,
+             *logprob_summary(token_logprobs)]
+    return DraftCheck(np.asarray(feats, dtype=np.float32), not failures, failures[0] if failures else "ok")
