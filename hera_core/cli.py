@@ -95,13 +95,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _tasks(args, families: list[str] | None):
+def _tasks(args, families: list[str] | None, split: str | None = None):
     """The user's JSONL tasks (--tasks-file), else the built-in families, of the chosen split."""
     from hera_core.offline.workloads import load_jsonl_tasks, make_tasks
 
+    split = split or args.split
     if args.tasks_file:
-        return load_jsonl_tasks(args.tasks_file, split=args.split, seed=args.seed)
-    return make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=args.split)
+        return load_jsonl_tasks(args.tasks_file, split=split, seed=args.seed)
+    return make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=split)
 
 
 def cmd_profile(args) -> int:
@@ -116,6 +117,37 @@ def cmd_profile(args) -> int:
             return await profile(tasks, local, cloud, Path(args.out), seed=args.seed)
 
     print(f"traces: {asyncio.run(go())}")
+    return 0
+
+
+def cmd_drafts(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hera_core.backends.llamacpp import LlamaCppEngine
+    from hera_core.install.models import model_path
+    from hera_core.offline.drafts import draft_features_file
+    from hera_core.offline.profiling import load_traces
+
+    settings = _settings(args)
+    src, out = Path(args.traces), Path(args.out)
+    if src.resolve() == out.resolve():
+        raise ValueError("--out must be another file than the traces (it is appended to, and resumable)")
+    traces = load_traces(src)
+    split = traces[0]["split"] if traces else args.split
+    tasks = {t.task_id: t for t in _tasks(args, sorted({t["family"] for t in traces}), split=split)}
+
+    async def go():
+        engine = LlamaCppEngine(model_path(settings.local.model, settings.cache_dir), name=settings.local.model,
+                                n_ctx=settings.local.n_ctx, n_threads=settings.local.n_threads, n_slots=2)
+        try:
+            with Progress(TextColumn("draft checks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          TextColumn("ETA"), TimeRemainingColumn()) as bar:
+                job = bar.add_task("drafts", total=len(traces))
+                return await draft_features_file(src, out, tasks, engine, progress=lambda: bar.advance(job))
+        finally:
+            await engine.close()
+
+    print(f"{asyncio.run(go())} tasks added to {out}")
     return 0
 
 
@@ -351,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("train", help="train-split traces")
     cl.add_argument("held_out", nargs="+", help="held-out traces (val, test)")
     cl.set_defaults(func=cmd_compare_labels)
+
+    dr2 = sub.add_parser("drafts", help="add the SLM drafts' checks and log-probabilities to traces (resumable)")
+    dr2.add_argument("traces", help="traces.jsonl from `hera profile`")
+    dr2.add_argument("--out", required=True, help="output JSONL (appended; a rerun skips tasks already there)")
+    dr2.add_argument("--tasks-per-family", type=int, default=400, help="pool to find the traced tasks in")
+    dr2.add_argument("--tasks-file", help="the JSONL tasks the traces were profiled on")
+    dr2.add_argument("--split", default="train", choices=["train", "val", "test"])
+    dr2.add_argument("--seed", type=int, default=0)
+    dr2.add_argument("--local-model")
+    dr2.set_defaults(func=cmd_drafts)
 
     t = sub.add_parser("train", help="fit the predictor on traces and calibrate kappa(step)")
     t.add_argument("traces", nargs="+", help="traces.jsonl files from `hera profile`")

@@ -85,8 +85,9 @@ class PolicySettings(_Strict):
     threshold_offset: float = Field(0.0, ge=-1, le=1, description="added to kappa(step): >0 keeps more steps in the cloud")
     hot_prefix_discount: float = Field(0.0, ge=0, le=1, description="kappa is lowered by this times the share of the "
                                        "prompt already in the device's KV cache (a hot prefix makes the local step cheap)")
-    draft_band: float = Field(0.0, ge=0, le=1, description="|P - kappa| below this: the SLM drafts the step, the "
-                              "draft is checked on the device and kept or escalated to the cloud; 0 = off")
+    draft_band: float | None = Field(None, ge=0, le=1, description="|P - kappa| below this: the SLM drafts the step, "
+                                     "the draft is checked on the device and kept or escalated to the cloud; 0 = off; "
+                                     "unset = the band calibrated with the predictor's draft stage (none: off)")
     draft_check_timeout_s: float = Field(5.0, gt=0, le=120, description="limit for running a draft's program, seconds")
 
 

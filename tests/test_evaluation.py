@@ -58,6 +58,20 @@ def test_profile_is_append_only_and_resumable(profiled):
         assert t["steps"] and all(len(s["features"]) == 7 and s["label"] in (0, 1) for s in t["steps"])
 
 
+def test_profile_records_the_drafts_checks_and_log_probabilities(profiled):
+    from hera_core.checks.drafts import DRAFT_FEATURE_NAMES
+
+    tmp, _, _ = profiled
+    steps = [s for t in load_traces(tmp / "traces.jsonl") for s in t["steps"]]
+    assert steps
+    for s in steps:
+        assert len(s["draft_features"]) == len(DRAFT_FEATURE_NAMES)
+        assert len(s["slm_token_logprobs"]) == s["slm_completion_tokens"] > 0
+        assert all(lp <= 0 for lp in s["slm_token_logprobs"])
+        assert s["draft_features"][DRAFT_FEATURE_NAMES.index("logprob_min")] == pytest.approx(
+            min(s["slm_token_logprobs"]), abs=1e-3)
+
+
 def test_report_has_every_method_with_consistent_numbers(profiled):
     _, tasks, report = profiled
     assert set(report["methods"]) == set(METHOD_NAMES)

@@ -91,6 +91,51 @@ def test_training_learns_the_signal_and_calibrates_within_the_drop():
     assert cal["est_local_share"] > 0.2  # it keeps the steps it can keep
 
 
+def test_the_draft_stage_learns_what_the_prefill_cannot_see(tmp_path):
+    """Labels that only the draft's checks reveal (the prefill features are noise): the second
+    stage learns them, calibration opens a drafting band because it keeps more steps local at
+    the same estimated accuracy, and the stage survives a save and load."""
+    from hera_core.checks.drafts import DRAFT_FEATURE_NAMES
+    from hera_core.routing.predictor import Predictor
+
+    rng = np.random.default_rng(1)
+    traces = []
+    for i in range(200):
+        labels = [int(rng.random() < 0.6), int(rng.random() < 0.6)]
+        t = trace(f"t{i}", "train" if i < 140 else "val", 1.0, labels, list(rng.normal(size=2)))
+        for s, label in zip(t["steps"], labels):
+            d = [0.0] * len(DRAFT_FEATURE_NAMES)
+            d[DRAFT_FEATURE_NAMES.index("code_ran")] = float(label if rng.random() < 0.95 else 1 - label)
+            s["draft_features"] = d
+        traces.append(t)
+    predictor, report = train(traces, max_drop=0.03, num_rounds=30)
+    stage = report["draft_stage"]
+    assert report["auc_val"] < 0.7 < 0.85 < stage["auc_val"]
+    assert stage["band"] > 0 and stage["calibration"]["est_local_share"] > report["calibration"]["est_local_share"]
+    assert stage["calibration"]["est_accuracy"] >= stage["calibration"]["llm_accuracy"] - 0.03
+    predictor.save(tmp_path / "p.json")
+    loaded = Predictor.load(tmp_path / "p.json")
+    assert (loaded.draft.band, loaded.draft.keep_threshold) == (predictor.draft.band, predictor.draft.keep_threshold)
+    X = np.asarray([s["features"] + s["draft_features"] for s in traces[-1]["steps"]], dtype=np.float32)
+    np.testing.assert_allclose(loaded.draft.predict(X), predictor.draft.predict(X), rtol=1e-6)
+
+
+def test_a_draft_stage_with_other_features_is_refused(tmp_path):
+    import json
+
+    from hera_core.errors import ConfigError
+    from hera_core.routing.predictor import Predictor
+    from tests.factories import constant_draft_stage
+
+    p = random_predictor()
+    p.draft = constant_draft_stage(keep=True)
+    d = p.to_dict()
+    d["draft_stage"]["feature_names"] = d["draft_stage"]["feature_names"][:-1]
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="draft stage"):
+        Predictor.load(tmp_path / "p.json")
+
+
 def test_calibration_falls_back_to_all_cloud_when_nothing_is_safe():
     traces = [trace(f"t{i}", "val", 1.0, [0, 0], [0.0, 0.0]) for i in range(5)]
     kappa, est = calibrate(traces, random_predictor(), max_drop=0.0)

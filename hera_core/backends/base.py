@@ -54,6 +54,11 @@ class Engine(abc.ABC):
     async def prefill(self, messages: list[Message]) -> Prefill:
         raise NotImplementedError(f"{type(self).__name__} has no prefill (only local engines do)")
 
+    async def score_continuation(self, messages: list[Message], text: str) -> list[float]:
+        """Log-probability of each token of `text` as this model's answer to `messages`
+        (teacher-forced; local engines that expose their logits)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score a continuation")
+
     def cache_stats(self) -> dict[str, float] | None:
         """KV-cache counters of a local engine (prefill_tokens, reused_tokens, hit_rate, ...);
         None for an engine without one."""

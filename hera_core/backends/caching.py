@@ -99,6 +99,9 @@ class CachingEngine(Engine):
     async def prefill(self, messages):
         return await self.inner.prefill(messages)
 
+    async def score_continuation(self, messages, text):
+        return await self.inner.score_continuation(messages, text)
+
     def cache_stats(self):
         return self.inner.cache_stats()
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hera_core.backends.base import Engine, Message
+from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, check_draft
 from hera_core.native.features import logit_features
 from hera_core.offline.harness import run_task
 from hera_core.routing.predictor import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, structure_features
@@ -38,6 +39,11 @@ async def profile_task(task: Task, slm: Engine, llm: Engine, seed: int = 0) -> d
         feats = feature_matrix(logit_features(pre.logits[None, :]),
                                [structure_features(k, pre.prompt_tokens, messages)])[0]
         slm_gen = await slm.generate(messages, max_tokens=MAX_TOKENS)
+        logprobs = slm_gen.extra.get("token_logprobs")
+        if logprobs is None:  # a completion cached before the engine recorded them: score it
+            logprobs = await slm.score_continuation(messages, slm_gen.text)
+        check = check_draft(messages, slm_gen.text, completion_tokens=slm_gen.completion_tokens,
+                            token_logprobs=logprobs)
 
         async def substituted(msgs: list[Message], step: int, k=k):
             engine = slm if step == k else llm
@@ -48,6 +54,8 @@ async def profile_task(task: Task, slm: Engine, llm: Engine, seed: int = 0) -> d
             "step": k, "features": [float(x) for x in feats], "prompt_tokens": pre.prompt_tokens,
             "llm_text": base.messages[len(messages)]["content"], "slm_text": slm_gen.text,
             "slm_completion_tokens": slm_gen.completion_tokens,
+            "slm_token_logprobs": [round(float(x), 4) for x in logprobs],
+            "draft_features": [float(x) for x in check.features], "draft_feature_names": list(DRAFT_FEATURE_NAMES),
             "sub_correct": sub.correct,
             # Good enough = handing this step to the SLM does not lose the task.
             "label": 1 if sub.correct >= base.correct else 0,

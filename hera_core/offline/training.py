@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from hera_core.routing.predictor import FEATURE_NAMES, Kappa, Predictor
+from hera_core.checks.drafts import DRAFT_FEATURE_NAMES
+from hera_core.routing.predictor import DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, DraftStage, Kappa, Predictor
 
 XGB_PARAMS = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.1, "subsample": 0.9,
               "min_child_weight": 1.0, "eval_metric": "auc", "nthread": 1, "seed": 0}
@@ -52,15 +53,21 @@ class PolicyEstimate:
 
 
 def estimate(traces: list[dict[str, Any]], probs: list[np.ndarray], kappa: Kappa) -> PolicyEstimate:
-    correct, local, steps = 0.0, 0, 0
-    for t, p in zip(traces, probs):
-        local_steps = [s for s, pk in zip(t["steps"], p) if pk >= kappa(s["step"])]
-        local += len(local_steps)
+    return estimate_routes(traces, [[pk >= kappa(s["step"]) for s, pk in zip(t["steps"], p)]
+                                    for t, p in zip(traces, probs)], kappa.base)
+
+
+def estimate_routes(traces: list[dict[str, Any]], local: list[list[bool]], threshold_base: float) -> PolicyEstimate:
+    """A task stays correct when every step sent local has a positive substitution label."""
+    correct, n_local, steps = 0.0, 0, 0
+    for t, flags in zip(traces, local):
+        local_steps = [s for s, f in zip(t["steps"], flags) if f]
+        n_local += len(local_steps)
         steps += len(t["steps"])
         if all(s["label"] == 1 for s in local_steps):
             correct += t["llm_correct"]
     n = max(1, len(traces))
-    return PolicyEstimate(kappa.base, correct / n, local / max(1, steps),
+    return PolicyEstimate(threshold_base, correct / n, n_local / max(1, steps),
                           sum(t["llm_correct"] for t in traces) / n)
 
 
@@ -113,6 +120,8 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
         "feature_importance_gain": dict(sorted(importance.items(), key=lambda kv: -kv[1])),
     }
     predictor.meta = {**(meta or {}), **report}
+    if has_drafts([t for t in traces if t["split"] == "train"]):
+        predictor.draft, report["draft_stage"] = train_draft_stage(traces, predictor, max_drop=max_drop)
     return predictor, report
 
 
@@ -143,3 +152,72 @@ def compare_labels(train: list[dict[str, Any]], evals: dict[str, list[dict[str, 
         _, y_sub, steps = xy(traces, "label")
         out["similarity_itself"][name] = auc(y_sub, np.asarray([s["similarity"] for s in steps]))
     return out
+
+
+# --- the second stage: keep the SLM's draft, or escalate ------------------------------------------
+DRAFT_BANDS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)  # candidate widths of the uncertain band; 0: no drafting
+
+
+def has_drafts(traces: list[dict[str, Any]]) -> bool:
+    return bool(traces) and all("draft_features" in s for t in traces for s in t["steps"])
+
+
+def draft_rows(traces: list[dict[str, Any]], splits: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    steps = [s for t in traces if t["split"] in splits for s in t["steps"]]
+    X = [s["features"] + s["draft_features"] for s in steps]
+    return (np.asarray(X, dtype=np.float32).reshape(-1, len(DRAFT_STAGE_FEATURE_NAMES)),
+            np.asarray([s["label"] for s in steps], dtype=np.float32))
+
+
+def two_stage_routes(traces, p1: list[np.ndarray], p2: list[np.ndarray], kappa: Kappa, band: float,
+                     keep: float) -> list[list[bool]]:
+    """Local flags of the two-stage policy: sure (P1 >= kappa + band) local; uncertain
+    (|P1 - kappa| < band) local when the draft stage says keep; the rest cloud."""
+    out = []
+    for t, a, b in zip(traces, p1, p2):
+        flags = []
+        for s, pa, pb in zip(t["steps"], a, b):
+            k = kappa(s["step"])
+            flags.append(bool(pa >= k + band or (abs(pa - k) < band and pb >= keep)))
+        out.append(flags)
+    return out
+
+
+def train_draft_stage(traces: list[dict[str, Any]], first: Predictor, *, max_drop: float = 0.03,
+                      num_rounds: int = 100) -> tuple[DraftStage, dict[str, Any]]:
+    """Fit the draft stage on the train split's drafts (prefill + draft features, the same
+    substitution labels) and calibrate its band and keep threshold on the validation split:
+    the most steps local whose estimated accuracy stays within `max_drop` of All-LLM."""
+    import xgboost as xgb
+
+    X, y = draft_rows(traces, {"train"})
+    if len(y) == 0:
+        raise ValueError("no draft features in the train split: run `hera profile` (it records them)")
+    booster = xgb.train(XGB_PARAMS, xgb.DMatrix(X, label=y), num_boost_round=num_rounds)
+    stage = DraftStage(model_json=bytes(booster.save_raw("json")))
+    calib = [t for t in traces if t["split"] == "val"] or [t for t in traces if t["split"] == "train"]
+    p1 = [first.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in calib]
+    p2 = [stage.predict(np.asarray([s["features"] + s["draft_features"] for s in t["steps"]], dtype=np.float32))
+          for t in calib]
+    best = None
+    for band in DRAFT_BANDS:  # ascending: a wider band (more drafting) must keep strictly more steps local
+        for keep in np.round(np.arange(0.05, 1.0001, 0.01), 2):
+            est = estimate_routes(calib, two_stage_routes(calib, p1, p2, first.kappa, band, float(keep)), first.kappa.base)
+            if est.accuracy >= est.llm_accuracy - max_drop and (best is None or est.local_share > best[2].local_share + 1e-9):
+                best = (band, float(keep), est)
+    if best is None:  # nothing meets the target: draft nothing
+        best = (0.0, 1.01, estimate(calib, p1, first.kappa))
+    if best[0] == 0.0:
+        best = (0.0, 1.01, best[2])  # the first stage alone is best: the stage stays off
+    stage.band, stage.keep_threshold = best[0], best[1]
+    Xv, yv = draft_rows(traces, {"val"})
+    gain = booster.get_score(importance_type="gain")
+    report = {"train_rows": int(len(y)), "auc_train": auc(y, stage.predict(X)),
+              "auc_val": auc(yv, stage.predict(Xv)) if len(yv) else float("nan"),
+              "band": stage.band, "keep_threshold": stage.keep_threshold,
+              "calibration": {"est_accuracy": best[2].accuracy, "llm_accuracy": best[2].llm_accuracy,
+                              "est_local_share": best[2].local_share, "max_drop": max_drop},
+              "feature_importance_gain": dict(sorted(
+                  ((DRAFT_STAGE_FEATURE_NAMES[int(k[1:])], round(v, 4)) for k, v in gain.items()), key=lambda kv: -kv[1]))}
+    stage.meta = report
+    return stage, report

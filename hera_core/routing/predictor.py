@@ -61,6 +61,7 @@ class DraftStage:
 
     model_json: bytes  # XGBoost JSON over DRAFT_STAGE_FEATURE_NAMES
     keep_threshold: float = 0.5  # keep the draft when P >= this (calibrated by `hera train`)
+    band: float = 0.2  # draft the steps whose first-stage P is within this of kappa (calibrated)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,6 +76,7 @@ class DraftStage:
 
     def to_dict(self) -> dict[str, Any]:
         return {"feature_names": list(DRAFT_STAGE_FEATURE_NAMES), "keep_threshold": self.keep_threshold,
+                "band": self.band,
                 "meta": self.meta, "model_b64": base64.b64encode(self.model_json).decode()}
 
 
@@ -160,7 +162,8 @@ class Predictor:
                 raise ConfigError(f"predictor file {path}: its draft stage lists features {ds.get('feature_names')}, "
                                   f"expected {list(DRAFT_STAGE_FEATURE_NAMES)}; retrain it with `hera train`")
             draft = DraftStage(model_json=base64.b64decode(ds["model_b64"]),
-                               keep_threshold=float(ds.get("keep_threshold", 0.5)), meta=ds.get("meta", {}))
+                               keep_threshold=float(ds.get("keep_threshold", 0.5)), band=float(ds.get("band", 0.2)),
+                               meta=ds.get("meta", {}))
         return cls(model_json=base64.b64decode(d["model_b64"]),
                    kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5))),
                    meta=d.get("meta", {}), draft=draft)

@@ -62,7 +62,7 @@ class Runtime:
     def __init__(self, local: Engine, cloud: Engine, predictor: Predictor, ledger: Ledger,
                  prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
                  max_tokens: int = 512, budget: "Budget | None" = None, fallback: str = "local",
-                 hot_prefix_discount: float = 0.0, draft_band: float = 0.0,
+                 hot_prefix_discount: float = 0.0, draft_band: float | None = None,
                  draft_check_timeout_s: float = 5.0) -> None:
         self.local = local
         self.cloud = cloud
@@ -78,6 +78,7 @@ class Runtime:
         # kappa is lowered by this much times the share of the prompt that was cached.
         self.hot_prefix_discount = hot_prefix_discount
         # |P - threshold| below this: the SLM drafts, the draft is checked, then kept or escalated.
+        # None: the band calibrated with the predictor's draft stage (no stage: no drafting).
         self.draft_band = draft_band
         self.draft_check_timeout_s = draft_check_timeout_s
 
@@ -131,8 +132,9 @@ class Runtime:
         decision = decide(p_local, threshold, override, local_can_serve=why_not_local is None)
         draft = check = None
         draft_s = 0.0  # time the SLM spent drafting and checking a step that was then escalated
-        if (override is Override.AUTO and why_not_local is None and self.draft_band > 0
-                and abs(p_local - threshold) < self.draft_band):
+        band = self.draft_band if self.draft_band is not None else \
+            (self.predictor.draft.band if self.predictor.draft is not None else 0.0)
+        if override is Override.AUTO and why_not_local is None and band > 0 and abs(p_local - threshold) < band:
             try:
                 draft, check, keep, p_keep = await self._draft_and_check(messages, prefill_row, max_tokens, stop)
             except asyncio.CancelledError:
