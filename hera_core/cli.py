@@ -244,7 +244,7 @@ async def _run_eval(tasks, ev, args):
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), disable=args.json) as bar:
         sweep = tuple(float(x) for x in args.sweep.split(",")) if args.sweep else ()
-        job = bar.add_task("eval", total=(6 + 2 * len(sweep)) * len(tasks))
+        job = bar.add_task("eval", total=(7 + 2 * len(sweep)) * len(tasks))
         return await evaluate(tasks, ev, seed=args.seed, progress=lambda: bar.advance(job), sweep=sweep)
 
 

@@ -84,6 +84,40 @@ def test_report_has_every_method_with_consistent_numbers(profiled):
     assert set(report["families"]) == {"basic_arithmetic", "letter_counting"}
 
 
+def test_hera_with_a_draft_stage_drafts_checks_and_escalates(profiled, tiny_engine, cloud_url):
+    """A stage that always escalates, drafting every step: HERA then answers exactly as All-LLM,
+    every step escalated, and each escalated step's latency includes its draft."""
+    from hera_core.offline.evaluation import HeraDraft, summarize
+    from hera_core.routing.predictor import Kappa
+    from tests.factories import constant_draft_stage
+
+    tmp, tasks, _ = profiled
+    predictor = random_predictor(kappa=Kappa(0.5, 0.0, 0))
+    predictor.draft = constant_draft_stage(keep=False)
+    predictor.draft.band = 1.0
+    cache = CompletionCache(tmp / "cache.sqlite")
+
+    async def go():
+        async with CloudEngine(cloud_url, TINY) as cloud:
+            ev = Evaluator(CachingEngine(tiny_engine, cache), CachingEngine(cloud, cache), predictor, cache,
+                           load_settings(env={}).prices, TINY)
+            from hera_core.offline.evaluation import AllLLM
+
+            return await ev.run(HeraDraft(), tasks), await ev.run(AllLLM(), tasks)
+
+    try:
+        hera, llm = run(go())
+    finally:
+        cache.close()
+    assert [r.correct for r in hera] == [r.correct for r in llm]
+    steps = [s for r in hera for s in r.steps]
+    assert steps and all(s.route == "cloud" and s.escalated for s in steps)
+    m = summarize(hera, sum(s.cloud_cost_usd for r in llm for s in r.steps))
+    assert m["escalated_share"] == 1.0 and m["local_share"] == 0.0 and m["cost_ratio"] == pytest.approx(1.0)
+    for h, l in zip(hera, llm):
+        assert all(hs.latency_s > ls.latency_s for hs, ls in zip(h.steps, l.steps))
+
+
 def test_oracle_is_run_and_never_loses_a_task_the_llm_solves(profiled):
     # Each oracle step keeps the better of two play-outs that both finish on the LLM, so by
     # induction it ends at least as correct as All-LLM on every task.

@@ -2,7 +2,10 @@
 
 Methods (a tiny base class and a registry, so lists of names come from here):
   all_slm, all_llm    every step on one model
-  hera                per step: P(SLM good enough) from the SLM prefill >= kappa(step)
+  hera                per step: P(SLM good enough) from the SLM prefill >= kappa(step); with a
+                      draft stage in the predictor, steps within its band of kappa are drafted
+                      by the SLM, checked, and kept or escalated (the draft's time is booked)
+  hera_prefill        the first stage alone (no drafting), to show what the draft stage adds
   random              per step local with probability = HERA's measured local share (seeded)
   query_router        one decision per task from the predictor's score of its first step
                       (HybridLLM-style), thresholded so its local share of steps matches HERA's
@@ -43,6 +46,7 @@ class StepRecord:
     latency_s: float
     cloud_cost_usd: float  # spent on the cloud by this step (0 when local)
     all_cloud_cost_usd: float  # what the step would cost on the cloud
+    escalated: bool = False  # drafted on the SLM, then sent to the cloud
 
 
 @dataclass
@@ -80,7 +84,7 @@ class AllLLM(Method):
 
 
 class Hera(Method):
-    name = "hera"
+    name = "hera_prefill"
 
     def __init__(self, offset: float = 0.0) -> None:
         self.offset = offset
@@ -88,6 +92,25 @@ class Hera(Method):
     async def route(self, task, step, messages, ev):
         p = await ev.p_local(messages, step)
         return "local" if p >= ev.predictor.kappa(step) + self.offset else "cloud"
+
+
+class HeraDraft(Method):
+    """HERA with its second stage: uncertain steps are drafted, checked and kept or escalated."""
+
+    name = "hera"
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+
+    async def route(self, task, step, messages, ev):
+        row = await ev.feature_row(messages, step)
+        p = float(ev.predictor.predict(row)[0])
+        kappa = ev.predictor.kappa(step) + self.offset
+        stage = ev.predictor.draft
+        if stage is None or abs(p - kappa) >= stage.band:
+            return "local" if p >= kappa else "cloud"
+        keep, _ = ev.predictor.keep_draft(row, await ev.draft_check(messages))
+        return "local" if keep else "escalated"
 
 
 class RandomRouter(Method):
@@ -126,8 +149,9 @@ class Oracle(Method):
         return "local" if local >= cloud else "cloud"
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, Hera, RandomRouter, QueryRouter, Oracle)}
-METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "hera", "oracle")
+METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, Hera, HeraDraft, RandomRouter, QueryRouter,
+                                                         Oracle)}
+METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "hera_prefill", "hera", "oracle")
 
 
 class Evaluator:
@@ -136,7 +160,8 @@ class Evaluator:
         self.slm, self.llm, self.predictor, self.cache, self.prices = slm, llm, predictor, cache, prices
         self.slm_name = slm_name
 
-    async def p_local(self, messages: list[Message], step: int) -> float:
+    async def feature_row(self, messages: list[Message], step: int) -> np.ndarray:
+        """The predictor's input row [1, F] for this step, from the feature cache or a live prefill."""
         feats = self.cache.get_features(self.slm_name, messages)
         if feats is None:
             if self.cache.read_only:
@@ -145,9 +170,32 @@ class Evaluator:
             feats = {"logit": [float(x) for x in logit_features(pre.logits[None, :])[0]],
                      "prompt_tokens": pre.prompt_tokens}
             self.cache.put_features(self.slm_name, messages, feats)
-        X = feature_matrix(np.asarray([feats["logit"]], dtype=np.float32),
-                           [structure_features(step, feats["prompt_tokens"], messages)])
-        return float(self.predictor.predict(X)[0])
+        return feature_matrix(np.asarray([feats["logit"]], dtype=np.float32),
+                              [structure_features(step, feats["prompt_tokens"], messages)])
+
+    async def p_local(self, messages: list[Message], step: int) -> float:
+        return float(self.predictor.predict(await self.feature_row(messages, step))[0])
+
+    async def draft_check(self, messages: list[Message]):
+        """The checks of the SLM's (cached, greedy) draft of this step; its token log-probabilities
+        come from the feature cache, else from the SLM teacher-forced (cached for replays)."""
+        import asyncio
+
+        from hera_core.checks.drafts import check_draft
+
+        draft = await self.slm.generate(messages, max_tokens=MAX_TOKENS)
+        logprobs = draft.extra.get("token_logprobs")
+        if logprobs is None:
+            key = [*messages, {"role": "assistant", "content": draft.text}]
+            hit = self.cache.get_features(self.slm_name + ":draft", key)
+            if hit is None:
+                if self.cache.read_only:
+                    raise LookupError(f"draft log-prob cache miss for {self.slm_name} in offline mode")
+                hit = {"logprobs": [round(x, 4) for x in await self.slm.score_continuation(messages, draft.text)]}
+                self.cache.put_features(self.slm_name + ":draft", key, hit)
+            logprobs = hit["logprobs"]
+        return await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
+                                       token_logprobs=logprobs)
 
     async def rollout(self, task: Task, messages: list[Message], step: int, route: str) -> float:
         """Correctness of `task` when the steps before `step` replay the assistant turns in
@@ -170,9 +218,14 @@ class Evaluator:
 
             async def step_fn(messages, k, task=task, result=result):
                 route = await method.route(task, k, messages, self)
+                draft_s = 0.0
+                if route == "escalated":  # the SLM drafted this step first: its time is part of the step
+                    draft_s = (await self.slm.generate(messages, max_tokens=MAX_TOKENS)).latency_s
+                    route = "cloud"
                 gen = await (self.slm if route == "local" else self.llm).generate(messages, max_tokens=MAX_TOKENS)
                 all_cloud = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
-                result.steps.append(StepRecord(route, gen.latency_s, all_cloud if route == "cloud" else 0.0, all_cloud))
+                result.steps.append(StepRecord(route, gen.latency_s + draft_s, all_cloud if route == "cloud" else 0.0,
+                                               all_cloud, escalated=draft_s > 0))
                 return gen.text, route
 
             traj = await run_task(task, step_fn)
@@ -201,7 +254,10 @@ def summarize(results: list[TaskResult], all_llm_cloud_cost: float) -> dict[str,
     return {"tasks": len(results), "accuracy": float(np.mean(acc)) if acc else math.nan, "accuracy_ci95": [lo, hi],
             "local_share": sum(s.route == "local" for s in steps) / max(1, len(steps)), "subtasks": len(steps),
             "cloud_cost_usd": cloud, "cost_ratio": cloud / all_llm_cloud_cost if all_llm_cloud_cost else math.nan,
-            "mean_latency_s": float(np.mean([sum(s.latency_s for s in r.steps) for r in results])) if results else math.nan}
+            "mean_latency_s": float(np.mean([sum(s.latency_s for s in r.steps) for r in results])) if results else math.nan,
+            "escalated_share": sum(s.escalated for s in steps) / max(1, len(steps)),
+            "escalated_latency_s": float(np.mean([s.latency_s for s in steps if s.escalated]))
+            if any(s.escalated for s in steps) else math.nan}
 
 
 def query_threshold(scores: dict[str, float], step_counts: dict[str, int], share: float) -> float:
@@ -220,7 +276,8 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
                    progress=None, sweep: tuple[float, ...] = ()) -> dict[str, Any]:
     """Every method on `tasks`; `sweep` adds live HERA runs with these threshold offsets."""
     per_method: dict[str, list[TaskResult]] = {}
-    for name, method in (("all_llm", AllLLM()), ("all_slm", AllSLM()), ("hera", Hera())):
+    for name, method in (("all_llm", AllLLM()), ("all_slm", AllSLM()), ("hera_prefill", Hera()),
+                         ("hera", HeraDraft())):
         per_method[name] = await ev.run(method, tasks, progress)
     all_llm_cost = sum(s.cloud_cost_usd for r in per_method["all_llm"] for s in r.steps)
     hera_share = summarize(per_method["hera"], all_llm_cost)["local_share"]
@@ -245,7 +302,7 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
 
     report["sweep"] = [point(0.0, report["methods"]["hera"], report["methods"]["query_router"])]
     for offset in sweep:
-        m = summarize(await ev.run(Hera(offset), tasks, progress), all_llm_cost)
+        m = summarize(await ev.run(HeraDraft(offset), tasks, progress), all_llm_cost)
         router = QueryRouter(query_threshold(first, counts, m["local_share"]))
         report["sweep"].append(point(offset, m, summarize(await ev.run(router, tasks, progress), all_llm_cost)))
     report["per_task"] = {name: [{"task_id": r.task_id, "correct": r.correct, "routes": [s.route for s in r.steps]}
@@ -305,7 +362,8 @@ def render_report(report: dict[str, Any]) -> None:
 
     def table(title: str, methods: dict[str, Any]) -> Table:
         t = Table(title=title)
-        for col in ("method", "tasks", "accuracy (95% CI)", "local share", "cloud cost vs All-LLM", "latency/task"):
+        for col in ("method", "tasks", "accuracy (95% CI)", "local share", "cloud cost vs All-LLM", "latency/task",
+                    "escalated (latency/step)"):
             t.add_column(col, justify="right")
         for name in METHOD_NAMES:
             m = methods.get(name)
@@ -313,8 +371,11 @@ def render_report(report: dict[str, Any]) -> None:
                 continue
             lo, hi = m["accuracy_ci95"]
             lat = "-" if math.isnan(m["mean_latency_s"]) else f"{m['mean_latency_s']:.1f}s"
+            esc = "-" if not m.get("escalated_share") else \
+                f"{m['escalated_share']:.1%} ({m['escalated_latency_s']:.1f}s)"
             t.add_row(name + (" (est.)" if m.get("estimated") else ""), str(m["tasks"]),
-                      f"{m['accuracy']:.1%} ({lo:.0%}-{hi:.0%})", f"{m['local_share']:.1%}", f"{m['cost_ratio']:.2f}", lat)
+                      f"{m['accuracy']:.1%} ({lo:.0%}-{hi:.0%})", f"{m['local_share']:.1%}", f"{m['cost_ratio']:.2f}", lat,
+                      esc)
         return t
 
     console.print(table("Overall (test split)", report["methods"]))
