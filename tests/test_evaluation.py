@@ -87,6 +87,25 @@ def test_report_has_every_method_with_consistent_numbers(profiled):
     assert set(report["families"]) == {"basic_arithmetic", "letter_counting"}
 
 
+def test_query_cascade_keeps_the_slm_run_that_passes_its_checks_and_reruns_the_rest(profiled):
+    from hera_core.checks.drafts import check_draft
+    from hera_core.offline.evaluation import TaskResult, query_cascade
+
+    _, _, report = profiled
+    per = {name: {t["task_id"]: t for t in report["per_task"][name]} for name in ("all_slm", "all_llm", "query_cascade")}
+    for tid, c in per["query_cascade"].items():
+        slm, llm = per["all_slm"][tid], per["all_llm"][tid]
+        kept = c["routes"] == slm["routes"]
+        assert kept or c["routes"] == ["local"] * len(slm["routes"]) + llm["routes"]
+        assert c["correct"] == (slm if kept else llm)["correct"]
+    # The rule itself, on a run whose final answer fails a check (a letter was asked for):
+    msgs = [{"role": "user", "content": "Reply with only the letter, as: ANSWER: <letter>"},
+            {"role": "assistant", "content": "I am not sure"}]
+    assert not check_draft(msgs[:1], msgs[1]["content"]).passed
+    slm, llm = TaskResult("t", "f", 1.0, [], msgs), TaskResult("t", "f", 0.0, [], msgs)
+    assert query_cascade([slm], [llm])[0].correct == 0.0
+
+
 def test_hera_with_a_draft_stage_drafts_checks_and_escalates(profiled, tiny_engine, cloud_url):
     """A stage that always escalates, drafting every step: HERA then answers exactly as All-LLM,
     every step escalated, and each escalated step's latency includes its draft."""

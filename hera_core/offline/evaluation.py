@@ -9,6 +9,8 @@ Methods (a tiny base class and a registry, so lists of names come from here):
   random              per step local with probability = HERA's measured local share (seeded)
   query_router        one decision per task from the predictor's score of its first step
                       (HybridLLM-style), thresholded so its local share of steps matches HERA's
+  query_cascade       the whole task on the SLM; its final answer gets the draft checks; a task
+                      that fails them reruns entirely on the LLM (FrugalGPT/AutoMix-style)
   oracle              run, with lookahead: at each step, local exactly when finishing the task on
                       the LLM after this step on the SLM ends at least as correct as with the LLM
                       here too (the profile's substitution label, computed on the oracle's own
@@ -55,6 +57,7 @@ class TaskResult:
     family: str
     correct: float
     steps: list[StepRecord] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)  # the whole conversation, as the harness ran it
 
 
 class Method(abc.ABC):
@@ -151,7 +154,7 @@ class Oracle(Method):
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, Hera, HeraDraft, RandomRouter, QueryRouter,
                                                          Oracle)}
-METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "hera_prefill", "hera", "oracle")
+METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "query_cascade", "hera_prefill", "hera", "oracle")
 
 
 class Evaluator:
@@ -229,11 +232,30 @@ class Evaluator:
                 return gen.text, route
 
             traj = await run_task(task, step_fn)
-            result.correct = traj.correct
+            result.correct, result.messages = traj.correct, traj.messages
             out.append(result)
             if progress is not None:
                 progress()
         return out
+
+
+def query_cascade(slm: list[TaskResult], llm: list[TaskResult]) -> list[TaskResult]:
+    """Query-level cascade from the two pure runs: a task keeps the SLM's whole run when its final
+    answer passes the draft checks (checked against the prompt that asked for it), else it reruns
+    on the LLM, paying for both (its steps: the SLM's, then the LLM's)."""
+    from hera_core.checks.drafts import check_draft
+
+    out = []
+    for s, l in zip(slm, llm):
+        last = max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")
+        passed = check_draft(s.messages[:last], s.messages[last]["content"]).passed
+        if passed:
+            out.append(TaskResult(s.task_id, s.family, s.correct, list(s.steps), s.messages))
+        else:
+            steps = [StepRecord("local", st.latency_s, 0.0, st.all_cloud_cost_usd, escalated=True) for st in s.steps]
+            # the rerun's steps count as cloud steps; the SLM's are the wasted drafts
+            out.append(TaskResult(l.task_id, l.family, l.correct, steps + list(l.steps), l.messages))
+    return out
 
 
 def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -285,6 +307,7 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
     first = {task.task_id: await ev.p_local(first_messages(task), 0) for task in tasks}
     counts = {r.task_id: len(r.steps) for r in per_method["all_llm"]}
     per_method["query_router"] = await ev.run(QueryRouter(query_threshold(first, counts, hera_share)), tasks, progress)
+    per_method["query_cascade"] = query_cascade(per_method["all_slm"], per_method["all_llm"])
     per_method["oracle"] = await ev.run(Oracle(), tasks, progress)
 
     report: dict[str, Any] = {"methods": {}, "families": {}}
