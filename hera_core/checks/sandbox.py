@@ -7,6 +7,7 @@ disabled (model code has no business on the network).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,10 @@ def run_python(code: str, timeout_s: float = 5.0, max_output: int | None = 500) 
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-        resource.setrlimit(resource.RLIMIT_CPU, (int(timeout_s), int(timeout_s)))
+        # One second past the wall-clock timeout: CPU time never runs ahead of wall time, so a busy
+        # loop always ends as "timed out" (at an equal limit the two raced, and the message varied).
+        cpu = int(timeout_s) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
 
     with tempfile.TemporaryDirectory(prefix="hera-tool-") as cwd:
         Path(cwd, "main.py").write_text(code)
@@ -40,6 +44,8 @@ def run_python(code: str, timeout_s: float = 5.0, max_output: int | None = 500) 
                                   text=True, timeout=timeout_s, env={}, preexec_fn=limits)
         except subprocess.TimeoutExpired:
             return False, f"timed out after {timeout_s:.0f}s"
+    if proc.returncode < 0 and not proc.stderr.strip():  # killed by a signal, silently
+        return False, f"killed by {signal.Signals(-proc.returncode).name}"
     if proc.returncode != 0:
         err = proc.stderr.strip() or proc.stdout.strip()
         return False, (err.splitlines() or ["error"])[-1][:300]
