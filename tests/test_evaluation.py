@@ -109,7 +109,7 @@ def test_query_cascade_keeps_the_slm_run_that_passes_its_checks_and_reruns_the_r
 def test_hera_with_a_draft_stage_drafts_checks_and_escalates(profiled, tiny_engine, cloud_url):
     """A stage that always escalates, drafting every step: HERA then answers exactly as All-LLM,
     every step escalated, and each escalated step's latency includes its draft."""
-    from hera_core.offline.evaluation import HeraDraft, summarize
+    from hera_core.offline.evaluation import Hera, summarize
     from hera_core.routing.predictor import Kappa
     from tests.factories import constant_draft_stage
 
@@ -125,7 +125,7 @@ def test_hera_with_a_draft_stage_drafts_checks_and_escalates(profiled, tiny_engi
                            load_settings(env={}).prices, TINY)
             from hera_core.offline.evaluation import AllLLM
 
-            return await ev.run(HeraDraft(), tasks), await ev.run(AllLLM(), tasks)
+            return await ev.run(Hera(), tasks), await ev.run(AllLLM(), tasks)
 
     try:
         hera, llm = run(go())

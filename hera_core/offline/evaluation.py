@@ -87,20 +87,11 @@ class AllLLM(Method):
 
 
 class Hera(Method):
-    name = "hera_prefill"
-
-    def __init__(self, offset: float = 0.0) -> None:
-        self.offset = offset
-
-    async def route(self, task, step, messages, ev):
-        p = await ev.p_local(messages, step)
-        return "local" if p >= ev.predictor.kappa(step) + self.offset else "cloud"
-
-
-class HeraDraft(Method):
-    """HERA with its second stage: uncertain steps are drafted, checked and kept or escalated."""
+    """HERA as the runtime routes: P(SLM good enough) >= kappa(step); with a draft stage in the
+    predictor, the steps within its band of kappa are drafted, checked, and kept or escalated."""
 
     name = "hera"
+    drafts = True
 
     def __init__(self, offset: float = 0.0) -> None:
         self.offset = offset
@@ -109,11 +100,18 @@ class HeraDraft(Method):
         row = await ev.feature_row(messages, step)
         p = float(ev.predictor.predict(row)[0])
         kappa = ev.predictor.kappa(step) + self.offset
-        stage = ev.predictor.draft
+        stage = ev.predictor.draft if self.drafts else None
         if stage is None or abs(p - kappa) >= stage.band:
             return "local" if p >= kappa else "cloud"
         keep, _ = ev.predictor.keep_draft(row, await ev.draft_check(messages))
         return "local" if keep else "escalated"
+
+
+class HeraPrefill(Hera):
+    """The first stage alone (no drafting), to show what the draft stage adds."""
+
+    name = "hera_prefill"
+    drafts = False
 
 
 class RandomRouter(Method):
@@ -152,7 +150,7 @@ class Oracle(Method):
         return "local" if local >= cloud else "cloud"
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, Hera, HeraDraft, RandomRouter, QueryRouter,
+METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, HeraPrefill, Hera, RandomRouter, QueryRouter,
                                                          Oracle)}
 METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "query_cascade", "hera_prefill", "hera", "oracle")
 
@@ -298,8 +296,8 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
                    progress=None, sweep: tuple[float, ...] = ()) -> dict[str, Any]:
     """Every method on `tasks`; `sweep` adds live HERA runs with these threshold offsets."""
     per_method: dict[str, list[TaskResult]] = {}
-    for name, method in (("all_llm", AllLLM()), ("all_slm", AllSLM()), ("hera_prefill", Hera()),
-                         ("hera", HeraDraft())):
+    for name, method in (("all_llm", AllLLM()), ("all_slm", AllSLM()), ("hera_prefill", HeraPrefill()),
+                         ("hera", Hera())):
         per_method[name] = await ev.run(method, tasks, progress)
     all_llm_cost = sum(s.cloud_cost_usd for r in per_method["all_llm"] for s in r.steps)
     hera_share = summarize(per_method["hera"], all_llm_cost)["local_share"]
@@ -325,7 +323,7 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
 
     report["sweep"] = [point(0.0, report["methods"]["hera"], report["methods"]["query_router"])]
     for offset in sweep:
-        m = summarize(await ev.run(HeraDraft(offset), tasks, progress), all_llm_cost)
+        m = summarize(await ev.run(Hera(offset), tasks, progress), all_llm_cost)
         router = QueryRouter(query_threshold(first, counts, m["local_share"]))
         report["sweep"].append(point(offset, m, summarize(await ev.run(router, tasks, progress), all_llm_cost)))
     report["per_task"] = {name: [{"task_id": r.task_id, "correct": r.correct, "routes": [s.route for s in r.steps]}
