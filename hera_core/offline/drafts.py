@@ -39,8 +39,7 @@ async def add_draft_features(traces: list[dict[str, Any]], tasks: dict[str, Task
             if progress is not None:
                 progress()
             continue
-        prompts = await step_prompts(task, [s["llm_text"] for s in trace["steps"]])
-        for s, messages in zip(trace["steps"], prompts):
+        for s, messages in zip(trace["steps"], await step_prompts(task, [s["llm_text"] for s in trace["steps"]])):
             check = check_draft(messages, s["slm_text"], completion_tokens=s.get("slm_completion_tokens"),
                                 token_logprobs=s.get("slm_token_logprobs"))
             s["draft_features"] = [float(x) for x in check.features]
@@ -52,12 +51,17 @@ async def add_draft_features(traces: list[dict[str, Any]], tasks: dict[str, Task
 
 
 async def add_draft_logprobs(trace: dict[str, Any], task: Task, engine) -> None:
-    """Teacher-forced token log-probabilities of each step's SLM draft (`engine` is the SLM's
-    LlamaCppEngine): for traces profiled before the engine recorded them while decoding."""
+    """Teacher-forced token log-probabilities of each step's SLM draft, and the draft features
+    recomputed with them (`engine`: the SLM): for traces profiled before the engine recorded them
+    while decoding. The prompts are rebuilt once for both."""
     prompts = await step_prompts(task, [s["llm_text"] for s in trace["steps"]])
     for s, messages in zip(trace["steps"], prompts):
         if "slm_token_logprobs" not in s:
             s["slm_token_logprobs"] = [round(x, 4) for x in await engine.score_continuation(messages, s["slm_text"])]
+        check = check_draft(messages, s["slm_text"], completion_tokens=s.get("slm_completion_tokens"),
+                            token_logprobs=s["slm_token_logprobs"])
+        s["draft_features"] = [float(x) for x in check.features]
+        s["draft_feature_names"] = list(DRAFT_FEATURE_NAMES)
 
 
 async def draft_features_file(src: Path, out: Path, tasks: dict[str, Task], engine=None,
@@ -76,9 +80,8 @@ async def draft_features_file(src: Path, out: Path, tasks: dict[str, Task], engi
             if trace["task_id"] not in done and task is not None:
                 if engine is not None:
                     await add_draft_logprobs(trace, task, engine)
-                for s in trace["steps"]:
-                    s.pop("draft_features", None)  # recomputed: the log-probabilities are new
-                await add_draft_features([trace], {task.task_id: task})
+                else:
+                    await add_draft_features([trace], {task.task_id: task})
                 f.write(json.dumps(trace) + "\n")
                 f.flush()  # each task is on disk as soon as it is done
                 n += 1
