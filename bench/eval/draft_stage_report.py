@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from hera_core.offline.profiling import load_traces
-from hera_core.offline.training import (XGB_PARAMS, auc, calibrate, estimate, estimate_routes, train,
-                                        train_draft_stage, two_stage_routes)
+from hera_core.offline.training import (auc, estimate, estimate_routes, train,
+                                        two_stage_routes)
 from hera_core.routing.predictor import Predictor
 
 

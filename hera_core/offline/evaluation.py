@@ -24,6 +24,7 @@ model at all; a miss is then an error.
 from __future__ import annotations
 
 import abc
+import asyncio
 import math
 import random as random_mod
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from hera_core.backends.caching import CompletionCache
+from hera_core.checks.drafts import check_draft
 from hera_core.config import PriceSettings
 from hera_core.backends.base import Engine, Message
 from hera_core.native.features import logit_features
@@ -180,10 +182,6 @@ class Evaluator:
     async def draft_check(self, messages: list[Message]):
         """The checks of the SLM's (cached, greedy) draft of this step; its token log-probabilities
         come from the feature cache, else from the SLM teacher-forced (cached for replays)."""
-        import asyncio
-
-        from hera_core.checks.drafts import check_draft
-
         draft = await self.slm.generate(messages, max_tokens=MAX_TOKENS)
         logprobs = draft.extra.get("token_logprobs")
         if logprobs is None:
@@ -241,8 +239,6 @@ def query_cascade(slm: list[TaskResult], llm: list[TaskResult]) -> list[TaskResu
     """Query-level cascade from the two pure runs: a task keeps the SLM's whole run when its final
     answer passes the draft checks (checked against the prompt that asked for it), else it reruns
     on the LLM, paying for both (its steps: the SLM's, then the LLM's)."""
-    from hera_core.checks.drafts import check_draft
-
     out = []
     for s, l in zip(slm, llm):
         last = max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from hera_core.checks.drafts import DRAFT_FEATURE_NAMES
 from hera_core.routing.predictor import DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, DraftStage, Kappa, Predictor
 
 XGB_PARAMS = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.1, "subsample": 0.9,
