@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+COMMITTED_EVAL = Path("bench") / "eval"  # the committed evaluation run, relative to the repository root
+
 
 def _settings(args):
     from hera_core.config import load_settings
@@ -100,9 +102,28 @@ def _tasks(args, families: list[str] | None, split: str | None = None):
     from hera_core.offline.workloads import load_jsonl_tasks, make_tasks
 
     split = split or args.split
+    split = None if split == "all" else split
     if args.tasks_file:
         return load_jsonl_tasks(args.tasks_file, split=split, seed=args.seed)
     return make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=split)
+
+
+def _openings(args, traces) -> dict[str, str]:
+    """Task id -> the opening user message of each traced task (for the familiarity check), from
+    the traces themselves or from the tasks they were profiled on; a task not found is left out."""
+    from hera_core.offline.harness import first_messages
+    from hera_core.routing.familiarity import opening_text
+
+    out = {t["task_id"]: t["opening"] for t in traces if "opening" in t}
+    missing = {t["task_id"] for t in traces} - set(out)
+    families = sorted({t["family"] for t in traces if t["task_id"] in missing})
+    for split in sorted({t["split"] for t in traces if t["task_id"] in missing}):
+        try:
+            tasks = _tasks(args, families, split=split)
+        except ValueError:  # e.g. a user family without --tasks-file: no familiarity for those
+            continue
+        out.update({t.task_id: opening_text(first_messages(t)) for t in tasks if t.task_id in missing})
+    return out
 
 
 def cmd_profile(args) -> int:
@@ -156,13 +177,14 @@ def cmd_train(args) -> int:
     from hera_core.offline.training import train
 
     traces = [t for path in args.traces for t in load_traces(path)]
+    openings = _openings(args, traces)
     client = None
     if args.dask:
         from dask.distributed import Client
 
         client = Client(args.dask)
     try:
-        predictor, report = train(traces, max_drop=args.max_drop, dask_client=client,
+        predictor, report = train(traces, max_drop=args.max_drop, dask_client=client, openings=openings,
                                   meta={"traces": [Path(p).name for p in args.traces]})
     finally:
         if client is not None:
@@ -180,13 +202,26 @@ def cmd_eval(args) -> int:
     from hera_core.offline.profiling import load_traces
 
     settings = _settings(args)
-    traces = load_traces(args.traces)
+    if args.offline and not (args.traces or args.tasks_file) and not COMMITTED_EVAL.is_dir():
+        raise ValueError(f"--offline replays the committed run in {COMMITTED_EVAL}/: run it from the repository "
+                         "root, or pass --traces and --cache")
+    if args.offline:  # with no other flag, replay the committed evaluation
+        args.traces = args.traces or str(COMMITTED_EVAL / "traces-test.jsonl")
+        args.cache = args.cache or str(COMMITTED_EVAL / "completions.sqlite.xz")
+        if args.tasks_per_family is None:
+            args.tasks_per_family = 80
+    if args.tasks_per_family is None:
+        args.tasks_per_family = 30
+    if args.traces is None and not args.tasks_file:
+        args.traces = "traces-test.jsonl"
+    traces = load_traces(args.traces) if args.traces else []
     tasks = _tasks(args, sorted({t["family"] for t in traces}))
-    ids = {t["task_id"] for t in traces}
-    tasks = [t for t in tasks if t.task_id in ids]
+    if args.traces:  # the profiled tasks only (the traces carry their labels for the estimated curve)
+        ids = {t["task_id"] for t in traces}
+        tasks = [t for t in tasks if t.task_id in ids]
     if not tasks:
-        raise ValueError(f"no task of {args.traces} is in the {args.split} split; profile it with "
-                         f"`hera profile --split {args.split}`")
+        raise ValueError(f"no task of {args.traces or args.tasks_file} is in the {args.split} split; profile it "
+                         f"with `hera profile --split {args.split}` or pass --split all")
     predictor = Predictor.load(args.predictor or settings.policy.predictor_path)
     cache_path = Path(args.cache) if args.cache else settings.cache_dir / "completions.sqlite"
     if args.offline and not cache_path.exists():
@@ -218,7 +253,8 @@ def cmd_eval(args) -> int:
             cache.close()
 
     report = asyncio.run(go())
-    report["curve_estimated"] = estimated_curve([t for t in traces if t["task_id"] in ids], predictor)
+    if traces:
+        report["curve_estimated"] = estimated_curve(traces, predictor)
     report["prices"] = (f"cloud at {settings.prices.cloud_price_model} prices "
                         f"(${settings.prices.cloud_input_usd_per_mtok}/${settings.prices.cloud_output_usd_per_mtok} "
                         f"per 1M input/output tokens, {settings.prices.cloud_price_date})")
@@ -244,7 +280,7 @@ async def _run_eval(tasks, ev, args):
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), disable=args.json) as bar:
         sweep = tuple(float(x) for x in args.sweep.split(",")) if args.sweep else ()
-        job = bar.add_task("eval", total=(7 + 2 * len(sweep)) * len(tasks))
+        job = bar.add_task("eval", total=(8 + 2 * len(sweep)) * len(tasks))
         return await evaluate(tasks, ev, seed=args.seed, progress=lambda: bar.advance(job), sweep=sweep)
 
 
@@ -351,10 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_profile)
 
     ev = sub.add_parser("eval", help="All-SLM, All-LLM, Random, query router, HERA and Oracle on the test split")
-    ev.add_argument("--traces", default="traces-test.jsonl", help="`hera profile --split test` output (tasks, labels)")
-    ev.add_argument("--tasks-per-family", type=int, default=30)
+    ev.add_argument("--traces", help="`hera profile --split test` output (tasks, labels); default traces-test.jsonl, "
+                    "none with --tasks-file, the committed run's with --offline")
+    ev.add_argument("--tasks-per-family", type=int, help="default 30 (80 with --offline: the committed run)")
     ev.add_argument("--tasks-file", help="your own tasks, JSONL (the file given to `hera profile`)")
-    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--predictor", help="predictor file (default: the configured or shipped one)")
     ev.add_argument("--cache", help="completion cache (default: <cache_dir>/completions.sqlite)")
@@ -399,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="predictor.json")
     t.add_argument("--max-drop", type=float, default=0.03, help="accuracy drop allowed vs All-LLM (default 0.03)")
     t.add_argument("--dask", metavar="ADDRESS", help="train on an existing Dask cluster")
+    t.add_argument("--tasks-file", help="the JSONL tasks the traces were profiled on (for the familiarity check)")
+    t.add_argument("--tasks-per-family", type=int, default=400, help="pool to find the traced built-in tasks in")
+    t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
     return p
 

@@ -89,6 +89,10 @@ class PolicySettings(_Strict):
                                      "the draft is checked on the device and kept or escalated to the cloud; 0 = off; "
                                      "unset = the band calibrated with the predictor's draft stage (none: off)")
     draft_check_timeout_s: float = Field(5.0, gt=0, le=120, description="limit for running a draft's program, seconds")
+    unfamiliar: Literal["cloud", "draft", "trust"] = Field(
+        "cloud", description="a step unlike every task the predictor was trained on (its familiarity check): "
+        "'cloud' sends it to the cloud, 'draft' lets the SLM draft it and keeps the draft only if its checks pass, "
+        "'trust' routes it by the predictor anyway")
 
 
 class ServerSettings(_Strict):

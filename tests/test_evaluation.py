@@ -225,3 +225,35 @@ def test_query_threshold_matches_the_share_of_steps():
 def test_bootstrap_interval_covers_the_mean():
     lo, hi = bootstrap_ci([0, 1] * 50)
     assert lo < 0.5 < hi and hi - lo < 0.25
+
+
+def test_query_threshold_by_cost_keeps_the_cloud_tasks_within_the_budget():
+    from hera_core.offline.evaluation import query_threshold_cost
+
+    scores = {"a": 0.9, "b": 0.7, "c": 0.5, "d": 0.1}
+    costs = {"a": 4.0, "b": 1.0, "c": 2.0, "d": 3.0}
+    t = query_threshold_cost(scores, costs, 5.0)  # a and b local: c + d = 5 stay in the cloud
+    assert {k for k, p in scores.items() if p < t} == {"c", "d"}
+    assert query_threshold_cost(scores, costs, 10.0) > 0.9  # the budget holds everything: all cloud
+    assert query_threshold_cost(scores, costs, 0.0) <= 0.1  # nothing may go to the cloud: all local
+
+
+def test_paired_bootstrap_cancels_what_both_methods_share():
+    from hera_core.offline.evaluation import paired_bootstrap
+
+    a = [1.0] * 60 + [0.0] * 40
+    b = [1.0] * 55 + [0.0] * 45  # the same tasks, five fewer solved
+    d = paired_bootstrap(a, b)
+    assert d["diff"] == pytest.approx(0.05) and 0 < d["ci95"][0] <= 0.05 <= d["ci95"][1] <= 0.11
+    assert paired_bootstrap(b, a)["ci95"][1] < 0  # the other way round: below zero
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, b[:-1])
+
+
+def test_report_compares_hera_with_each_method_on_the_same_tasks(profiled):
+    _, _, report = profiled
+    assert set(report["hera_minus"]) == set(METHOD_NAMES) - {"hera"}
+    for name, d in report["hera_minus"].items():
+        assert d["diff"] == pytest.approx(report["methods"]["hera"]["accuracy"] - report["methods"][name]["accuracy"])
+    router = report["methods"]["query_router_cost"]
+    assert router["cloud_cost_usd"] <= report["methods"]["hera"]["cloud_cost_usd"] + 1e-12

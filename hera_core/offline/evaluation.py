@@ -9,6 +9,7 @@ Methods (a tiny base class and a registry, so lists of names come from here):
   random              per step local with probability = HERA's measured local share (seeded)
   query_router        one decision per task from the predictor's score of its first step
                       (HybridLLM-style), thresholded so its local share of steps matches HERA's
+  query_router_cost   the same router, thresholded so its cloud cost is at most HERA's
   query_cascade       the whole task on the SLM; its final answer gets the draft checks; a task
                       that fails them reruns entirely on the LLM (FrugalGPT/AutoMix-style)
   oracle              run, with lookahead: at each step, local exactly when finishing the task on
@@ -51,6 +52,7 @@ class StepRecord:
     cloud_cost_usd: float  # spent on the cloud by this step (0 when local)
     all_cloud_cost_usd: float  # what the step would cost on the cloud
     escalated: bool = False  # drafted on the SLM, then sent to the cloud
+    unfamiliar: bool = False  # unlike every task the predictor was trained on (its familiarity check)
 
 
 @dataclass
@@ -95,10 +97,15 @@ class Hera(Method):
     name = "hera"
     drafts = True
 
-    def __init__(self, offset: float = 0.0) -> None:
+    def __init__(self, offset: float = 0.0, unfamiliar: str = "cloud") -> None:
         self.offset = offset
+        self.unfamiliar = unfamiliar  # the runtime's policy.unfamiliar: cloud | draft | trust
 
     async def route(self, task, step, messages, ev):
+        if self.unfamiliar != "trust" and ev.unfamiliar(messages):
+            if self.unfamiliar == "cloud":
+                return "cloud"
+            return "local" if (await ev.draft_check(messages)).passed else "escalated"
         row = await ev.feature_row(messages, step)
         p = float(ev.predictor.predict(row)[0])
         kappa = ev.predictor.kappa(step) + self.offset
@@ -154,7 +161,8 @@ class Oracle(Method):
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, HeraPrefill, Hera, RandomRouter, QueryRouter,
                                                          Oracle)}
-METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "query_cascade", "hera_prefill", "hera", "oracle")
+METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "query_router_cost", "query_cascade", "hera_prefill",
+                "hera", "oracle")
 
 
 class Evaluator:
@@ -175,6 +183,10 @@ class Evaluator:
             self.cache.put_features(self.slm_name, messages, feats)
         return feature_matrix(np.asarray([feats["logit"]], dtype=np.float32),
                               [structure_features(step, feats["prompt_tokens"], messages)])
+
+    def unfamiliar(self, messages: list[Message]) -> bool:
+        fam = self.predictor.familiarity
+        return fam is not None and not fam.familiar(messages)
 
     async def p_local(self, messages: list[Message], step: int) -> float:
         return float(self.predictor.predict(await self.feature_row(messages, step))[0])
@@ -224,7 +236,7 @@ class Evaluator:
                 gen = await (self.slm if route == "local" else self.llm).generate(messages, max_tokens=MAX_TOKENS)
                 all_cloud = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
                 result.steps.append(StepRecord(route, gen.latency_s + draft_s, all_cloud if route == "cloud" else 0.0,
-                                               all_cloud, escalated=draft_s > 0))
+                                               all_cloud, escalated=draft_s > 0, unfamiliar=self.unfamiliar(messages)))
                 return gen.text, route
 
             traj = await run_task(task, step_fn)
@@ -262,6 +274,16 @@ def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[flo
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def paired_bootstrap(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean of a - b over the same tasks, with its 95% percentile bootstrap interval (tasks resampled
+    together, so what both methods get right or wrong alike cancels out)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired bootstrap needs two equally long, non-empty lists")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))].mean(axis=1)
+    return {"diff": float(d.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
+
+
 def summarize(results: list[TaskResult], all_llm_cloud_cost: float) -> dict[str, Any]:
     steps = [s for r in results for s in r.steps]
     acc = [r.correct for r in results]
@@ -272,8 +294,19 @@ def summarize(results: list[TaskResult], all_llm_cloud_cost: float) -> dict[str,
             "cloud_cost_usd": cloud, "cost_ratio": cloud / all_llm_cloud_cost if all_llm_cloud_cost else math.nan,
             "mean_latency_s": float(np.mean([sum(s.latency_s for s in r.steps) for r in results])) if results else math.nan,
             "escalated_share": sum(s.escalated for s in steps) / max(1, len(steps)),
+            "unfamiliar_share": sum(s.unfamiliar for s in steps) / max(1, len(steps)),
             "escalated_latency_s": float(np.mean([s.latency_s for s in steps if s.escalated]))
             if any(s.escalated for s in steps) else math.nan}
+
+
+def query_threshold_cost(scores: dict[str, float], task_costs: dict[str, float], budget: float) -> float:
+    """Threshold on first-step scores whose cloud tasks (the rest) cost at most `budget` on the cloud."""
+    cloud = sum(task_costs.values())
+    for task_id, p in sorted(scores.items(), key=lambda kv: -kv[1]):
+        if cloud <= budget:
+            return p + 1e-9  # the cloud tasks left already fit: this one and the rest stay in the cloud
+        cloud -= task_costs[task_id]
+    return -1.0  # everything local
 
 
 def query_threshold(scores: dict[str, float], step_counts: dict[str, int], share: float) -> float:
@@ -301,12 +334,18 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
     first = {task.task_id: await ev.p_local(first_messages(task), 0) for task in tasks}
     counts = {r.task_id: len(r.steps) for r in per_method["all_llm"]}
     per_method["query_router"] = await ev.run(QueryRouter(query_threshold(first, counts, hera_share)), tasks, progress)
+    hera_cost = sum(s.cloud_cost_usd for r in per_method["hera"] for s in r.steps)
+    task_costs = {r.task_id: sum(s.cloud_cost_usd for s in r.steps) for r in per_method["all_llm"]}
+    per_method["query_router_cost"] = await ev.run(QueryRouter(query_threshold_cost(first, task_costs, hera_cost)),
+                                                   tasks, progress)
     per_method["query_cascade"] = query_cascade(per_method["all_slm"], per_method["all_llm"])
     per_method["oracle"] = await ev.run(Oracle(), tasks, progress)
 
     report: dict[str, Any] = {"methods": {}, "families": {}}
     for name, results in per_method.items():
         report["methods"][name] = summarize(results, all_llm_cost)
+    correct = {name: [r.correct for r in results] for name, results in per_method.items()}
+    report["hera_minus"] = {name: paired_bootstrap(correct["hera"], c) for name, c in correct.items() if name != "hera"}
     for family in sorted({t.family for t in tasks}):
         fam_llm = sum(s.cloud_cost_usd for r in per_method["all_llm"] if r.family == family for s in r.steps)
         report["families"][family] = {name: summarize([r for r in results if r.family == family], fam_llm)
@@ -356,7 +395,8 @@ def plot(report: dict[str, Any], path: str) -> None:
     if routed:
         ax.plot([q["cost_ratio"] for q in routed], [q["accuracy"] for q in routed], "--^", color="tab:orange",
                 alpha=0.5, markersize=3, label="query router at each sweep point's local share (live)")
-    marks = {"all_slm": "s", "all_llm": "D", "random": "x", "query_router": "^", "hera": "o", "oracle": "*"}
+    marks = {"all_slm": "s", "all_llm": "D", "random": "x", "query_router": "^", "query_router_cost": "v",
+             "query_cascade": "P", "hera_prefill": "h", "hera": "o", "oracle": "*"}
     for name, m in report["methods"].items():
         est = " est." if m.get("estimated") else ""
         ax.plot([m["cost_ratio"]], [m["accuracy"]], marks.get(name, "."), markersize=10,
@@ -395,7 +435,22 @@ def render_report(report: dict[str, Any]) -> None:
                       esc)
         return t
 
-    console.print(table("Overall (test split)", report["methods"]))
+    console.print(table("Overall", report["methods"]))
+    if report.get("hera_minus"):
+        t = Table(title="HERA minus each method, same tasks (paired bootstrap 95% interval)")
+        for col in ("method", "accuracy difference", "95% interval"):
+            t.add_column(col, justify="right")
+        for name in METHOD_NAMES:
+            d = report["hera_minus"].get(name)
+            if d is not None:
+                t.add_row(name, f"{d['diff'] * 100:+.1f} pts", f"{d['ci95'][0] * 100:+.1f} to {d['ci95'][1] * 100:+.1f}")
+        console.print(t)
+    share = report["methods"].get("hera", {}).get("unfamiliar_share", 0.0)
+    if share:
+        console.print(f"[bold yellow]The predictor is out of its depth on {share:.0%} of the steps[/]: they are unlike "
+                      "every task it was trained on (its familiarity check), so policy.unfamiliar decided them, not "
+                      "the predictor. For a predictor that knows your tasks: `hera profile --tasks-file ...`, then "
+                      "`hera train`.")
     for family, methods in report["families"].items():
         console.print(table(family, methods))
     console.print(report.get("prices", ""))

@@ -18,7 +18,8 @@ from typing import Any
 from hera_core.backends.base import Engine, Message
 from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, check_draft
 from hera_core.native.features import logit_features
-from hera_core.offline.harness import run_task
+from hera_core.offline.harness import first_messages, run_task
+from hera_core.routing.familiarity import opening_text
 from hera_core.routing.predictor import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, structure_features
 from hera_core.offline.workloads import Task, split_of
 
@@ -62,7 +63,8 @@ async def profile_task(task: Task, slm: Engine, llm: Engine, seed: int = 0) -> d
         })
     return {"task_id": task.task_id, "family": task.family, "split": split_of(task.task_id, seed),
             "llm_correct": base.correct, "llm_steps": len(prefixes), "schema": FEATURE_SCHEMA,
-            "feature_names": list(FEATURE_NAMES), "steps": steps}
+            "feature_names": list(FEATURE_NAMES), "steps": steps,
+            "opening": opening_text(first_messages(task))}  # for `hera train`'s familiarity check
 
 
 def done_task_ids(path: Path) -> set[str]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from hera_core.routing.familiarity import fit_familiarity
 from hera_core.routing.predictor import DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, DraftStage, Kappa, Predictor
 
 XGB_PARAMS = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.1, "subsample": 0.9,
@@ -84,7 +85,11 @@ def calibrate(traces: list[dict[str, Any]], predictor: Predictor, max_drop: floa
 
 
 def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: int = 100,
-          dask_client=None, meta: dict[str, Any] | None = None) -> tuple[Predictor, dict[str, Any]]:
+          dask_client=None, meta: dict[str, Any] | None = None,
+          openings: dict[str, str] | None = None) -> tuple[Predictor, dict[str, Any]]:
+    """Fit the predictor on the train split, calibrate kappa on val; with draft features in the
+    traces, the draft stage too; with `openings` (task id -> the task's opening user message),
+    the familiarity check that tells the runtime when a step is unlike every training task."""
     import xgboost as xgb
 
     X, y = rows(traces, {"train"})
@@ -121,6 +126,12 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
     predictor.meta = {**(meta or {}), **report}
     if has_drafts([t for t in traces if t["split"] == "train"]):
         predictor.draft, report["draft_stage"] = train_draft_stage(traces, predictor, max_drop=max_drop)
+    if openings:
+        predictor.familiarity = fit_familiarity(
+            [(t["family"], openings[t["task_id"]]) for t in traces if t["split"] == "train" and t["task_id"] in openings],
+            [(t["family"], openings[t["task_id"]]) for t in traces if t["split"] == "val" and t["task_id"] in openings])
+        report["familiarity"] = {**predictor.familiarity.meta, "thresholds": dict(zip(
+            predictor.familiarity.families, (round(float(x), 4) for x in predictor.familiarity.thresholds)))}
     return predictor, report
 
 

@@ -25,7 +25,8 @@ class Override(str, Enum):
 @dataclass(frozen=True)
 class Decision:
     route: Route
-    reason: str  # predictor | local-only | cloud-only | cannot-serve-locally | budget
+    reason: str  # predictor | local-only | cloud-only | cannot-serve-locally | budget-* | draft-kept | escalated
+    #              | unfamiliar | fallback-local
     p_local: float | None
     threshold: float | None
 

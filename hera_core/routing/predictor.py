@@ -19,6 +19,7 @@ import numpy as np
 
 from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, DraftCheck
 from hera_core.errors import ConfigError
+from hera_core.routing.familiarity import Familiarity
 from hera_core.native.features import LOGIT_FEATURE_NAMES
 
 FEATURE_SCHEMA = "hera-features-v1"
@@ -87,6 +88,7 @@ class Predictor:
     meta: dict[str, Any] = field(default_factory=dict)  # how it was trained, metrics
     feature_names: tuple[str, ...] = FEATURE_NAMES
     draft: DraftStage | None = None  # second stage for uncertain steps; None: keep a draft that passes its checks
+    familiarity: Familiarity | None = None  # what its training tasks looked like; None: every step is trusted
 
     def __post_init__(self) -> None:
         self._impl = None
@@ -128,6 +130,8 @@ class Predictor:
              "meta": self.meta, "model_b64": base64.b64encode(self.model_json).decode()}
         if self.draft is not None:
             d["draft_stage"] = self.draft.to_dict()
+        if self.familiarity is not None:
+            d["familiarity"] = self.familiarity.to_dict()
         return d
 
     def save(self, path: str | Path) -> None:
@@ -164,6 +168,13 @@ class Predictor:
             draft = DraftStage(model_json=base64.b64decode(ds["model_b64"]),
                                keep_threshold=float(ds.get("keep_threshold", 0.5)), band=float(ds.get("band", 0.2)),
                                meta=ds.get("meta", {}))
+        familiarity = None
+        if d.get("familiarity") is not None:
+            try:
+                familiarity = Familiarity.from_dict(d["familiarity"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(f"predictor file {path}: its familiarity section is unreadable ({exc}); "
+                                  "retrain it with `hera train`") from None
         return cls(model_json=base64.b64decode(d["model_b64"]),
                    kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5))),
-                   meta=d.get("meta", {}), draft=draft)
+                   meta=d.get("meta", {}), draft=draft, familiarity=familiarity)

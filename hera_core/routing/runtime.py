@@ -63,7 +63,7 @@ class Runtime:
                  prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
                  max_tokens: int = 512, budget: "Budget | None" = None, fallback: str = "local",
                  hot_prefix_discount: float = 0.0, draft_band: float | None = None,
-                 draft_check_timeout_s: float = 5.0) -> None:
+                 draft_check_timeout_s: float = 5.0, unfamiliar: str = "cloud") -> None:
         self.local = local
         self.cloud = cloud
         self.predictor = predictor
@@ -81,6 +81,8 @@ class Runtime:
         # None: the band calibrated with the predictor's draft stage (no stage: no drafting).
         self.draft_band = draft_band
         self.draft_check_timeout_s = draft_check_timeout_s
+        # A step unlike the predictor's training tasks: "cloud", "draft" (the checks alone decide) or "trust".
+        self.unfamiliar = unfamiliar
 
     async def score(self, messages: list[Message], step: int) -> "Score":
         """SLM prefill + features + predictor for one subtask."""
@@ -91,15 +93,20 @@ class Runtime:
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
         return Score(p, self.predictor.kappa(step) + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
 
-    async def _draft_and_check(self, messages, prefill_row, max_tokens, stop):
+    def is_unfamiliar(self, messages: list[Message]) -> bool:
+        """The step is unlike every task the predictor was trained on (and the policy distrusts that)."""
+        fam = self.predictor.familiarity
+        return self.unfamiliar != "trust" and fam is not None and not fam.familiar(messages)
+
+    async def _draft_and_check(self, messages, prefill_row, max_tokens, stop, checks_only: bool = False):
         """The SLM's draft of the step (decoding on from the prefill that scored it) and its checks:
-        (draft, check, keep?, P of the draft stage or None)."""
+        (draft, check, keep?). `checks_only`: the checks decide, not the draft stage."""
         draft = await self.local.generate(messages, max_tokens=max_tokens, stop=stop)
         check = await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
                                         token_logprobs=draft.extra.get("token_logprobs"),
                                         timeout_s=self.draft_check_timeout_s)
-        keep, p_keep = self.predictor.keep_draft(prefill_row, check)
-        return draft, check, keep, p_keep
+        keep = check.passed if checks_only else self.predictor.keep_draft(prefill_row, check)[0]
+        return draft, check, keep
 
     async def complete(self, messages: list[Message], *, session: str, step: int | None = None,
                        max_tokens: int | None = None, stop: list[str] | None = None,
@@ -134,9 +141,14 @@ class Runtime:
         draft_s = 0.0  # time the SLM spent drafting and checking a step that was then escalated
         band = self.draft_band if self.draft_band is not None else \
             (self.predictor.draft.band if self.predictor.draft is not None else 0.0)
-        if override is Override.AUTO and why_not_local is None and band > 0 and abs(p_local - threshold) < band:
+        unfamiliar = override is Override.AUTO and why_not_local is None and self.is_unfamiliar(messages)
+        if unfamiliar and self.unfamiliar == "cloud":
+            decision = Decision(Route.CLOUD, "unfamiliar", p_local, threshold)
+        elif override is Override.AUTO and why_not_local is None and (
+                unfamiliar or (band > 0 and abs(p_local - threshold) < band)):
             try:
-                draft, check, keep, p_keep = await self._draft_and_check(messages, prefill_row, max_tokens, stop)
+                draft, check, keep = await self._draft_and_check(messages, prefill_row, max_tokens, stop,
+                                                                 checks_only=unfamiliar)
             except asyncio.CancelledError:
                 self._record_cancelled(run, session, step, Decision(Route.LOCAL, "drafting", p_local, threshold),
                                        time.perf_counter() - t0)

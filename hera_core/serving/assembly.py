@@ -127,7 +127,8 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
                           threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens,
                           fallback=settings.cloud.fallback, hot_prefix_discount=settings.policy.hot_prefix_discount,
                           budget=budget_from(settings, ledger), draft_band=settings.policy.draft_band,
-                          draft_check_timeout_s=settings.policy.draft_check_timeout_s)
+                          draft_check_timeout_s=settings.policy.draft_check_timeout_s,
+                          unfamiliar=settings.policy.unfamiliar)
         finally:
             ledger.close()
 
