@@ -281,7 +281,8 @@ async def _run_eval(tasks, ev, args):
                   TextColumn("ETA"), TimeRemainingColumn(), disable=args.json) as bar:
         sweep = tuple(float(x) for x in args.sweep.split(",")) if args.sweep else ()
         job = bar.add_task("eval", total=(8 + 2 * len(sweep)) * len(tasks))
-        return await evaluate(tasks, ev, seed=args.seed, progress=lambda: bar.advance(job), sweep=sweep)
+        return await evaluate(tasks, ev, seed=args.seed, progress=lambda: bar.advance(job), sweep=sweep,
+                              unfamiliar=args.unfamiliar or _settings(args).policy.unfamiliar)
 
 
 class _Offline:
@@ -399,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", default="eval.png", help="PNG of accuracy vs cloud cost ('' for none)")
     ev.add_argument("--sweep", default="-0.6,-0.3,-0.15,-0.05,0.03,0.06,0.1",
                     help="threshold offsets of extra live HERA runs for the curve ('' for none)")
+    ev.add_argument("--unfamiliar", choices=["cloud", "draft", "trust"],
+                    help="HERA's policy for steps unlike its training tasks (default: the configured policy.unfamiliar)")
     ev.add_argument("--out", help="write the full report as JSON")
     ev.add_argument("--json", action="store_true", help="print {method: {accuracy, local_share, cost_ratio}}")
     ev.add_argument("--local-model")

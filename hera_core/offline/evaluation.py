@@ -4,8 +4,10 @@ Methods (a tiny base class and a registry, so lists of names come from here):
   all_slm, all_llm    every step on one model
   hera                per step: P(SLM good enough) from the SLM prefill >= kappa(step); with a
                       draft stage in the predictor, steps within its band of kappa are drafted
-                      by the SLM, checked, and kept or escalated (the draft's time is booked)
-  hera_prefill        the first stage alone (no drafting), to show what the draft stage adds
+                      by the SLM, checked, and kept or escalated (the draft's time is booked);
+                      a step unlike the predictor's training tasks follows `unfamiliar`
+  hera_prefill        the first stage alone, trusted everywhere (no drafting, no familiarity
+                      check): what the predictor does by itself
   random              per step local with probability = HERA's measured local share (seeded)
   query_router        one decision per task from the predictor's score of its first step
                       (HybridLLM-style), thresholded so its local share of steps matches HERA's
@@ -117,10 +119,14 @@ class Hera(Method):
 
 
 class HeraPrefill(Hera):
-    """The first stage alone (no drafting), to show what the draft stage adds."""
+    """The first stage alone, trusted on every step (no drafting, no familiarity check): the
+    predictor by itself, to show what the draft stage and the familiarity check add."""
 
     name = "hera_prefill"
     drafts = False
+
+    def __init__(self, offset: float = 0.0) -> None:
+        super().__init__(offset, unfamiliar="trust")
 
 
 class RandomRouter(Method):
@@ -321,12 +327,13 @@ def query_threshold(scores: dict[str, float], step_counts: dict[str, int], share
     return -1.0  # everything local
 
 
-async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
-                   progress=None, sweep: tuple[float, ...] = ()) -> dict[str, Any]:
-    """Every method on `tasks`; `sweep` adds live HERA runs with these threshold offsets."""
+async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0, progress=None,
+                   sweep: tuple[float, ...] = (), unfamiliar: str = "cloud") -> dict[str, Any]:
+    """Every method on `tasks`; `sweep` adds live HERA runs with these threshold offsets;
+    `unfamiliar` is HERA's policy for steps unlike its predictor's training tasks."""
     per_method: dict[str, list[TaskResult]] = {}
     for name, method in (("all_llm", AllLLM()), ("all_slm", AllSLM()), ("hera_prefill", HeraPrefill()),
-                         ("hera", Hera())):
+                         ("hera", Hera(unfamiliar=unfamiliar))):
         per_method[name] = await ev.run(method, tasks, progress)
     all_llm_cost = sum(s.cloud_cost_usd for r in per_method["all_llm"] for s in r.steps)
     hera_share = summarize(per_method["hera"], all_llm_cost)["local_share"]
@@ -358,7 +365,7 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0,
 
     report["sweep"] = [point(0.0, report["methods"]["hera"], report["methods"]["query_router"])]
     for offset in sweep:
-        m = summarize(await ev.run(Hera(offset), tasks, progress), all_llm_cost)
+        m = summarize(await ev.run(Hera(offset, unfamiliar), tasks, progress), all_llm_cost)
         router = QueryRouter(query_threshold(first, counts, m["local_share"]))
         report["sweep"].append(point(offset, m, summarize(await ev.run(router, tasks, progress), all_llm_cost)))
     report["per_task"] = {name: [{"task_id": r.task_id, "correct": r.correct, "routes": [s.route for s in r.steps]}
