@@ -117,13 +117,15 @@ def test_policy_header_overrides_the_predictor(client, server):
     assert raw.headers["x-hera-route"] == "cloud"
 
 
-def test_tools_go_to_the_cloud(client, server):
+def test_tool_steps_are_routed_like_any_other(client, server):
+    """A request with tools is scored and routed like any step (step 1 here: local); a confidential
+    tool step stays on the device. tests/test_tools.py checks the calls themselves."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     raw = client.chat.completions.with_raw_response.create(model="hera", messages=Q2, max_tokens=8, tools=tools)
-    assert raw.headers["x-hera-route"] == "cloud" and raw.headers["x-hera-reason"] == "cannot-serve-locally"
-    status, _, body = http(server, "/v1/chat/completions", {"model": "hera", "messages": Q2, "tools": tools},
-                           headers={"X-Hera-Policy": "local-only"})
-    assert status == 400 and "local-only" in json.loads(body)["error"]["message"]
+    assert raw.headers["x-hera-route"] == "local" and raw.headers["x-hera-reason"] == "predictor"
+    status, headers, _ = http(server, "/v1/chat/completions", {"model": "hera", "messages": Q, "tools": tools,
+                                                               "max_tokens": 8}, headers={"X-Hera-Policy": "local-only"})
+    assert status == 200 and headers["x-hera-route"] == "local"
 
 
 @pytest.mark.parametrize("body,headers,status,fragment", [

@@ -29,6 +29,8 @@ class Generation:
     cached_tokens: int = 0  # prompt tokens whose KV was reused instead of evaluated
     model: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # engine-specific (e.g. cache hits)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI tool_calls, each schema-valid
+    tool_errors: list[str] = field(default_factory=list)  # why a call the model wrote was not valid (not returned)
 
 
 @dataclass
@@ -48,10 +50,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
                        stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
-                       **kwargs: Any) -> Generation:
-        """Greedy completion of a chat. `on_text` receives text deltas as they are produced."""
+                       toolset: Any = None, **kwargs: Any) -> Generation:
+        """Greedy completion of a chat. `on_text` receives text deltas as they are produced;
+        `toolset` (backends.tools.ToolSet) offers tools, whose calls come back in `tool_calls`."""
 
-    async def prefill(self, messages: list[Message]) -> Prefill:
+    async def prefill(self, messages: list[Message], *, toolset: Any = None) -> Prefill:
         raise NotImplementedError(f"{type(self).__name__} has no prefill (only local engines do)")
 
     async def score_continuation(self, messages: list[Message], text: str) -> list[float]:

@@ -83,8 +83,12 @@ class CachingEngine(Engine):
         self.name = inner.name
         self.is_local = inner.is_local
 
-    async def generate(self, messages, *, max_tokens: int = 256, stop=None, on_text=None, **kwargs) -> Generation:
+    async def generate(self, messages, *, max_tokens: int = 256, stop=None, on_text=None, toolset=None,
+                       **kwargs) -> Generation:
         request = {"messages": messages, "max_tokens": max_tokens, "stop": list(stop or []), **kwargs}
+        if toolset is not None:  # (absent otherwise, so keys made before tools existed still match)
+            request["tools"] = toolset.request_fields()
+            kwargs["toolset"] = toolset
         hit = self.cache.get(self.name, request)
         if hit is not None:
             if on_text is not None and hit.text:
@@ -96,8 +100,8 @@ class CachingEngine(Engine):
         self.cache.put(self.name, request, gen)
         return gen
 
-    async def prefill(self, messages):
-        return await self.inner.prefill(messages)
+    async def prefill(self, messages, **kwargs):
+        return await self.inner.prefill(messages, **kwargs)
 
     async def score_continuation(self, messages, text):
         return await self.inner.score_continuation(messages, text)

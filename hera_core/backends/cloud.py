@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from hera_core.errors import CloudError, CloudRequestError, CloudUnavailableError
+from hera_core.backends.tools import ToolSet
 from hera_core.backends.base import Engine, Generation, Message
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -161,27 +162,32 @@ class CloudEngine(Engine):
 
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
                        stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
-                       extra: dict[str, Any] | None = None) -> Generation:
-        """One chat completion. `extra` carries request fields passed through as they are (tools,
-        response_format, ...); `on_text` streams text deltas as the upstream sends them."""
+                       extra: dict[str, Any] | None = None, toolset: ToolSet | None = None) -> Generation:
+        """One chat completion. `extra` carries request fields passed through as they are
+        (response_format, ...); `on_text` streams text deltas as the upstream sends them; the
+        calls of a `toolset` request come back in `tool_calls`, each checked against its schema
+        (one that fails is left out and named in `tool_errors`)."""
         payload: dict[str, Any] = {**(extra or {}), "model": self.name, "messages": messages,
                                    "max_tokens": max_tokens, "temperature": 0}
         if stop:
             payload["stop"] = stop
+        if toolset is not None:
+            payload.update(toolset.request_fields())
         if on_text is not None:
-            return await self._generate_streaming(payload, on_text)
+            return _checked(await self._generate_streaming(payload, on_text), toolset)
         data, latency, attempts = await self.chat(payload)
         choice = data["choices"][0]
         usage = data.get("usage") or {}
         message = choice.get("message") or {}
         extra_out: dict[str, Any] = {"attempts": attempts}
-        if set(message) - {"role", "content"}:
+        if set(message) - {"role", "content", "tool_calls"}:
             extra_out["message"] = message
-        return Generation(text=message.get("content") or "",
-                          prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                          completion_tokens=int(usage.get("completion_tokens", 0)),
-                          latency_s=latency, ttft_s=latency,
-                          finish_reason=choice.get("finish_reason") or "stop", model=self.name, extra=extra_out)
+        return _checked(Generation(text=message.get("content") or "",
+                                   prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                                   completion_tokens=int(usage.get("completion_tokens", 0)),
+                                   latency_s=latency, ttft_s=latency,
+                                   finish_reason=choice.get("finish_reason") or "stop", model=self.name,
+                                   extra=extra_out, tool_calls=list(message.get("tool_calls") or [])), toolset)
 
     async def forward(self, payload: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, float]]]:
         data, _, attempts = await self.chat(payload)
@@ -245,11 +251,19 @@ class CloudEngine(Engine):
         t0 = time.perf_counter()
         ttft = None
         parts: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}  # tool-call deltas by index, reassembled
         usage: dict[str, Any] = {}
         finish = "stop"
         async for chunk in self.stream(payload):
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or []:
+                for tc in (choice.get("delta") or {}).get("tool_calls") or []:
+                    call = calls.setdefault(int(tc.get("index", len(calls))),
+                                            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+                    call["id"] = tc.get("id") or call["id"]
+                    fn = tc.get("function") or {}
+                    call["function"]["name"] += fn.get("name") or ""
+                    call["function"]["arguments"] += fn.get("arguments") or ""
                 delta = (choice.get("delta") or {}).get("content")
                 if delta:
                     if ttft is None:
@@ -261,7 +275,20 @@ class CloudEngine(Engine):
         return Generation(text="".join(parts), prompt_tokens=int(usage.get("prompt_tokens", 0)),
                           completion_tokens=int(usage.get("completion_tokens", 0)), latency_s=latency,
                           ttft_s=ttft if ttft is not None else latency, finish_reason=finish, model=self.name,
-                          extra={"attempts": [("ok", latency)]})
+                          extra={"attempts": [("ok", latency)]}, tool_calls=[calls[i] for i in sorted(calls)])
+
+
+def _checked(gen: Generation, toolset: ToolSet | None) -> Generation:
+    """Keep only the upstream's tool calls that are valid for the offered tools."""
+    if not gen.tool_calls:
+        return gen
+    if toolset is None:
+        gen.tool_errors, gen.tool_calls = ["the cloud called a tool, but none was offered"], []
+        return gen
+    gen.tool_calls, gen.tool_errors = toolset.check_openai_calls(gen.tool_calls)
+    if gen.tool_errors and not gen.tool_calls and gen.finish_reason == "tool_calls":
+        gen.finish_reason = "stop"
+    return gen
 
     async def close(self) -> None:
         if self._session is not None:

@@ -33,6 +33,7 @@ stops at its next chunk.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,22 @@ import numpy as np
 from hera_core.errors import HeraError, InvalidRequestError
 from hera_core.native.radix import RadixIndex
 from hera_core.backends.base import Engine, Generation, Message, Prefill, check_context
+from hera_core.backends.tools import OPEN, ToolSet, parse_calls, template_messages
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+
+
+def _content(d: "_Decoding") -> str:
+    """What may be streamed to the client as text so far: all of it, or what precedes a tool call;
+    with tools offered, nothing while the answer could still be a call written without its tags
+    (it starts with `{`, `[` or a code fence): that is decided when it ends."""
+    if d.toolset is None:
+        return d.text
+    if d.done:
+        return parse_calls(d.text, d.toolset)[0]
+    head = d.text.split(OPEN, 1)[0]
+    return "" if d.toolset.choice != "none" and head.lstrip()[:1] in ("{", "[", "`") else head
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -94,6 +111,8 @@ class _Decoding:
     ttft: float | None = None
     done: bool = False
     released: bool = False  # the slot has been handed back
+    toolset: ToolSet | None = None
+    grammar: object = None  # llama.cpp grammar sampler, active while a tool call is decoded
 
 
 class LlamaCppEngine(Engine):
@@ -159,6 +178,10 @@ class LlamaCppEngine(Engine):
         eos, bos = self._model.token_eos(), self._model.token_bos()
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=self._model.token_get_text(eos),
                                               bos_token=self._model.token_get_text(bos) if bos != -1 else "")
+        # The token that opens a tool call in the Hermes/Qwen format, where the vocabulary has one
+        # (auto tool choice switches the grammar on when the model emits it).
+        opener = self._model.tokenize(OPEN.encode(), add_bos=False, special=True)
+        self._open_token = opener[0] if len(opener) == 1 else None
 
         # KV bytes per token (f16 K and V over all layers), for the index's byte accounting.
         n_layer = llama_cpp.llama_model_n_layer(self._model.model)
@@ -177,11 +200,14 @@ class LlamaCppEngine(Engine):
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "seq_copies": 0}
 
     # --- tokens -------------------------------------------------------------------------------
-    def tokenize_messages(self, messages: list[Message]) -> list[int]:
+    def tokenize_messages(self, messages: list[Message], toolset: ToolSet | None = None) -> list[int]:
+        """The chat as the model's template renders it; offered tools go in the template's tools
+        section (none with tool_choice "none": the model is not to call any)."""
         if not messages:
             raise InvalidRequestError("messages must not be empty")
+        tools = list(toolset.tools) if toolset is not None and toolset.choice != "none" else None
         try:
-            prompt = self._formatter(messages=messages).prompt
+            prompt = self._formatter(messages=template_messages(messages), tools=tools).prompt
         except Exception as exc:  # jinja raises for roles the template does not accept
             raise InvalidRequestError(f"cannot format messages with the model's chat template: {exc}") from exc
         return self._model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
@@ -337,24 +363,57 @@ class LlamaCppEngine(Engine):
             self._apply_evictions(self._index.insert(np.asarray(s.tokens, dtype=np.int32), slot))
         return out
 
-    def _prefill_sync(self, messages: list[Message]) -> Prefill:
+    def _prefill_sync(self, messages: list[Message], toolset: ToolSet | None = None) -> Prefill:
         t0 = time.perf_counter()
-        tokens = self.tokenize_messages(messages)
+        tokens = self.tokenize_messages(messages, toolset)
         _, logits, reused = self._eval_prompt(tokens)
         return Prefill(logits=logits, prompt_tokens=len(tokens), cached_tokens=reused,
                        latency_s=time.perf_counter() - t0)
 
     def _start(self, messages: list[Message], max_tokens: int, stop: list[str],
-               on_text: Callable[[str], None] | None) -> _Decoding:
+               on_text: Callable[[str], None] | None, toolset: ToolSet | None = None) -> _Decoding:
         """Evaluate the prompt into a slot and claim it for this generation."""
         t0 = time.perf_counter()
-        tokens = self.tokenize_messages(messages)
+        tokens = self.tokenize_messages(messages, toolset)
+        grammar = None
+        if toolset is not None and toolset.choice in ("required", "function"):
+            grammar = self._grammar_sampler(toolset, opened=False)  # the answer must be a call
         max_tokens = max(0, min(max_tokens, self.n_ctx - len(tokens)))
         slot, logits, reused = self._eval_prompt(tokens, reserve=max_tokens)
         self._slots[slot].busy = True
         pinned = self._index.lock(np.asarray(tokens, dtype=np.int32))
         return _Decoding(slot=slot, logits=logits, max_tokens=max_tokens, stop=stop, on_text=on_text, t0=t0,
-                         prompt_tokens=len(tokens), reused=reused, pinned=pinned)
+                         prompt_tokens=len(tokens), reused=reused, pinned=pinned, toolset=toolset, grammar=grammar)
+
+    # --- tool calls: a grammar from the tools' schemas, switched on when a call starts ------------
+    def _grammar_sampler(self, toolset: ToolSet, opened: bool):
+        grammar = toolset.grammar(opened)
+        sampler = self._lib.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise InvalidRequestError("the tools' JSON Schemas could not be turned into a grammar")
+        return sampler
+
+    def _choose(self, d: _Decoding) -> int:
+        """The next token: greedy; under the tool-call grammar, greedy among the tokens it allows
+        (checked on the 64 likeliest first, the whole vocabulary only if none of those fits)."""
+        if d.grammar is None:
+            if d.toolset is not None and d.toolset.choice == "none" and self._open_token is not None:
+                logits = d.logits.copy()  # (the slot may keep these logits for an exact repeat)
+                logits[self._open_token] = -np.inf  # no call when the client said none
+                return int(np.argmax(logits))
+            return int(np.argmax(d.logits))
+        lib = self._lib
+        top = np.argpartition(d.logits, -64)[-64:]
+        for ids in (top[np.argsort(-d.logits[top])], np.argsort(-d.logits)):
+            cand = np.zeros(len(ids), dtype=_TOKEN_DATA)
+            cand["id"], cand["logit"] = ids, d.logits[ids]
+            arr = lib.llama_token_data_array(data=cand.ctypes.data_as(lib.llama_token_data_p), size=len(ids),
+                                             selected=-1, sorted=True)
+            lib.llama_sampler_apply(d.grammar, ctypes.byref(arr))
+            allowed = np.flatnonzero(np.isfinite(cand["logit"]))
+            if len(allowed):
+                return int(cand["id"][allowed[0]])
+        raise HeraError("the tool-call grammar allows no token")
 
     def _step(self, d: _Decoding) -> bool:
         """Decode up to `decode_chunk` tokens of `d` (all of it when 0); True once it is done."""
@@ -365,7 +424,7 @@ class LlamaCppEngine(Engine):
             if len(d.out) >= d.max_tokens:
                 d.done = True
                 break
-            token = int(np.argmax(d.logits))  # greedy: outputs are reproducible and cacheable
+            token = self._choose(d)  # greedy (under the tool-call grammar, if one is on): reproducible, cacheable
             if d.ttft is None:
                 d.ttft = time.perf_counter() - d.t0
             if self._lib.llama_vocab_is_eog(self._vocab, token):
@@ -373,14 +432,19 @@ class LlamaCppEngine(Engine):
                 break
             d.out.append(token)
             d.logprobs.append(_logprob(d.logits, token))  # the draft checks' token-level confidence
+            if d.grammar is not None:
+                self._lib.llama_sampler_accept(d.grammar, token)
+            elif d.toolset is not None and d.toolset.choice == "auto" and token == self._open_token:
+                d.grammar = self._grammar_sampler(d.toolset, opened=True)  # the model chose to call a tool
             d.text = self.detokenize(d.out)
-            hits = [d.text.index(x) for x in d.stop if x in d.text]
-            if hits:
+            content = _content(d)
+            hits = [content.index(x) for x in d.stop if x in content]
+            if hits and len(content) == len(d.text):
                 d.text, d.finish, d.done = d.text[: min(hits)], "stop", True
                 break
-            if d.on_text is not None and len(d.text) - holdback > d.sent:
-                d.on_text(d.text[d.sent: len(d.text) - holdback])
-                d.sent = len(d.text) - holdback
+            if d.on_text is not None and len(content) - holdback > d.sent:
+                d.on_text(content[d.sent: len(content) - holdback])
+                d.sent = len(content) - holdback
             if len(d.out) == d.max_tokens:
                 d.done = True
                 break
@@ -394,15 +458,19 @@ class LlamaCppEngine(Engine):
 
     def _finish(self, d: _Decoding) -> None:
         """Flush the text held back, then hand the slot back."""
-        if d.on_text is not None and len(d.text) > d.sent:
-            d.on_text(d.text[d.sent:])
-            d.sent = len(d.text)
+        content = _content(d)
+        if d.on_text is not None and len(content) > d.sent:
+            d.on_text(content[d.sent:])
+            d.sent = len(content)
         self._release(d)
 
     def _release(self, d: _Decoding) -> None:
         """Unpin the prompt, free the slot and index what it now holds (prompt + decoded tokens).
         Once per generation: a late second call must not free a slot another one claimed since."""
         s = self._slots[d.slot]
+        if d.grammar is not None:
+            self._lib.llama_sampler_free(d.grammar)
+            d.grammar = None
         if not d.released:
             d.released, s.busy = True, False
             self._index.release(np.asarray(s.tokens[: d.prompt_tokens], dtype=np.int32), d.pinned)
@@ -411,10 +479,14 @@ class LlamaCppEngine(Engine):
 
     def _generation(self, d: _Decoding) -> Generation:
         latency = time.perf_counter() - d.t0
-        return Generation(text=d.text, prompt_tokens=d.prompt_tokens, completion_tokens=len(d.out),
+        text, calls, errors, finish = d.text, [], [], d.finish
+        if d.toolset is not None:
+            text, calls, errors = parse_calls(d.text, d.toolset)
+            finish = "tool_calls" if calls and not errors else finish
+        return Generation(text=text, prompt_tokens=d.prompt_tokens, completion_tokens=len(d.out),
                           latency_s=latency, ttft_s=d.ttft if d.ttft is not None else latency,
-                          finish_reason=d.finish, cached_tokens=d.reused, model=self.name,
-                          extra={"token_logprobs": d.logprobs})
+                          finish_reason=finish, cached_tokens=d.reused, model=self.name,
+                          extra={"token_logprobs": d.logprobs}, tool_calls=calls, tool_errors=errors)
 
     # --- async interface ------------------------------------------------------------------------
     def _release_later(self, d: _Decoding) -> None:
@@ -444,8 +516,8 @@ class LlamaCppEngine(Engine):
             except _NoFreeSlot:
                 await asyncio.sleep(0.005)  # a chunk of some generation, at most, until one ends
 
-    async def prefill(self, messages: list[Message]) -> Prefill:
-        return await self._when_a_slot_is_free(self._prefill_sync, messages)
+    async def prefill(self, messages: list[Message], *, toolset: ToolSet | None = None) -> Prefill:
+        return await self._when_a_slot_is_free(self._prefill_sync, messages, toolset)
 
     async def score_continuation(self, messages: list[Message], text: str) -> list[float]:
         """Log-probability of each token of `text` as this model's answer to `messages`."""
@@ -453,9 +525,10 @@ class LlamaCppEngine(Engine):
 
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
                        stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
-                       **_: object) -> Generation:
+                       toolset: ToolSet | None = None, **_: object) -> Generation:
         """Greedy completion. `on_text`, if given, receives text deltas as they decode (called on
-        the event loop's thread, in order)."""
+        the event loop's thread, in order); with `toolset`, calls decode under its grammar and come
+        back parsed in `tool_calls` (their text is not streamed)."""
         if max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
         loop = asyncio.get_running_loop()
@@ -465,7 +538,7 @@ class LlamaCppEngine(Engine):
 
         # Cancelled while its start runs: the slot that start claims is handed back once it has.
         d = await self._when_a_slot_is_free(self._start, messages, max_tokens, list(stop or []),
-                                            callback if on_text is not None else None,
+                                            callback if on_text is not None else None, toolset,
                                             if_abandoned=self._release_later)
         try:
             while not await self._on_engine(self._step, d):

@@ -24,6 +24,7 @@ import numpy as np
 from hera_core.config import PriceSettings
 from hera_core.routing.budget import Budget
 from hera_core.backends.base import Engine, Generation, Message, Prefill
+from hera_core.backends.tools import ToolSet
 from hera_core.errors import BudgetExceededError, CloudError, CloudRequestError, ContextOverflowError, InvalidRequestError
 from hera_core.native.features import logit_features
 from hera_core.routing.ledger import Ledger, LedgerRow
@@ -84,9 +85,10 @@ class Runtime:
         # A step unlike the predictor's training tasks: "cloud", "draft" (the checks alone decide) or "trust".
         self.unfamiliar = unfamiliar
 
-    async def score(self, messages: list[Message], step: int) -> "Score":
-        """SLM prefill + features + predictor for one subtask."""
-        pre = await self.local.prefill(messages)
+    async def score(self, messages: list[Message], step: int, toolset: ToolSet | None = None) -> "Score":
+        """SLM prefill + features + predictor for one subtask (the prompt as the local answer
+        would continue it: with the offered tools rendered)."""
+        pre = await self.local.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
         X = feature_matrix(logit_features(pre.logits[None, :]),
                            [structure_features(step, pre.prompt_tokens, messages)])
         p = float(self.predictor.predict(X)[0])
@@ -98,14 +100,26 @@ class Runtime:
         fam = self.predictor.familiarity
         return self.unfamiliar != "trust" and fam is not None and not fam.familiar(messages)
 
-    async def _draft_and_check(self, messages, prefill_row, max_tokens, stop, checks_only: bool = False):
+    async def _local_generate(self, messages, max_tokens, stop, on_text, toolset: ToolSet | None) -> Generation:
+        """The SLM's answer. With tools offered it is not streamed while it decodes: a call that
+        turns out invalid must be escalable without the client having seen any of it."""
+        if toolset is None:
+            return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
+        gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset)
+        return gen
+
+    async def _draft_and_check(self, messages, prefill_row, max_tokens, stop, checks_only: bool = False,
+                               toolset: ToolSet | None = None):
         """The SLM's draft of the step (decoding on from the prefill that scored it) and its checks:
-        (draft, check, keep?). `checks_only`: the checks decide, not the draft stage."""
-        draft = await self.local.generate(messages, max_tokens=max_tokens, stop=stop)
+        (draft, check, keep?). `checks_only`: the checks decide, not the draft stage. A draft
+        with an invalid tool call is never kept; one with valid calls only is kept on its calls."""
+        draft = await self._local_generate(messages, max_tokens, stop, None, toolset)
         check = await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
                                         token_logprobs=draft.extra.get("token_logprobs"),
                                         timeout_s=self.draft_check_timeout_s)
         keep = check.passed if checks_only else self.predictor.keep_draft(prefill_row, check)[0]
+        if toolset is not None:
+            keep = not draft.tool_errors and (bool(draft.tool_calls) or keep)
         return draft, check, keep
 
     async def complete(self, messages: list[Message], *, session: str, step: int | None = None,
@@ -113,11 +127,15 @@ class Runtime:
                        override: Override = Override.AUTO, run: str | None = None,
                        local_can_serve: bool = True, on_text: Callable[[str], None] | None = None,
                        cloud_extra: dict[str, Any] | None = None, threshold: float | None = None,
-                       on_decision: Callable[[Decision], Awaitable[None]] | None = None) -> SubtaskResult:
+                       on_decision: Callable[[Decision], Awaitable[None]] | None = None,
+                       toolset: ToolSet | None = None) -> SubtaskResult:
         """Route and run one subtask, book it, return the answer with its route and cost.
 
-        local_can_serve=False (tools, images) sends the step to the cloud; a prompt longer than the
+        local_can_serve=False (images) sends the step to the cloud; a prompt longer than the
         SLM's window does too. `cloud_extra` holds request fields only the cloud understands.
+        `toolset` offers tools (both routes); a local answer whose tool call is not valid for
+        them is never returned: the step is escalated to the cloud (reason `invalid-tool-call`),
+        or, where it may not leave the device, answered without the call (`tool-call-dropped`).
         `on_text` receives the answer's text deltas as they are produced (streaming);
         `on_decision` is awaited once the route is known, before generation (response headers).
         `threshold` replaces kappa(step) for this call.
@@ -126,10 +144,10 @@ class Runtime:
         max_tokens = max_tokens or self.max_tokens
         t0 = time.perf_counter()
         fixed_threshold, p_local, threshold, prefill_row = threshold, None, None, None
-        why_not_local = None if local_can_serve else "the request needs the cloud (tools or non-text content)"
+        why_not_local = None if local_can_serve else "the request needs the cloud (non-text content)"
         if override is not Override.CLOUD_ONLY and why_not_local is None:
             try:
-                scored = await self.score(messages, step)
+                scored = await self.score(messages, step, toolset)
                 p_local, threshold, prefill_row = scored.p_local, scored.threshold, scored.features
                 threshold = fixed_threshold if fixed_threshold is not None else threshold
             except ContextOverflowError as exc:
@@ -148,7 +166,7 @@ class Runtime:
                 unfamiliar or (band > 0 and abs(p_local - threshold) < band)):
             try:
                 draft, check, keep = await self._draft_and_check(messages, prefill_row, max_tokens, stop,
-                                                                 checks_only=unfamiliar)
+                                                                 checks_only=unfamiliar, toolset=toolset)
             except asyncio.CancelledError:
                 self._record_cancelled(run, session, step, Decision(Route.LOCAL, "drafting", p_local, threshold),
                                        time.perf_counter() - t0)
@@ -166,12 +184,31 @@ class Runtime:
                 else:
                     raise BudgetExceededError(f"the {exceeded} cloud budget is spent; the step was refused "
                                               "(raise the cap, or set budget_action = 'local')")
-        if on_decision is not None:
+        # A local answer with tools offered is announced once its calls are known to be valid.
+        announce_later = toolset is not None and decision.route is Route.LOCAL and draft is None
+        if on_decision is not None and not announce_later:
             await on_decision(decision)
         try:
             attempts: list[tuple[str, float]] = []
+            gen = None
+            if decision.route is Route.LOCAL:
+                gen = draft if draft is not None else \
+                    await self._local_generate(messages, max_tokens, stop, on_text, toolset)  # a kept draft: no second decode
+                if gen.tool_errors:  # the SLM's tool call is not valid: never returned as one
+                    if override is Override.LOCAL_ONLY or why_not_local is not None or \
+                            (self.budget is not None and self.budget.exceeded(session) is not None):
+                        decision = Decision(Route.LOCAL, "tool-call-dropped", p_local, threshold)
+                    else:
+                        draft_s, gen = time.perf_counter() - t0, None
+                        decision = Decision(Route.CLOUD, "invalid-tool-call", p_local, threshold)
+                if announce_later and on_decision is not None:
+                    await on_decision(decision)
+                if gen is not None and (draft is not None or toolset is not None) and on_text is not None and gen.text:
+                    on_text(gen.text)  # held back while it was decided
             if decision.route is Route.CLOUD:
-                kwargs = {"extra": cloud_extra} if cloud_extra else {}
+                kwargs: dict[str, Any] = {"extra": cloud_extra} if cloud_extra else {}
+                if toolset is not None:
+                    kwargs["toolset"] = toolset
                 streamed: list[str] = []
                 relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
                 try:
@@ -183,15 +220,14 @@ class Runtime:
                     if not can_fall_back:
                         raise
                     decision = Decision(Route.LOCAL, "fallback-local", p_local, threshold)
+                    gen = await self._local_generate(messages, max_tokens, stop, on_text, toolset)
+                    if gen.tool_errors:
+                        decision = Decision(Route.LOCAL, "tool-call-dropped", p_local, threshold)
+                    if toolset is not None and on_text is not None and gen.text:
+                        on_text(gen.text)
                 else:
                     attempts = gen.extra.get("attempts", [])
             if decision.route is Route.LOCAL:
-                if draft is not None:  # the kept draft is the answer: no second decode
-                    gen = draft
-                    if on_text is not None and gen.text:
-                        on_text(gen.text)
-                else:
-                    gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
                 elapsed = time.perf_counter() - t0  # scoring prefill included: it is the local prefill
                 cost = self.prices.local_cost(elapsed)
                 cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)

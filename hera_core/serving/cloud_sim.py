@@ -12,6 +12,7 @@ import logging
 from aiohttp import web
 
 from hera_core.backends.base import Engine
+from hera_core.backends.tools import ToolSet
 from hera_core.errors import HeraError
 from hera_core.serving.openai_api import completion_chunks, completion_response, error_body, error_from_exception, parse_request
 
@@ -27,20 +28,23 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         return web.json_response(error_body("body is not valid JSON", "invalid_request_error"), status=400)
     try:
         req = parse_request(payload)
-        gen = await engine.generate(req.plain_messages(), max_tokens=req.token_limit(512), stop=req.stop_list())
+        toolset = ToolSet.parse(payload.get("tools"), payload.get("tool_choice"), payload.get("parallel_tool_calls"))
+        gen = await engine.generate(req.plain_messages(), max_tokens=req.token_limit(512), stop=req.stop_list(),
+                                    **({"toolset": toolset} if toolset is not None else {}))
     except HeraError as exc:
         status, body = error_from_exception(exc)
         return web.json_response(body, status=status)
     if req.stream:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for chunk in completion_chunks(model=engine.name, text=gen.text, finish_reason=gen.finish_reason):
+        for chunk in completion_chunks(model=engine.name, text=gen.text, finish_reason=gen.finish_reason,
+                                       tool_calls=gen.tool_calls):
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         return resp
     return web.json_response(completion_response(
         model=engine.name, text=gen.text, prompt_tokens=gen.prompt_tokens,
-        completion_tokens=gen.completion_tokens, finish_reason=gen.finish_reason))
+        completion_tokens=gen.completion_tokens, finish_reason=gen.finish_reason, tool_calls=gen.tool_calls))
 
 
 async def _models(request: web.Request) -> web.Response:

@@ -78,15 +78,21 @@ def error_from_exception(exc: HeraError) -> tuple[int, dict]:
 
 def completion_response(*, model: str, text: str, prompt_tokens: int, completion_tokens: int,
                         finish_reason: str, extra: dict[str, Any] | None = None, id: str | None = None,
-                        message_fields: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A chat.completion body; `message_fields` adds to the message (tool_calls from the cloud)."""
+                        message_fields: dict[str, Any] | None = None,
+                        tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A chat.completion body; `message_fields` adds to the message (fields a cloud answered with);
+    with `tool_calls`, content is null when there is no text, and finish_reason is tool_calls."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, **(message_fields or {})}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+        message["content"] = text if text.strip() else None
+        finish_reason = "tool_calls"
     body = {
         "id": id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, **(message_fields or {})},
-                     "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
@@ -95,13 +101,27 @@ def completion_response(*, model: str, text: str, prompt_tokens: int, completion
     return body
 
 
-def completion_chunks(*, model: str, text: str, finish_reason: str) -> list[dict[str, Any]]:
-    """A finished completion as OpenAI stream chunks (role, content, finish)."""
+def tool_call_deltas(tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stream deltas of finished tool calls, as OpenAI sends them: per call, one delta with its index,
+    id, type and name (arguments empty), then its arguments (the SDKs concatenate by index)."""
+    out = []
+    for i, call in enumerate(tool_calls):
+        fn = call["function"]
+        out.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                    "function": {"name": fn["name"], "arguments": ""}}]})
+        out.append({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]})
+    return out
+
+
+def completion_chunks(*, model: str, text: str, finish_reason: str,
+                      tool_calls: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """A finished completion as OpenAI stream chunks (role, content, tool calls, finish)."""
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def chunk(delta: dict, finish: str | None) -> dict:
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
-    return [chunk({"role": "assistant", "content": ""}, None), chunk({"content": text}, None),
-            chunk({}, finish_reason)]
+    return [chunk({"role": "assistant", "content": ""}, None), *([chunk({"content": text}, None)] if text else []),
+            *(chunk(d, None) for d in tool_call_deltas(tool_calls or [])),
+            chunk({}, "tool_calls" if tool_calls else finish_reason)]

@@ -26,9 +26,10 @@ from hera_core.config import HeraSettings
 from hera_core.errors import HeraError, InvalidRequestError
 from hera_core.serving.metrics import Metrics
 from hera_core.serving.openai_api import (ChatCompletionRequest, completion_response, error_body, error_from_exception,
+                                          tool_call_deltas,
                          parse_request)
 from hera_core.routing.policy import Decision, Override, Route
-from hera_core.routing.runtime import Runtime, step_index
+from hera_core.routing.runtime import Runtime, ToolSet, step_index
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ METRICS = web.AppKey("metrics", object)
 
 # Request fields HERA handles itself; everything else is passed to the cloud untouched.
 _OWN_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stop", "stream",
-               "stream_options", "n", "user"}
+               "stream_options", "n", "user", "tools", "tool_choice", "parallel_tool_calls"}
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -186,8 +187,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = _text_messages(req)
     session = _session_of(request, messages)
     override = _override_of(request)
-    local_can_serve = not req.tools and not req.has_non_text_content() and \
-        not any(m.get("role") in ("tool", "function") or m.get("tool_calls") for m in messages)
+    toolset = ToolSet.parse(payload.get("tools"), payload.get("tool_choice"), payload.get("parallel_tool_calls"))
+    local_can_serve = not req.has_non_text_content()
     cloud_extra = {k: v for k, v in payload.items() if k not in _OWN_FIELDS}
     state = request.app[STATE]
     needs_slm = override is not Override.CLOUD_ONLY and local_can_serve
@@ -198,7 +199,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     t0 = time.perf_counter()
     kwargs = dict(session=session, step=step_index(messages), max_tokens=max_tokens, stop=req.stop_list(),
                   override=override, local_can_serve=local_can_serve, cloud_extra=cloud_extra or None,
-                  threshold=fixed_threshold)
+                  threshold=fixed_threshold, toolset=toolset)
     if needs_slm:
         state["slm_waiting"] += 1
     try:
@@ -220,11 +221,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     metrics.observe_cache(rt.cache_stats())
     if response is not None:
         return response
-    tool_fields = {k: v for k, v in (gen.extra.get("message") or {}).items() if k not in ("role", "content")}
+    message_fields = {k: v for k, v in (gen.extra.get("message") or {}).items()
+                      if k not in ("role", "content", "tool_calls")}
     body = completion_response(
         model=gen.model, text=gen.text, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-        finish_reason="tool_calls" if tool_fields.get("tool_calls") else gen.finish_reason,
-        id=f"chatcmpl-hera-{result.ledger_id}", message_fields=tool_fields,
+        finish_reason=gen.finish_reason, tool_calls=gen.tool_calls,
+        id=f"chatcmpl-hera-{result.ledger_id}", message_fields=message_fields,
         extra={"hera": {"route": route, "reason": result.decision.reason, "p_local": result.decision.p_local,
                         "threshold": result.decision.threshold, "step": result.step, "session": session,
                         "cost_usd": result.cost_usd, "cloud_cost_usd": result.cloud_cost_usd}})
@@ -286,9 +288,11 @@ async def _stream_routed(request: web.Request, rt: Runtime, messages, kwargs):
     queue.put_nowait(None)
     await writer_task
     gen = result.generation
+    for delta in tool_call_deltas(gen.tool_calls):
+        await response.write(chunk(delta))
     usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
              "total_tokens": gen.prompt_tokens + gen.completion_tokens}
-    await response.write(chunk({}, gen.finish_reason, usage=usage,
+    await response.write(chunk({}, "tool_calls" if gen.tool_calls else gen.finish_reason, usage=usage,
                                hera={"route": result.route.value, "cost_usd": result.cost_usd,
                                      "p_local": result.decision.p_local}))
     await response.write(b"data: [DONE]\n\n")
