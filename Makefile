@@ -63,8 +63,9 @@ build: $(VENV)/.native
 models: install
 	$(HERA) models ensure
 
+# SmolLM2 for the plumbing tests; Qwen2.5-Coder-0.5B (the SLM) for the tool-calling ones.
 models-test: install
-	$(HERA) models ensure smollm2-135m
+	$(HERA) models ensure smollm2-135m qwen2.5-coder-0.5b
 
 # The self-test: SmolLM2 decodes a few greedy tokens in a child process; a native crash or a wrong
 # answer is one line naming the fix, before anything else runs.

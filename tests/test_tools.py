@@ -137,7 +137,7 @@ def qwen_engine():
     try:
         path = model_path("qwen2.5-coder-0.5b")
     except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"needs qwen2.5-coder-0.5b ({exc})")
+        pytest.fail(f"{exc} (make test runs `hera models ensure qwen2.5-coder-0.5b`)")
     engine = LlamaCppEngine(path, name="qwen2.5-coder-0.5b", n_ctx=2048, n_slots=2, n_threads=1)
     yield engine
     run(engine.close())
