@@ -122,7 +122,7 @@ class LlamaCppEngine(Engine):
                  n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512,
                  n_slots: int = 8, block_size: int = 16, kv_budget_bytes: int | None = None,
                  kv_budget_tokens: int | None = None, kv_unified: bool = False, n_gpu_layers: int = -1,
-                 flash_attn: bool = True, decode_chunk: int = 8) -> None:
+                 flash_attn: bool = True, decode_chunk: int = 8, tool_grammar: bool = True) -> None:
         """n_ctx: the longest prompt + completion of one subtask, tokens (also each slot's size).
         n_slots: sequences kept in the KV cache at once. kv_budget_bytes: cap on the KV bytes the
         index keeps cached, counting a shared prefix block once (default: all slots' cells).
@@ -131,7 +131,8 @@ class LlamaCppEngine(Engine):
         engines only with the same setting. Even then llama.cpp's CPU kernels round differently
         for different batch splits, so a reused prefix can flip a near-tie (tests/test_kvcache.py).
         decode_chunk: tokens a generation decodes before other queued requests get the engine
-        (0: the whole generation at once)."""
+        (0: the whole generation at once). tool_grammar: decode tool calls under the grammar of the
+        tools' schemas (off only to measure what it buys: bench/test_tool_calls.py)."""
         import llama_cpp
         from llama_cpp import _internals as internals
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -170,6 +171,7 @@ class LlamaCppEngine(Engine):
         self.n_batch = n_batch
         self.n_vocab = self._model.n_vocab()
         self.decode_chunk = decode_chunk
+        self.tool_grammar = tool_grammar
 
         meta = self._model.metadata()
         template = meta.get("tokenizer.chat_template")
@@ -376,7 +378,7 @@ class LlamaCppEngine(Engine):
         t0 = time.perf_counter()
         tokens = self.tokenize_messages(messages, toolset)
         grammar = None
-        if toolset is not None and toolset.choice in ("required", "function"):
+        if toolset is not None and toolset.choice in ("required", "function") and self.tool_grammar:
             grammar = self._grammar_sampler(toolset, opened=False)  # the answer must be a call
         max_tokens = max(0, min(max_tokens, self.n_ctx - len(tokens)))
         slot, logits, reused = self._eval_prompt(tokens, reserve=max_tokens)
@@ -434,7 +436,7 @@ class LlamaCppEngine(Engine):
             d.logprobs.append(_logprob(d.logits, token))  # the draft checks' token-level confidence
             if d.grammar is not None:
                 self._lib.llama_sampler_accept(d.grammar, token)
-            elif d.toolset is not None and d.toolset.choice == "auto" and token == self._open_token:
+            elif d.toolset is not None and d.toolset.choice == "auto" and token == self._open_token and self.tool_grammar:
                 d.grammar = self._grammar_sampler(d.toolset, opened=True)  # the model chose to call a tool
             d.text = self.detokenize(d.out)
             content = _content(d)
