@@ -40,7 +40,7 @@ from hera_core.checks.drafts import check_draft
 from hera_core.config import PriceSettings
 from hera_core.backends.base import Engine, Message
 from hera_core.native.features import logit_features
-from hera_core.offline.harness import first_messages, run_task
+from hera_core.offline.harness import first_messages, generate_step, run_task, step_text, task_toolset
 from hera_core.routing.predictor import Kappa, Predictor, feature_matrix, structure_features
 from hera_core.offline.workloads import Task
 
@@ -64,6 +64,7 @@ class TaskResult:
     correct: float
     steps: list[StepRecord] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)  # the whole conversation, as the harness ran it
+    invalid_tool_calls: int = 0  # calls returned by a step that break their tool's schema (must stay 0)
 
 
 class Method(abc.ABC):
@@ -107,14 +108,14 @@ class Hera(Method):
         if self.unfamiliar != "trust" and ev.unfamiliar(messages):
             if self.unfamiliar == "cloud":
                 return "cloud"
-            return "local" if (await ev.draft_check(messages)).passed else "escalated"
-        row = await ev.feature_row(messages, step)
+            return "local" if (await ev.draft_check(messages, task)).passed else "escalated"
+        row = await ev.feature_row(messages, step, task)
         p = float(ev.predictor.predict(row)[0])
         kappa = ev.predictor.kappa(step) + self.offset
         stage = ev.predictor.draft if self.drafts else None
         if stage is None or abs(p - kappa) >= stage.band:
             return "local" if p >= kappa else "cloud"
-        keep, _ = ev.predictor.keep_draft(row, await ev.draft_check(messages))
+        keep, _ = ev.predictor.keep_draft(row, await ev.draft_check(messages, task))
         return "local" if keep else "escalated"
 
 
@@ -149,7 +150,7 @@ class QueryRouter(Method):
 
     async def route(self, task, step, messages, ev):
         if task.task_id not in self._decision:  # decided on the task's first step, kept for all
-            p = await ev.p_local(messages, 0)
+            p = await ev.p_local(messages, 0, task)
             self._decision[task.task_id] = "local" if p >= self.threshold else "cloud"
         return self._decision[task.task_id]
 
@@ -177,13 +178,15 @@ class Evaluator:
         self.slm, self.llm, self.predictor, self.cache, self.prices = slm, llm, predictor, cache, prices
         self.slm_name = slm_name
 
-    async def feature_row(self, messages: list[Message], step: int) -> np.ndarray:
-        """The predictor's input row [1, F] for this step, from the feature cache or a live prefill."""
+    async def feature_row(self, messages: list[Message], step: int, task: Task | None = None) -> np.ndarray:
+        """The predictor's input row [1, F] for this step, from the feature cache or a live prefill
+        (with the task's tools rendered, as the runtime prefills a tool step)."""
         feats = self.cache.get_features(self.slm_name, messages)
         if feats is None:
             if self.cache.read_only:
                 raise LookupError(f"feature cache miss for {self.slm_name} in offline mode; rerun without --offline")
-            pre = await self.slm.prefill(messages)
+            toolset = task_toolset(task) if task is not None else None
+            pre = await self.slm.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
             feats = {"logit": [float(x) for x in logit_features(pre.logits[None, :])[0]],
                      "prompt_tokens": pre.prompt_tokens}
             self.cache.put_features(self.slm_name, messages, feats)
@@ -194,13 +197,15 @@ class Evaluator:
         fam = self.predictor.familiarity
         return fam is not None and not fam.familiar(messages)
 
-    async def p_local(self, messages: list[Message], step: int) -> float:
-        return float(self.predictor.predict(await self.feature_row(messages, step))[0])
+    async def p_local(self, messages: list[Message], step: int, task: Task | None = None) -> float:
+        return float(self.predictor.predict(await self.feature_row(messages, step, task))[0])
 
-    async def draft_check(self, messages: list[Message]):
+    async def draft_check(self, messages: list[Message], task: Task | None = None):
         """The checks of the SLM's (cached, greedy) draft of this step; its token log-probabilities
         come from the feature cache, else from the SLM teacher-forced (cached for replays)."""
-        draft = await self.slm.generate(messages, max_tokens=MAX_TOKENS)
+        toolset = task_toolset(task) if task is not None else None
+        draft = await self.slm.generate(messages, max_tokens=MAX_TOKENS,
+                                        **({"toolset": toolset} if toolset is not None else {}))
         logprobs = draft.extra.get("token_logprobs")
         if logprobs is None:
             key = [*messages, {"role": "assistant", "content": draft.text}]
@@ -223,7 +228,7 @@ class Evaluator:
             if k < step:
                 return replies[k], "replay"
             engine = self.slm if k == step and route == "local" else self.llm
-            return (await engine.generate(msgs, max_tokens=MAX_TOKENS)).text, route
+            return await generate_step(engine, task, msgs, MAX_TOKENS), route
 
         return (await run_task(task, step_fn)).correct
 
@@ -236,14 +241,18 @@ class Evaluator:
             async def step_fn(messages, k, task=task, result=result):
                 route = await method.route(task, k, messages, self)
                 draft_s = 0.0
+                toolset = task_toolset(task)
+                kwargs = {"toolset": toolset} if toolset is not None else {}
                 if route == "escalated":  # the SLM drafted this step first: its time is part of the step
-                    draft_s = (await self.slm.generate(messages, max_tokens=MAX_TOKENS)).latency_s
+                    draft_s = (await self.slm.generate(messages, max_tokens=MAX_TOKENS, **kwargs)).latency_s
                     route = "cloud"
-                gen = await (self.slm if route == "local" else self.llm).generate(messages, max_tokens=MAX_TOKENS)
+                gen = await (self.slm if route == "local" else self.llm).generate(messages, max_tokens=MAX_TOKENS,
+                                                                                   **kwargs)
+                result.invalid_tool_calls += invalid_calls(gen, toolset)
                 all_cloud = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
                 result.steps.append(StepRecord(route, gen.latency_s + draft_s, all_cloud if route == "cloud" else 0.0,
                                                all_cloud, escalated=draft_s > 0, unfamiliar=self.unfamiliar(messages)))
-                return gen.text, route
+                return step_text(gen), route
 
             traj = await run_task(task, step_fn)
             result.correct, result.messages = traj.correct, traj.messages
@@ -251,6 +260,26 @@ class Evaluator:
             if progress is not None:
                 progress()
         return out
+
+
+def invalid_calls(gen, toolset) -> int:
+    """How many of a step's returned tool calls fail their schema, checked again here with
+    jsonschema, independently of the engine's own check (every one counts if no tool was offered)."""
+    import json
+
+    import jsonschema
+
+    bad = 0
+    for call in gen.tool_calls:
+        fn = call.get("function") or {}
+        schema = toolset.schemas.get(fn.get("name")) if toolset is not None else None
+        try:
+            if schema is None:
+                raise ValueError(fn.get("name"))
+            jsonschema.validate(json.loads(fn.get("arguments") or ""), schema)
+        except (ValueError, jsonschema.ValidationError):
+            bad += 1
+    return bad
 
 
 def query_cascade(slm: list[TaskResult], llm: list[TaskResult]) -> list[TaskResult]:
@@ -301,6 +330,7 @@ def summarize(results: list[TaskResult], all_llm_cloud_cost: float) -> dict[str,
             "mean_latency_s": float(np.mean([sum(s.latency_s for s in r.steps) for r in results])) if results else math.nan,
             "escalated_share": sum(s.escalated for s in steps) / max(1, len(steps)),
             "unfamiliar_share": sum(s.unfamiliar for s in steps) / max(1, len(steps)),
+            "invalid_tool_calls_returned": sum(r.invalid_tool_calls for r in results),
             "escalated_latency_s": float(np.mean([s.latency_s for s in steps if s.escalated]))
             if any(s.escalated for s in steps) else math.nan}
 
@@ -338,7 +368,7 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0, progress=
     all_llm_cost = sum(s.cloud_cost_usd for r in per_method["all_llm"] for s in r.steps)
     hera_share = summarize(per_method["hera"], all_llm_cost)["local_share"]
     per_method["random"] = await ev.run(RandomRouter(hera_share, seed), tasks, progress)
-    first = {task.task_id: await ev.p_local(first_messages(task), 0) for task in tasks}
+    first = {task.task_id: await ev.p_local(first_messages(task), 0, task) for task in tasks}
     counts = {r.task_id: len(r.steps) for r in per_method["all_llm"]}
     per_method["query_router"] = await ev.run(QueryRouter(query_threshold(first, counts, hera_share)), tasks, progress)
     hera_cost = sum(s.cloud_cost_usd for r in per_method["hera"] for s in r.steps)

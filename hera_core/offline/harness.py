@@ -7,18 +7,22 @@ By the task's kind:
 - code (HumanEval): step 0 writes the function; the harness runs the examples of the task's
   docstring against it (never the hidden tests) and, if one fails, asks for one fix.
 - choice (MMLU): step 0 reasons briefly about the options, step 1 answers with a letter.
+- tool (BFCL): one step with the task's functions offered as tools; its calls are the answer,
+  scored by BFCL's checker (none at all is right for the irrelevance category).
 The conversation grows step by step, so every step resends the whole prefix (what the KV cache
 reuses).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hera_core.backends.base import Engine, Message
+from hera_core.backends.base import Engine, Generation, Message
+from hera_core.backends.tools import CLOSE, OPEN, ToolSet, parse_calls
 from hera_core.checks.drafts import docstring_examples as examples_in
 from hera_core.checks.drafts import extract_answer, extract_code, run_examples
 from hera_core.checks.sandbox import run_python
@@ -54,6 +58,10 @@ CHOICE_FINAL = "Reply with only the letter of the correct option, as: ANSWER: <l
 
 def first_messages(task: Task) -> list[Message]:
     """The conversation a task starts from: the prompt of its first step."""
+    if task.kind == "tool":
+        from hera_core.offline.bfcl import SYSTEM as TOOL_SYSTEM
+
+        return [{"role": "system", "content": TOOL_SYSTEM}, *[dict(m) for m in task.entry["messages"]]]
     prompt = {"code": FUNCTION_PROMPT, "choice": CHOICE_PROMPT}.get(task.kind, CODE_PROMPT)
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt.format(question=task.question)}]
 
@@ -70,6 +78,31 @@ def check_examples(task: Task, code: str) -> tuple[bool, str]:
     return run_examples(humaneval_program(task.entry, code), docstring_examples(task))
 
 
+def task_toolset(task: Task) -> ToolSet | None:
+    """The tools a task's steps offer (tool tasks), else None."""
+    if task.kind != "tool":
+        return None
+    from hera_core.offline.bfcl import openai_tools
+
+    return ToolSet.parse(openai_tools(task.entry["functions"]))
+
+
+def step_text(gen: Generation) -> str:
+    """A step's answer as one text: its content, then its tool calls as `<tool_call>` blocks (the
+    form the harness keeps in the conversation and parses back)."""
+    blocks = [f"\n{OPEN}\n" + json.dumps({"name": c["function"]["name"],
+                                           "arguments": json.loads(c["function"]["arguments"])}) + f"\n{CLOSE}"
+              for c in gen.tool_calls]
+    return gen.text + "".join(blocks)
+
+
+async def generate_step(engine: Engine, task: Task, messages: list[Message], max_tokens: int) -> str:
+    """One step of `task` on `engine` (offering the task's tools, if any), as `step_text`."""
+    toolset = task_toolset(task)
+    kwargs = {"toolset": toolset} if toolset is not None else {}
+    return step_text(await engine.generate(messages, max_tokens=max_tokens, **kwargs))
+
+
 async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> Trajectory:
     traj = Trajectory(task, messages=first_messages(task))
 
@@ -79,6 +112,12 @@ async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> T
         traj.messages.append({"role": "assistant", "content": text})
         return text
 
+    if task.kind == "tool":
+        text = await step()
+        _, calls, errors = parse_calls(text, task_toolset(task))
+        traj.answer = json.dumps(calls)
+        traj.correct = 0.0 if errors else task.score(traj.answer)
+        return traj
     if task.kind == "choice":
         await step()
         traj.messages.append({"role": "user", "content": CHOICE_FINAL})
@@ -143,7 +182,10 @@ def direct_answer(text: str, kind: str) -> str | None:
 
 async def run_direct(task: Task, step_fn: StepFn) -> Trajectory:
     """Baseline: one direct call, to check the harness does not make a model worse. For code
-    tasks the one call is the harness's first step, scored as it is (no example check, no fix)."""
+    tasks the one call is the harness's first step, scored as it is (no example check, no fix);
+    a tool task is one call either way."""
+    if task.kind == "tool":
+        return await run_task(task, step_fn)
     if task.kind == "code":
         traj = Trajectory(task, messages=first_messages(task))
     else:
@@ -166,8 +208,8 @@ async def compare_with_direct(tasks: list[Task], models: dict[str, Engine], max_
     scores: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for task in tasks:
         for name, engine in models.items():
-            async def step(messages, k, engine=engine, name=name):
-                return (await engine.generate(messages, max_tokens=max_tokens)).text, name
+            async def step(messages, k, engine=engine, name=name, task=task):
+                return await generate_step(engine, task, messages, max_tokens), name
 
             scores[task.family][name]["harness"].append((await run_task(task, step)).correct)
             scores[task.family][name]["direct"].append((await run_direct(task, step)).correct)

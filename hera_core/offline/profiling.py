@@ -18,7 +18,7 @@ from typing import Any
 from hera_core.backends.base import Engine, Message
 from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, check_draft
 from hera_core.native.features import logit_features
-from hera_core.offline.harness import first_messages, run_task
+from hera_core.offline.harness import first_messages, generate_step, run_task, step_text, task_toolset
 from hera_core.routing.familiarity import opening_text
 from hera_core.routing.predictor import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, structure_features
 from hera_core.offline.workloads import Task, split_of
@@ -31,29 +31,32 @@ async def profile_task(task: Task, slm: Engine, llm: Engine, seed: int = 0) -> d
 
     async def llm_step(messages: list[Message], step: int):
         prefixes.append([dict(m) for m in messages])
-        return (await llm.generate(messages, max_tokens=MAX_TOKENS)).text, "cloud"
+        return await generate_step(llm, task, messages, MAX_TOKENS), "cloud"
 
     base = await run_task(task, llm_step)
     steps = []
     for k, messages in enumerate(prefixes):
-        pre = await slm.prefill(messages)
+        toolset = task_toolset(task)
+        pre = await slm.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
         feats = feature_matrix(logit_features(pre.logits[None, :]),
                                [structure_features(k, pre.prompt_tokens, messages)])[0]
-        slm_gen = await slm.generate(messages, max_tokens=MAX_TOKENS)
+        slm_gen = await slm.generate(messages, max_tokens=MAX_TOKENS,
+                                     **({"toolset": toolset} if toolset is not None else {}))
+        slm_text = step_text(slm_gen)
         logprobs = slm_gen.extra.get("token_logprobs")
         if logprobs is None:  # a completion cached before the engine recorded them: score it
             logprobs = await slm.score_continuation(messages, slm_gen.text)
-        check = check_draft(messages, slm_gen.text, completion_tokens=slm_gen.completion_tokens,
+        check = check_draft(messages, slm_text, completion_tokens=slm_gen.completion_tokens,
                             token_logprobs=logprobs)
 
         async def substituted(msgs: list[Message], step: int, k=k):
             engine = slm if step == k else llm
-            return (await engine.generate(msgs, max_tokens=MAX_TOKENS)).text, "local" if step == k else "cloud"
+            return await generate_step(engine, task, msgs, MAX_TOKENS), "local" if step == k else "cloud"
 
         sub = await run_task(task, substituted)
         steps.append({
             "step": k, "features": [float(x) for x in feats], "prompt_tokens": pre.prompt_tokens,
-            "llm_text": base.messages[len(messages)]["content"], "slm_text": slm_gen.text,
+            "llm_text": base.messages[len(messages)]["content"], "slm_text": slm_text,
             "slm_completion_tokens": slm_gen.completion_tokens,
             "slm_token_logprobs": [round(float(x), 4) for x in logprobs],
             "draft_features": [float(x) for x in check.features], "draft_feature_names": list(DRAFT_FEATURE_NAMES),

