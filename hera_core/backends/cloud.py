@@ -277,6 +277,11 @@ class CloudEngine(Engine):
                           ttft_s=ttft if ttft is not None else latency, finish_reason=finish, model=self.name,
                           extra={"attempts": [("ok", latency)]}, tool_calls=[calls[i] for i in sorted(calls)])
 
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
 
 def _checked(gen: Generation, toolset: ToolSet | None) -> Generation:
     """Keep only the upstream's tool calls that are valid for the offered tools."""
@@ -289,11 +294,6 @@ def _checked(gen: Generation, toolset: ToolSet | None) -> Generation:
     if gen.tool_errors and not gen.tool_calls and gen.finish_reason == "tool_calls":
         gen.finish_reason = "stop"
     return gen
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 def _parse_retry_after(value: str | None) -> float | None:
