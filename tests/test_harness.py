@@ -163,11 +163,14 @@ def test_user_tasks_from_jsonl(tmp_path):
 
 
 def test_compare_with_direct_scores_both_ways_per_family_and_model():
-    from types import SimpleNamespace
-
+    from hera_core.backends.base import Generation
     from hera_core.offline.harness import compare_with_direct
 
     tasks = make_tasks(["basic_arithmetic", "mmlu"], per_family=1, seed=0, split="val")
+
+    def SimpleNamespace(text):  # a scripted answer, as an engine returns it
+        return Generation(text=text, prompt_tokens=1, completion_tokens=1, latency_s=0.0, ttft_s=0.0,
+                          finish_reason="stop")
 
     class Scripted:  # answers right through the harness, wrong when asked directly
         async def generate(self, messages, max_tokens):

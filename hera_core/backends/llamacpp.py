@@ -90,7 +90,7 @@ class _NoFreeSlot(Exception):
     """Every slot is generating; the request waits for one (engine-internal)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Decoding:
     """A generation in progress, decoded a chunk at a time on the engine thread."""
 
@@ -111,6 +111,7 @@ class _Decoding:
     ttft: float | None = None
     done: bool = False
     released: bool = False  # the slot has been handed back
+    cancelled: bool = False  # its caller went away: drop it from the shared decode loop
     toolset: ToolSet | None = None
     grammar: object = None  # llama.cpp grammar sampler, active while a tool call is decoded
 
@@ -122,7 +123,8 @@ class LlamaCppEngine(Engine):
                  n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512,
                  n_slots: int = 8, block_size: int = 16, kv_budget_bytes: int | None = None,
                  kv_budget_tokens: int | None = None, kv_unified: bool = False, n_gpu_layers: int = -1,
-                 flash_attn: bool = True, decode_chunk: int = 8, tool_grammar: bool = True) -> None:
+                 flash_attn: bool = True, decode_chunk: int = 8, tool_grammar: bool = True,
+                 batching: bool = True) -> None:
         """n_ctx: the longest prompt + completion of one subtask, tokens (also each slot's size).
         n_slots: sequences kept in the KV cache at once. kv_budget_bytes: cap on the KV bytes the
         index keeps cached, counting a shared prefix block once (default: all slots' cells).
@@ -131,7 +133,9 @@ class LlamaCppEngine(Engine):
         engines only with the same setting. Even then llama.cpp's CPU kernels round differently
         for different batch splits, so a reused prefix can flip a near-tie (tests/test_kvcache.py).
         decode_chunk: tokens a generation decodes before other queued requests get the engine
-        (0: the whole generation at once). tool_grammar: decode tool calls under the grammar of the
+        (0: the whole generation at once). batching: concurrent generations share each llama_decode
+        (one token of every active sequence per call); False decodes one sequence per call, in
+        turns of `decode_chunk` tokens (the engine before continuous batching). tool_grammar: decode tool calls under the grammar of the
         tools' schemas (off only to measure what it buys: bench/test_tool_calls.py)."""
         import llama_cpp
         from llama_cpp import _internals as internals
@@ -172,6 +176,9 @@ class LlamaCppEngine(Engine):
         self.n_vocab = self._model.n_vocab()
         self.decode_chunk = decode_chunk
         self.tool_grammar = tool_grammar
+        self.batching = batching
+        self._active: list[tuple[_Decoding, asyncio.Future]] = []  # generations in the shared decode loop
+        self._decoder: asyncio.Task | None = None
 
         meta = self._model.metadata()
         template = meta.get("tokenizer.chat_template")
@@ -199,7 +206,8 @@ class LlamaCppEngine(Engine):
         self._clock = 0
         # One worker thread: a llama.cpp context is not thread-safe, and calls queue in order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hera-{self.name}")
-        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "seq_copies": 0}
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "seq_copies": 0,
+                      "decode_steps": 0, "batched_sequences": 0}  # generation decodes; sequences in them
 
     # --- tokens -------------------------------------------------------------------------------
     def tokenize_messages(self, messages: list[Message], toolset: ToolSet | None = None) -> list[int]:
@@ -417,46 +425,83 @@ class LlamaCppEngine(Engine):
                 return int(cand["id"][allowed[0]])
         raise HeraError("the tool-call grammar allows no token")
 
-    def _step(self, d: _Decoding) -> bool:
-        """Decode up to `decode_chunk` tokens of `d` (all of it when 0); True once it is done."""
-        s = self._slots[d.slot]
+    def _advance(self, d: _Decoding) -> int | None:
+        """Pick `d`'s next token from its current logits and account for it (text, stop strings,
+        streaming, the tool-call grammar). Returns the token to evaluate next, or None once `d`
+        is done (end of generation, a stop string, max_tokens)."""
+        if len(d.out) >= d.max_tokens:
+            d.done = True
+            return None
+        token = self._choose(d)  # greedy (under the tool-call grammar, if one is on): reproducible, cacheable
+        if d.ttft is None:
+            d.ttft = time.perf_counter() - d.t0
+        if self._lib.llama_vocab_is_eog(self._vocab, token):
+            d.finish, d.done = "stop", True
+            return None
+        d.out.append(token)
+        d.logprobs.append(_logprob(d.logits, token))  # the draft checks' token-level confidence
+        if d.grammar is not None:
+            self._lib.llama_sampler_accept(d.grammar, token)
+        elif d.toolset is not None and d.toolset.choice == "auto" and token == self._open_token and self.tool_grammar:
+            d.grammar = self._grammar_sampler(d.toolset, opened=True)  # the model chose to call a tool
+        d.text = self.detokenize(d.out)
+        content = _content(d)
+        hits = [content.index(x) for x in d.stop if x in content]
+        if hits and len(content) == len(d.text):
+            d.text, d.finish, d.done = d.text[: min(hits)], "stop", True
+            return None
         holdback = max((len(x) for x in d.stop), default=1) - 1  # what could still become a stop string
-        budget = self.decode_chunk or d.max_tokens
-        while not d.done and budget > 0:
-            if len(d.out) >= d.max_tokens:
-                d.done = True
+        if d.on_text is not None and len(content) - holdback > d.sent:
+            d.on_text(content[d.sent: len(content) - holdback])
+            d.sent = len(content) - holdback
+        if len(d.out) == d.max_tokens:
+            d.done = True
+            return None
+        return token
+
+    def _step(self, d: _Decoding) -> bool:
+        """Decode up to `decode_chunk` tokens of `d` alone (all of it when 0); True once it is done."""
+        return self._step_batch([d], self.decode_chunk or d.max_tokens)
+
+    def _step_batch(self, ds: list[_Decoding], steps: int) -> bool:
+        """Up to `steps` tokens of every generation in `ds`, each step one llama_decode over all of
+        them (one token per sequence, each at its own position of its own slot): decoding reads
+        the weights once for the whole batch. Finished ones are released. True once all are done."""
+        for _ in range(steps):
+            pending = [(d, tok) for d in ds if not d.done and (tok := self._advance(d)) is not None]
+            if not pending:
                 break
-            token = self._choose(d)  # greedy (under the tool-call grammar, if one is on): reproducible, cacheable
-            if d.ttft is None:
-                d.ttft = time.perf_counter() - d.t0
-            if self._lib.llama_vocab_is_eog(self._vocab, token):
-                d.finish, d.done = "stop", True
-                break
-            d.out.append(token)
-            d.logprobs.append(_logprob(d.logits, token))  # the draft checks' token-level confidence
-            if d.grammar is not None:
-                self._lib.llama_sampler_accept(d.grammar, token)
-            elif d.toolset is not None and d.toolset.choice == "auto" and token == self._open_token and self.tool_grammar:
-                d.grammar = self._grammar_sampler(d.toolset, opened=True)  # the model chose to call a tool
-            d.text = self.detokenize(d.out)
-            content = _content(d)
-            hits = [content.index(x) for x in d.stop if x in content]
-            if hits and len(content) == len(d.text):
-                d.text, d.finish, d.done = d.text[: min(hits)], "stop", True
-                break
-            if d.on_text is not None and len(content) - holdback > d.sent:
-                d.on_text(content[d.sent: len(content) - holdback])
-                d.sent = len(content) - holdback
-            if len(d.out) == d.max_tokens:
-                d.done = True
-                break
-            d.logits = self._decode([token], d.slot, len(s.tokens))
-            s.tokens.append(token)
-            s.logits = d.logits
-            budget -= 1
-        if d.done:
-            self._finish(d)
-        return d.done
+            self.stats["decode_steps"] += 1
+            self.stats["batched_sequences"] += len(pending)
+            rows = self._decode_many([(tok, d.slot, len(self._slots[d.slot].tokens)) for d, tok in pending])
+            for (d, tok), logits in zip(pending, rows):
+                s = self._slots[d.slot]
+                s.tokens.append(tok)
+                s.logits = d.logits = logits
+        for d in ds:
+            if d.done and not d.released:
+                self._finish(d)
+        return all(d.done for d in ds)
+
+    def _decode_many(self, items: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        """One llama_decode of (token, sequence, position) items, one token per sequence; the
+        logits after each. A single item is exactly `_decode` of one token."""
+        if len(items) == 1:
+            token, slot, pos = items[0]
+            return [self._decode([token], slot, pos)]
+        lib, batch, n = self._lib, self._batch, len(items)
+        batch.n_tokens = n
+        np.ctypeslib.as_array(batch.token, shape=(n,))[:] = [t for t, _, _ in items]
+        np.ctypeslib.as_array(batch.pos, shape=(n,))[:] = [p for _, _, p in items]
+        np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
+        np.ctypeslib.as_array(batch.logits, shape=(n,))[:] = 1
+        for j, (_, slot, _) in enumerate(items):
+            batch.seq_id[j][0] = slot
+        rc = lib.llama_decode(self._ctx.ctx, batch)
+        if rc != 0:
+            raise HeraError(f"llama_decode of {n} sequences failed with status {rc}; lower the number of sessions")
+        ptr = lib.llama_get_logits(self._ctx.ctx)
+        return list(np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy())
 
     def _finish(self, d: _Decoding) -> None:
         """Flush the text held back, then hand the slot back."""
@@ -542,6 +587,19 @@ class LlamaCppEngine(Engine):
         d = await self._when_a_slot_is_free(self._start, messages, max_tokens, list(stop or []),
                                             callback if on_text is not None else None, toolset,
                                             if_abandoned=self._release_later)
+        if self.batching:
+            done = loop.create_future()
+            self._active.append((d, done))
+            if self._decoder is None or self._decoder.done():
+                self._decoder = asyncio.create_task(self._decode_loop())
+            try:
+                await done
+            except asyncio.CancelledError:  # client gone: the loop drops it after the chunk in flight
+                d.cancelled = True
+                if self._decoder is None or self._decoder.done():
+                    self._release_later(d)
+                raise
+            return self._generation(d)
         try:
             while not await self._on_engine(self._step, d):
                 pass  # between chunks, requests queued meanwhile run
@@ -550,6 +608,37 @@ class LlamaCppEngine(Engine):
                 self._release_later(d)
             raise
         return self._generation(d)
+
+    async def _decode_loop(self) -> None:
+        """Continuous batching: while generations are active, decode a chunk of all of them in one
+        engine call after another. A generation that starts meanwhile joins at the next chunk, and
+        requests queued meanwhile (a scoring prefill) run between chunks."""
+        while self._active:
+            for d, _ in [e for e in self._active if e[0].cancelled]:
+                if not d.done:
+                    self._release_later(d)
+            self._active[:] = [e for e in self._active if not e[0].cancelled]
+            entries = list(self._active)
+            if not entries:
+                break
+            ds = [d for d, _ in entries]
+            try:
+                await self._on_engine(self._step_batch, ds, self.decode_chunk or max(d.max_tokens for d in ds))
+            except BaseException as exc:
+                for d, fut in entries:
+                    self._active.remove((d, fut))
+                    if not d.done:
+                        self._release_later(d)
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, Exception) else HeraError("the engine stopped"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for d, fut in entries:
+                if d.done:
+                    self._active.remove((d, fut))
+                    if not fut.done():
+                        fut.set_result(None)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -1,0 +1,192 @@
+"""Continuous batching: concurrent agent sessions on the local engine, against the same engine one
+sequence per decode and against llama.cpp's own server (`llama-server --parallel 8`, continuous
+batching), all on the same model, threads and cores, in one run.
+
+Each session: a ~300-token prompt of its own, then 128 greedy tokens (the prompt asks for a long
+count, so the answers run to the limit). Qwen2.5-Coder-0.5B-Instruct by default
+(HERA_BENCH_MODEL names another manifest model), HERA_BENCH_THREADS threads (default 2).
+
+The peer is built here from the llama.cpp sources vendored in the pinned llama-cpp-python source
+package (the same llama.cpp as the engine), with the CPU flags HERA builds its own llama.cpp
+with, into <cache_dir>/peers/; nothing of it is committed. Without a compiler, or without the
+source package, the peer's cases skip with the reason.
+
+extra_info: tokens_per_s (generated tokens of all sessions / wall time), ttft_p50_s, ttft_p99_s,
+generated_tokens, and `same_as_serial` (greedy outputs equal to one-sequence decoding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from hera_core.install.models import model_path
+
+MODEL = os.environ.get("HERA_BENCH_MODEL", "qwen2.5-coder-0.5b")
+THREADS = int(os.environ.get("HERA_BENCH_THREADS", "2"))
+TOKENS = 128
+N_CTX = 1024  # per session: the prompt and the answer
+LLAMA_CPP_PYTHON = "0.3.36"  # pinned in pyproject.toml: the peer is built from the same llama.cpp
+NOTES = ("agent tool plan step value result check list table file query answer model token cache route "
+         "ledger budget edge cloud device session prefix batch decode").split()
+_serial_outputs: dict[int, list[str]] = {}
+
+
+def session_prompt(i: int) -> list[dict]:
+    words = " ".join(NOTES[(i * 7 + k) % len(NOTES)] for k in range(230))  # ~300 tokens with the template
+    return [{"role": "system", "content": f"You are session {i}. Notes: {words}"},
+            {"role": "user", "content": f"Count from {i * 100 + 1} upwards, one number per line, and do not stop."}]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def run_engine(sessions: int, batching: bool) -> dict:
+    from hera_core.backends.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(model_path(MODEL), name=MODEL, n_ctx=N_CTX, n_slots=max(sessions, 1), n_threads=THREADS,
+                            batching=batching)
+
+    async def one(i: int):
+        t0, first = time.perf_counter(), []
+        gen = await engine.generate(session_prompt(i), max_tokens=TOKENS,
+                                    on_text=lambda d: first or first.append(time.perf_counter() - t0))
+        return gen, first[0] if first else gen.latency_s
+
+    async def go():
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[one(i) for i in range(sessions)])
+        wall = time.perf_counter() - t0
+        await engine.close()
+        return results, wall
+
+    results, wall = asyncio.run(go())
+    texts = [g.text for g, _ in results]
+    generated = sum(g.completion_tokens for g, _ in results)
+    ttfts = [t for _, t in results]
+    out = {"tokens_per_s": generated / wall, "ttft_p50_s": statistics.median(ttfts),
+           "ttft_p99_s": percentile(ttfts, 0.99), "generated_tokens": generated, "wall_s": wall}
+    if not batching:
+        _serial_outputs[sessions] = texts
+    elif sessions in _serial_outputs:
+        out["same_as_serial"] = sum(a == b for a, b in zip(texts, _serial_outputs[sessions])) / sessions
+    return out
+
+
+# --- the peer: llama.cpp's own server ------------------------------------------------------------
+def llama_server() -> Path:
+    """Build (once) llama-server from the llama.cpp vendored in llama-cpp-python's source package."""
+    from hera_core.config import load_settings
+    from hera_core.install.llama_build import cmake_args
+
+    out = load_settings().cache_dir / "peers" / f"llama-server-{LLAMA_CPP_PYTHON}"
+    if out.exists():
+        return out
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("the llama-server peer needs cmake and a C++ compiler")
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                              "-d", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if got.returncode != 0 or not sdists:
+            pytest.skip(f"cannot fetch the llama-cpp-python source package: {got.stderr.strip()[-200:]}")
+        with tarfile.open(sdists[0]) as tar:
+            tar.extractall(tmp, filter="data")
+        src = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+        build = Path(tmp) / "build"
+        flags = [a for a in cmake_args().split() if a.startswith("-D")]
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                        "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                        "-DBUILD_SHARED_LIBS=OFF", *flags], check=True, capture_output=True)
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                       check=True, capture_output=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build / "bin" / "llama-server", out)
+    return out
+
+
+def run_llama_server(sessions: int) -> dict:
+    import aiohttp
+
+    from hera_core.serving.assembly import free_port
+    from tests.processes import wait_for_http
+
+    binary = llama_server()
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "-m", str(model_path(MODEL)), "--port", str(port), "--host", "127.0.0.1",
+                             "--parallel", str(max(sessions, 1)), "-c", str(N_CTX * max(sessions, 1)),
+                             "--threads", str(THREADS), "--threads-batch", str(THREADS), "-fa", "on",
+                             "--cont-batching", "--no-webui"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=120)
+
+        async def one(http, i: int):
+            t0, first, n = time.perf_counter(), None, 0
+            body = {"messages": session_prompt(i), "max_tokens": TOKENS, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp:
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data:") or line == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(line[5:])
+                    if first is None and any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+                        first = time.perf_counter() - t0
+                    n = (chunk.get("usage") or {}).get("completion_tokens", n)
+            return n, first if first is not None else time.perf_counter() - t0
+
+        async def go():
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+                await one(http, 99)  # warm-up, as our engines are warmed by loading
+                t0 = time.perf_counter()
+                results = await asyncio.gather(*[one(http, i) for i in range(sessions)])
+                return results, time.perf_counter() - t0
+
+        results, wall = asyncio.run(go())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    generated = sum(n for n, _ in results)
+    ttfts = [t for _, t in results]
+    return {"tokens_per_s": generated / wall, "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p99_s": percentile(ttfts, 0.99), "generated_tokens": generated, "wall_s": wall}
+
+
+SESSIONS = [pytest.param(1, id="s1"), pytest.param(8, id="s8")]
+
+
+@pytest.fixture(autouse=True)
+def _model():
+    try:
+        model_path(MODEL)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("sessions", SESSIONS)
+def test_sessions_serial(benchmark, sessions):
+    benchmark.extra_info.update(benchmark.pedantic(run_engine, args=(sessions, False), rounds=1, iterations=1))
+
+
+@pytest.mark.parametrize("sessions", SESSIONS)
+def test_sessions_batched(benchmark, sessions):
+    benchmark.extra_info.update(benchmark.pedantic(run_engine, args=(sessions, True), rounds=1, iterations=1))
+
+
+@pytest.mark.parametrize("sessions", SESSIONS)
+def test_sessions_llama_server(benchmark, sessions):
+    benchmark.extra_info.update(benchmark.pedantic(run_llama_server, args=(sessions,), rounds=1, iterations=1))
