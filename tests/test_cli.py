@@ -68,3 +68,9 @@ def test_demo_json_reads_routes_and_costs_from_the_ledger(tmp_path, tiny_model_p
     assert n == out["subtasks"]
     assert db.execute("SELECT COUNT(*) FROM subtasks WHERE run=? AND route='local'",
                       (out["runs"]["all_cloud"],)).fetchone()[0] == 0
+
+
+def test_eval_offline_alone_replays_the_committed_run_or_says_where_it_is(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hera_core.cli", "eval", "--offline"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert "repository root" in one_line_error(proc)
