@@ -29,7 +29,11 @@ class ModelNotFoundError(HeraError):
     """A model file is not installed; the message names the package and command."""
 
 
-class ContextOverflowError(InvalidRequestError):
+class CannotServeLocallyError(InvalidRequestError):
+    """The local engine cannot serve this step (the runtime sends it to the cloud instead)."""
+
+
+class ContextOverflowError(CannotServeLocallyError):
     """The prompt does not fit the model's context window."""
 
 

@@ -294,9 +294,10 @@ class TensorRTLLMEngine(Engine):
         return row
 
     # --- Engine interface ----------------------------------------------------------------------
-    async def prefill(self, messages: list[Message]) -> Prefill:
+    async def prefill(self, messages: list[Message], *, toolset: object = None) -> Prefill:
         """The prompt's last-position logits as a host float32 [vocab] array (one row copied to
         the host if it arrived on the device). Batches for GPU scoring: prefill_batch_device."""
+        _no_tools(toolset)
         t0 = time.perf_counter()
         tokens, out, cached = await self._score_request(messages)
         row = self._last_position_logits(out).detach().to(device="cpu", dtype=self._torch.float32)
@@ -322,8 +323,9 @@ class TensorRTLLMEngine(Engine):
 
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
                        stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
-                       **_: object) -> Generation:
+                       toolset: object = None, **_: object) -> Generation:
         """Greedy completion; streamed to `on_text` (on the event loop's thread) when given."""
+        _no_tools(toolset)
         if max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
         if self._llm is None:
@@ -412,3 +414,11 @@ def _sampled_logprobs(completion: Any) -> list[float]:
         else:
             out.append(float(entry))
     return out
+
+
+def _no_tools(toolset: object) -> None:
+    """Tool calls need a grammar this engine does not apply yet: such steps go to the cloud."""
+    if toolset is not None:
+        from hera_core.errors import CannotServeLocallyError
+
+        raise CannotServeLocallyError("the TensorRT-LLM engine does not decode tool calls yet")

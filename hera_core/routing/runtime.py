@@ -25,7 +25,8 @@ from hera_core.config import PriceSettings
 from hera_core.routing.budget import Budget
 from hera_core.backends.base import Engine, Generation, Message, Prefill
 from hera_core.backends.tools import ToolSet
-from hera_core.errors import BudgetExceededError, CloudError, CloudRequestError, ContextOverflowError, InvalidRequestError
+from hera_core.errors import (BudgetExceededError, CannotServeLocallyError, CloudError, CloudRequestError,
+                               InvalidRequestError)
 from hera_core.native.features import logit_features
 from hera_core.routing.ledger import Ledger, LedgerRow
 from hera_core.routing.policy import Decision, Override, Route, decide
@@ -150,7 +151,7 @@ class Runtime:
                 scored = await self.score(messages, step, toolset)
                 p_local, threshold, prefill_row = scored.p_local, scored.threshold, scored.features
                 threshold = fixed_threshold if fixed_threshold is not None else threshold
-            except ContextOverflowError as exc:
+            except CannotServeLocallyError as exc:  # too long for its window, tools it cannot decode
                 why_not_local = str(exc)
         if override is Override.LOCAL_ONLY and why_not_local is not None:
             raise InvalidRequestError(f"local-only step cannot run on the SLM: {why_not_local}")
