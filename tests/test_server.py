@@ -130,6 +130,7 @@ def test_tool_steps_are_routed_like_any_other(client, server):
 
 @pytest.mark.parametrize("body,headers,status,fragment", [
     (b"{not json", {}, 400, "not valid JSON"),
+    ({"model": "hera", "messages": Q, "n": 3}, {}, 400, "one choice per request"),
     ({"model": "hera"}, {}, 400, "messages"),
     ({"model": "hera", "messages": [{"role": "wizard", "content": "x"}]}, {}, 400, "role"),
     ({"model": "hera", "messages": Q, "max_tokens": 10**6}, {}, 400, "cap"),

@@ -183,6 +183,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     routed, fixed_threshold = _routed_threshold(req.model)
     if not routed:
         return await _passthrough(request, payload, req)
+    n = payload.get("n", 1)
+    if n != 1:  # never answer fewer choices than asked for without saying so
+        raise InvalidRequestError(f"n = {n!r}: model 'hera' answers one choice per request (its engines decode "
+                                  "greedily); send n = 1, or name a cloud model to pass the request through")
 
     messages = _text_messages(req)
     session = _session_of(request, messages)
