@@ -36,6 +36,40 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_ledger(args) -> int:
+    """The ledger's totals, per node and per session: this node's SQLite file, or the PostgreSQL
+    ledger a fleet shares (ledger_url)."""
+    from hera_core.serving.assembly import open_ledger
+
+    ledger = open_ledger(_settings(args))
+    try:
+        totals, nodes, sessions = ledger.totals(args.run), ledger.per_node(args.run), ledger.sessions(args.run)
+    finally:
+        ledger.close()
+    saving = totals["saving_usd"] / totals["all_cloud_cost_usd"] if totals["all_cloud_cost_usd"] else 0.0
+    if args.json:
+        print(json.dumps({"run": args.run, "totals": totals, "saving_vs_all_cloud": saving, "nodes": nodes,
+                          "sessions": sessions[-args.sessions:]}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"{totals['subtasks']} subtasks, {totals['local_share']:.1%} local, cost ${totals['cost_usd']:.6f}, "
+                  f"all-cloud ${totals['all_cloud_cost_usd']:.6f}: saving {saving:.1%}"
+                  + (f" (run {args.run})" if args.run else ""))
+    for title, rows, key in (("per node", nodes, "node"), (f"last {args.sessions} sessions", sessions[-args.sessions:],
+                                                            "session")):
+        t = Table(title=title)
+        for col in (key, "subtasks", "local", "cost USD", "all-cloud USD"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            t.add_row(str(r[key]), str(r["subtasks"]), str(r["local_subtasks"]), f"{r['cost_usd']:.6f}",
+                      f"{r['all_cloud_cost_usd']:.6f}")
+        console.print(t)
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from hera_core.install.doctor import run_checks
 
@@ -349,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("action", choices=["list", "ensure"])
     m.add_argument("names", nargs="*", help="model names (default: all)")
     m.set_defaults(func=cmd_models)
+
+    lg = sub.add_parser("ledger", help="cost ledger totals, per node and per session (SQLite, or the fleet's PostgreSQL)")
+    lg.add_argument("--run", help="only rows of this run label")
+    lg.add_argument("--sessions", type=int, default=20, help="how many of the latest sessions to list")
+    lg.add_argument("--json", action="store_true")
+    lg.set_defaults(func=cmd_ledger)
 
     dr = sub.add_parser("doctor", help="self-test the install: versions, native build, a greedy decode in a child process")
     dr.add_argument("--model", help="GGUF to decode with (default: the installed SmolLM2-135M)")

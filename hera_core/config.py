@@ -116,6 +116,10 @@ class HeraSettings(_Strict):
     server: ServerSettings = ServerSettings()
     cache_dir: Path = Field(default_factory=default_cache_dir, description="models, completion cache, ledger")
     ledger_path: Path | None = Field(None, description="SQLite ledger; default <cache_dir>/ledger.sqlite")
+    ledger_url: SecretStr | None = Field(None, description="postgresql://... : one ledger shared by a fleet of nodes "
+                                         "(instead of the SQLite file); never logged")
+    node_id: str | None = Field(None, max_length=200, description="this node's name in a shared ledger; "
+                                "default host:pid")
     max_tokens: int = Field(512, ge=1, le=32768, description="default completion limit per subtask")
 
     def resolved_ledger_path(self) -> Path:
@@ -129,6 +133,8 @@ _ENV = {
     "HERA_LOCAL_MODEL": ("local", "model"),
     "HERA_THREADS": ("local", "n_threads"),
     "HERA_LEDGER_PATH": (None, "ledger_path"),
+    "HERA_LEDGER_URL": (None, "ledger_url"),
+    "HERA_NODE_ID": (None, "node_id"),
 }
 
 

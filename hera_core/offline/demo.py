@@ -8,9 +8,8 @@ from typing import Any
 
 from hera_core.config import HeraSettings
 from hera_core.offline.harness import run_task
-from hera_core.routing.ledger import Ledger
 from hera_core.routing.policy import Override
-from hera_core.serving.assembly import open_runtime
+from hera_core.serving.assembly import open_ledger, open_runtime
 from hera_core.offline.workloads import REASONING_GYM, make_tasks
 
 
@@ -37,7 +36,7 @@ async def run_demo(settings: HeraSettings, n_tasks: int = 16, *, seed: int = 0, 
                     traj = await run_task(task, step)
                     correct[arm] += traj.correct
                     bar.advance(job)
-    ledger = Ledger(settings.resolved_ledger_path())
+    ledger = open_ledger(settings)
     try:
         hera, cloud = ledger.totals(runs["hera"]), ledger.totals(runs["all_cloud"])
     finally:

@@ -157,6 +157,12 @@ class Ledger:
             return [{"session": s, "subtasks": n, "local_subtasks": loc, "cost_usd": c, "all_cloud_cost_usd": a}
                     for s, n, loc, c, a in self._db.execute(q, (run,) if run else ()).fetchall()]
 
+    def per_node(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Totals per node: one node, this one (a shared PostgreSQL ledger has a row per node)."""
+        t = self.totals(run)
+        return [{"node": "this node (SQLite)", "subtasks": t["subtasks"], "local_subtasks": t["local_subtasks"],
+                 "cost_usd": t["cost_usd"], "all_cloud_cost_usd": t["all_cloud_cost_usd"]}]
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -113,6 +113,15 @@ async def open_engines(settings: HeraSettings, *, use_cache: bool = False):
                 cache.close()
 
 
+def open_ledger(settings: HeraSettings):
+    """The ledger the settings name: PostgreSQL (`ledger_url`, shared by a fleet) or the SQLite file."""
+    if settings.ledger_url is not None:
+        from hera_core.routing.ledger_pg import PgLedger
+
+        return PgLedger(settings.ledger_url.get_secret_value(), node=settings.node_id)
+    return Ledger(settings.resolved_ledger_path())
+
+
 @asynccontextmanager
 async def open_runtime(settings: HeraSettings, *, run: str = "default", predictor: Predictor | None = None,
                        use_cache: bool = False) -> AsyncIterator[Runtime]:
@@ -121,7 +130,7 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
         model_path(settings.local.model, settings.cache_dir)  # a missing model is the first thing to fix
     predictor = predictor or Predictor.load(settings.policy.predictor_path)
     async with open_engines(settings, use_cache=use_cache) as (local, cloud):
-        ledger = Ledger(settings.resolved_ledger_path())
+        ledger = open_ledger(settings)
         try:
             yield Runtime(local, cloud, predictor, ledger, settings.prices, run=run,
                           threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens,

@@ -361,7 +361,8 @@ async def ledger_endpoint(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     run = request.query.get("run", rt.run)
     totals = rt.ledger.totals(run)
-    return web.json_response({"run": run, "totals": totals, "sessions": rt.ledger.sessions(run)[-200:],
+    return web.json_response({"run": run, "totals": totals, "nodes": rt.ledger.per_node(run),
+                              "sessions": rt.ledger.sessions(run)[-200:],
                               "saving_vs_all_cloud": (totals["saving_usd"] / totals["all_cloud_cost_usd"])
                               if totals["all_cloud_cost_usd"] else 0.0})
 

@@ -1,0 +1,181 @@
+"""The cost ledger on PostgreSQL: one ledger for a fleet of HERA nodes.
+
+Same interface and the same rows as the SQLite `Ledger` (`ledger.url = "postgresql://..."` picks
+this one), plus, per row, the node that booked it and an idempotent row id, so a row delivered
+twice (a retry after a lost acknowledgement) is stored once. psycopg 3 with a connection pool;
+one transaction per subtask, committed before `record` returns, so a response is sent only after
+its row is in the database.
+
+Schema versions: `hera_schema` holds the version; a database of an older version is migrated in
+place on open (each migration is idempotent DDL), a newer one is refused with a message.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from hera_core.errors import ConfigError
+from hera_core.routing.ledger import _COLUMNS, LedgerRow
+
+SCHEMA_VERSION = 1
+MIGRATIONS = {  # version -> DDL that brings a database from version - 1 to it
+    1: """
+CREATE TABLE IF NOT EXISTS subtasks (
+    id BIGSERIAL PRIMARY KEY,
+    row_uid UUID NOT NULL UNIQUE,          -- idempotent id: a row delivered twice is stored once
+    node TEXT NOT NULL,                    -- the HERA node that booked it
+    ts DOUBLE PRECISION NOT NULL,
+    run TEXT NOT NULL,
+    session TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    route TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    latency_s DOUBLE PRECISION NOT NULL,
+    cost_usd DOUBLE PRECISION NOT NULL,
+    cloud_cost_usd DOUBLE PRECISION NOT NULL,
+    p_local DOUBLE PRECISION,
+    threshold DOUBLE PRECISION,
+    reason TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ok'
+);
+CREATE INDEX IF NOT EXISTS subtasks_run ON subtasks(run);
+CREATE INDEX IF NOT EXISTS subtasks_session ON subtasks(session);
+CREATE TABLE IF NOT EXISTS cloud_attempts (
+    id BIGSERIAL PRIMARY KEY,
+    subtask_uid UUID NOT NULL,
+    node TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    run TEXT NOT NULL,
+    session TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    latency_s DOUBLE PRECISION NOT NULL,
+    UNIQUE (subtask_uid, attempt)
+);
+""",
+}
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class PgLedger:
+    def __init__(self, url: str, *, node: str | None = None, pool_size: int = 4, connect_timeout_s: float = 5.0) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.node = node or default_node_id()
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False,
+                                    kwargs={"autocommit": False, "connect_timeout": int(connect_timeout_s)})
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - psycopg's PoolTimeout hides the reason in its message
+            self._pool.close()
+            raise ConfigError(f"cannot reach the PostgreSQL ledger ({type(exc).__name__}); check ledger_url "
+                              "(HERA_LEDGER_URL) and that the server is up") from None
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._pool.connection() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(727274)")  # one node migrates at a time
+            conn.execute("CREATE TABLE IF NOT EXISTS hera_schema (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM hera_schema").fetchone()
+            version = row[0] if row else 0
+            if version > SCHEMA_VERSION:
+                raise ConfigError(f"the PostgreSQL ledger has schema version {version}, this HERA knows up to "
+                                  f"{SCHEMA_VERSION}; upgrade HERA on this node")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                conn.execute(MIGRATIONS[v])
+            if row is None:
+                conn.execute("INSERT INTO hera_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                conn.execute("UPDATE hera_schema SET version = %s", (SCHEMA_VERSION,))
+
+    def record(self, row: LedgerRow, attempts: list[tuple[str, float]] | None = None,
+               row_uid: str | None = None) -> int:
+        """Book one subtask (and its cloud attempts) in one transaction, committed on return; a
+        `row_uid` already stored is not stored again (its id is returned)."""
+        row.ts = row.ts or time.time()
+        uid = row_uid or str(uuid.uuid4())
+        values = asdict(row)
+        cols = ["row_uid", "node", *_COLUMNS]
+        sql = (f"INSERT INTO subtasks ({','.join(cols)}) VALUES ({','.join(['%s'] * len(cols))}) "
+               "ON CONFLICT (row_uid) DO NOTHING RETURNING id")
+        with self._pool.connection() as conn:
+            got = conn.execute(sql, [uid, self.node, *[values[c] for c in _COLUMNS]]).fetchone()
+            if got is None:  # delivered before
+                return int(conn.execute("SELECT id FROM subtasks WHERE row_uid = %s", (uid,)).fetchone()[0])
+            if attempts:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO cloud_attempts (subtask_uid, node, ts, run, session, step, attempt, outcome, "
+                        "latency_s) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                        [(uid, self.node, row.ts, row.run, row.session, row.step, i + 1, outcome, lat)
+                         for i, (outcome, lat) in enumerate(attempts)])
+            return int(got[0])
+
+    def _dicts(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        with self._pool.connection() as conn:
+            cur = conn.execute(sql, params)
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def attempts(self, run: str | None = None) -> list[dict[str, Any]]:
+        return self._dicts("SELECT * FROM cloud_attempts" + (" WHERE run=%s" if run else "") + " ORDER BY id",
+                           (run,) if run else ())
+
+    def rows(self, run: str | None = None) -> list[dict[str, Any]]:
+        return self._dicts("SELECT * FROM subtasks" + (" WHERE run=%s" if run else "") + " ORDER BY id",
+                           (run,) if run else ())
+
+    def totals(self, run: str | None = None) -> dict[str, Any]:
+        """The SQLite ledger's totals, over every node's rows."""
+        where = " WHERE status='ok'" + (" AND run=%s" if run else "")
+        args = (run,) if run else ()
+        with self._pool.connection() as conn:
+            n, local, cost, cloud_cost, all_cloud, pt, ct, cached = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM((route='local')::int),0), COALESCE(SUM(cost_usd),0), "
+                "COALESCE(SUM(CASE WHEN route='cloud' THEN cost_usd ELSE 0 END),0), COALESCE(SUM(cloud_cost_usd),0), "
+                "COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), COALESCE(SUM(cached_tokens),0) "
+                f"FROM subtasks{where}", args).fetchone()
+            failed, cancelled = conn.execute(
+                "SELECT COALESCE(SUM((status NOT IN ('ok','cancelled'))::int),0), "
+                "COALESCE(SUM((status='cancelled')::int),0) FROM subtasks" + (" WHERE run=%s" if run else ""),
+                args).fetchone()
+        return {"subtasks": n, "failed_calls": failed, "cancelled": cancelled,
+                "local_subtasks": local, "local_share": local / n if n else 0.0,
+                "cost_usd": cost, "cloud_cost_usd": cloud_cost, "all_cloud_cost_usd": all_cloud,
+                "saving_usd": all_cloud - cost, "prompt_tokens": pt, "completion_tokens": ct,
+                "cached_tokens": cached}
+
+    def per_node(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Totals per node (the fleet view)."""
+        where = " WHERE status='ok'" + (" AND run=%s" if run else "")
+        return self._dicts("SELECT node, COUNT(*) AS subtasks, SUM((route='local')::int) AS local_subtasks, "
+                           "SUM(cost_usd) AS cost_usd, SUM(cloud_cost_usd) AS all_cloud_cost_usd "
+                           f"FROM subtasks{where} GROUP BY node ORDER BY node", (run,) if run else ())
+
+    def cloud_spend(self, since: float) -> list[tuple[str, float, float]]:
+        with self._pool.connection() as conn:
+            return [tuple(r) for r in conn.execute(
+                "SELECT session, SUM(cost_usd), SUM(CASE WHEN ts >= %s THEN cost_usd ELSE 0 END) "
+                "FROM subtasks WHERE route='cloud' GROUP BY session", (since,)).fetchall()]
+
+    def sessions(self, run: str | None = None) -> list[dict[str, Any]]:
+        where = " WHERE status='ok'" + (" AND run=%s" if run else "")
+        rows = self._dicts("SELECT session, COUNT(*) AS subtasks, SUM((route='local')::int) AS local_subtasks, "
+                           "SUM(cost_usd) AS cost_usd, SUM(cloud_cost_usd) AS all_cloud_cost_usd "
+                           f"FROM subtasks{where} GROUP BY session ORDER BY MIN(id)", (run,) if run else ())
+        return rows
+
+    def close(self) -> None:
+        self._pool.close()

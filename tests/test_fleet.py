@@ -1,0 +1,160 @@
+"""The PostgreSQL ledger shared by a fleet of nodes, against a real private PostgreSQL server."""
+
+import json
+import uuid
+import urllib.request
+
+import psycopg
+import pytest
+
+from hera_core.errors import ConfigError
+from hera_core.routing.ledger import Ledger, LedgerRow
+from hera_core.routing.ledger_pg import SCHEMA_VERSION, PgLedger
+from tests.pg import PgCluster
+
+pytestmark = pytest.mark.fleet
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        c = PgCluster()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def db(cluster):
+    """A fresh database per test."""
+    name = f"t{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return cluster.url.rsplit("/", 1)[0] + "/" + name
+
+
+def row(i: int, route: str = "cloud", session: str = "s", run: str = "r", status: str = "ok") -> LedgerRow:
+    return LedgerRow(run=run, session=f"{session}{i % 3}", step=i, route=route, model="m", prompt_tokens=10 + i,
+                     completion_tokens=5, cached_tokens=i if route == "local" else 0, latency_s=0.1 * i,
+                     cost_usd=0.001 * i if route == "cloud" else 1e-6 * i, cloud_cost_usd=0.001 * i, p_local=0.5,
+                     threshold=0.9, reason="predictor", status=status, ts=1000.0 + i)
+
+
+def test_the_same_rows_give_the_same_totals_as_sqlite(db, tmp_path):
+    pg, lite = PgLedger(db, node="a"), Ledger(tmp_path / "l.sqlite")
+    try:
+        for i in range(12):
+            r = row(i, route="local" if i % 2 else "cloud", status="cancelled" if i == 11 else "ok")
+            attempts = [("503", 0.1), ("ok", 0.2)] if r.route == "cloud" else None
+            pg.record(r, attempts)
+            lite.record(row(i, route="local" if i % 2 else "cloud", status="cancelled" if i == 11 else "ok"),
+                        attempts)
+        assert pg.totals("r") == pytest.approx(lite.totals("r"))
+        for a, b in zip(pg.sessions("r"), lite.sessions("r"), strict=True):
+            assert a.pop("session") == b.pop("session") and a == pytest.approx(b)
+        for a, b in zip(sorted(pg.cloud_spend(1005.0)), sorted(lite.cloud_spend(1005.0)), strict=True):
+            assert a[0] == b[0] and a[1:] == pytest.approx(b[1:])
+        assert len(pg.attempts("r")) == len(lite.attempts("r")) == 12
+        assert [r["node"] for r in pg.rows("r")] == ["a"] * 12
+    finally:
+        pg.close()
+        lite.close()
+
+
+def test_a_row_delivered_twice_is_stored_once(db):
+    pg = PgLedger(db, node="a")
+    try:
+        first = pg.record(row(1), [("ok", 0.1)], row_uid="7b5c7a4e-0000-4000-8000-000000000001")
+        again = pg.record(row(1), [("ok", 0.1)], row_uid="7b5c7a4e-0000-4000-8000-000000000001")
+        assert first == again and len(pg.rows()) == 1 and len(pg.attempts()) == 1
+    finally:
+        pg.close()
+
+
+def test_nodes_share_one_ledger_and_each_row_names_its_node(db):
+    nodes = [PgLedger(db, node=f"node-{k}") for k in range(3)]
+    try:
+        for k, node in enumerate(nodes):
+            for i in range(k + 1):
+                node.record(row(i, session=f"n{k}-"))
+        view = nodes[0].per_node()
+        assert [(v["node"], v["subtasks"]) for v in view] == [("node-0", 1), ("node-1", 2), ("node-2", 3)]
+        assert nodes[2].totals()["subtasks"] == 6  # every node sees the fleet's totals
+    finally:
+        for n in nodes:
+            n.close()
+
+
+def test_schema_is_versioned_and_a_newer_one_is_refused(db):
+    PgLedger(db, node="a").close()
+    PgLedger(db, node="b").close()  # reopening migrates nothing twice
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM hera_schema").fetchall() == [(SCHEMA_VERSION,)]
+        conn.execute("UPDATE hera_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(ConfigError, match="upgrade HERA"):
+        PgLedger(db, node="c")
+
+
+def test_an_unreachable_database_is_a_config_error_without_the_password(cluster):
+    from hera_core.serving.assembly import free_port
+
+    url = f"postgresql://hera:s3cret-pw@127.0.0.1:{free_port()}/postgres"
+    with pytest.raises(ConfigError) as err:
+        PgLedger(url, connect_timeout_s=1)
+    assert "ledger_url" in str(err.value) and "s3cret-pw" not in str(err.value)
+
+
+def test_two_hera_nodes_book_into_one_ledger_and_each_shows_the_fleet(db, tiny_engine, cloud_url, tmp_path):
+    from hera_core.backends.cloud import CloudEngine
+    from hera_core.config import load_settings
+    from hera_core.routing.predictor import Kappa
+    from hera_core.routing.runtime import Runtime
+    from hera_core.serving.assembly import open_ledger
+    from hera_core.serving.server import create_app
+    from tests.conftest import TINY, ServerThread
+    from tests.factories import random_predictor
+
+    servers = []
+    for k in range(2):
+        settings = load_settings(env={"HERA_LEDGER_URL": db, "HERA_NODE_ID": f"edge-{k}"},
+                                 overrides={"max_tokens": 8})
+
+        def make_app(settings=settings):
+            rt = Runtime(tiny_engine, CloudEngine(cloud_url, TINY), random_predictor(kappa=Kappa(1.01, -1.02, 1)),
+                         open_ledger(settings), settings.prices, run="fleet", max_tokens=8)
+            return create_app(settings, runtime=rt)
+
+        servers.append(ServerThread(make_app))
+    try:
+        for k, srv in enumerate(servers):
+            for msgs in ([{"role": "user", "content": f"Hi {k}"}],
+                         [{"role": "user", "content": f"Hi {k}"}, {"role": "assistant", "content": "Hello."},
+                          {"role": "user", "content": "Bye."}]):
+                req = urllib.request.Request(srv.url + "/v1/chat/completions", method="POST",
+                                             data=json.dumps({"model": "hera", "messages": msgs}).encode(),
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    assert r.status == 200
+        for srv in servers:
+            with urllib.request.urlopen(srv.url + "/v1/hera/ledger?run=fleet", timeout=30) as r:
+                view = json.loads(r.read())
+            assert view["totals"]["subtasks"] == 4 and view["totals"]["local_subtasks"] == 2
+            assert [(n["node"], n["subtasks"]) for n in view["nodes"]] == [("edge-0", 2), ("edge-1", 2)]
+    finally:
+        for srv in servers:
+            srv.close()
+
+
+def test_hera_ledger_shows_the_fleet(db):
+    from tests.test_cli import hera
+
+    for k in range(2):
+        node = PgLedger(db, node=f"n{k}")
+        node.record(row(k + 1))
+        node.close()
+    proc = hera("ledger", "--json", env={"HERA_LEDGER_URL": db})
+    assert proc.returncode == 0, proc.stderr
+    view = json.loads(proc.stdout)
+    assert view["totals"]["subtasks"] == 2 and [n["node"] for n in view["nodes"]] == ["n0", "n1"]
+    assert db.split("@")[0] not in proc.stderr
