@@ -613,6 +613,9 @@ class LlamaCppEngine(Engine):
         """Continuous batching: while generations are active, decode a chunk of all of them in one
         engine call after another. A generation that starts meanwhile joins at the next chunk, and
         requests queued meanwhile (a scoring prefill) run between chunks."""
+        loop = asyncio.get_running_loop()
+        for d, fut in [e for e in self._active if e[1].get_loop() is not loop]:  # left by a closed event loop
+            d.cancelled = True
         while self._active:
             for d, _ in [e for e in self._active if e[0].cancelled]:
                 if not d.done:
