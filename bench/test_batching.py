@@ -27,6 +27,8 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -46,7 +48,8 @@ _serial_outputs: dict[int, list[str]] = {}
 def session_prompt(i: int) -> list[dict]:
     words = " ".join(NOTES[(i * 7 + k) % len(NOTES)] for k in range(230))  # ~300 tokens with the template
     return [{"role": "system", "content": f"You are session {i}. Notes: {words}"},
-            {"role": "user", "content": f"Count from {i * 100 + 1} upwards, one number per line, and do not stop."}]
+            {"role": "user", "content": f"List every integer from {i * 1000 + 1} to {i * 1000 + 300}, "
+                                        "one per line, with no other text."}]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -134,12 +137,24 @@ def run_llama_server(sessions: int) -> dict:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=120)
+        ready_by = time.time() + 120
+        while True:  # its /health answers before the model is loaded ("Loading model", 503)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200 and json.loads(r.read()).get("status") == "ok":
+                        break
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            if time.time() > ready_by:
+                pytest.fail("llama-server did not load the model within 120 s")
+            time.sleep(0.5)
 
         async def one(http, i: int):
             t0, first, n = time.perf_counter(), None, 0
             body = {"messages": session_prompt(i), "max_tokens": TOKENS, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}}
             async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200, (resp.status, await resp.text())
                 async for raw in resp.content:
                     line = raw.strip()
                     if not line.startswith(b"data:") or line == b"data: [DONE]":
