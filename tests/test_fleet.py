@@ -158,3 +158,99 @@ def test_hera_ledger_shows_the_fleet(db):
     view = json.loads(proc.stdout)
     assert view["totals"]["subtasks"] == 2 and [n["node"] for n in view["nodes"]] == ["n0", "n1"]
     assert db.split("@")[0] not in proc.stderr
+
+
+def cloud_row(session: str, usd: float) -> LedgerRow:
+    return LedgerRow(run="b", session=session, step=0, route="cloud", model="m", prompt_tokens=1, completion_tokens=1,
+                     cached_tokens=0, latency_s=0.01, cost_usd=usd, cloud_cost_usd=usd, p_local=None, threshold=None,
+                     reason="predictor")
+
+
+def test_four_nodes_never_overspend_a_shared_daily_cap(db):
+    """4 nodes x 5 concurrent callers, each call holding its price before it runs and booking it
+    after: the fleet's cloud spend stops at the cap (plus at most one call), though every node
+    alone would have spent far more."""
+    import threading
+    import time
+
+    from hera_core.routing.ledger_pg import PgBudget
+
+    cap, price = 0.20, 0.01
+    nodes = [PgLedger(db, node=f"n{k}", pool_size=6) for k in range(4)]
+    budgets = [PgBudget(n, per_day_usd=cap) for n in nodes]
+    admitted, refused = [], []
+
+    def caller(k: int, c: int):
+        for i in range(8):
+            over, hold = budgets[k].reserve(f"s{k}-{c}", price)
+            if over is not None:
+                refused.append(over)
+                continue
+            time.sleep(0.01)  # the cloud call in flight
+            nodes[k].record(cloud_row(f"s{k}-{c}", price))
+            budgets[k].settle(f"s{k}-{c}", hold, price)
+            admitted.append(1)
+
+    threads = [threading.Thread(target=caller, args=(k, c)) for k in range(4) for c in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        spent = nodes[0].totals("b")["cloud_cost_usd"]
+        assert cap - 1e-9 <= spent <= cap + price + 1e-9, spent
+        assert len(admitted) == nodes[0].totals("b")["subtasks"] and set(refused) == {"daily"}
+        assert budgets[1].exceeded("anyone") == "daily"
+    finally:
+        for n in nodes:
+            n.close()
+
+
+def test_a_session_cap_holds_across_nodes_and_a_dead_nodes_hold_expires(db):
+    import time
+
+    from hera_core.routing.ledger_pg import PgBudget
+
+    a, b = PgLedger(db, node="a"), PgLedger(db, node="b")
+    try:
+        ba, bb = PgBudget(a, per_session_usd=0.05, hold_ttl_s=0.5), PgBudget(b, per_session_usd=0.05, hold_ttl_s=0.5)
+        over, hold = ba.reserve("s", 0.05)  # node a holds the whole session cap, then dies
+        assert over is None
+        assert bb.reserve("s", 0.01)[0] == "session"  # node b sees a's hold
+        assert bb.reserve("other", 0.01)[0] is None  # another session is not affected
+        time.sleep(0.6)
+        over, hold2 = bb.reserve("s", 0.01)  # a's hold has expired
+        assert over is None
+        b.record(cloud_row("s", 0.05))
+        bb.settle("s", hold2, 0.05)
+        assert ba.reserve("s", 0.01)[0] == "session"  # booked spend counts on every node
+    finally:
+        a.close()
+        b.close()
+
+
+def test_runtimes_on_two_nodes_share_the_daily_cap(db, tiny_engine, cloud_url):
+    from hera_core.backends.cloud import CloudEngine
+    from hera_core.config import load_settings
+    from hera_core.routing.ledger_pg import PgBudget
+    from hera_core.routing.predictor import Kappa
+    from hera_core.routing.runtime import Runtime
+    from tests.conftest import TINY, run
+    from tests.factories import random_predictor
+
+    prices = load_settings(env={}).prices
+    ledgers = [PgLedger(db, node=f"n{k}") for k in range(2)]
+    rts = [Runtime(tiny_engine, CloudEngine(cloud_url, TINY), random_predictor(kappa=Kappa(1.01, 0.0, 0)), lg, prices,
+                   run="cap", max_tokens=8, budget=PgBudget(lg, per_day_usd=1e-9)) for lg in ledgers]
+    try:
+        first = run(rts[0].complete([{"role": "user", "content": "Hi"}], session="a"))
+        second = run(rts[1].complete([{"role": "user", "content": "Hello"}], session="b"))
+        assert first.route.value == "cloud" and first.cloud_cost_usd > 1e-9
+        assert second.route.value == "local" and second.decision.reason == "budget-daily"  # node a's spend counts
+        with psycopg.connect(db) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM budget_holds").fetchone()[0] == 0  # every hold settled
+    finally:
+        for rt in rts:
+            run(rt.cloud.close())
+        for lg in ledgers:
+            lg.close()

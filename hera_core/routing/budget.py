@@ -50,6 +50,16 @@ class Budget:
                 return "session"
             return None
 
+    def reserve(self, session: str, usd: float) -> tuple[str | None, object]:
+        """Before a cloud call of at most `usd`: (the cap that is spent, or None; a hold to settle).
+        Per node, nothing needs holding: the check is the cap."""
+        return self.exceeded(session), None
+
+    def settle(self, session: str, hold: object, usd: float) -> None:
+        """After the call: what it cost (0 when it did not happen)."""
+        if usd:
+            self.add(session, usd)
+
     def add(self, session: str, usd: float) -> None:
         with self._lock:
             self._roll()

@@ -22,7 +22,7 @@ from typing import Any
 from hera_core.errors import ConfigError
 from hera_core.routing.ledger import _COLUMNS, LedgerRow
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = {  # version -> DDL that brings a database from version - 1 to it
     1: """
 CREATE TABLE IF NOT EXISTS subtasks (
@@ -60,6 +60,15 @@ CREATE TABLE IF NOT EXISTS cloud_attempts (
     outcome TEXT NOT NULL,
     latency_s DOUBLE PRECISION NOT NULL,
     UNIQUE (subtask_uid, attempt)
+);
+""",
+    2: """
+CREATE TABLE IF NOT EXISTS budget_holds (
+    id UUID PRIMARY KEY,
+    node TEXT NOT NULL,
+    session TEXT NOT NULL,
+    usd DOUBLE PRECISION NOT NULL,         -- the most the held cloud call can cost
+    expires DOUBLE PRECISION NOT NULL      -- unix time after which the hold no longer counts (its node died)
 );
 """,
 }
@@ -179,3 +188,66 @@ class PgLedger:
 
     def close(self) -> None:
         self._pool.close()
+
+
+class PgBudget:
+    """Cloud spend caps shared by every node of a PostgreSQL ledger.
+
+    Spend is what the shared ledger has booked on the cloud, plus the holds of calls in flight.
+    Before a cloud call a node takes a hold of the call's highest price, atomically (one advisory
+    lock serializes the check and the insert across the fleet), unless a cap is already reached;
+    after the step's row is committed the hold is dropped. So concurrent nodes overspend a cap by at
+    most what the calls admitted last cost beyond their holds, and never by the calls still in
+    flight. A hold whose node died stops counting after `hold_ttl_s`.
+    """
+
+    def __init__(self, ledger: PgLedger, *, per_session_usd: float | None = None, per_day_usd: float | None = None,
+                 action: str = "local", hold_ttl_s: float = 600.0) -> None:
+        if action not in ("local", "refuse"):
+            raise ValueError(f"budget action must be 'local' or 'refuse', got {action!r}")
+        self.ledger, self.per_session_usd, self.per_day_usd = ledger, per_session_usd, per_day_usd
+        self.action, self.hold_ttl_s = action, hold_ttl_s
+
+    def _spent(self, conn, session: str, now: float) -> tuple[float, float]:
+        day_start = now - now % 86400  # the UTC day
+        session_spend, day_spend = conn.execute(
+            "SELECT COALESCE(SUM(CASE WHEN session = %s THEN cost_usd ELSE 0 END), 0), "
+            "COALESCE(SUM(CASE WHEN ts >= %s THEN cost_usd ELSE 0 END), 0) FROM subtasks WHERE route = 'cloud'",
+            (session, day_start)).fetchone()
+        held_session, held_all = conn.execute(
+            "SELECT COALESCE(SUM(CASE WHEN session = %s THEN usd ELSE 0 END), 0), COALESCE(SUM(usd), 0) "
+            "FROM budget_holds WHERE expires > %s", (session, now)).fetchone()
+        return session_spend + held_session, day_spend + held_all
+
+    def _over(self, session_total: float, day_total: float) -> str | None:
+        if self.per_day_usd is not None and day_total >= self.per_day_usd:
+            return "daily"
+        if self.per_session_usd is not None and session_total >= self.per_session_usd:
+            return "session"
+        return None
+
+    def exceeded(self, session: str) -> str | None:
+        with self.ledger._pool.connection() as conn:
+            return self._over(*self._spent(conn, session, time.time()))
+
+    def reserve(self, session: str, usd: float) -> tuple[str | None, object]:
+        now = time.time()
+        with self.ledger._pool.connection() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(727275)")  # the fleet's check-and-hold, one at a time
+            over = self._over(*self._spent(conn, session, now))
+            if over is not None:
+                return over, None
+            hold = str(uuid.uuid4())
+            conn.execute("INSERT INTO budget_holds (id, node, session, usd, expires) VALUES (%s,%s,%s,%s,%s)",
+                         (hold, self.ledger.node, session, usd, now + self.hold_ttl_s))
+            conn.execute("DELETE FROM budget_holds WHERE expires <= %s", (now - self.hold_ttl_s,))
+            return None, hold
+
+    def settle(self, session: str, hold: object, usd: float) -> None:
+        """The step is booked (its cost is in the ledger) or did not reach the cloud: drop the hold."""
+        if hold is not None:
+            with self.ledger._pool.connection() as conn:
+                conn.execute("DELETE FROM budget_holds WHERE id = %s", (hold,))
+
+    def add(self, session: str, usd: float) -> None:
+        """Spend is read from the shared ledger's rows: nothing to add."""

@@ -177,8 +177,9 @@ class Runtime:
             else:
                 decision = Decision(Route.CLOUD, "escalated", p_local, threshold)
                 draft_s = time.perf_counter() - t0
+        hold: list = []  # the budget's hold on this step's cloud call, settled once the step is booked
         if decision.route is Route.CLOUD and self.budget is not None:
-            exceeded = self.budget.exceeded(session)
+            exceeded = self._reserve(session, messages, max_tokens, hold)
             if exceeded is not None:
                 if self.budget.action == "local" and why_not_local is None:
                     decision = Decision(Route.LOCAL, f"budget-{exceeded}", p_local, threshold)
@@ -197,7 +198,7 @@ class Runtime:
                     await self._local_generate(messages, max_tokens, stop, on_text, toolset)  # a kept draft: no second decode
                 if gen.tool_errors:  # the SLM's tool call is not valid: never returned as one
                     if override is Override.LOCAL_ONLY or why_not_local is not None or \
-                            (self.budget is not None and self.budget.exceeded(session) is not None):
+                            (self.budget is not None and self._reserve(session, messages, max_tokens, hold)):
                         decision = Decision(Route.LOCAL, "tool-call-dropped", p_local, threshold)
                     else:
                         draft_s, gen = time.perf_counter() - t0, None
@@ -236,15 +237,27 @@ class Runtime:
                 elapsed = time.perf_counter() - t0
                 cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
                 cost = cloud_cost + self.prices.local_cost(draft_s)  # an escalated step also paid for its draft
-                if self.budget is not None:
-                    self.budget.add(session, cloud_cost)
-        except asyncio.CancelledError:  # the client went away mid-answer: book what was spent, then stop
-            self._record_cancelled(run, session, step, decision, time.perf_counter() - t0)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):  # the client went away mid-answer: book what was spent
+                self._record_cancelled(run, session, step, decision, time.perf_counter() - t0)
+            for h in hold:  # nothing was spent on the cloud that the ledger knows of
+                self.budget.settle(session, h, 0.0)
             raise
         row_id = self._book(run, session, step, decision, model=gen.model, gen=gen, latency_s=max(elapsed, gen.latency_s),
                             cost=cost, cloud_cost=cloud_cost, attempts=attempts)
+        for h in hold:  # after the row: a shared budget never sees the spend neither held nor booked
+            self.budget.settle(session, h, cloud_cost if decision.route is Route.CLOUD else 0.0)
         return SubtaskResult(text=gen.text, route=decision.route, decision=decision, generation=gen,
                              cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id, draft=check)
+
+    def _reserve(self, session: str, messages: list[Message], max_tokens: int, hold: list) -> str | None:
+        """Ask the budget for a cloud call of at most this step's price (its prompt, estimated at 4
+        characters a token, and max_tokens): the cap that is spent, or None with the hold added."""
+        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        exceeded, h = self.budget.reserve(session, self.prices.cloud_cost(chars // 4 + 1, max_tokens))
+        if exceeded is None:
+            hold.append(h)
+        return exceeded
 
     def _book(self, run: str | None, session: str, step: int, decision: Decision | None, *, model: str,
               gen: Generation | None = None, latency_s: float, cost: float = 0.0, cloud_cost: float = 0.0,

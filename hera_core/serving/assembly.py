@@ -147,6 +147,11 @@ def budget_from(settings: HeraSettings, ledger: Ledger) -> Budget | None:
     s = settings.server
     if s.session_budget_usd is None and s.daily_budget_usd is None:
         return None
+    if settings.ledger_url is not None:  # a fleet: the caps hold across every node of the shared ledger
+        from hera_core.routing.ledger_pg import PgBudget
+
+        return PgBudget(ledger, per_session_usd=s.session_budget_usd, per_day_usd=s.daily_budget_usd,
+                        action=s.budget_action, hold_ttl_s=settings.cloud.timeout_s + 60)
     return Budget(per_session_usd=s.session_budget_usd, per_day_usd=s.daily_budget_usd, action=s.budget_action,
                   ledger=ledger)
 
