@@ -9,7 +9,7 @@ import pytest
 from hera_core.errors import ConfigError
 from hera_core.offline.harness import first_messages
 from hera_core.offline.workloads import load_jsonl_tasks, make_tasks
-from hera_core.routing.familiarity import Familiarity, fit_familiarity, opening_text
+from hera_core.routing.familiarity import fit_familiarity, opening_text
 from hera_core.routing.policy import Route
 from hera_core.routing.predictor import Kappa, Predictor
 from tests.conftest import run

@@ -230,7 +230,3 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m["tool_calls"] = fixed
         out.append(m)
     return out
-
-
-def mentions_tools(messages: list[dict[str, Any]]) -> bool:
-    return any(m.get("role") in ("tool", "function") or m.get("tool_calls") for m in messages)
