@@ -254,3 +254,60 @@ def test_runtimes_on_two_nodes_share_the_daily_cap(db, tiny_engine, cloud_url):
             run(rt.cloud.close())
         for lg in ledgers:
             lg.close()
+
+
+def test_a_node_that_loses_the_database_spools_and_delivers_once(cluster, tmp_path):
+    """The database goes down: rows are spooled (fsynced) and the step still answers; the budget
+    cannot be checked, so cloud steps are refused; once it is back, the next booking delivers the
+    spool in order, each row once, even if a delivery is repeated."""
+    from hera_core.routing.ledger_pg import PgBudget
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    db = cluster.url.rsplit("/", 1)[0] + "/" + name
+    spool = tmp_path / "spool.jsonl"
+    node = PgLedger(db, node="edge", spool_path=spool, connect_timeout_s=1, retry_after_s=0.2)
+    budget = PgBudget(node, per_day_usd=10.0)
+    try:
+        node.record(row(1))
+        cluster.stop("immediate")
+        try:
+            assert node.record(row(2), [("ok", 0.1)]) == 0 and node.record(row(3)) == 0
+            assert node.spooled() == 2
+            assert budget.reserve("s", 0.01) == ("unchecked", None)
+            assert PgBudget(node, per_day_usd=10.0, when_unreachable="allow").reserve("s", 0.01) == (None, None)
+            saved = spool.read_text()
+        finally:
+            cluster.start()
+        import time
+
+        node.record(row(4))  # delivered after the spool, or spooled behind it while the pool reconnects
+        deadline = time.time() + 30
+        while node.spooled():
+            assert time.time() < deadline, "the spool was not delivered within 30 s of the restart"
+            time.sleep(0.3)
+            try:
+                node.deliver_spool()
+            except Exception:  # noqa: BLE001 - still reconnecting
+                pass
+        spool.write_text(saved)  # a crash between delivery and emptying the spool: delivered again
+        assert node.deliver_spool() == 2
+        steps = [r["step"] for r in node.rows("r")]
+        assert steps == [1, 2, 3, 4] and len(node.attempts("r")) == 1
+    finally:
+        node.close()
+
+
+def test_without_a_spool_an_unreachable_database_is_an_error(cluster):
+    name = f"t{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    node = PgLedger(cluster.url.rsplit("/", 1)[0] + "/" + name, node="x", connect_timeout_s=1)
+    try:
+        cluster.stop("immediate")
+        with pytest.raises(ConfigError, match="no spool"):
+            node.record(row(1))
+    finally:
+        cluster.start()
+        node.close()

@@ -4,7 +4,9 @@ Same interface and the same rows as the SQLite `Ledger` (`ledger.url = "postgres
 this one), plus, per row, the node that booked it and an idempotent row id, so a row delivered
 twice (a retry after a lost acknowledgement) is stored once. psycopg 3 with a connection pool;
 one transaction per subtask, committed before `record` returns, so a response is sent only after
-its row is in the database.
+its row is in the database, or, while the database cannot be reached, in the node's spool file
+(appended and fsynced): a node that loses the database keeps serving, and delivers the spooled rows,
+in order and at most once each (the row id), with its first booking after the database is back.
 
 Schema versions: `hera_schema` holds the version; a database of an older version is migrated in
 place on open (each migration is idempotent DDL), a newer one is refused with a message.
@@ -12,10 +14,13 @@ place on open (each migration is idempotent DDL), a newer one is refused with a 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import threading
 import time
 import uuid
+from pathlib import Path
 from dataclasses import asdict
 from typing import Any
 
@@ -74,17 +79,32 @@ CREATE TABLE IF NOT EXISTS budget_holds (
 }
 
 
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    return (psycopg.OperationalError, PoolTimeout)
+
+
 def default_node_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class PgLedger:
-    def __init__(self, url: str, *, node: str | None = None, pool_size: int = 4, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, *, node: str | None = None, pool_size: int = 4, connect_timeout_s: float = 5.0,
+                 spool_path: str | Path | None = None, retry_after_s: float = 5.0) -> None:
         from psycopg_pool import ConnectionPool
 
         self.node = node or default_node_id()
-        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False,
-                                    kwargs={"autocommit": False, "connect_timeout": int(connect_timeout_s)})
+        self.spool_path = Path(spool_path) if spool_path else None
+        self._spool_lock = threading.Lock()
+        # After the database failed once, spool at once for this long instead of waiting for a
+        # connection on every step; then try again.
+        self.retry_after_s = retry_after_s
+        self._down_until = 0.0
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout_s,
+                                    check=ConnectionPool.check_connection,
+                                    kwargs={"autocommit": False, "connect_timeout": max(1, int(connect_timeout_s))})
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s)
         except Exception as exc:  # noqa: BLE001 - psycopg's PoolTimeout hides the reason in its message
@@ -112,25 +132,72 @@ class PgLedger:
     def record(self, row: LedgerRow, attempts: list[tuple[str, float]] | None = None,
                row_uid: str | None = None) -> int:
         """Book one subtask (and its cloud attempts) in one transaction, committed on return; a
-        `row_uid` already stored is not stored again (its id is returned)."""
+        `row_uid` already stored is not stored again (its id is returned). With a spool file, a
+        database that cannot be reached spools the row instead (id 0 until it is delivered)."""
         row.ts = row.ts or time.time()
-        uid = row_uid or str(uuid.uuid4())
-        values = asdict(row)
+        item = {"uid": row_uid or str(uuid.uuid4()), "row": asdict(row), "attempts": [list(a) for a in attempts or []]}
+        try:
+            if self.spool_path is not None and time.monotonic() < self._down_until:
+                raise ConnectionError("the database was unreachable moments ago")
+            self.deliver_spool()
+            with self._pool.connection() as conn:
+                return self._insert(conn, item)
+        except (ConnectionError, *_unreachable_errors()) as exc:
+            if self.spool_path is None:
+                raise ConfigError(f"the PostgreSQL ledger cannot be reached ({type(exc).__name__}) and this node "
+                                  "has no spool file") from None
+            if not isinstance(exc, ConnectionError):
+                self._down_until = time.monotonic() + self.retry_after_s
+            self._spool(item)
+            return 0
+
+    def _insert(self, conn, item: dict[str, Any]) -> int:
+        values, uid = item["row"], item["uid"]
         cols = ["row_uid", "node", *_COLUMNS]
-        sql = (f"INSERT INTO subtasks ({','.join(cols)}) VALUES ({','.join(['%s'] * len(cols))}) "
-               "ON CONFLICT (row_uid) DO NOTHING RETURNING id")
-        with self._pool.connection() as conn:
-            got = conn.execute(sql, [uid, self.node, *[values[c] for c in _COLUMNS]]).fetchone()
-            if got is None:  # delivered before
-                return int(conn.execute("SELECT id FROM subtasks WHERE row_uid = %s", (uid,)).fetchone()[0])
-            if attempts:
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO cloud_attempts (subtask_uid, node, ts, run, session, step, attempt, outcome, "
-                        "latency_s) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-                        [(uid, self.node, row.ts, row.run, row.session, row.step, i + 1, outcome, lat)
-                         for i, (outcome, lat) in enumerate(attempts)])
-            return int(got[0])
+        got = conn.execute(f"INSERT INTO subtasks ({','.join(cols)}) VALUES ({','.join(['%s'] * len(cols))}) "
+                           "ON CONFLICT (row_uid) DO NOTHING RETURNING id",
+                           [uid, self.node, *[values[c] for c in _COLUMNS]]).fetchone()
+        if got is None:  # delivered before
+            return int(conn.execute("SELECT id FROM subtasks WHERE row_uid = %s", (uid,)).fetchone()[0])
+        if item["attempts"]:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO cloud_attempts (subtask_uid, node, ts, run, session, step, attempt, outcome, "
+                    "latency_s) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                    [(uid, self.node, values["ts"], values["run"], values["session"], values["step"], i + 1, outcome,
+                      lat) for i, (outcome, lat) in enumerate(item["attempts"])])
+        return int(got[0])
+
+    # --- the spool: rows booked while the database was away -------------------------------------
+    def _spool(self, item: dict[str, Any]) -> None:
+        with self._spool_lock:
+            self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.spool_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, (json.dumps(item) + "\n").encode())
+                os.fsync(fd)  # durable before the response goes out
+            finally:
+                os.close(fd)
+
+    def spooled(self) -> int:
+        """Rows waiting in the spool file."""
+        with self._spool_lock:
+            if self.spool_path is None or not self.spool_path.exists():
+                return 0
+            return sum(1 for line in self.spool_path.read_text().splitlines() if line.strip())
+
+    def deliver_spool(self) -> int:
+        """Deliver the spooled rows in one transaction, then empty the spool; a crash in between
+        delivers them again later, and the row ids keep each stored once. Returns how many."""
+        with self._spool_lock:
+            if self.spool_path is None or not self.spool_path.exists() or self.spool_path.stat().st_size == 0:
+                return 0
+            items = [json.loads(line) for line in self.spool_path.read_text().splitlines() if line.strip()]
+            with self._pool.connection() as conn:
+                for item in items:
+                    self._insert(conn, item)
+            os.truncate(self.spool_path, 0)
+            return len(items)
 
     def _dicts(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         with self._pool.connection() as conn:
@@ -202,11 +269,14 @@ class PgBudget:
     """
 
     def __init__(self, ledger: PgLedger, *, per_session_usd: float | None = None, per_day_usd: float | None = None,
-                 action: str = "local", hold_ttl_s: float = 600.0) -> None:
+                 action: str = "local", hold_ttl_s: float = 600.0, when_unreachable: str = "refuse") -> None:
         if action not in ("local", "refuse"):
             raise ValueError(f"budget action must be 'local' or 'refuse', got {action!r}")
         self.ledger, self.per_session_usd, self.per_day_usd = ledger, per_session_usd, per_day_usd
         self.action, self.hold_ttl_s = action, hold_ttl_s
+        # The database is away and the caps cannot be checked: "refuse" cloud steps (they run on
+        # the SLM with budget_action local, else 429), or "allow" them unchecked.
+        self.when_unreachable = when_unreachable
 
     def _spent(self, conn, session: str, now: float) -> tuple[float, float]:
         day_start = now - now % 86400  # the UTC day
@@ -227,10 +297,19 @@ class PgBudget:
         return None
 
     def exceeded(self, session: str) -> str | None:
-        with self.ledger._pool.connection() as conn:
-            return self._over(*self._spent(conn, session, time.time()))
+        try:
+            with self.ledger._pool.connection() as conn:
+                return self._over(*self._spent(conn, session, time.time()))
+        except _unreachable_errors():
+            return "unchecked" if self.when_unreachable == "refuse" else None
 
     def reserve(self, session: str, usd: float) -> tuple[str | None, object]:
+        try:
+            return self._reserve(session, usd)
+        except _unreachable_errors():
+            return ("unchecked" if self.when_unreachable == "refuse" else None), None
+
+    def _reserve(self, session: str, usd: float) -> tuple[str | None, object]:
         now = time.time()
         with self.ledger._pool.connection() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(727275)")  # the fleet's check-and-hold, one at a time
@@ -246,8 +325,11 @@ class PgBudget:
     def settle(self, session: str, hold: object, usd: float) -> None:
         """The step is booked (its cost is in the ledger) or did not reach the cloud: drop the hold."""
         if hold is not None:
-            with self.ledger._pool.connection() as conn:
-                conn.execute("DELETE FROM budget_holds WHERE id = %s", (hold,))
+            try:
+                with self.ledger._pool.connection() as conn:
+                    conn.execute("DELETE FROM budget_holds WHERE id = %s", (hold,))
+            except _unreachable_errors():
+                pass  # the hold expires by itself
 
     def add(self, session: str, usd: float) -> None:
         """Spend is read from the shared ledger's rows: nothing to add."""

@@ -55,6 +55,12 @@ class Score:
     features: np.ndarray  # float32 [1, len(FEATURE_NAMES)], the predictor's input row
 
 
+def _budget_message(exceeded: str) -> str:
+    if exceeded == "unchecked":
+        return "the cloud budget cannot be checked (the shared ledger's database is unreachable)"
+    return f"the {exceeded} cloud budget is spent"
+
+
 def step_index(messages: list[Message]) -> int:
     """A subtask's position in its session: the number of assistant turns so far."""
     return sum(1 for m in messages if m.get("role") == "assistant")
@@ -184,7 +190,7 @@ class Runtime:
                 if self.budget.action == "local" and why_not_local is None:
                     decision = Decision(Route.LOCAL, f"budget-{exceeded}", p_local, threshold)
                 else:
-                    raise BudgetExceededError(f"the {exceeded} cloud budget is spent; the step was refused "
+                    raise BudgetExceededError(_budget_message(exceeded) + "; the step was refused "
                                               "(raise the cap, or set budget_action = 'local')")
         # A local answer with tools offered is announced once its calls are known to be valid.
         announce_later = toolset is not None and decision.route is Route.LOCAL and draft is None
@@ -290,7 +296,7 @@ class Runtime:
     def _check_budget_for_passthrough(self, session: str) -> None:
         exceeded = self.budget.exceeded(session) if self.budget is not None else None
         if exceeded is not None:  # a named cloud model cannot move to the SLM: refused whatever the action
-            raise BudgetExceededError(f"the {exceeded} cloud budget is spent; the pass-through request was refused "
+            raise BudgetExceededError(_budget_message(exceeded) + "; the pass-through request was refused "
                                       "(raise the cap)")
 
     def _book_passthrough(self, run, session: str, step: int, model: str, usage: dict[str, Any], elapsed: float,

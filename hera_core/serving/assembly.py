@@ -118,7 +118,8 @@ def open_ledger(settings: HeraSettings):
     if settings.ledger_url is not None:
         from hera_core.routing.ledger_pg import PgLedger
 
-        return PgLedger(settings.ledger_url.get_secret_value(), node=settings.node_id)
+        return PgLedger(settings.ledger_url.get_secret_value(), node=settings.node_id,
+                        spool_path=settings.cache_dir / "ledger-spool.jsonl")
     return Ledger(settings.resolved_ledger_path())
 
 
