@@ -311,3 +311,83 @@ def test_without_a_spool_an_unreachable_database_is_an_error(cluster):
     finally:
         cluster.start()
         node.close()
+
+
+def test_four_hera_serve_nodes_x_50_clients_keep_a_shared_cap_and_lose_no_row(db, tiny_model_path, tmp_path):
+    """4 `hera serve` processes on one PostgreSQL ledger, 50 concurrent clients each (cloud steps
+    against a fast scripted upstream), a daily cap worth about 100 calls, budget_action refuse:
+    the fleet's spend stops at the cap (over it by less than the calls in flight), every answered
+    step is one row, and no row is booked twice."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    import aiohttp
+
+    from hera_core.config import load_settings
+    from hera_core.serving.assembly import free_port
+    from tests.conftest import TINY, ServerThread, run
+    from tests.fake_upstream import FakeUpstream
+    from tests.processes import wait_for_http
+
+    fake = FakeUpstream(delay_s=0.02)
+    up = ServerThread(fake.app)
+    per_call = load_settings(env={}).prices.cloud_cost(11, 4)  # the fake upstream's usage per answer
+    cap = 100 * per_call
+    procs, urls = [], []
+    try:
+        for k in range(4):
+            port = free_port()
+            cfg = tmp_path / f"node{k}.toml"
+            cfg.write_text(f'max_tokens = 4\n[local]\nmodel = "{TINY}"\nn_ctx = 1024\n'
+                           f'[cloud]\nbase_url = "{up.url}/v1"\nmodel = "fake-model"\n'
+                           f'[server]\nport = {port}\napi_keys = []\nmax_concurrency = 500\n'
+                           f'daily_budget_usd = {cap!r}\nbudget_action = "refuse"\n')
+            env = {**os.environ, "HERA_LEDGER_URL": db, "HERA_NODE_ID": f"node-{k}",
+                   "HERA_CACHE_DIR": str(tmp_path / f"cache{k}")}
+            os.makedirs(tmp_path / f"cache{k}" / "models", exist_ok=True)
+            for f in tiny_model_path.parent.glob(tiny_model_path.stem + ".*"):  # the model and its checksum
+                os.symlink(f, tmp_path / f"cache{k}" / "models" / f.name)
+            procs.append(subprocess.Popen([sys.executable, "-m", "hera_core.cli", "--config", str(cfg), "serve"],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        for proc, url in zip(procs, urls):
+            wait_for_http(url + "/healthz", proc, timeout_s=120)
+        answered, refused, other, statuses = [], [], [], {}
+
+        async def client(http, url, c):
+            for i in range(5):
+                body = {"model": "hera", "messages": [{"role": "user", "content": f"request {c}-{i}"}]}
+                async with http.post(url + "/v1/chat/completions", json=body,
+                                     headers={"X-Hera-Policy": "cloud-only", "X-Hera-Session": f"{url}-{c}"}) as r:
+                    data = await r.json()
+                    (answered if r.status == 200 else refused if r.status == 429 else other).append(data)
+                    statuses.setdefault(url, []).append(r.status)
+
+        async def load():
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+                await asyncio.gather(*[client(http, url, c) for url in urls for c in range(50)])
+
+        run(load())
+        ledger = PgLedger(db, node="reader")
+        try:
+            rows = [r for r in ledger.rows() if r["status"] == "ok"]
+            spent = sum(r["cost_usd"] for r in rows)
+            assert not other, other[:3]
+            assert len(rows) == len(answered) and len({r["row_uid"] for r in rows}) == len(rows)
+            assert len({r["node"] for r in rows}) >= 2  # the cap was spent by several nodes together
+            assert all(429 in codes for codes in statuses.values())  # and every node stopped at it
+            assert refused and all(e["error"]["type"] for e in refused)
+            in_flight = 4 * 50  # at most one call per client at a time
+            assert cap <= spent + per_call and spent < cap + in_flight * per_call, (spent / per_call, cap / per_call)
+            print(f"fleet: {len(answered)} answered, {len(refused)} refused, spend {spent / per_call:.0f} calls "
+                  f"for a cap of {cap / per_call:.0f}")
+        finally:
+            ledger.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=20)
+        up.close()
