@@ -39,6 +39,17 @@ class PgCluster:
         self.start()
         self.url = f"postgresql://hera@127.0.0.1:{self.port}/postgres"
 
+    def new_database(self) -> str:
+        """A fresh, empty database on this server; its URL."""
+        import uuid
+
+        import psycopg
+
+        name = f"t{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
     def start(self) -> None:
         subprocess.run([*self.as_user, self.pg_ctl, "-D", self.data, "-w", "-l", os.path.join(self.dir, "log"),
                         "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",

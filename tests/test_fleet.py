@@ -1,7 +1,6 @@
 """The PostgreSQL ledger shared by a fleet of nodes, against a real private PostgreSQL server."""
 
 import json
-import uuid
 import urllib.request
 
 import psycopg
@@ -28,10 +27,7 @@ def cluster():
 @pytest.fixture
 def db(cluster):
     """A fresh database per test."""
-    name = f"t{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(cluster.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return cluster.url.rsplit("/", 1)[0] + "/" + name
+    return cluster.new_database()
 
 
 def row(i: int, route: str = "cloud", session: str = "s", run: str = "r", status: str = "ok") -> LedgerRow:
@@ -262,10 +258,7 @@ def test_a_node_that_loses_the_database_spools_and_delivers_once(cluster, tmp_pa
     spool in order, each row once, even if a delivery is repeated."""
     from hera_core.routing.ledger_pg import PgBudget
 
-    name = f"t{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(cluster.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    db = cluster.url.rsplit("/", 1)[0] + "/" + name
+    db = cluster.new_database()
     spool = tmp_path / "spool.jsonl"
     node = PgLedger(db, node="edge", spool_path=spool, connect_timeout_s=1, retry_after_s=0.2)
     budget = PgBudget(node, per_day_usd=10.0)
@@ -300,10 +293,7 @@ def test_a_node_that_loses_the_database_spools_and_delivers_once(cluster, tmp_pa
 
 
 def test_without_a_spool_an_unreachable_database_is_an_error(cluster):
-    name = f"t{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(cluster.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    node = PgLedger(cluster.url.rsplit("/", 1)[0] + "/" + name, node="x", connect_timeout_s=1)
+    node = PgLedger(cluster.new_database(), node="x", connect_timeout_s=1)
     try:
         cluster.stop("immediate")
         with pytest.raises(ConfigError, match="no spool"):

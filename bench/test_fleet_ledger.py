@@ -8,9 +8,7 @@ extra_info: us_per_step (mean over the rounds).
 from __future__ import annotations
 
 import time
-import uuid
 
-import psycopg
 import pytest
 
 from hera_core.routing.budget import Budget
@@ -32,10 +30,7 @@ def pg_url():
         cluster = PgCluster()
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    name = f"b{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(cluster.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield cluster.url.rsplit("/", 1)[0] + "/" + name
+    yield cluster.new_database()
     cluster.close()
 
 
