@@ -58,9 +58,16 @@ def _content(d: "_Decoding") -> str:
     if d.toolset is None:
         return d.text
     if d.done:
-        return parse_calls(d.text, d.toolset)[0]
+        return _parsed(d)[0]
     head = d.text.split(OPEN, 1)[0]
     return "" if d.toolset.choice != "none" and head.lstrip()[:1] in ("{", "[", "`") else head
+
+
+def _parsed(d: "_Decoding") -> tuple:
+    """The finished output of a generation with tools, split into content, calls and errors (once)."""
+    if d.parsed is None:
+        d.parsed = parse_calls(d.text, d.toolset)
+    return d.parsed
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -112,6 +119,7 @@ class _Decoding:
     done: bool = False
     released: bool = False  # the slot has been handed back
     cancelled: bool = False  # its caller went away: drop it from the shared decode loop
+    parsed: tuple | None = None  # (content, tool_calls, errors) of the finished output, parsed once
     toolset: ToolSet | None = None
     grammar: object = None  # llama.cpp grammar sampler, active while a tool call is decoded
 
@@ -528,7 +536,7 @@ class LlamaCppEngine(Engine):
         latency = time.perf_counter() - d.t0
         text, calls, errors, finish = d.text, [], [], d.finish
         if d.toolset is not None:
-            text, calls, errors = parse_calls(d.text, d.toolset)
+            text, calls, errors = _parsed(d)
             finish = "tool_calls" if calls and not errors else finish
         return Generation(text=text, prompt_tokens=d.prompt_tokens, completion_tokens=len(d.out),
                           latency_s=latency, ttft_s=d.ttft if d.ttft is not None else latency,

@@ -199,6 +199,10 @@ class PgLedger:
             os.truncate(self.spool_path, 0)
             return len(items)
 
+    def connection(self):
+        """A pooled connection, one transaction (committed when the `with` block ends)."""
+        return self._pool.connection()
+
     def _dicts(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         with self._pool.connection() as conn:
             cur = conn.execute(sql, params)
@@ -298,7 +302,7 @@ class PgBudget:
 
     def exceeded(self, session: str) -> str | None:
         try:
-            with self.ledger._pool.connection() as conn:
+            with self.ledger.connection() as conn:
                 return self._over(*self._spent(conn, session, time.time()))
         except _unreachable_errors():
             return "unchecked" if self.when_unreachable == "refuse" else None
@@ -311,7 +315,7 @@ class PgBudget:
 
     def _reserve(self, session: str, usd: float) -> tuple[str | None, object]:
         now = time.time()
-        with self.ledger._pool.connection() as conn:
+        with self.ledger.connection() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(727275)")  # the fleet's check-and-hold, one at a time
             over = self._over(*self._spent(conn, session, now))
             if over is not None:
@@ -326,7 +330,7 @@ class PgBudget:
         """The step is booked (its cost is in the ledger) or did not reach the cloud: drop the hold."""
         if hold is not None:
             try:
-                with self.ledger._pool.connection() as conn:
+                with self.ledger.connection() as conn:
                     conn.execute("DELETE FROM budget_holds WHERE id = %s", (hold,))
             except _unreachable_errors():
                 pass  # the hold expires by itself

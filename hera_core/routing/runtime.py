@@ -112,8 +112,7 @@ class Runtime:
         turns out invalid must be escalable without the client having seen any of it."""
         if toolset is None:
             return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
-        gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset)
-        return gen
+        return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset)
 
     async def _draft_and_check(self, messages, prefill_row, max_tokens, stop, checks_only: bool = False,
                                toolset: ToolSet | None = None):
