@@ -60,3 +60,68 @@ def test_step_bookkeeping_postgresql_fleet(benchmark, pg_url, tmp_path):
     us = benchmark.pedantic(steps, args=(ledger, budget), rounds=1, iterations=1)
     benchmark.extra_info["us_per_step"] = us
     ledger.close()
+
+
+# --- fleet throughput: cloud steps per second through `hera serve` nodes -----------------------
+CLIENTS, REQUESTS = 100, 1500
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    from tests.conftest import ServerThread
+    from tests.fake_upstream import FakeUpstream
+
+    up = ServerThread(FakeUpstream(delay_s=0.05).app)  # a provider answering in 50 ms
+    yield up.url
+    up.close()
+
+
+def drive(urls: list[str]) -> dict:
+    """CLIENTS concurrent clients, spread over the nodes, REQUESTS cloud steps in all."""
+    import asyncio
+
+    import aiohttp
+    import numpy as np
+
+    latencies: list[float] = []
+    left = iter(range(REQUESTS))
+
+    async def client(http, url):
+        for i in left:
+            t0 = time.perf_counter()
+            body = {"model": "hera", "messages": [{"role": "user", "content": f"step {i}"}]}
+            async with http.post(url + "/v1/chat/completions", json=body,
+                                 headers={"X-Hera-Policy": "cloud-only", "X-Hera-Session": f"s{i % 50}"}) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+            latencies.append(time.perf_counter() - t0)
+
+    async def load():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            await asyncio.gather(*[client(http, urls[c % len(urls)]) for c in range(CLIENTS)])
+
+    t0 = time.perf_counter()
+    asyncio.run(load())
+    wall = time.perf_counter() - t0
+    return {"steps_per_s": REQUESTS / wall, "latency_p50_ms": float(np.percentile(latencies, 50) * 1e3),
+            "latency_p99_ms": float(np.percentile(latencies, 99) * 1e3)}
+
+
+@pytest.mark.parametrize("ledger,nodes", [("sqlite", 1), ("postgresql", 1), ("postgresql", 2), ("postgresql", 4)],
+                         ids=["sqlite-1node", "postgresql-1node", "postgresql-2nodes", "postgresql-4nodes"])
+def test_fleet_throughput(benchmark, ledger, nodes, pg_url, upstream, tmp_path):
+    """Cloud steps per second through `hera serve` (a daily cap set, so every step holds, books and
+    settles its budget), one node on its SQLite file against 1, 2 and 4 nodes on the shared ledger."""
+    from hera_core.install.models import model_path
+    from tests.conftest import TINY
+    from tests.fleet import start_fleet
+
+    model = model_path(TINY)
+    fleet = start_fleet(nodes, tmp_path, model, upstream, ledger_url=pg_url if ledger == "postgresql" else None,
+                        server_toml="daily_budget_usd = 1000000.0")
+    try:
+        drive([n.url for n in fleet.nodes])  # warm-up: connections, pools, first requests
+        info = benchmark.pedantic(drive, args=([n.url for n in fleet.nodes],), rounds=1, iterations=1)
+        benchmark.extra_info.update(info)
+    finally:
+        fleet.close()

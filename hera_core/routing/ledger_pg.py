@@ -6,7 +6,9 @@ twice (a retry after a lost acknowledgement) is stored once. psycopg 3 with a co
 one transaction per subtask, committed before `record` returns, so a response is sent only after
 its row is in the database, or, while the database cannot be reached, in the node's spool file
 (appended and fsynced): a node that loses the database keeps serving, and delivers the spooled rows,
-in order and at most once each (the row id), with its first booking after the database is back.
+in order and at most once each (the row id), with its first booking after the database is back, or
+sooner from a background courier thread that retries every `retry_after_s` while the spool is not
+empty (also for a spool left by a node that died: it is delivered when the node starts again).
 
 Schema versions: `hera_schema` holds the version; a database of an older version is migrated in
 place on open (each migration is idempotent DDL), a newer one is refused with a message.
@@ -27,7 +29,7 @@ from typing import Any
 from hera_core.errors import ConfigError
 from hera_core.routing.ledger import _COLUMNS, LedgerRow
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS = {  # version -> DDL that brings a database from version - 1 to it
     1: """
 CREATE TABLE IF NOT EXISTS subtasks (
@@ -76,7 +78,26 @@ CREATE TABLE IF NOT EXISTS budget_holds (
     expires DOUBLE PRECISION NOT NULL      -- unix time after which the hold no longer counts (its node died)
 );
 """,
+    # Cloud spend per session and per UTC day, kept by the booking transaction: a budget check
+    # reads two rows instead of summing the whole ledger (which grows for ever).
+    3: """
+CREATE TABLE IF NOT EXISTS cloud_spend (
+    scope TEXT PRIMARY KEY,                -- 'session:<id>' or 'day:<days since 1970-01-01, UTC>'
+    usd DOUBLE PRECISION NOT NULL
+);
+INSERT INTO cloud_spend (scope, usd)
+    SELECT 'session:' || session, SUM(cost_usd) FROM subtasks WHERE route = 'cloud' GROUP BY session
+    UNION ALL
+    SELECT 'day:' || FLOOR(ts / 86400)::BIGINT, SUM(cost_usd) FROM subtasks WHERE route = 'cloud'
+    GROUP BY FLOOR(ts / 86400)::BIGINT
+ON CONFLICT (scope) DO NOTHING;
+""",
 }
+
+
+def spend_scopes(session: str, ts: float) -> tuple[str, str]:
+    """The cloud_spend rows a cloud step at `ts` counts in: its UTC day and its session."""
+    return f"day:{int(ts // 86400)}", f"session:{session}"
 
 
 def _unreachable_errors() -> tuple[type[BaseException], ...]:
@@ -91,8 +112,9 @@ def default_node_id() -> str:
 
 
 class PgLedger:
+    remote = True  # bookings go over the network: the runtime makes them off its event loop
     def __init__(self, url: str, *, node: str | None = None, pool_size: int = 4, connect_timeout_s: float = 5.0,
-                 spool_path: str | Path | None = None, retry_after_s: float = 5.0) -> None:
+                 spool_path: str | Path | None = None, retry_after_s: float = 2.0) -> None:
         from psycopg_pool import ConnectionPool
 
         self.node = node or default_node_id()
@@ -102,8 +124,9 @@ class PgLedger:
         # connection on every step; then try again.
         self.retry_after_s = retry_after_s
         self._down_until = 0.0
+        # No check on checkout (a round trip per transaction): a connection broken by a database
+        # restart fails its first use, that step is spooled, and the pool drops the connection.
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout_s,
-                                    check=ConnectionPool.check_connection,
                                     kwargs={"autocommit": False, "connect_timeout": max(1, int(connect_timeout_s))})
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s)
@@ -112,6 +135,38 @@ class PgLedger:
             raise ConfigError(f"cannot reach the PostgreSQL ledger ({type(exc).__name__}); check ledger_url "
                               "(HERA_LEDGER_URL) and that the server is up") from None
         self._migrate()
+        self._closed = threading.Event()
+        self._courier: threading.Thread | None = None
+        if self.spooled():  # rows left by a previous run of this node
+            self._start_courier()
+
+    def is_down(self) -> bool:
+        """The database failed moments ago (within `retry_after_s`): callers skip it instead of
+        waiting for a connection that will not come."""
+        return time.monotonic() < self._down_until
+
+    def mark_down(self) -> None:
+        self._down_until = time.monotonic() + self.retry_after_s
+
+    def _start_courier(self) -> None:
+        with self._spool_lock:
+            if self._courier is not None and self._courier.is_alive():
+                return
+            self._courier = threading.Thread(target=self._deliver_until_empty, name="hera-ledger-courier",
+                                             daemon=True)
+            self._courier.start()
+
+    def _deliver_until_empty(self) -> None:
+        while not self._closed.wait(self.retry_after_s):
+            if self.is_down():
+                continue
+            try:
+                self.deliver_spool()
+            except (ConnectionError, *_unreachable_errors()):
+                self.mark_down()
+                continue
+            if not self.spooled():
+                return
 
     def _migrate(self) -> None:
         with self._pool.connection() as conn:
@@ -137,21 +192,26 @@ class PgLedger:
         row.ts = row.ts or time.time()
         item = {"uid": row_uid or str(uuid.uuid4()), "row": asdict(row), "attempts": [list(a) for a in attempts or []]}
         try:
-            if self.spool_path is not None and time.monotonic() < self._down_until:
+            if self.spool_path is not None and self.is_down():
                 raise ConnectionError("the database was unreachable moments ago")
             self.deliver_spool()
             with self._pool.connection() as conn:
-                return self._insert(conn, item)
+                spend: dict[str, float] = {}
+                got = self._insert(conn, item, spend)
+                self._add_spend(conn, spend)
+                return got
         except (ConnectionError, *_unreachable_errors()) as exc:
             if self.spool_path is None:
                 raise ConfigError(f"the PostgreSQL ledger cannot be reached ({type(exc).__name__}) and this node "
                                   "has no spool file") from None
             if not isinstance(exc, ConnectionError):
-                self._down_until = time.monotonic() + self.retry_after_s
+                self.mark_down()
             self._spool(item)
+            self._start_courier()
             return 0
 
-    def _insert(self, conn, item: dict[str, Any]) -> int:
+    def _insert(self, conn, item: dict[str, Any], spend: dict[str, float]) -> int:
+        """Insert one spooled-or-fresh item; a new cloud row's cost is added to `spend` by scope."""
         values, uid = item["row"], item["uid"]
         cols = ["row_uid", "node", *_COLUMNS]
         got = conn.execute(f"INSERT INTO subtasks ({','.join(cols)}) VALUES ({','.join(['%s'] * len(cols))}) "
@@ -159,6 +219,9 @@ class PgLedger:
                            [uid, self.node, *[values[c] for c in _COLUMNS]]).fetchone()
         if got is None:  # delivered before
             return int(conn.execute("SELECT id FROM subtasks WHERE row_uid = %s", (uid,)).fetchone()[0])
+        if values["route"] == "cloud" and values["cost_usd"]:
+            for scope in spend_scopes(values["session"], values["ts"]):
+                spend[scope] = spend.get(scope, 0.0) + values["cost_usd"]
         if item["attempts"]:
             with conn.cursor() as cur:
                 cur.executemany(
@@ -167,6 +230,14 @@ class PgLedger:
                     [(uid, self.node, values["ts"], values["run"], values["session"], values["step"], i + 1, outcome,
                       lat) for i, (outcome, lat) in enumerate(item["attempts"])])
         return int(got[0])
+
+    @staticmethod
+    def _add_spend(conn, spend: dict[str, float]) -> None:
+        """Add to the spend counters in one sorted order, so concurrent bookings never deadlock."""
+        if spend:
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO cloud_spend (scope, usd) VALUES (%s, %s) ON CONFLICT (scope) "
+                                "DO UPDATE SET usd = cloud_spend.usd + EXCLUDED.usd", sorted(spend.items()))
 
     # --- the spool: rows booked while the database was away -------------------------------------
     def _spool(self, item: dict[str, Any]) -> None:
@@ -194,10 +265,22 @@ class PgLedger:
                 return 0
             items = [json.loads(line) for line in self.spool_path.read_text().splitlines() if line.strip()]
             with self._pool.connection() as conn:
+                spend: dict[str, float] = {}
                 for item in items:
-                    self._insert(conn, item)
+                    self._insert(conn, item, spend)
+                self._add_spend(conn, spend)
             os.truncate(self.spool_path, 0)
             return len(items)
+
+    def wait_delivered(self, timeout_s: float) -> bool:
+        """Wait until the spool is empty and the courier has stopped; False after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            courier = self._courier
+            if not self.spooled() and (courier is None or not courier.is_alive()):
+                return True
+            time.sleep(0.05)
+        return False
 
     def connection(self):
         """A pooled connection, one transaction (committed when the `with` block ends)."""
@@ -258,6 +341,9 @@ class PgLedger:
         return rows
 
     def close(self) -> None:
+        self._closed.set()
+        if self._courier is not None:
+            self._courier.join(timeout=5)
         self._pool.close()
 
 
@@ -283,15 +369,14 @@ class PgBudget:
         self.when_unreachable = when_unreachable
 
     def _spent(self, conn, session: str, now: float) -> tuple[float, float]:
-        day_start = now - now % 86400  # the UTC day
-        session_spend, day_spend = conn.execute(
-            "SELECT COALESCE(SUM(CASE WHEN session = %s THEN cost_usd ELSE 0 END), 0), "
-            "COALESCE(SUM(CASE WHEN ts >= %s THEN cost_usd ELSE 0 END), 0) FROM subtasks WHERE route = 'cloud'",
-            (session, day_start)).fetchone()
-        held_session, held_all = conn.execute(
-            "SELECT COALESCE(SUM(CASE WHEN session = %s THEN usd ELSE 0 END), 0), COALESCE(SUM(usd), 0) "
-            "FROM budget_holds WHERE expires > %s", (session, now)).fetchone()
-        return session_spend + held_session, day_spend + held_all
+        """(session spend, day spend): booked (the counters) plus held by calls in flight, one query."""
+        day, sess = spend_scopes(session, now)
+        return conn.execute(
+            "SELECT COALESCE((SELECT usd FROM cloud_spend WHERE scope = %s), 0) "
+            "     + COALESCE((SELECT SUM(usd) FROM budget_holds WHERE session = %s AND expires > %s), 0), "
+            "       COALESCE((SELECT usd FROM cloud_spend WHERE scope = %s), 0) "
+            "     + COALESCE((SELECT SUM(usd) FROM budget_holds WHERE expires > %s), 0)",
+            (sess, session, now, day, now)).fetchone()
 
     def _over(self, session_total: float, day_total: float) -> str | None:
         if self.per_day_usd is not None and day_total >= self.per_day_usd:
@@ -300,18 +385,27 @@ class PgBudget:
             return "session"
         return None
 
+    def _unchecked(self) -> str | None:
+        return "unchecked" if self.when_unreachable == "refuse" else None
+
     def exceeded(self, session: str) -> str | None:
+        if self.ledger.is_down():
+            return self._unchecked()
         try:
             with self.ledger.connection() as conn:
                 return self._over(*self._spent(conn, session, time.time()))
         except _unreachable_errors():
-            return "unchecked" if self.when_unreachable == "refuse" else None
+            self.ledger.mark_down()
+            return self._unchecked()
 
     def reserve(self, session: str, usd: float) -> tuple[str | None, object]:
+        if self.ledger.is_down():  # do not wait for a connection on every step of an outage
+            return self._unchecked(), None
         try:
             return self._reserve(session, usd)
         except _unreachable_errors():
-            return ("unchecked" if self.when_unreachable == "refuse" else None), None
+            self.ledger.mark_down()
+            return self._unchecked(), None
 
     def _reserve(self, session: str, usd: float) -> tuple[str | None, object]:
         now = time.time()
@@ -323,17 +417,16 @@ class PgBudget:
             hold = str(uuid.uuid4())
             conn.execute("INSERT INTO budget_holds (id, node, session, usd, expires) VALUES (%s,%s,%s,%s,%s)",
                          (hold, self.ledger.node, session, usd, now + self.hold_ttl_s))
-            conn.execute("DELETE FROM budget_holds WHERE expires <= %s", (now - self.hold_ttl_s,))
             return None, hold
 
     def settle(self, session: str, hold: object, usd: float) -> None:
         """The step is booked (its cost is in the ledger) or did not reach the cloud: drop the hold."""
-        if hold is not None:
+        if hold is not None and not self.ledger.is_down():
             try:
-                with self.ledger.connection() as conn:
-                    conn.execute("DELETE FROM budget_holds WHERE id = %s", (hold,))
+                with self.ledger.connection() as conn:  # this hold, and any that expired (their nodes died)
+                    conn.execute("DELETE FROM budget_holds WHERE id = %s OR expires <= %s", (hold, time.time()))
             except _unreachable_errors():
-                pass  # the hold expires by itself
+                self.ledger.mark_down()  # the hold expires by itself
 
     def add(self, session: str, usd: float) -> None:
         """Spend is read from the shared ledger's rows: nothing to add."""

@@ -76,6 +76,7 @@ class Runtime:
         self.cloud = cloud
         self.predictor = predictor
         self.ledger = ledger
+        self._ledger_remote = getattr(ledger, "remote", False)  # a database over the network (PgLedger)
         self.prices = prices
         self.run = run  # ledger label of this runtime's rows
         self.threshold_offset = threshold_offset
@@ -184,7 +185,7 @@ class Runtime:
                 draft_s = time.perf_counter() - t0
         hold: list = []  # the budget's hold on this step's cloud call, settled once the step is booked
         if decision.route is Route.CLOUD and self.budget is not None:
-            exceeded = self._reserve(session, messages, max_tokens, hold)
+            exceeded = await self._ledger_io(self._reserve, session, messages, max_tokens, hold)
             if exceeded is not None:
                 if self.budget.action == "local" and why_not_local is None:
                     decision = Decision(Route.LOCAL, f"budget-{exceeded}", p_local, threshold)
@@ -203,7 +204,8 @@ class Runtime:
                     await self._local_generate(messages, max_tokens, stop, on_text, toolset)  # a kept draft: no second decode
                 if gen.tool_errors:  # the SLM's tool call is not valid: never returned as one
                     if override is Override.LOCAL_ONLY or why_not_local is not None or \
-                            (self.budget is not None and self._reserve(session, messages, max_tokens, hold)):
+                            (self.budget is not None and
+                             await self._ledger_io(self._reserve, session, messages, max_tokens, hold)):
                         decision = Decision(Route.LOCAL, "tool-call-dropped", p_local, threshold)
                     else:
                         draft_s, gen = time.perf_counter() - t0, None
@@ -248,12 +250,25 @@ class Runtime:
             for h in hold:  # nothing was spent on the cloud that the ledger knows of
                 self.budget.settle(session, h, 0.0)
             raise
-        row_id = self._book(run, session, step, decision, model=gen.model, gen=gen, latency_s=max(elapsed, gen.latency_s),
-                            cost=cost, cloud_cost=cloud_cost, attempts=attempts)
-        for h in hold:  # after the row: a shared budget never sees the spend neither held nor booked
-            self.budget.settle(session, h, cloud_cost if decision.route is Route.CLOUD else 0.0)
+        row_id = await self._ledger_io(self._book_and_settle, hold, run, session, step, decision, model=gen.model,
+                                       gen=gen, latency_s=max(elapsed, gen.latency_s), cost=cost,
+                                       cloud_cost=cloud_cost, attempts=attempts)
         return SubtaskResult(text=gen.text, route=decision.route, decision=decision, generation=gen,
                              cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id, draft=check)
+
+    async def _ledger_io(self, fn, *args, **kwargs):
+        """Run a booking or budget call: inline for a local ledger (SQLite, microseconds), on a worker
+        thread for a remote one (PostgreSQL), so database round trips, and an outage's connect
+        timeouts, never hold up the event loop's other steps."""
+        if self._ledger_remote:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    def _book_and_settle(self, hold: list, run, session: str, step: int, decision: Decision, **row) -> int:
+        row_id = self._book(run, session, step, decision, **row)
+        for h in hold:  # after the row: a shared budget never sees the spend neither held nor booked
+            self.budget.settle(session, h, row["cloud_cost"] if decision.route is Route.CLOUD else 0.0)
+        return row_id
 
     def _reserve(self, session: str, messages: list[Message], max_tokens: int, hold: list) -> str | None:
         """Ask the budget for a cloud call of at most this step's price (its prompt, estimated at 4
