@@ -206,3 +206,42 @@ def test_sessions_batched(benchmark, sessions):
 @pytest.mark.parametrize("sessions", SESSIONS)
 def test_sessions_llama_server(benchmark, sessions):
     benchmark.extra_info.update(benchmark.pedantic(run_llama_server, args=(sessions,), rounds=1, iterations=1))
+
+
+# --- n samples of one step (the draft checks' sample agreement; OpenAI's n) ----------------------
+def run_samples(k: int, shared: bool) -> dict:
+    """k sampled answers to one ~300-token prompt, 128 tokens each: in one call whose samples share
+    the prompt's KV and decode together (`shared`), or as k calls one after another."""
+    from hera_core.backends.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(model_path(MODEL), name=MODEL, n_ctx=N_CTX, n_slots=8, n_threads=THREADS)
+    prompt = session_prompt(0)
+
+    async def go():
+        t0 = time.perf_counter()
+        if shared:
+            gens = await engine.generate_samples(prompt, k, max_tokens=TOKENS, temperature=0.7, seed=1)
+        else:
+            gens = [(await engine.generate_samples(prompt, 1, max_tokens=TOKENS, temperature=0.7, seed=i))[0]
+                    for i in range(k)]
+        wall = time.perf_counter() - t0
+        await engine.close()
+        return gens, wall
+
+    gens, wall = asyncio.run(go())
+    return {"wall_s": wall, "generated_tokens": sum(g.completion_tokens for g in gens),
+            "prefill_tokens": engine.stats["prefill_tokens"]}
+
+
+@pytest.mark.parametrize("k", [1, 3, 5], ids=lambda k: f"k{k}")
+def test_samples_shared_prompt(benchmark, k):
+    """Wall time of k samples in one call, the prompt evaluated once (k1: the single draft)."""
+    info = benchmark.pedantic(run_samples, args=(k, True), rounds=1, iterations=1)
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.parametrize("k", [3, 5], ids=lambda k: f"k{k}")
+def test_samples_one_after_another(benchmark, k):
+    """The same k samples as k calls in turn (what a client asking k times would wait)."""
+    info = benchmark.pedantic(run_samples, args=(k, False), rounds=1, iterations=1)
+    benchmark.extra_info.update(info)

@@ -73,3 +73,55 @@ def test_streaming_deltas_of_batched_generations_reassemble_each_answer(engines)
 
     parts, gens = run(go())
     assert ["".join(p) for p in parts] == [g.text for g in gens]
+
+
+def test_n_samples_share_one_prompt_evaluation_and_decode_together(engines):
+    """n samples: the prompt is evaluated once and its KV copied into n - 1 more sequences, which
+    decode in the same batch; a seed makes them reproducible; a near-zero temperature gives the
+    greedy answer in every sample."""
+    engine = engines["batched"]
+    prompt = [{"role": "user", "content": "Name a colour and say why you like it."}]
+    before = dict(engine.stats)
+    samples = run(engine.generate_samples(prompt, 4, max_tokens=24, temperature=1.0, seed=7))
+    prompt_tokens = samples[0].prompt_tokens
+    assert engine.stats["prefill_tokens"] - before["prefill_tokens"] <= prompt_tokens  # once, not 4 times
+    assert engine.stats["seq_copies"] - before["seq_copies"] >= 3  # (+1 if the prompt linked a shared prefix)
+    seqs = engine.stats["batched_sequences"] - before["batched_sequences"]
+    steps = engine.stats["decode_steps"] - before["decode_steps"]
+    assert seqs / steps > 2  # the samples shared decodes
+    texts = [g.text for g in samples]
+    assert len(set(texts)) > 1  # sampled, not four copies of one answer
+    assert [g.text for g in run(engine.generate_samples(prompt, 4, max_tokens=24, seed=7))] == texts
+    assert all(g.cached_tokens == prompt_tokens for g in samples[1:])
+    greedy = run(engine.generate(prompt, max_tokens=24)).text
+    cold = run(engine.generate_samples(prompt, 3, max_tokens=24, temperature=1e-4, seed=1))
+    assert [g.text for g in cold] == [greedy] * 3
+
+
+def test_bad_sampling_requests_are_refused_and_a_cancelled_one_frees_its_slots(engines):
+    from hera_core.errors import InvalidRequestError
+
+    engine = engines["batched"]
+    prompt = [{"role": "user", "content": "Count to twenty."}]
+    for kwargs in ({"n": 9}, {"n": 0}, {"n": 2, "temperature": 0.0}, {"n": 2, "top_p": 0.0}):
+        with pytest.raises(InvalidRequestError):
+            run(engine.generate_samples(prompt, **kwargs))
+
+    async def cancel_midway():
+        task = asyncio.create_task(engine.generate_samples(prompt, 6, max_tokens=200, seed=3))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # every slot is free again: 8 at once still fit
+        return await asyncio.wait_for(engine.generate_samples(prompt, 8, max_tokens=4, seed=3), 120)
+
+    assert len(run(cancel_midway())) == 8
+    assert not any(s.busy for s in engine._slots)
+
+
+def test_serial_engine_samples_too(engines):
+    samples = run(engines["serial"].generate_samples(PROMPTS[0], 3, max_tokens=12, seed=5))
+    batched = run(engines["batched"].generate_samples(PROMPTS[0], 3, max_tokens=12, seed=5))
+    assert len(samples) == 3 and all(g.completion_tokens > 0 for g in samples)
+    assert [g.text for g in samples] == [g.text for g in batched]  # same random streams, same tokens

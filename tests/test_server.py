@@ -128,9 +128,34 @@ def test_tool_steps_are_routed_like_any_other(client, server):
     assert status == 200 and headers["x-hera-route"] == "local"
 
 
+def test_n_choices_are_sampled_on_the_route_taken_and_booked_once(client, server):
+    """OpenAI's `n` through the openai SDK: on the SLM (local-only) the n samples share the
+    prompt's KV and decode together; on the cloud one request asks for n choices. One ledger
+    row per step, with every choice's completion tokens and the prompt once."""
+    for policy, route in (("local-only", "local"), ("cloud-only", "cloud")):
+        raw = client.chat.completions.with_raw_response.create(
+            model="hera", messages=Q, max_tokens=12, n=3, temperature=1.0, seed=11,
+            extra_headers={"X-Hera-Policy": policy})
+        done = raw.parse()
+        assert raw.headers["x-hera-route"] == route
+        assert [c.index for c in done.choices] == [0, 1, 2] and all(c.message.content for c in done.choices)
+        assert len({c.message.content for c in done.choices}) > 1  # sampled at temperature 1
+        row = server.ledger.rows("serve")[-1]
+        assert row["route"] == route and row["completion_tokens"] == done.usage.completion_tokens
+        assert done.usage.completion_tokens > 12  # the tokens of more than one choice
+    again = client.chat.completions.create(model="hera", messages=Q, max_tokens=12, n=3, temperature=1.0, seed=11,
+                                           extra_headers={"X-Hera-Policy": "local-only"})
+    first = [c.message.content for c in client.chat.completions.create(
+        model="hera", messages=Q, max_tokens=12, n=3, temperature=1.0, seed=11,
+        extra_headers={"X-Hera-Policy": "local-only"}).choices]
+    assert [c.message.content for c in again.choices] == first  # a seed makes them reproducible
+
+
 @pytest.mark.parametrize("body,headers,status,fragment", [
     (b"{not json", {}, 400, "not valid JSON"),
-    ({"model": "hera", "messages": Q, "n": 3}, {}, 400, "one choice per request"),
+    ({"model": "hera", "messages": Q, "n": 3, "stream": True}, {}, 400, "without streaming"),
+    ({"model": "hera", "messages": Q, "n": 0}, {}, 400, "n"),
+    ({"model": "hera", "messages": Q, "n": 2, "top_p": 0}, {}, 400, "top_p"),
     ({"model": "hera"}, {}, 400, "messages"),
     ({"model": "hera", "messages": [{"role": "wizard", "content": "x"}]}, {}, 400, "role"),
     ({"model": "hera", "messages": Q, "max_tokens": 10**6}, {}, 400, "cap"),

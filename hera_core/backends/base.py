@@ -54,6 +54,16 @@ class Engine(abc.ABC):
         """Greedy completion of a chat. `on_text` receives text deltas as they are produced;
         `toolset` (backends.tools.ToolSet) offers tools, whose calls come back in `tool_calls`."""
 
+    async def generate_samples(self, messages: list[Message], n: int, *, max_tokens: int = 256,
+                               stop: list[str] | None = None, temperature: float = 1.0, top_p: float = 1.0,
+                               seed: int | None = None) -> list[Generation]:
+        """`n` sampled completions of one chat (OpenAI's `n`), not streamed. The prompt is paid
+        once: its usage is the first one's prompt_tokens plus every choice's completion_tokens
+        (an engine that knows only the total puts it on the first and 0 on the others)."""
+        from hera_core.errors import CannotServeLocallyError
+
+        raise CannotServeLocallyError(f"{type(self).__name__} does not sample several completions (n > 1)")
+
     async def prefill(self, messages: list[Message], *, toolset: Any = None) -> Prefill:
         raise NotImplementedError(f"{type(self).__name__} has no prefill (only local engines do)")
 

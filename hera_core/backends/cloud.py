@@ -189,6 +189,29 @@ class CloudEngine(Engine):
                                    finish_reason=choice.get("finish_reason") or "stop", model=self.name,
                                    extra=extra_out, tool_calls=list(message.get("tool_calls") or [])), toolset)
 
+    async def generate_samples(self, messages: list[Message], n: int, *, max_tokens: int = 256,
+                               stop: list[str] | None = None, temperature: float = 1.0, top_p: float = 1.0,
+                               seed: int | None = None) -> list[Generation]:
+        """`n` choices in one request (OpenAI's `n`); the total usage on the first (per-choice
+        completion tokens are not reported)."""
+        payload: dict[str, Any] = {"model": self.name, "messages": messages, "max_tokens": max_tokens, "n": n,
+                                   "temperature": temperature, "top_p": top_p}
+        if stop:
+            payload["stop"] = stop
+        if seed is not None:
+            payload["seed"] = seed
+        data, latency, attempts = await self.chat(payload)
+        usage = data.get("usage") or {}
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        if len(choices) != n:
+            raise CloudError(f"the cloud LLM answered {len(choices)} choices for n = {n}", attempts)
+        return [Generation(text=(c.get("message") or {}).get("content") or "",
+                           prompt_tokens=int(usage.get("prompt_tokens", 0)) if i == 0 else 0,
+                           completion_tokens=int(usage.get("completion_tokens", 0)) if i == 0 else 0,
+                           latency_s=latency, ttft_s=latency, finish_reason=c.get("finish_reason") or "stop",
+                           model=self.name, extra={"attempts": attempts} if i == 0 else {})
+                for i, c in enumerate(choices)]
+
     async def forward(self, payload: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, float]]]:
         data, _, attempts = await self.chat(payload)
         return data, attempts

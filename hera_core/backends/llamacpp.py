@@ -70,6 +70,19 @@ def _parsed(d: "_Decoding") -> tuple:
     return d.parsed
 
 
+def _sample(logits: np.ndarray, ids: np.ndarray, d: "_Decoding") -> int:
+    """One token of `ids` drawn from softmax(logits / temperature), within the top_p nucleus."""
+    z = logits.astype(np.float64) / d.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if d.top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), d.top_p)) + 1]
+        p = p[keep] / p[keep].sum()
+        ids = ids[keep]
+    return int(ids[d.rng.choice(len(p), p=p)])
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     if n == 0:
@@ -122,6 +135,9 @@ class _Decoding:
     parsed: tuple | None = None  # (content, tool_calls, errors) of the finished output, parsed once
     toolset: ToolSet | None = None
     grammar: object = None  # llama.cpp grammar sampler, active while a tool call is decoded
+    rng: np.random.Generator | None = None  # a sampled generation's own random stream (None: greedy)
+    temperature: float = 1.0
+    top_p: float = 1.0
 
 
 class LlamaCppEngine(Engine):
@@ -403,6 +419,37 @@ class LlamaCppEngine(Engine):
         return _Decoding(slot=slot, logits=logits, max_tokens=max_tokens, stop=stop, on_text=on_text, t0=t0,
                          prompt_tokens=len(tokens), reused=reused, pinned=pinned, toolset=toolset, grammar=grammar)
 
+    def _start_samples(self, messages: list[Message], n: int, max_tokens: int, stop: list[str],
+                       toolset: ToolSet | None, temperature: float, top_p: float,
+                       seed: int | None) -> list[_Decoding]:
+        """`n` sampled generations of one prompt: evaluated once, its KV copied into n - 1 more
+        slots (llama_memory_seq_cp, no recomputation), each with its own random stream."""
+        first = self._start(messages, max_tokens, stop, None, toolset)
+        ds = [first]
+        try:
+            for _ in range(n - 1):
+                slot = self._recycle_slot(exclude=first.slot)
+                self._lib.llama_memory_seq_cp(self._mem, first.slot, slot, -1, -1)
+                src, s = self._slots[first.slot], self._slots[slot]
+                s.tokens, s.prompt_len, s.logits, s.busy = list(src.tokens), src.prompt_len, src.logits, True
+                s.last_used = self._tick()
+                key = np.asarray(s.tokens, dtype=np.int32)
+                self._apply_evictions(self._index.insert(key, slot))
+                self.stats["seq_copies"] += 1
+                grammar = self._grammar_sampler(toolset, opened=False) if first.grammar is not None else None
+                ds.append(_Decoding(slot=slot, logits=first.logits, max_tokens=first.max_tokens, stop=stop,
+                                    on_text=None, t0=first.t0, prompt_tokens=first.prompt_tokens,
+                                    reused=first.prompt_tokens, pinned=self._index.lock(key), toolset=toolset,
+                                    grammar=grammar))
+        except BaseException:
+            for d in ds:  # not enough idle slots yet (or a failure): hand back what was claimed
+                self._release(d)
+            raise
+        seeds = np.random.SeedSequence(seed).spawn(n)
+        for d, ss in zip(ds, seeds):
+            d.rng, d.temperature, d.top_p = np.random.default_rng(ss), temperature, top_p
+        return ds
+
     # --- tool calls: a grammar from the tools' schemas, switched on when a call starts ------------
     def _grammar_sampler(self, toolset: ToolSet, opened: bool):
         grammar = toolset.grammar(opened)
@@ -415,11 +462,13 @@ class LlamaCppEngine(Engine):
         """The next token: greedy; under the tool-call grammar, greedy among the tokens it allows
         (checked on the 64 likeliest first, the whole vocabulary only if none of those fits)."""
         if d.grammar is None:
+            logits = d.logits
             if d.toolset is not None and d.toolset.choice == "none" and self._open_token is not None:
                 logits = d.logits.copy()  # (the slot may keep these logits for an exact repeat)
                 logits[self._open_token] = -np.inf  # no call when the client said none
-                return int(np.argmax(logits))
-            return int(np.argmax(d.logits))
+            if d.rng is not None:
+                return _sample(logits, np.arange(len(logits)), d)
+            return int(np.argmax(logits))
         lib = self._lib
         top = np.argpartition(d.logits, -64)[-64:]
         for ids in (top[np.argsort(-d.logits[top])], np.argsort(-d.logits)):
@@ -429,6 +478,8 @@ class LlamaCppEngine(Engine):
                                              selected=-1, sorted=True)
             lib.llama_sampler_apply(d.grammar, ctypes.byref(arr))
             allowed = np.flatnonzero(np.isfinite(cand["logit"]))
+            if len(allowed) and d.rng is not None:
+                return _sample(cand["logit"][allowed], cand["id"][allowed], d)
             if len(allowed):
                 return int(cand["id"][allowed[0]])
         raise HeraError("the tool-call grammar allows no token")
@@ -616,6 +667,52 @@ class LlamaCppEngine(Engine):
                 self._release_later(d)
             raise
         return self._generation(d)
+
+    async def generate_samples(self, messages: list[Message], n: int, *, max_tokens: int = 256,
+                               stop: list[str] | None = None, temperature: float = 1.0, top_p: float = 1.0,
+                               seed: int | None = None, toolset: ToolSet | None = None) -> list[Generation]:
+        """`n` sampled completions of one prompt (temperature / top_p; `seed` makes them
+        reproducible). The prompt is evaluated once and its KV shared by the n sequences, which
+        decode together in the shared batch. Not streamed."""
+        if not 1 <= n <= len(self._slots):
+            raise InvalidRequestError(f"n must be between 1 and this engine's {len(self._slots)} slots "
+                                      f"(local.n_slots), got {n}")
+        if not temperature > 0:
+            raise InvalidRequestError(f"sampling needs temperature > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
+        if max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+
+        def abandon(ds: list[_Decoding]) -> None:
+            for d in ds:
+                self._release_later(d)
+
+        ds = await self._when_a_slot_is_free(self._start_samples, messages, n, max_tokens, list(stop or []),
+                                             toolset, float(temperature), float(top_p), seed, if_abandoned=abandon)
+        if not self.batching:
+            try:
+                for d in ds:
+                    while not await self._on_engine(self._step, d):
+                        pass
+            except BaseException:
+                abandon([d for d in ds if not d.done])
+                raise
+            return [self._generation(d) for d in ds]
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in ds]
+        self._active.extend(zip(ds, futures))
+        if self._decoder is None or self._decoder.done():
+            self._decoder = asyncio.create_task(self._decode_loop())
+        try:
+            await asyncio.gather(*futures)
+        except asyncio.CancelledError:
+            for d in ds:
+                d.cancelled = True
+            if self._decoder is None or self._decoder.done():
+                abandon([d for d in ds if not d.done])
+            raise
+        return [self._generation(d) for d in ds]
 
     async def _decode_loop(self) -> None:
         """Continuous batching: while generations are active, decode a chunk of all of them in one

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ class SubtaskResult:
     step: int
     ledger_id: int
     draft: DraftCheck | None = None  # the checks of the SLM's draft, for a step that was drafted first
+    samples: list[Generation] = field(default_factory=list)  # every choice of an n > 1 step (the first is `generation`)
 
 
 @dataclass
@@ -59,6 +61,13 @@ def _budget_message(exceeded: str) -> str:
     if exceeded == "unchecked":
         return "the cloud budget cannot be checked (the shared ledger's database is unreachable)"
     return f"the {exceeded} cloud budget is spent"
+
+
+def _usage_of(samples: list[Generation]) -> Generation:
+    """The first sample, carrying the usage of all of them (the prompt once, every completion)."""
+    first = samples[0]
+    return dataclasses.replace(first, completion_tokens=sum(g.completion_tokens for g in samples),
+                               latency_s=max(g.latency_s for g in samples))
 
 
 def step_index(messages: list[Message]) -> int:
@@ -135,7 +144,8 @@ class Runtime:
                        local_can_serve: bool = True, on_text: Callable[[str], None] | None = None,
                        cloud_extra: dict[str, Any] | None = None, threshold: float | None = None,
                        on_decision: Callable[[Decision], Awaitable[None]] | None = None,
-                       toolset: ToolSet | None = None) -> SubtaskResult:
+                       toolset: ToolSet | None = None, samples: int = 1,
+                       sampling: dict[str, Any] | None = None) -> SubtaskResult:
         """Route and run one subtask, book it, return the answer with its route and cost.
 
         local_can_serve=False (images) sends the step to the cloud; a prompt longer than the
@@ -145,8 +155,12 @@ class Runtime:
         or, where it may not leave the device, answered without the call (`tool-call-dropped`).
         `on_text` receives the answer's text deltas as they are produced (streaming);
         `on_decision` is awaited once the route is known, before generation (response headers).
-        `threshold` replaces kappa(step) for this call.
+        `threshold` replaces kappa(step) for this call. `samples` > 1 (OpenAI's `n`): that many
+        completions sampled with `sampling` (temperature, top_p, seed) on the route taken, the
+        prompt paid once (locally its KV is shared by the samples); not streamed, no tools, no draft.
         """
+        if samples > 1 and (on_text is not None or toolset is not None):
+            raise InvalidRequestError("n > 1 is answered without streaming and without tools; send n = 1 for those")
         step = step_index(messages) if step is None else step
         max_tokens = max_tokens or self.max_tokens
         t0 = time.perf_counter()
@@ -169,7 +183,7 @@ class Runtime:
         unfamiliar = override is Override.AUTO and why_not_local is None and self.is_unfamiliar(messages)
         if unfamiliar and self.unfamiliar == "cloud":
             decision = Decision(Route.CLOUD, "unfamiliar", p_local, threshold)
-        elif override is Override.AUTO and why_not_local is None and (
+        elif override is Override.AUTO and why_not_local is None and samples == 1 and (
                 unfamiliar or (band > 0 and abs(p_local - threshold) < band)):
             try:
                 draft, check, keep = await self._draft_and_check(messages, prefill_row, max_tokens, stop,
@@ -198,8 +212,12 @@ class Runtime:
             await on_decision(decision)
         try:
             attempts: list[tuple[str, float]] = []
-            gen = None
-            if decision.route is Route.LOCAL:
+            gen, gens = None, []
+            if decision.route is Route.LOCAL and samples > 1:
+                gens = await self.local.generate_samples(messages, samples, max_tokens=max_tokens, stop=stop,
+                                                         **(sampling or {}))
+                gen = _usage_of(gens)
+            elif decision.route is Route.LOCAL:
                 gen = draft if draft is not None else \
                     await self._local_generate(messages, max_tokens, stop, on_text, toolset)  # a kept draft: no second decode
                 if gen.tool_errors:  # the SLM's tool call is not valid: never returned as one
@@ -221,7 +239,13 @@ class Runtime:
                 streamed: list[str] = []
                 relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
                 try:
-                    gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, on_text=relay, **kwargs)
+                    if samples > 1:
+                        gens = await self.cloud.generate_samples(messages, samples, max_tokens=max_tokens, stop=stop,
+                                                                 **(sampling or {}))
+                        gen = _usage_of(gens)
+                    else:
+                        gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, on_text=relay,
+                                                        **kwargs)
                 except CloudError as exc:
                     can_fall_back = (self.fallback == "local" and why_not_local is None and not streamed
                                      and override is not Override.CLOUD_ONLY and not isinstance(exc, CloudRequestError))
@@ -229,7 +253,12 @@ class Runtime:
                     if not can_fall_back:
                         raise
                     decision = Decision(Route.LOCAL, "fallback-local", p_local, threshold)
-                    gen = await self._local_generate(messages, max_tokens, stop, on_text, toolset)
+                    if samples > 1:
+                        gens = await self.local.generate_samples(messages, samples, max_tokens=max_tokens, stop=stop,
+                                                                 **(sampling or {}))
+                        gen = _usage_of(gens)
+                    else:
+                        gen = await self._local_generate(messages, max_tokens, stop, on_text, toolset)
                     if gen.tool_errors:
                         decision = Decision(Route.LOCAL, "tool-call-dropped", p_local, threshold)
                     if toolset is not None and on_text is not None and gen.text:
@@ -254,7 +283,8 @@ class Runtime:
                                        gen=gen, latency_s=max(elapsed, gen.latency_s), cost=cost,
                                        cloud_cost=cloud_cost, attempts=attempts)
         return SubtaskResult(text=gen.text, route=decision.route, decision=decision, generation=gen,
-                             cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id, draft=check)
+                             cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id, draft=check,
+                             samples=gens)
 
     async def _ledger_io(self, fn, *args, **kwargs):
         """Run a booking or budget call: inline for a local ledger (SQLite, microseconds), on a worker

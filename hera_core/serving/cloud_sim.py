@@ -13,7 +13,7 @@ from aiohttp import web
 
 from hera_core.backends.base import Engine
 from hera_core.backends.tools import ToolSet
-from hera_core.errors import HeraError
+from hera_core.errors import HeraError, InvalidRequestError
 from hera_core.serving.openai_api import completion_chunks, completion_response, error_body, error_from_exception, parse_request
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,15 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     try:
         req = parse_request(payload)
         toolset = ToolSet.parse(payload.get("tools"), payload.get("tool_choice"), payload.get("parallel_tool_calls"))
+        if req.n > 1:  # OpenAI's n: sampled choices, their prompt evaluated once
+            if req.stream or toolset is not None:
+                raise InvalidRequestError("n > 1 is answered without streaming and without tools")
+            gens = await engine.generate_samples(req.plain_messages(), req.n, max_tokens=req.token_limit(512),
+                                                 stop=req.stop_list(), **req.sampling())
+            return web.json_response(completion_response(
+                model=engine.name, text=gens[0].text, prompt_tokens=gens[0].prompt_tokens,
+                completion_tokens=sum(g.completion_tokens for g in gens), finish_reason=gens[0].finish_reason,
+                more_choices=[(g.text, g.finish_reason) for g in gens[1:]]))
         gen = await engine.generate(req.plain_messages(), max_tokens=req.token_limit(512), stop=req.stop_list(),
                                     **({"toolset": toolset} if toolset is not None else {}))
     except HeraError as exc:

@@ -30,6 +30,9 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
@@ -40,6 +43,11 @@ class ChatCompletionRequest(BaseModel):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
         return v
+
+    def sampling(self) -> dict[str, Any]:
+        """How `n` > 1 choices are sampled: OpenAI's defaults (temperature 1, top_p 1)."""
+        return {"temperature": 1.0 if self.temperature is None else self.temperature,
+                "top_p": 1.0 if self.top_p is None else self.top_p, "seed": self.seed}
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -79,20 +87,25 @@ def error_from_exception(exc: HeraError) -> tuple[int, dict]:
 def completion_response(*, model: str, text: str, prompt_tokens: int, completion_tokens: int,
                         finish_reason: str, extra: dict[str, Any] | None = None, id: str | None = None,
                         message_fields: dict[str, Any] | None = None,
-                        tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                        tool_calls: list[dict[str, Any]] | None = None,
+                        more_choices: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """A chat.completion body; `message_fields` adds to the message (fields a cloud answered with);
-    with `tool_calls`, content is null when there is no text, and finish_reason is tool_calls."""
+    with `tool_calls`, content is null when there is no text, and finish_reason is tool_calls.
+    `more_choices`: (text, finish_reason) of choices 1.. of an `n` > 1 request."""
     message: dict[str, Any] = {"role": "assistant", "content": text, **(message_fields or {})}
     if tool_calls:
         message["tool_calls"] = tool_calls
         message["content"] = text if text.strip() else None
         finish_reason = "tool_calls"
+    choices = [{"index": 0, "message": message, "finish_reason": finish_reason}]
+    choices += [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
+                for i, (t, f) in enumerate(more_choices or [], start=1)]
     body = {
         "id": id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+        "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }

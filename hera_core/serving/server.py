@@ -40,7 +40,7 @@ METRICS = web.AppKey("metrics", object)
 
 # Request fields HERA handles itself; everything else is passed to the cloud untouched.
 _OWN_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stop", "stream",
-               "stream_options", "n", "user", "tools", "tool_choice", "parallel_tool_calls"}
+               "stream_options", "n", "user", "tools", "tool_choice", "parallel_tool_calls", "seed", "top_p"}
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -183,10 +183,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     routed, fixed_threshold = _routed_threshold(req.model)
     if not routed:
         return await _passthrough(request, payload, req)
-    n = payload.get("n", 1)
-    if n != 1:  # never answer fewer choices than asked for without saying so
-        raise InvalidRequestError(f"n = {n!r}: model 'hera' answers one choice per request (its engines decode "
-                                  "greedily); send n = 1, or name a cloud model to pass the request through")
+    if req.n > 1 and (req.stream or payload.get("tools")):  # never fewer choices than asked for, silently
+        raise InvalidRequestError(f"n = {req.n}: model 'hera' samples several choices without streaming and "
+                                  "without tools; send stream = false and no tools, or n = 1")
 
     messages = _text_messages(req)
     session = _session_of(request, messages)
@@ -204,6 +203,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     kwargs = dict(session=session, step=step_index(messages), max_tokens=max_tokens, stop=req.stop_list(),
                   override=override, local_can_serve=local_can_serve, cloud_extra=cloud_extra or None,
                   threshold=fixed_threshold, toolset=toolset)
+    if req.n > 1:  # n choices sampled on the route taken, the prompt paid once
+        kwargs.update(samples=req.n, sampling=req.sampling())
     if needs_slm:
         state["slm_waiting"] += 1
     try:
@@ -231,6 +232,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         model=gen.model, text=gen.text, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
         finish_reason=gen.finish_reason, tool_calls=gen.tool_calls,
         id=f"chatcmpl-hera-{result.ledger_id}", message_fields=message_fields,
+        more_choices=[(g.text, g.finish_reason) for g in result.samples[1:]],
         extra={"hera": {"route": route, "reason": result.decision.reason, "p_local": result.decision.p_local,
                         "threshold": result.decision.threshold, "step": result.step, "session": session,
                         "cost_usd": result.cost_usd, "cloud_cost_usd": result.cloud_cost_usd}})
