@@ -245,3 +245,39 @@ def test_samples_one_after_another(benchmark, k):
     """The same k samples as k calls in turn (what a client asking k times would wait)."""
     info = benchmark.pedantic(run_samples, args=(k, False), rounds=1, iterations=1)
     benchmark.extra_info.update(info)
+
+
+# --- routing prefills of several sessions that arrive together ------------------------------------
+def run_prefills(sessions: int, batching: bool) -> dict:
+    """Each session's ~300-token history is cached first; then every session's next step (its last
+    answer and a new user turn, ~40 new tokens) is prefilled for routing, all at once: with
+    batching the queued prefills are evaluated together (shared llama_decode calls), without it
+    one after another. extra_info: wall_s for the 8 prefills, new_tokens evaluated."""
+    from hera_core.backends.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(model_path(MODEL), name=MODEL, n_ctx=N_CTX, n_slots=sessions, n_threads=THREADS,
+                            batching=batching)
+    history = [session_prompt(i) for i in range(sessions)]
+    nxt = [h + [{"role": "assistant", "content": f"{i * 1000 + 1}\n{i * 1000 + 2}\n{i * 1000 + 3}"},
+                {"role": "user", "content": f"Now list them backwards, from {i * 1000 + 300} down, and stop at "
+                                            f"{i * 1000 + 250}; put each on its own line."}]
+           for i, h in enumerate(history)]
+
+    async def go():
+        for h in history:
+            await engine.prefill(h)
+        before = engine.stats["prefill_tokens"]
+        t0 = time.perf_counter()
+        await asyncio.gather(*[engine.prefill(m) for m in nxt])
+        wall = time.perf_counter() - t0
+        await engine.close()
+        return wall, engine.stats["prefill_tokens"] - before
+
+    wall, new_tokens = asyncio.run(go())
+    return {"wall_s": wall, "new_tokens": new_tokens, "prefill_batches": engine.stats["prefill_batches"]}
+
+
+@pytest.mark.parametrize("mode", ["batched", "serial"])
+def test_next_step_prefills_s8(benchmark, mode):
+    info = benchmark.pedantic(run_prefills, args=(8, mode == "batched"), rounds=1, iterations=1)
+    benchmark.extra_info.update(info)

@@ -73,3 +73,24 @@ def test_runtime_complete(benchmark, loop, runtime, route: str, threshold: float
         runtime.complete(MESSAGES, session="bench", threshold=threshold)))
     assert result.route.value == route and result.ledger_id > 0
     assert runtime.ledger.totals()["subtasks"] - before >= benchmark.stats.stats.rounds  # a row per call
+
+
+@pytest.mark.parametrize("mode", ["together", "one-by-one"])
+def test_scoring_8_concurrent_steps(benchmark, loop, runtime, mode: str) -> None:
+    """Scoring 8 steps whose prefills came back together (one feature call and one predictor call
+    over 8 rows) against the same 8 scored one after another. extra_info: us_per_step."""
+    benchmark.group = "scoring 8 steps"
+
+    async def together():
+        return await asyncio.gather(*[runtime.score(MESSAGES, 0) for _ in range(8)])
+
+    async def one_by_one():
+        return [await runtime.score(MESSAGES, 0) for _ in range(8)]
+
+    fn = together if mode == "together" else one_by_one
+    before = dict(runtime._scorer.stats)
+    scores = benchmark(lambda: loop.run_until_complete(fn()))
+    calls = runtime._scorer.stats["batches"] - before["batches"]
+    assert len(scores) == 8 and len({round(s.p_local, 6) for s in scores}) == 1
+    assert calls * (8 if mode == "together" else 1) == runtime._scorer.stats["rows"] - before["rows"]
+    benchmark.extra_info["us_per_step"] = benchmark.stats.stats.mean / 8 * 1e6

@@ -125,3 +125,54 @@ def test_serial_engine_samples_too(engines):
     batched = run(engines["batched"].generate_samples(PROMPTS[0], 3, max_tokens=12, seed=5))
     assert len(samples) == 3 and all(g.completion_tokens > 0 for g in samples)
     assert [g.text for g in samples] == [g.text for g in batched]  # same random streams, same tokens
+
+
+def test_prefills_that_wait_together_are_evaluated_in_one_batch(engines, tiny_model_path):
+    """Routing prefills queued behind a decode chunk are placed in their slots and evaluated
+    together (their new tokens packed into shared llama_decode calls); each gets its own
+    last-position logits, as evaluated alone, and a generation of the same prompt continues
+    from its slot without evaluating it again."""
+    import numpy as np
+
+    engine = engines["batched"]
+    convs = [[{"role": "system", "content": f"You are helper number {i}."},
+              {"role": "user", "content": f"Say something about the number {i * 7}."}] for i in range(6)]
+
+    async def together():
+        busy = asyncio.create_task(engine.generate(PROMPTS[0], max_tokens=30))  # a decode chunk in flight
+        await asyncio.sleep(0.05)
+        pres = await asyncio.gather(*[engine.prefill(c) for c in convs])
+        await busy
+        return pres
+
+    before = dict(engine.stats)
+    pres = run(together())
+    assert engine.stats["prefill_batches"] > before["prefill_batches"]
+    assert engine.stats["batched_prefills"] - before["batched_prefills"] >= 3
+    alone = LlamaCppEngine(tiny_model_path, n_ctx=1024, n_slots=2, n_threads=1, batching=False)
+    try:
+        for conv, pre in zip(convs, pres):
+            ref = run(alone.prefill(conv))
+            assert pre.prompt_tokens == ref.prompt_tokens
+            assert int(np.argmax(pre.logits)) == int(np.argmax(ref.logits))
+            np.testing.assert_allclose(pre.logits, ref.logits, atol=0.05)  # batch-shape rounding only
+        gen = run(engine.generate(convs[3], max_tokens=16))
+        assert gen.cached_tokens == gen.prompt_tokens  # continued from the batched prefill's slot
+        assert gen.text == run(alone.generate(convs[3], max_tokens=16)).text
+    finally:
+        run(alone.close())
+
+
+def test_a_bad_request_in_a_prefill_batch_fails_alone(engines):
+    from hera_core.errors import ContextOverflowError
+
+    engine = engines["batched"]
+    too_long = [{"role": "user", "content": "word " * 2000}]
+
+    async def together():
+        return await asyncio.gather(engine.prefill(PROMPTS[1]), engine.prefill(too_long), engine.prefill(PROMPTS[2]),
+                                    return_exceptions=True)
+
+    first, bad, third = run(together())
+    assert isinstance(bad, ContextOverflowError)
+    assert first.prompt_tokens > 0 and third.prompt_tokens > 0

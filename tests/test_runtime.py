@@ -149,3 +149,28 @@ def test_streaming_an_escalated_step_sends_the_cloud_answer_once_decided(runtime
     r = run(runtime.complete(ASK_PROGRAM, session="s", step=0, max_tokens=24, on_text=deltas.append,
                              on_decision=on_decision))
     assert [d.reason for d in decisions] == ["escalated"] and "".join(deltas) == r.text
+
+
+def test_steps_whose_prefills_come_back_together_are_scored_in_one_call(runtime):
+    """Concurrent steps queued behind a decode: their prefills are evaluated in one engine batch,
+    then scored in one feature call and one predictor call; each step's P is what scoring its
+    own feature row alone gives."""
+    import asyncio
+
+    convs = [[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(6)]
+
+    async def together():
+        busy = asyncio.create_task(runtime.local.generate([{"role": "user", "content": "Count to 30."}],
+                                                          max_tokens=24))
+        await asyncio.sleep(0.05)
+        scores = await asyncio.gather(*[runtime.score(c, 0) for c in convs])
+        await busy
+        return scores
+
+    before = dict(runtime._scorer.stats)
+    scores = run(together())
+    batches = runtime._scorer.stats["batches"] - before["batches"]
+    rows = runtime._scorer.stats["rows"] - before["rows"]
+    assert rows == 6 and batches < rows  # several steps per predictor call
+    for sc in scores:
+        assert sc.p_local == pytest.approx(float(runtime.predictor.predict(sc.features)[0]), abs=1e-6)

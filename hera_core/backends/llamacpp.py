@@ -28,12 +28,18 @@ for a whole local answer; each llama_decode still holds one sequence, so outputs
 run alone. A slot that is generating is never recycled, continued or evicted by another request;
 when every slot is generating, a new request waits for one to finish. A cancelled generation
 stops at its next chunk.
+
+With `batching` (the default) concurrent generations share each llama_decode (one token of every
+active sequence per call), routing prefills that queue up meanwhile are evaluated together (each
+placed in its slot, their new tokens packed into shared llama_decode calls), and `n` samples of
+one prompt share its KV (copied into n - 1 more slots) and decode in the same batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +110,18 @@ def _logprob(logits: np.ndarray, token: int) -> float:
     """log softmax(logits)[token], stable."""
     top = float(logits.max())
     return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+
+
+@dataclass
+class _Placed:
+    """A prompt given its slot, its cached prefix in place, the rest not yet evaluated."""
+
+    slot: int
+    reused: int  # tokens of the prompt already in the slot's KV
+    now: int  # the logical clock when it was placed
+    logits: np.ndarray | None  # set for an exact repeat (nothing to evaluate), else once evaluated
+    exact: bool = False
+    pinned: int = 0  # index blocks of the prefix locked until it is settled
 
 
 class _NoFreeSlot(Exception):
@@ -202,6 +220,10 @@ class LlamaCppEngine(Engine):
         self.tool_grammar = tool_grammar
         self.batching = batching
         self._active: list[tuple[_Decoding, asyncio.Future]] = []  # generations in the shared decode loop
+        # Routing prefills waiting for the engine thread; the next job there takes all of them.
+        self._prefills: list[tuple[list[Message], ToolSet | None, asyncio.Future]] = []
+        self._prefill_job = None
+        self._prefill_lock = threading.Lock()  # the queue is filled on event loops, drained on the engine thread
         self._decoder: asyncio.Task | None = None
 
         meta = self._model.metadata()
@@ -231,7 +253,8 @@ class LlamaCppEngine(Engine):
         # One worker thread: a llama.cpp context is not thread-safe, and calls queue in order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hera-{self.name}")
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "seq_copies": 0,
-                      "decode_steps": 0, "batched_sequences": 0}  # generation decodes; sequences in them
+                      "decode_steps": 0, "batched_sequences": 0,  # generation decodes; sequences in them
+                      "prefill_batches": 0, "batched_prefills": 0}  # prompt evaluations of several requests
 
     # --- tokens -------------------------------------------------------------------------------
     def tokenize_messages(self, messages: list[Message], toolset: ToolSet | None = None) -> list[int]:
@@ -323,6 +346,20 @@ class LlamaCppEngine(Engine):
         Returns (slot, logits after the last token, tokens reused). `reserve` is room to keep for
         the completion. A generating slot can lend its prefix (copied) but is never taken over.
         """
+        placed = self._place_prompt(tokens, reserve)
+        if placed.logits is None:
+            try:
+                placed.logits = self._decode(tokens[placed.reused:], placed.slot, placed.reused)
+            except BaseException:
+                self._unplace(placed, tokens)
+                raise
+        self._settle_prompt(placed, tokens)
+        return placed.slot, placed.logits, placed.reused
+
+    def _place_prompt(self, tokens: list[int], reserve: int = 0) -> "_Placed":
+        """Choose the slot for `tokens` and bring it to their longest cached prefix (linked from
+        another slot if need be), with room made for the rest; nothing is evaluated. The prefix is
+        locked against eviction until `_settle_prompt`. An exact repeat comes back with its logits."""
         self._check_fits(tokens)
         now = self._tick()
         self._index.match(np.asarray(tokens, dtype=np.int32))  # marks the cached path recently used
@@ -337,8 +374,7 @@ class LlamaCppEngine(Engine):
                 holder, m, exact = i, mi, ex
         if exact:
             self._slots[holder].last_used = now
-            self.stats["reused_tokens"] += m
-            return holder, self._slots[holder].logits, m  # this exact prompt was just evaluated here
+            return _Placed(holder, m, now, self._slots[holder].logits, exact=True)  # just evaluated here
         if holder >= 0 and m > 0:
             m = min(m, len(tokens) - 1)  # evaluate at least one token, to get its logits
             if not self._slots[holder].busy and (m + 1 >= self._slots[holder].prompt_len
@@ -360,22 +396,69 @@ class LlamaCppEngine(Engine):
         self._index.truncate(slot, m)
         self._seq_rm(slot, m)
         # Make room for the new tokens (and the completion) without touching this prompt's prefix.
+        key = np.asarray(tokens[:m], dtype=np.int32)
+        pinned = self._index.lock(key)
         need = (len(tokens) - m + reserve) * self.kv_bytes_per_token
         over = self._index.bytes_held + need - self._index.byte_budget
         if over > 0:
-            key = np.asarray(tokens[:m], dtype=np.int32)
-            pinned = self._index.lock(key)
             try:
                 self._apply_evictions(self._index.evict(over))
-            finally:
+            except BaseException:
                 self._index.release(key, pinned)
-        logits = self._decode(tokens[m:], slot, m)
+                raise
         s = self._slots[slot]
-        s.tokens, s.prompt_len, s.logits, s.last_used = list(tokens), len(tokens), logits, now
-        self._apply_evictions(self._index.insert(np.asarray(tokens, dtype=np.int32), slot))
-        self.stats["prefill_tokens"] += len(tokens) - m
-        self.stats["reused_tokens"] += m
-        return slot, logits, m
+        s.last_used, s.logits = now, None
+        s.busy = True  # until settled: another prompt of the same batch must not take this slot
+        return _Placed(slot, m, now, None, pinned=pinned)
+
+    def _settle_prompt(self, placed: "_Placed", tokens: list[int]) -> None:
+        """The slot now holds `tokens` (evaluated): record it, index it, unlock the prefix."""
+        if placed.exact:
+            self.stats["reused_tokens"] += placed.reused
+            return
+        s = self._slots[placed.slot]
+        s.tokens, s.prompt_len, s.logits, s.last_used, s.busy = list(tokens), len(tokens), placed.logits, placed.now, False
+        self._index.release(np.asarray(tokens[:placed.reused], dtype=np.int32), placed.pinned)
+        self._apply_evictions(self._index.insert(np.asarray(tokens, dtype=np.int32), placed.slot))
+        self.stats["prefill_tokens"] += len(tokens) - placed.reused
+        self.stats["reused_tokens"] += placed.reused
+
+    def _unplace(self, placed: "_Placed", tokens: list[int]) -> None:
+        """A placed prompt that will not be evaluated (its batch failed): the slot keeps its prefix."""
+        if not placed.exact:
+            self._slots[placed.slot].busy = False
+            self._index.release(np.asarray(tokens[:placed.reused], dtype=np.int32), placed.pinned)
+
+    def _decode_prompts(self, items: list[tuple[list[int], int, int]]) -> list[np.ndarray]:
+        """Evaluate several prompts' new tokens, (tokens, sequence, start position) each, packed
+        together into llama_decode calls of up to n_batch tokens (a prompt may span two calls);
+        the logits after each prompt's last token. One prompt is exactly `_decode`."""
+        if len(items) == 1:
+            tokens, slot, start = items[0]
+            return [self._decode(tokens, slot, start)]
+        lib, batch = self._lib, self._batch
+        flat = [(tok, slot, start + j, j == len(tokens) - 1, i)
+                for i, (tokens, slot, start) in enumerate(items) for j, tok in enumerate(tokens)]
+        out: list[np.ndarray | None] = [None] * len(items)
+        for c in range(0, len(flat), self.n_batch):
+            chunk = flat[c:c + self.n_batch]
+            n = len(chunk)
+            batch.n_tokens = n
+            np.ctypeslib.as_array(batch.token, shape=(n,))[:] = [t for t, *_ in chunk]
+            np.ctypeslib.as_array(batch.pos, shape=(n,))[:] = [p for _, _, p, _, _ in chunk]
+            np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
+            np.ctypeslib.as_array(batch.logits, shape=(n,))[:] = [last for *_, last, _ in chunk]
+            for j, (_, slot, _, _, _) in enumerate(chunk):
+                batch.seq_id[j][0] = slot
+            rc = lib.llama_decode(self._ctx.ctx, batch)
+            if rc != 0:
+                raise HeraError(f"llama_decode of {len(items)} prompts failed with status {rc} (KV cache of "
+                                f"{self.kv_cells} cells full?); raise local.n_ctx or lower the number of sessions")
+            for j, (_, _, _, last, i) in enumerate(chunk):
+                if last:
+                    ptr = lib.llama_get_logits_ith(self._ctx.ctx, j)
+                    out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return out
 
     # --- blocking work, on the engine thread ----------------------------------------------------
     def _score_sync(self, messages: list[Message], text: str) -> list[float]:
@@ -403,6 +486,37 @@ class LlamaCppEngine(Engine):
         _, logits, reused = self._eval_prompt(tokens)
         return Prefill(logits=logits, prompt_tokens=len(tokens), cached_tokens=reused,
                        latency_s=time.perf_counter() - t0)
+
+    def _prefill_many_sync(self, requests: list[tuple[list[Message], ToolSet | None]]) -> list[object]:
+        """The routing prefills of several requests in one go: each placed in its slot, then all
+        their new tokens evaluated together (`_decode_prompts`). A Prefill per request, or the
+        exception that request alone raised (a template error, too long, no free slot)."""
+        t0 = time.perf_counter()
+        out: list[object] = [None] * len(requests)
+        placed: list[tuple[int, list[int], _Placed]] = []
+        for i, (messages, toolset) in enumerate(requests):
+            try:
+                tokens = self.tokenize_messages(messages, toolset)
+                placed.append((i, tokens, self._place_prompt(tokens)))
+            except Exception as exc:  # noqa: BLE001 - handed to that request's caller
+                out[i] = exc
+        todo = [(i, tokens, p) for i, tokens, p in placed if p.logits is None]
+        try:
+            rows = self._decode_prompts([(tokens[p.reused:], p.slot, p.reused) for _, tokens, p in todo])
+        except BaseException:
+            for _, tokens, p in placed:
+                self._unplace(p, tokens)
+            raise
+        for (_, _, p), row in zip(todo, rows):
+            p.logits = row
+        latency = time.perf_counter() - t0
+        for i, tokens, p in placed:
+            self._settle_prompt(p, tokens)
+            out[i] = Prefill(logits=p.logits, prompt_tokens=len(tokens), cached_tokens=p.reused, latency_s=latency)
+        if len(todo) > 1:
+            self.stats["prefill_batches"] += 1
+            self.stats["batched_prefills"] += len(todo)
+        return out
 
     def _start(self, messages: list[Message], max_tokens: int, stop: list[str],
                on_text: Callable[[str], None] | None, toolset: ToolSet | None = None) -> _Decoding:
@@ -623,7 +737,47 @@ class LlamaCppEngine(Engine):
                 await asyncio.sleep(0.005)  # a chunk of some generation, at most, until one ends
 
     async def prefill(self, messages: list[Message], *, toolset: ToolSet | None = None) -> Prefill:
-        return await self._when_a_slot_is_free(self._prefill_sync, messages, toolset)
+        """The prompt's last-position logits. Prefills that wait for the engine thread together (as
+        concurrent requests do behind a decode chunk) are evaluated together, in one batch."""
+        if not self.batching:
+            return await self._when_a_slot_is_free(self._prefill_sync, messages, toolset)
+        while True:
+            fut = asyncio.get_running_loop().create_future()
+            with self._prefill_lock:
+                self._prefills.append((messages, toolset, fut))
+                if self._prefill_job is None:
+                    self._prefill_job = self._executor.submit(self._drain_prefills)
+            try:
+                return await fut
+            except _NoFreeSlot:
+                await asyncio.sleep(0.005)  # a chunk of some generation, at most, until one ends
+
+    def _drain_prefills(self) -> None:
+        """On the engine thread: every routing prefill queued so far, as one batch; each result
+        goes back to its caller's event loop."""
+        with self._prefill_lock:
+            taken, self._prefills, self._prefill_job = self._prefills, [], None
+        taken = [t for t in taken if not t[2].cancelled()]
+        if not taken:
+            return
+        try:
+            results = self._prefill_many_sync([(m, ts) for m, ts, _ in taken])
+        except BaseException as exc:  # noqa: BLE001 - the batch failed: every caller hears why
+            results = [exc] * len(taken)
+
+        def deliver(fut: asyncio.Future, result: object) -> None:
+            if fut.done():
+                return
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+        for (_, _, fut), result in zip(taken, results):
+            try:
+                fut.get_loop().call_soon_threadsafe(deliver, fut, result)
+            except RuntimeError:  # that caller's event loop is closed: nobody waits for it
+                pass
 
     async def score_continuation(self, messages: list[Message], text: str) -> list[float]:
         """Log-probability of each token of `text` as this model's answer to `messages`."""

@@ -75,6 +75,45 @@ def step_index(messages: list[Message]) -> int:
     return sum(1 for m in messages if m.get("role") == "assistant")
 
 
+class ScoreBatcher:
+    """Features and predictor over the prefills that come back together: steps whose prefills
+    the engine evaluated in one batch resume in the same event-loop turn, and their logits rows
+    are scored in one feature call and one predictor call at the next turn, so the per-step
+    overhead shrinks with load instead of growing."""
+
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.predict = predict  # feature rows [n, k] -> P(local) [n]
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[np.ndarray, list[float], asyncio.Future]]] = {}
+        self.stats = {"batches": 0, "rows": 0}
+
+    async def score(self, logits: np.ndarray, structure: list[float]) -> tuple[float, np.ndarray]:
+        """(P(local), the feature row [1, n]) of one step."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        pending = self._pending.setdefault(loop, [])
+        if not pending:
+            loop.call_soon(self._flush, loop)
+        pending.append((logits, structure, fut))
+        return await fut
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._pending.pop(loop, [])
+        live = [b for b in batch if not b[2].done()]  # a cancelled step needs no score
+        if not live:
+            return
+        try:
+            X = feature_matrix(logit_features(np.stack([lg for lg, _, _ in live])), [st for _, st, _ in live])
+            P = self.predict(X)
+        except Exception as exc:  # noqa: BLE001 - every step of the batch hears why
+            for _, _, fut in live:
+                fut.set_exception(exc)
+            return
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(live)
+        for i, (_, _, fut) in enumerate(live):
+            fut.set_result((float(P[i]), X[i:i + 1]))
+
+
 class Runtime:
     def __init__(self, local: Engine, cloud: Engine, predictor: Predictor, ledger: Ledger,
                  prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
@@ -85,6 +124,7 @@ class Runtime:
         self.cloud = cloud
         self.predictor = predictor
         self.ledger = ledger
+        self._scorer = ScoreBatcher(lambda X: self.predictor.predict(X))  # the predictor of the moment
         self._ledger_remote = getattr(ledger, "remote", False)  # a database over the network (PgLedger)
         self.prices = prices
         self.run = run  # ledger label of this runtime's rows
@@ -106,9 +146,7 @@ class Runtime:
         """SLM prefill + features + predictor for one subtask (the prompt as the local answer
         would continue it: with the offered tools rendered)."""
         pre = await self.local.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
-        X = feature_matrix(logit_features(pre.logits[None, :]),
-                           [structure_features(step, pre.prompt_tokens, messages)])
-        p = float(self.predictor.predict(X)[0])
+        p, X = await self._scorer.score(pre.logits, structure_features(step, pre.prompt_tokens, messages))
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
         return Score(p, self.predictor.kappa(step) + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
 
