@@ -89,6 +89,11 @@ class PolicySettings(_Strict):
                                      "the draft is checked on the device and kept or escalated to the cloud; 0 = off; "
                                      "unset = the band calibrated with the predictor's draft stage (none: off)")
     draft_check_timeout_s: float = Field(5.0, gt=0, le=120, description="limit for running a draft's program, seconds")
+    agreement_k: int = Field(0, ge=0, le=8, description="samples of a drafted step that vote on its answer (0 = off): "
+                             "2 first, the rest only if those disagree with the draft; the majority answer is the "
+                             "local one (bench/eval/agreement_probe.py measures the signal)")
+    agreement_min: float = Field(0.5, ge=0, le=1, description="a draft is kept only if at least this share of the "
+                                 "samples agree with its answer (with agreement_k > 0)")
     unfamiliar: Literal["cloud", "draft", "trust"] = Field(
         "cloud", description="a step unlike every task the predictor was trained on (its familiarity check): "
         "'cloud' sends it to the cloud, 'draft' lets the SLM draft it and keeps the draft only if its checks pass, "

@@ -174,3 +174,36 @@ def test_steps_whose_prefills_come_back_together_are_scored_in_one_call(runtime)
     assert rows == 6 and batches < rows  # several steps per predictor call
     for sc in scores:
         assert sc.p_local == pytest.approx(float(runtime.predictor.predict(sc.features)[0]), abs=1e-6)
+
+
+def test_samples_vote_on_a_drafted_step(runtime):
+    """agreement_k: samples of a drafted step (sharing its prompt's KV) vote on the draft's
+    answer; 2 are drawn first and the rest only if those disagree; a draft is kept only if
+    enough of them agree; at most k samples."""
+    from tests.factories import constant_draft_stage
+
+    all_uncertain(runtime, constant_draft_stage(keep=True))
+    runtime.agreement_k, runtime.agreement_min = 4, 0.0
+    before = runtime.local.stats["seq_copies"]
+    r = run(runtime.complete(ASK_PROGRAM, session="vote", step=0, max_tokens=24))
+    vote = r.draft.agreement
+    assert vote is not None and vote.samples in (2, 4) and 0.0 <= vote.share <= 1.0
+    assert (vote.samples == 2) == (vote.share == 1.0)  # stopped early exactly when the first two agreed
+    assert runtime.local.stats["seq_copies"] > before  # the samples copied the prompt's KV
+    assert r.route is Route.LOCAL and r.decision.reason == "draft-kept"
+    runtime.agreement_min = 1.01  # no vote can reach it: every drafted step escalates
+    r = run(runtime.complete(ASK_PROGRAM, session="vote2", step=0, max_tokens=24))
+    assert r.route is Route.CLOUD and r.decision.reason == "escalated" and r.draft.agreement is not None
+    runtime.agreement_k = 0
+
+
+def test_agreement_counts_the_draft_group_and_ties_go_to_the_draft():
+    from hera_core.checks.drafts import agreement, vote_key
+
+    assert vote_key("```python\nprint(6 * 7)\n```") == "out:42" == vote_key("Sure:\n```python\nprint(42)\n```")
+    assert vote_key("ANSWER: B") == "ans:b" and vote_key("```python\nraise SystemExit(3)\n```") == "out:(failed)"
+    v = agreement("out:42", ["out:42", "out:41", "out:41"])
+    assert v.share == pytest.approx(1 / 3) and v.majority == 0 and v.majority_share == 0.5  # a tie: the draft
+    v = agreement("out:40", ["out:41", "out:41", "out:42"])
+    assert v.share == 0.0 and v.majority == 1 and v.majority_share == 0.5
+    assert agreement("x", []).share == 1.0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,26 +25,12 @@ import numpy as np
 from rich.progress import track
 
 from hera_core.backends.llamacpp import LlamaCppEngine
-from hera_core.checks.drafts import extract_answer, extract_code
-from hera_core.checks.sandbox import run_python
+from hera_core.checks.drafts import vote_key
 from hera_core.install.models import model_path
 from hera_core.offline.harness import first_messages
 from hera_core.offline.profiling import load_traces
 from hera_core.offline.training import auc
 from hera_core.offline.workloads import make_tasks
-
-
-def vote_key(text: str) -> str:
-    """What an answer amounts to, for voting: its program's output, its ANSWER, or its text."""
-    code = extract_code(text)
-    if code:
-        ok, out = run_python(code, timeout_s=5.0)
-        lines = [ln.strip() for ln in out.strip().splitlines() if ln.strip()]
-        return f"out:{lines[-1] if ok and lines else '(failed)'}"
-    answer = extract_answer(text)
-    if answer:
-        return f"ans:{answer.strip().lower()}"
-    return "text:" + re.sub(r"\s+", " ", text.strip().lower())[:200]
 
 
 def main() -> None:

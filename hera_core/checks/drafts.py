@@ -61,6 +61,39 @@ class DraftCheck:
     features: np.ndarray  # float32 [len(DRAFT_FEATURE_NAMES)]
     passed: bool  # no check that applies failed (code ran, examples pass, a letter when asked)
     detail: str  # the first failure, or "ok"
+    agreement: "Agreement | None" = None  # how samples of the step voted (policy.agreement_k > 0)
+
+
+def vote_key(text: str, timeout_s: float = 5.0) -> str:
+    """What an answer amounts to, for voting among samples of one step: the last line its
+    program prints (run in the sandbox), else its `ANSWER:` value, else its text, normalized."""
+    code = extract_code(text)
+    if code:
+        ok, out = run_python(code, timeout_s=timeout_s)
+        lines = [ln.strip() for ln in out.strip().splitlines() if ln.strip()]
+        return f"out:{lines[-1] if ok and lines else '(failed)'}"
+    answer = extract_answer(text)
+    if answer:
+        return f"ans:{answer.strip().lower()}"
+    return "text:" + re.sub(r"\s+", " ", text.strip().lower())[:200]
+
+
+@dataclass
+class Agreement:
+    share: float  # of the samples, the share whose answer matches the draft's
+    majority: int  # index (0 = the draft, i = sample i) of an answer of the largest group
+    majority_share: float  # that group's share of the draft and the samples together
+    samples: int  # samples drawn (fewer than asked when the first ones all agreed)
+
+
+def agreement(draft_key: str, sample_keys: list[str]) -> Agreement:
+    """How the samples vote against the draft. Ties between groups go to the draft's group."""
+    keys = [draft_key, *sample_keys]
+    counts = {k: keys.count(k) for k in keys}
+    best = max(counts.values())
+    winner = draft_key if counts[draft_key] == best else next(k for k in keys if counts[k] == best)
+    return Agreement(share=sum(k == draft_key for k in sample_keys) / len(sample_keys) if sample_keys else 1.0,
+                     majority=keys.index(winner), majority_share=best / len(keys), samples=len(sample_keys))
 
 
 def extract_code(text: str) -> str | None:

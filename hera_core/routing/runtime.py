@@ -14,9 +14,12 @@ as one row with the draft's time and energy added (reason `escalated`).
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 import dataclasses
+import functools
+import json
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +34,7 @@ from hera_core.errors import (BudgetExceededError, CannotServeLocallyError, Clou
 from hera_core.native.features import logit_features
 from hera_core.routing.ledger import Ledger, LedgerRow
 from hera_core.routing.policy import Decision, Override, Route, decide
-from hera_core.checks.drafts import DraftCheck, check_draft
+from hera_core.checks.drafts import DraftCheck, agreement, check_draft, vote_key
 from hera_core.routing.predictor import Predictor, feature_matrix, structure_features
 
 
@@ -119,7 +122,8 @@ class Runtime:
                  prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
                  max_tokens: int = 512, budget: "Budget | None" = None, fallback: str = "local",
                  hot_prefix_discount: float = 0.0, draft_band: float | None = None,
-                 draft_check_timeout_s: float = 5.0, unfamiliar: str = "cloud") -> None:
+                 draft_check_timeout_s: float = 5.0, unfamiliar: str = "cloud", agreement_k: int = 0,
+                 agreement_min: float = 0.5) -> None:
         self.local = local
         self.cloud = cloud
         self.predictor = predictor
@@ -139,6 +143,9 @@ class Runtime:
         # None: the band calibrated with the predictor's draft stage (no stage: no drafting).
         self.draft_band = draft_band
         self.draft_check_timeout_s = draft_check_timeout_s
+        # Samples of a drafted step that vote on its answer (0: none); the draft is kept only if at
+        # least `agreement_min` of them agree with it, and the majority answer is the local answer.
+        self.agreement_k, self.agreement_min = agreement_k, agreement_min
         # A step unlike the predictor's training tasks: "cloud", "draft" (the checks alone decide) or "trust".
         self.unfamiliar = unfamiliar
 
@@ -162,6 +169,30 @@ class Runtime:
             return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
         return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset)
 
+    async def _vote(self, messages, draft: Generation, max_tokens, stop):
+        """Samples of the step (temperature 0.7, seeded by the prompt, sharing its KV) vote on the
+        draft's answer: 2 first, the other agreement_k - 2 only if those do not both agree.
+        (Agreement, the answer of the largest group); (None, draft) if the engine cannot sample."""
+        seed = zlib.crc32(json.dumps(messages, sort_keys=True, default=str).encode())
+        key_of = functools.partial(vote_key, timeout_s=self.draft_check_timeout_s)
+        draft_key = await asyncio.to_thread(key_of, draft.text)
+        gens: list[Generation] = []
+        keys: list[str] = []
+        for n in (min(2, self.agreement_k), self.agreement_k - min(2, self.agreement_k)):
+            if n == 0 or (keys and all(k == draft_key for k in keys)):
+                break  # the first samples agree: stop early
+            try:
+                more = await self.local.generate_samples(messages, n, max_tokens=max_tokens, stop=stop,
+                                                         temperature=0.7, seed=seed + len(gens))
+            except CannotServeLocallyError:
+                return None, draft
+            gens += more
+            keys += [await asyncio.to_thread(key_of, g.text) for g in more]
+        vote = agreement(draft_key, keys)
+        if vote.majority == 0 or keys[vote.majority - 1] == "out:(failed)":  # never swap in a failed program
+            return vote, draft
+        return vote, gens[vote.majority - 1]
+
     async def _draft_and_check(self, messages, prefill_row, max_tokens, stop, checks_only: bool = False,
                                toolset: ToolSet | None = None):
         """The SLM's draft of the step (decoding on from the prefill that scored it) and its checks:
@@ -172,6 +203,11 @@ class Runtime:
                                         token_logprobs=draft.extra.get("token_logprobs"),
                                         timeout_s=self.draft_check_timeout_s)
         keep = check.passed if checks_only else self.predictor.keep_draft(prefill_row, check)[0]
+        if self.agreement_k > 0 and toolset is None:
+            check.agreement, chosen = await self._vote(messages, draft, max_tokens, stop)
+            if check.agreement is not None:
+                keep = keep and check.agreement.share >= self.agreement_min
+                draft = chosen  # the majority answer (the draft itself unless others outvote it)
         if toolset is not None:
             keep = not draft.tool_errors and (bool(draft.tool_calls) or keep)
         return draft, check, keep

@@ -138,7 +138,8 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
                           fallback=settings.cloud.fallback, hot_prefix_discount=settings.policy.hot_prefix_discount,
                           budget=budget_from(settings, ledger), draft_band=settings.policy.draft_band,
                           draft_check_timeout_s=settings.policy.draft_check_timeout_s,
-                          unfamiliar=settings.policy.unfamiliar)
+                          unfamiliar=settings.policy.unfamiliar, agreement_k=settings.policy.agreement_k,
+                          agreement_min=settings.policy.agreement_min)
         finally:
             ledger.close()
 
