@@ -1,4 +1,5 @@
-"""Tool calls decoded under the tools' grammar against unconstrained decoding, on the SLM.
+"""Tool calls decoded under the tools' grammar (run by llama.cpp's grammar sampler, or by
+llguidance from the same grammar) against unconstrained decoding, on the SLM.
 
 Qwen2.5-Coder-0.5B-Instruct (HERA_BENCH_MODEL names another), greedy, the tools rendered by its
 chat template either way; 12 requests over three tools (two flat schemas and one with a nested
@@ -48,7 +49,7 @@ REQUESTS = ["What is 1234 plus 4321?", "Add 17 and 25 for me.", "Sum of 908 and 
             "Get me from Madrid to Lisbon in business, passenger 11."]
 
 
-def run_requests(grammar: bool, choice: str) -> dict:
+def run_requests(grammar: bool | str, choice: str) -> dict:
     from hera_core.backends.llamacpp import LlamaCppEngine
 
     engine = LlamaCppEngine(model_path(MODEL), name=MODEL, n_ctx=2048, n_threads=THREADS, n_slots=2,
@@ -73,7 +74,8 @@ def run_requests(grammar: bool, choice: str) -> dict:
 
 
 @pytest.mark.parametrize("choice", ["required", "auto"])
-@pytest.mark.parametrize("grammar", [True, False], ids=["grammar", "unconstrained"])
+@pytest.mark.parametrize("grammar", ["llama.cpp", "llguidance", False],
+                         ids=["grammar", "llguidance", "unconstrained"])
 def test_tool_calls(benchmark, grammar, choice):
     try:
         model_path(MODEL)

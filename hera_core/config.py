@@ -40,6 +40,9 @@ class LocalSettings(_Strict):
     flash_attn: bool = Field(True, description="llama.cpp fused attention (faster prefill on CPU)")
     decode_chunk: int = Field(8, ge=0, le=4096, description="tokens a local answer decodes before other waiting "
                               "requests (another session's routing prefill) get the engine; 0 = none")
+    tool_grammar: Literal["llama.cpp", "llguidance"] = Field(
+        "llama.cpp", description="what runs the tools' grammar when the SLM writes a tool call: llama.cpp's grammar "
+        "sampler (checks the likeliest tokens first) or llguidance (a mask over the whole vocabulary)")
 
     @model_validator(mode="after")
     def _budget_holds_a_block(self) -> "LocalSettings":

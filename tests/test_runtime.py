@@ -161,7 +161,7 @@ def test_steps_whose_prefills_come_back_together_are_scored_in_one_call(runtime)
 
     async def together():
         busy = asyncio.create_task(runtime.local.generate([{"role": "user", "content": "Count to 30."}],
-                                                          max_tokens=24))
+                                                          max_tokens=64))
         await asyncio.sleep(0.05)
         scores = await asyncio.gather(*[runtime.score(c, 0) for c in convs])
         await busy

@@ -8,7 +8,7 @@ import pytest
 
 from hera_core.backends.tools import ToolSet, parse_calls, template_messages
 from hera_core.errors import InvalidRequestError
-from tests.conftest import run
+from tests.conftest import TINY, run
 
 ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
@@ -156,3 +156,38 @@ def test_the_slm_calls_a_tool_by_itself_and_reads_its_result(qwen_engine):
     assert "5555" in qwen_engine.detokenize(qwen_engine.tokenize_messages(history, ts))
     gen = run(qwen_engine.generate(history, max_tokens=64, toolset=ToolSet.parse([ADD], "none")))
     assert "5555" in gen.text and not gen.tool_calls
+
+
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_llguidance_runs_the_same_grammar_to_the_same_calls(qwen_engine, choice):
+    """local.tool_grammar = "llguidance": the tools' grammar (its Lark form, the call tags as the
+    model's special tokens) masks the whole vocabulary at each step; greedy under it gives the
+    same calls as llama.cpp's grammar sampler, each valid for its schema."""
+    from hera_core.backends.llamacpp import LlamaCppEngine
+    from hera_core.install.models import model_path
+
+    llg = LlamaCppEngine(model_path("qwen2.5-coder-0.5b"), n_ctx=2048, n_slots=2, n_threads=1,
+                         tool_grammar="llguidance")
+    try:
+        ts = ToolSet.parse([ADD, WEATHER, BOOK], choice)
+        for ask in ("Use the add tool to compute 1234 + 4321.",
+                    "Book an economy flight from Oslo to Rome for passengers 1 and 2."):
+            msgs = [{"role": "user", "content": ask}]
+            mine = run(llg.generate(msgs, max_tokens=160, toolset=ts))
+            ref = run(qwen_engine.generate(msgs, max_tokens=160, toolset=ts))
+            assert mine.tool_calls and not mine.tool_errors
+            for call in mine.tool_calls:
+                jsonschema.validate(json.loads(call["function"]["arguments"]), ts.schemas[call["function"]["name"]])
+            assert [(c["function"]["name"], c["function"]["arguments"]) for c in mine.tool_calls] == \
+                [(c["function"]["name"], c["function"]["arguments"]) for c in ref.tool_calls]
+    finally:
+        run(llg.close())
+
+
+def test_an_unknown_grammar_engine_is_refused():
+    from hera_core.backends.llamacpp import LlamaCppEngine
+    from hera_core.errors import InvalidRequestError
+    from hera_core.install.models import model_path
+
+    with pytest.raises(InvalidRequestError, match="tool_grammar"):
+        LlamaCppEngine(model_path(TINY), n_ctx=256, tool_grammar="xgrammar")

@@ -51,7 +51,7 @@ import numpy as np
 from hera_core.errors import HeraError, InvalidRequestError
 from hera_core.native.radix import RadixIndex
 from hera_core.backends.base import Engine, Generation, Message, Prefill, check_context
-from hera_core.backends.tools import OPEN, ToolSet, parse_calls, template_messages
+from hera_core.backends.tools import CLOSE, OPEN, ToolSet, parse_calls, template_messages
 
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
@@ -112,6 +112,36 @@ def _logprob(logits: np.ndarray, token: int) -> float:
     return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
 
 
+class _LlgGrammar:
+    """A tool-call grammar run by llguidance (tool_grammar="llguidance"): the same GBNF, in its
+    Lark form, giving a mask over the whole vocabulary at each step. `specials` maps a literal of
+    the grammar to the special token that spells it (the tool-call tags): llguidance matches a
+    special token only where the grammar names it, never as the text of a literal."""
+
+    def __init__(self, tokenizer, gbnf: str, n_vocab: int, specials: dict[str, int]) -> None:
+        import llguidance
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+        from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+        lark = gbnf_to_lark(gbnf)
+        for text, token in specials.items():
+            lark = lark.replace(f'"\\n{text}"', f'"\\n" <[{token}]>').replace(f'"{text}"', f"<[{token}]>")
+        self.matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
+        if self.matcher.is_error():
+            raise InvalidRequestError(f"the tools' JSON Schemas could not be turned into a grammar: "
+                                      f"{self.matcher.get_error()}")
+        self._fill, self.n_vocab = fill_next_token_bitmask, n_vocab
+        self._bitmask = allocate_token_bitmask(1, n_vocab)
+
+    def allowed(self) -> np.ndarray:
+        """Bool [n_vocab]: the tokens the grammar allows next."""
+        self._fill(self.matcher, self._bitmask)
+        return np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")[: self.n_vocab].astype(bool)
+
+    def accept(self, token: int) -> None:
+        self.matcher.consume_token(token)
+
+
 @dataclass
 class _Placed:
     """A prompt given its slot, its cached prefix in place, the rest not yet evaluated."""
@@ -165,7 +195,7 @@ class LlamaCppEngine(Engine):
                  n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512,
                  n_slots: int = 8, block_size: int = 16, kv_budget_bytes: int | None = None,
                  kv_budget_tokens: int | None = None, kv_unified: bool = False, n_gpu_layers: int = -1,
-                 flash_attn: bool = True, decode_chunk: int = 8, tool_grammar: bool = True,
+                 flash_attn: bool = True, decode_chunk: int = 8, tool_grammar: bool | str = True,
                  batching: bool = True) -> None:
         """n_ctx: the longest prompt + completion of one subtask, tokens (also each slot's size).
         n_slots: sequences kept in the KV cache at once. kv_budget_bytes: cap on the KV bytes the
@@ -178,7 +208,8 @@ class LlamaCppEngine(Engine):
         (0: the whole generation at once). batching: concurrent generations share each llama_decode
         (one token of every active sequence per call); False decodes one sequence per call, in
         turns of `decode_chunk` tokens (the engine before continuous batching). tool_grammar: decode tool calls under the grammar of the
-        tools' schemas (off only to measure what it buys: bench/test_tool_calls.py)."""
+        tools' schemas, run by llama.cpp's grammar sampler ("llama.cpp", True) or by llguidance
+        ("llguidance"); False only to measure what it buys (bench/test_tool_calls.py)."""
         import llama_cpp
         from llama_cpp import _internals as internals
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -217,7 +248,10 @@ class LlamaCppEngine(Engine):
         self.n_batch = n_batch
         self.n_vocab = self._model.n_vocab()
         self.decode_chunk = decode_chunk
-        self.tool_grammar = tool_grammar
+        if tool_grammar not in (True, False, "llama.cpp", "llguidance"):
+            raise InvalidRequestError(f"tool_grammar must be 'llama.cpp', 'llguidance' or False, got {tool_grammar!r}")
+        self.tool_grammar = "llama.cpp" if tool_grammar is True else tool_grammar
+        self._llg_tokenizer = None
         self.batching = batching
         self._active: list[tuple[_Decoding, asyncio.Future]] = []  # generations in the shared decode loop
         # Routing prefills waiting for the engine thread; the next job there takes all of them.
@@ -237,6 +271,8 @@ class LlamaCppEngine(Engine):
         # (auto tool choice switches the grammar on when the model emits it).
         opener = self._model.tokenize(OPEN.encode(), add_bos=False, special=True)
         self._open_token = opener[0] if len(opener) == 1 else None
+        closer = self._model.tokenize(CLOSE.encode(), add_bos=False, special=True)
+        self._close_token = closer[0] if len(closer) == 1 else None
 
         # KV bytes per token (f16 K and V over all layers), for the index's byte accounting.
         n_layer = llama_cpp.llama_model_n_layer(self._model.model)
@@ -567,6 +603,15 @@ class LlamaCppEngine(Engine):
     # --- tool calls: a grammar from the tools' schemas, switched on when a call starts ------------
     def _grammar_sampler(self, toolset: ToolSet, opened: bool):
         grammar = toolset.grammar(opened)
+        if self.tool_grammar == "llguidance":
+            if self._llg_tokenizer is None:  # about a second, once per engine
+                from llguidance.llamacpp import lltokenizer_from_vocab
+
+                # Every end-of-generation token ends a call (Qwen ends a turn with <|im_end|>, not its EOS).
+                eog = [t for t in range(self.n_vocab) if self._lib.llama_vocab_is_eog(self._vocab, t)]
+                self._llg_tokenizer = lltokenizer_from_vocab(self._vocab, n_vocab=self.n_vocab, eos_token=eog)
+            specials = {tag: tok for tag, tok in ((OPEN, self._open_token), (CLOSE, self._close_token)) if tok is not None}
+            return _LlgGrammar(self._llg_tokenizer, grammar, self.n_vocab, specials)
         sampler = self._lib.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
         if not sampler:
             raise InvalidRequestError("the tools' JSON Schemas could not be turned into a grammar")
@@ -583,6 +628,13 @@ class LlamaCppEngine(Engine):
             if d.rng is not None:
                 return _sample(logits, np.arange(len(logits)), d)
             return int(np.argmax(logits))
+        if isinstance(d.grammar, _LlgGrammar):
+            ok = d.grammar.allowed()
+            if not ok.any():
+                raise HeraError("the tool-call grammar allows no token")
+            if d.rng is not None:
+                return _sample(d.logits[ok], np.flatnonzero(ok), d)
+            return int(np.argmax(np.where(ok, d.logits, -np.inf)))
         lib = self._lib
         top = np.argpartition(d.logits, -64)[-64:]
         for ids in (top[np.argsort(-d.logits[top])], np.argsort(-d.logits)):
@@ -613,7 +665,9 @@ class LlamaCppEngine(Engine):
             return None
         d.out.append(token)
         d.logprobs.append(_logprob(d.logits, token))  # the draft checks' token-level confidence
-        if d.grammar is not None:
+        if isinstance(d.grammar, _LlgGrammar):
+            d.grammar.accept(token)
+        elif d.grammar is not None:
             self._lib.llama_sampler_accept(d.grammar, token)
         elif d.toolset is not None and d.toolset.choice == "auto" and token == self._open_token and self.tool_grammar:
             d.grammar = self._grammar_sampler(d.toolset, opened=True)  # the model chose to call a tool
@@ -689,7 +743,8 @@ class LlamaCppEngine(Engine):
         Once per generation: a late second call must not free a slot another one claimed since."""
         s = self._slots[d.slot]
         if d.grammar is not None:
-            self._lib.llama_sampler_free(d.grammar)
+            if not isinstance(d.grammar, _LlgGrammar):
+                self._lib.llama_sampler_free(d.grammar)
             d.grammar = None
         if not d.released:
             d.released, s.busy = True, False
@@ -765,17 +820,21 @@ class LlamaCppEngine(Engine):
         except BaseException as exc:  # noqa: BLE001 - the batch failed: every caller hears why
             results = [exc] * len(taken)
 
-        def deliver(fut: asyncio.Future, result: object) -> None:
-            if fut.done():
-                return
-            if isinstance(result, BaseException):
-                fut.set_exception(result)
-            else:
-                fut.set_result(result)
+        def deliver(batch: list[tuple[asyncio.Future, object]]) -> None:
+            for fut, result in batch:
+                if fut.done():
+                    continue
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
 
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for (_, _, fut), result in zip(taken, results):
+            by_loop.setdefault(fut.get_loop(), []).append((fut, result))
+        for loop, batch in by_loop.items():  # one callback per loop: its callers resume in the same turn
             try:
-                fut.get_loop().call_soon_threadsafe(deliver, fut, result)
+                loop.call_soon_threadsafe(deliver, batch)
             except RuntimeError:  # that caller's event loop is closed: nobody waits for it
                 pass
 

@@ -104,7 +104,9 @@ class ToolSet:
         block = f'"\\n" hera-call "\\n{CLOSE}"'
         more = f' ( "\\n"? "{OPEN}" {block} )*' if self.parallel else ""
         first = block if opened else f'"{OPEN}" {block}'
-        return f"root ::= {first}{more}\n{body}\n"
+        # A newline may follow the last call: the template ends a call's line before the turn ends,
+        # and without it a model that writes one would be forced into another call.
+        return f'root ::= {first}{more} "\\n"?\n{body}\n'
 
     def request_fields(self) -> dict[str, Any]:
         """The OpenAI request fields that offer these tools (to send them on to another server)."""
