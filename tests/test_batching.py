@@ -129,7 +129,7 @@ def test_serial_engine_samples_too(engines):
 
 def test_prefills_that_wait_together_are_evaluated_in_one_batch(engines, tiny_model_path):
     """Routing prefills queued behind a decode chunk are placed in their slots and evaluated
-    together (their new tokens packed into shared llama_decode calls); each gets its own
+    together, in the next chunk's first llama_decode along with the generation's token; each gets its own
     last-position logits, as evaluated alone, and a generation of the same prompt continues
     from its slot without evaluating it again."""
     import numpy as np
@@ -139,8 +139,10 @@ def test_prefills_that_wait_together_are_evaluated_in_one_batch(engines, tiny_mo
               {"role": "user", "content": f"Say something about the number {i * 7}."}] for i in range(6)]
 
     async def together():
-        busy = asyncio.create_task(engine.generate(PROMPTS[0], max_tokens=30))  # a decode chunk in flight
-        await asyncio.sleep(0.05)
+        decoding = asyncio.Event()
+        busy = asyncio.create_task(engine.generate(PROMPTS[0], max_tokens=40,  # a generation decoding
+                                                   on_text=lambda _: decoding.set()))
+        await decoding.wait()
         pres = await asyncio.gather(*[engine.prefill(c) for c in convs])
         await busy
         return pres
@@ -149,6 +151,7 @@ def test_prefills_that_wait_together_are_evaluated_in_one_batch(engines, tiny_mo
     pres = run(together())
     assert engine.stats["prefill_batches"] > before["prefill_batches"]
     assert engine.stats["batched_prefills"] - before["batched_prefills"] >= 3
+    assert engine.stats["prefills_with_decodes"] - before["prefills_with_decodes"] >= 3  # in the generation's decodes
     alone = LlamaCppEngine(tiny_model_path, n_ctx=1024, n_slots=2, n_threads=1, batching=False)
     try:
         for conv, pre in zip(convs, pres):

@@ -160,9 +160,10 @@ def test_steps_whose_prefills_come_back_together_are_scored_in_one_call(runtime)
     convs = [[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(6)]
 
     async def together():
+        decoding = asyncio.Event()
         busy = asyncio.create_task(runtime.local.generate([{"role": "user", "content": "Count to 30."}],
-                                                          max_tokens=64))
-        await asyncio.sleep(0.05)
+                                                          max_tokens=64, on_text=lambda _: decoding.set()))
+        await decoding.wait()
         scores = await asyncio.gather(*[runtime.score(c, 0) for c in convs])
         await busy
         return scores

@@ -104,6 +104,7 @@ class _Slot:
     logits: np.ndarray | None = None  # logits after tokens[-1], kept only right after an evaluation
     last_used: int = 0  # logical clock, for choosing a slot to recycle
     busy: bool = False  # a generation is decoding here: not to be recycled, continued or evicted
+    placing: bool = False  # a prompt placed here awaits its evaluation (a batch of prefills): likewise
 
 
 def _logprob(logits: np.ndarray, token: int) -> float:
@@ -258,6 +259,7 @@ class LlamaCppEngine(Engine):
         self._prefills: list[tuple[list[Message], ToolSet | None, asyncio.Future]] = []
         self._prefill_job = None
         self._prefill_lock = threading.Lock()  # the queue is filled on event loops, drained on the engine thread
+        self._riding = False  # a decode loop runs: its next chunk takes the queued prefills
         self._decoder: asyncio.Task | None = None
 
         meta = self._model.metadata()
@@ -290,7 +292,8 @@ class LlamaCppEngine(Engine):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hera-{self.name}")
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "seq_copies": 0,
                       "decode_steps": 0, "batched_sequences": 0,  # generation decodes; sequences in them
-                      "prefill_batches": 0, "batched_prefills": 0}  # prompt evaluations of several requests
+                      "prefill_batches": 0, "batched_prefills": 0,  # prompt evaluations of several requests
+                      "prefills_with_decodes": 0}  # routing prefills evaluated in a generation's decode
 
     # --- tokens -------------------------------------------------------------------------------
     def tokenize_messages(self, messages: list[Message], toolset: ToolSet | None = None) -> list[int]:
@@ -335,7 +338,7 @@ class LlamaCppEngine(Engine):
 
     def _recycle_slot(self, exclude: int) -> int:
         """An empty slot, else the least recently used idle one (emptied); _NoFreeSlot if none."""
-        idle = [i for i, s in enumerate(self._slots) if not s.busy and i != exclude]
+        idle = [i for i, s in enumerate(self._slots) if not (s.busy or s.placing) and i != exclude]
         if not idle:
             raise _NoFreeSlot
         free = [i for i in idle if not self._slots[i].tokens]
@@ -405,7 +408,7 @@ class LlamaCppEngine(Engine):
                 continue
             mi = _common_prefix(slot_i.tokens, tokens)
             ex = (mi == len(tokens) == len(slot_i.tokens) and slot_i.logits is not None
-                  and not slot_i.busy)
+                  and not slot_i.busy and not slot_i.placing)
             if (ex, mi, slot_i.last_used) > (exact, m, self._slots[holder].last_used if holder >= 0 else -1):
                 holder, m, exact = i, mi, ex
         if exact:
@@ -413,8 +416,8 @@ class LlamaCppEngine(Engine):
             return _Placed(holder, m, now, self._slots[holder].logits, exact=True)  # just evaluated here
         if holder >= 0 and m > 0:
             m = min(m, len(tokens) - 1)  # evaluate at least one token, to get its logits
-            if not self._slots[holder].busy and (m + 1 >= self._slots[holder].prompt_len
-                                                 or len(self._slots) == 1):
+            held = self._slots[holder]
+            if not (held.busy or held.placing) and (m + 1 >= held.prompt_len or len(self._slots) == 1):
                 # the same conversation one step on (or a retry), or nowhere else to go: in place
                 slot = holder
             else:  # a shared prefix of another conversation: link it into a slot of its own
@@ -444,7 +447,7 @@ class LlamaCppEngine(Engine):
                 raise
         s = self._slots[slot]
         s.last_used, s.logits = now, None
-        s.busy = True  # until settled: another prompt of the same batch must not take this slot
+        s.placing = True  # until settled: another prompt of the same batch must not take this slot
         return _Placed(slot, m, now, None, pinned=pinned)
 
     def _settle_prompt(self, placed: "_Placed", tokens: list[int]) -> None:
@@ -453,7 +456,8 @@ class LlamaCppEngine(Engine):
             self.stats["reused_tokens"] += placed.reused
             return
         s = self._slots[placed.slot]
-        s.tokens, s.prompt_len, s.logits, s.last_used, s.busy = list(tokens), len(tokens), placed.logits, placed.now, False
+        s.tokens, s.prompt_len, s.logits, s.last_used = list(tokens), len(tokens), placed.logits, placed.now
+        s.placing = False
         self._index.release(np.asarray(tokens[:placed.reused], dtype=np.int32), placed.pinned)
         self._apply_evictions(self._index.insert(np.asarray(tokens, dtype=np.int32), placed.slot))
         self.stats["prefill_tokens"] += len(tokens) - placed.reused
@@ -462,7 +466,7 @@ class LlamaCppEngine(Engine):
     def _unplace(self, placed: "_Placed", tokens: list[int]) -> None:
         """A placed prompt that will not be evaluated (its batch failed): the slot keeps its prefix."""
         if not placed.exact:
-            self._slots[placed.slot].busy = False
+            self._slots[placed.slot].placing = False
             self._index.release(np.asarray(tokens[:placed.reused], dtype=np.int32), placed.pinned)
 
     def _decode_prompts(self, items: list[tuple[list[int], int, int]]) -> list[np.ndarray]:
@@ -523,10 +527,13 @@ class LlamaCppEngine(Engine):
         return Prefill(logits=logits, prompt_tokens=len(tokens), cached_tokens=reused,
                        latency_s=time.perf_counter() - t0)
 
-    def _prefill_many_sync(self, requests: list[tuple[list[Message], ToolSet | None]]) -> list[object]:
+    def _prefill_many_sync(self, requests: list[tuple[list[Message], ToolSet | None]],
+                           riders: list[tuple[int, int, int]] = ()) -> tuple[list[object], list[np.ndarray]]:
         """The routing prefills of several requests in one go: each placed in its slot, then all
-        their new tokens evaluated together (`_decode_prompts`). A Prefill per request, or the
-        exception that request alone raised (a template error, too long, no free slot)."""
+        their new tokens evaluated together (`_decode_prompts`), along with `riders`, the next
+        token (token, sequence, position) of generations in flight, which then share the same
+        llama_decode. Returns a Prefill per request, or the exception that request alone raised
+        (a template error, too long, no free slot), and the logits after each rider."""
         t0 = time.perf_counter()
         out: list[object] = [None] * len(requests)
         placed: list[tuple[int, list[int], _Placed]] = []
@@ -537,22 +544,25 @@ class LlamaCppEngine(Engine):
             except Exception as exc:  # noqa: BLE001 - handed to that request's caller
                 out[i] = exc
         todo = [(i, tokens, p) for i, tokens, p in placed if p.logits is None]
+        items = [([tok], slot, pos) for tok, slot, pos in riders]
+        items += [(tokens[p.reused:], p.slot, p.reused) for _, tokens, p in todo]
         try:
-            rows = self._decode_prompts([(tokens[p.reused:], p.slot, p.reused) for _, tokens, p in todo])
+            rows = self._decode_prompts(items) if items else []
         except BaseException:
             for _, tokens, p in placed:
                 self._unplace(p, tokens)
             raise
+        rider_rows, rows = rows[:len(riders)], rows[len(riders):]
         for (_, _, p), row in zip(todo, rows):
             p.logits = row
         latency = time.perf_counter() - t0
         for i, tokens, p in placed:
             self._settle_prompt(p, tokens)
             out[i] = Prefill(logits=p.logits, prompt_tokens=len(tokens), cached_tokens=p.reused, latency_s=latency)
-        if len(todo) > 1:
+        if len(todo) + len(riders) > 1 and todo:
             self.stats["prefill_batches"] += 1
             self.stats["batched_prefills"] += len(todo)
-        return out
+        return out, rider_rows
 
     def _start(self, messages: list[Message], max_tokens: int, stop: list[str],
                on_text: Callable[[str], None] | None, toolset: ToolSet | None = None) -> _Decoding:
@@ -694,13 +704,26 @@ class LlamaCppEngine(Engine):
         """Up to `steps` tokens of every generation in `ds`, each step one llama_decode over all of
         them (one token per sequence, each at its own position of its own slot): decoding reads
         the weights once for the whole batch. Finished ones are released. True once all are done."""
-        for _ in range(steps):
+        for i in range(steps):
             pending = [(d, tok) for d in ds if not d.done and (tok := self._advance(d)) is not None]
             if not pending:
                 break
             self.stats["decode_steps"] += 1
             self.stats["batched_sequences"] += len(pending)
-            rows = self._decode_many([(tok, d.slot, len(self._slots[d.slot].tokens)) for d, tok in pending])
+            items = [(tok, d.slot, len(self._slots[d.slot].tokens)) for d, tok in pending]
+            # Routing prefills queued meanwhile ride along in the first llama_decode of a chunk (with
+            # decode_chunk 0 a generation keeps the engine to its end: they wait, as asked).
+            taken = self._take_prefills() if i == 0 and self.batching and self.decode_chunk else []
+            if taken:
+                try:
+                    results, rows = self._prefill_many_sync([(m, ts) for m, ts, _ in taken], riders=items)
+                except BaseException as exc:
+                    self._deliver(taken, [exc] * len(taken))
+                    raise
+                self._deliver(taken, results)
+                self.stats["prefills_with_decodes"] += len(taken)
+            else:
+                rows = self._decode_many(items)
             for (d, tok), logits in zip(pending, rows):
                 s = self._slots[d.slot]
                 s.tokens.append(tok)
@@ -800,26 +823,37 @@ class LlamaCppEngine(Engine):
             fut = asyncio.get_running_loop().create_future()
             with self._prefill_lock:
                 self._prefills.append((messages, toolset, fut))
-                if self._prefill_job is None:
+                if self._prefill_job is None and not self._riding:  # else the next decode chunk takes it
                     self._prefill_job = self._executor.submit(self._drain_prefills)
             try:
                 return await fut
             except _NoFreeSlot:
                 await asyncio.sleep(0.005)  # a chunk of some generation, at most, until one ends
 
-    def _drain_prefills(self) -> None:
-        """On the engine thread: every routing prefill queued so far, as one batch; each result
-        goes back to its caller's event loop."""
+    def _take_prefills(self) -> list[tuple[list[Message], ToolSet | None, asyncio.Future]]:
+        """The routing prefills queued so far (engine thread). A drain job already queued for
+        them finds nothing left and only clears its flag."""
         with self._prefill_lock:
-            taken, self._prefills, self._prefill_job = self._prefills, [], None
-        taken = [t for t in taken if not t[2].cancelled()]
+            taken, self._prefills = self._prefills, []
+        return [t for t in taken if not t[2].cancelled()]
+
+    def _drain_prefills(self) -> None:
+        """On the engine thread: every routing prefill queued so far, as one batch."""
+        with self._prefill_lock:
+            self._prefill_job = None
+        taken = self._take_prefills()
         if not taken:
             return
         try:
-            results = self._prefill_many_sync([(m, ts) for m, ts, _ in taken])
+            results, _ = self._prefill_many_sync([(m, ts) for m, ts, _ in taken])
         except BaseException as exc:  # noqa: BLE001 - the batch failed: every caller hears why
             results = [exc] * len(taken)
+        self._deliver(taken, results)
 
+    @staticmethod
+    def _deliver(taken: list[tuple[list[Message], ToolSet | None, asyncio.Future]], results: list[object]) -> None:
+        """Each prefill's result back to its caller's event loop: one callback per loop, so the
+        callers of one batch resume in the same turn (and are scored together)."""
         def deliver(batch: list[tuple[asyncio.Future, object]]) -> None:
             for fut, result in batch:
                 if fut.done():
@@ -832,7 +866,7 @@ class LlamaCppEngine(Engine):
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for (_, _, fut), result in zip(taken, results):
             by_loop.setdefault(fut.get_loop(), []).append((fut, result))
-        for loop, batch in by_loop.items():  # one callback per loop: its callers resume in the same turn
+        for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(deliver, batch)
             except RuntimeError:  # that caller's event loop is closed: nobody waits for it
@@ -929,8 +963,20 @@ class LlamaCppEngine(Engine):
 
     async def _decode_loop(self) -> None:
         """Continuous batching: while generations are active, decode a chunk of all of them in one
-        engine call after another. A generation that starts meanwhile joins at the next chunk, and
-        requests queued meanwhile (a scoring prefill) run between chunks."""
+        engine call after another. A generation that starts meanwhile joins at the next chunk,
+        routing prefills queued meanwhile ride along in the chunk's first decode, and other
+        requests queued meanwhile run between chunks."""
+        with self._prefill_lock:  # prefills now wait for the next chunk instead of a job of their own
+            self._riding = bool(self.decode_chunk)
+        try:
+            await self._decode_chunks()
+        finally:
+            with self._prefill_lock:
+                self._riding = False
+                if self._prefills and self._prefill_job is None:  # queued as the last chunk ended
+                    self._prefill_job = self._executor.submit(self._drain_prefills)
+
+    async def _decode_chunks(self) -> None:
         loop = asyncio.get_running_loop()
         for d, fut in [e for e in self._active if e[1].get_loop() is not loop]:  # left by a closed event loop
             d.cancelled = True
