@@ -488,7 +488,7 @@ def test_kill_9_of_a_node_and_a_database_restart_under_load_keep_the_guarantees(
             await asyncio.to_thread(cluster.start)
             window["up"] = time.time()
             phase["n"] = 3
-            await asyncio.sleep(4)
+            await asyncio.sleep(6)
             phase["stop"] = True
 
         async def load():

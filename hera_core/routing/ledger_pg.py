@@ -124,6 +124,7 @@ class PgLedger:
         # connection on every step; then try again.
         self.retry_after_s = retry_after_s
         self._down_until = 0.0
+        self._recheck = False
         # No check on checkout (a round trip per transaction): a connection broken by a database
         # restart fails its first use, that step is spooled, and the pool drops the connection.
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout_s,
@@ -147,6 +148,18 @@ class PgLedger:
 
     def mark_down(self) -> None:
         self._down_until = time.monotonic() + self.retry_after_s
+        self._recheck = True  # the pool may hold connections the outage broke
+
+    def _pool_ready(self):
+        """The pool, its idle connections tested once after an outage (broken ones replaced), so
+        the first steps after a database restart do not each find a dead connection."""
+        if self._recheck:
+            self._recheck = False
+            try:
+                self._pool.check()
+            except Exception:  # noqa: BLE001 - still down: the next use fails and marks it again
+                pass
+        return self._pool
 
     def _start_courier(self) -> None:
         with self._spool_lock:
@@ -195,7 +208,7 @@ class PgLedger:
             if self.spool_path is not None and self.is_down():
                 raise ConnectionError("the database was unreachable moments ago")
             self.deliver_spool()
-            with self._pool.connection() as conn:
+            with self._pool_ready().connection() as conn:
                 spend: dict[str, float] = {}
                 got = self._insert(conn, item, spend)
                 self._add_spend(conn, spend)
@@ -264,7 +277,7 @@ class PgLedger:
             if self.spool_path is None or not self.spool_path.exists() or self.spool_path.stat().st_size == 0:
                 return 0
             items = [json.loads(line) for line in self.spool_path.read_text().splitlines() if line.strip()]
-            with self._pool.connection() as conn:
+            with self._pool_ready().connection() as conn:
                 spend: dict[str, float] = {}
                 for item in items:
                     self._insert(conn, item, spend)
@@ -284,7 +297,7 @@ class PgLedger:
 
     def connection(self):
         """A pooled connection, one transaction (committed when the `with` block ends)."""
-        return self._pool.connection()
+        return self._pool_ready().connection()
 
     def _dicts(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         with self._pool.connection() as conn:
