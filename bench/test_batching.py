@@ -57,11 +57,11 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def run_engine(sessions: int, batching: bool) -> dict:
+def run_engine(sessions: int, batching: bool, prefill_chunk: int = 256) -> dict:
     from hera_core.backends.llamacpp import LlamaCppEngine
 
     engine = LlamaCppEngine(model_path(MODEL), name=MODEL, n_ctx=N_CTX, n_slots=max(sessions, 1), n_threads=THREADS,
-                            batching=batching)
+                            batching=batching, prefill_chunk=prefill_chunk)
 
     async def one(i: int):
         t0, first = time.perf_counter(), []
@@ -203,6 +203,13 @@ def test_sessions_batched(benchmark, sessions):
     benchmark.extra_info.update(benchmark.pedantic(run_engine, args=(sessions, True), rounds=1, iterations=1))
 
 
+@pytest.mark.parametrize("chunk", [0, 64], ids=lambda c: f"chunk{c}")
+def test_sessions_batched_prompt_chunk_s8(benchmark, chunk):
+    """The batched engine at 8 sessions with other prompt chunks (0: each prompt evaluated whole
+    in one step, as before chunking; the default, 256, is test_sessions_batched)."""
+    benchmark.extra_info.update(benchmark.pedantic(run_engine, args=(8, True, chunk), rounds=1, iterations=1))
+
+
 @pytest.mark.parametrize("sessions", SESSIONS)
 def test_sessions_llama_server(benchmark, sessions):
     benchmark.extra_info.update(benchmark.pedantic(run_llama_server, args=(sessions,), rounds=1, iterations=1))
@@ -281,3 +288,51 @@ def run_prefills(sessions: int, batching: bool) -> dict:
 def test_next_step_prefills_s8(benchmark, mode):
     info = benchmark.pedantic(run_prefills, args=(8, mode == "batched"), rounds=1, iterations=1)
     benchmark.extra_info.update(info)
+
+
+# --- a long prompt arriving while other sessions decode --------------------------------------------
+def run_long_prompt(prefill_chunk: int, running: int = 4) -> dict:
+    """`running` sessions decode 128 tokens each; once they are under way a ~1,900-token prompt
+    arrives. extra_info: the longest gap between two tokens of a running session (how long the
+    long prompt stalled them), the long prompt's time to first token, and the running sessions'
+    aggregate tokens/s."""
+    from hera_core.backends.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(model_path(MODEL), name=MODEL, n_ctx=2 * N_CTX, n_slots=running + 1, n_threads=THREADS,
+                            prefill_chunk=prefill_chunk)
+    long_prompt = session_prompt(99)
+    long_prompt[0] = {"role": "system", "content": long_prompt[0]["content"] + " " + " ".join(NOTES * 50)}
+
+    async def go():
+        stamps: list[list[float]] = [[] for _ in range(running)]
+        started = asyncio.Event()
+
+        def on_text(i):
+            def note(_):
+                stamps[i].append(time.perf_counter())
+                if all(stamps):
+                    started.set()
+            return note
+
+        t0 = time.perf_counter()
+        runs = [asyncio.create_task(engine.generate(session_prompt(i), max_tokens=TOKENS, on_text=on_text(i)))
+                for i in range(running)]
+        await started.wait()
+        t_long = time.perf_counter()
+        first: list[float] = []
+        long = await engine.generate(long_prompt, max_tokens=8,
+                                     on_text=lambda _: first or first.append(time.perf_counter() - t_long))
+        gens = await asyncio.gather(*runs)
+        wall = time.perf_counter() - t0
+        await engine.close()
+        gaps = [b - a for st in stamps for a, b in zip(st, st[1:]) if b > t_long]
+        return {"max_gap_s": max(gaps), "long_prompt_tokens": long.prompt_tokens,
+                "long_ttft_s": first[0] if first else long.latency_s,
+                "running_tokens_per_s": sum(g.completion_tokens for g in gens) / wall}
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("chunk", [0, 256], ids=lambda c: f"chunk{c}")
+def test_long_prompt_while_sessions_decode(benchmark, chunk):
+    benchmark.extra_info.update(benchmark.pedantic(run_long_prompt, args=(chunk,), rounds=1, iterations=1))

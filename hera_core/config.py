@@ -40,6 +40,8 @@ class LocalSettings(_Strict):
     flash_attn: bool = Field(True, description="llama.cpp fused attention (faster prefill on CPU)")
     decode_chunk: int = Field(8, ge=0, le=4096, description="tokens a local answer decodes before other waiting "
                               "requests (another session's routing prefill) get the engine; 0 = none")
+    prefill_chunk: int = Field(256, ge=0, le=65536, description="prompt tokens evaluated per decode step alongside "
+                               "the running answers' next tokens (a long prompt delays them by one chunk); 0 = whole")
     tool_grammar: Literal["llama.cpp", "llguidance"] = Field(
         "llama.cpp", description="what runs the tools' grammar when the SLM writes a tool call: llama.cpp's grammar "
         "sampler (checks the likeliest tokens first) or llguidance (a mask over the whole vocabulary)")

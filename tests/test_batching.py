@@ -179,3 +179,67 @@ def test_a_bad_request_in_a_prefill_batch_fails_alone(engines):
     first, bad, third = run(together())
     assert isinstance(bad, ContextOverflowError)
     assert first.prompt_tokens > 0 and third.prompt_tokens > 0
+
+
+LONG_PROMPT = [{"role": "user", "content": "Summarize this list in one line: "
+                + ", ".join(f"item {i}" for i in range(120))}]
+COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+
+
+def test_a_long_prompt_is_evaluated_in_chunks_alongside_running_generations(engines, tiny_model_path):
+    """A new generation's prompt joins the shared decode steps `prefill_chunk` tokens at a time,
+    so a running generation keeps getting a token per step meanwhile; both answers are the ones
+    decoded one sequence at a time."""
+    eng = LlamaCppEngine(tiny_model_path, n_ctx=1024, n_slots=4, n_threads=1, prefill_chunk=16)
+
+    async def go():
+        decoding = asyncio.Event()
+        a = asyncio.create_task(eng.generate(COUNTING, max_tokens=120, on_text=lambda _: decoding.set()))
+        await decoding.wait()
+        before = dict(eng.stats)
+        b = await eng.generate(LONG_PROMPT, max_tokens=8)
+        return await a, b, before
+
+    try:
+        a, b, before = run(go())
+        chunks = eng.stats["prompts_with_decodes"] - before["prompts_with_decodes"]
+        assert b.prompt_tokens > 300 and a.completion_tokens == 120
+        assert chunks == -(-(b.prompt_tokens - b.cached_tokens) // 16)  # each chunk of B's prompt shared a step with A
+        assert not any(s.busy or s.placing for s in eng._slots)
+        eng._index.check_invariants()
+    finally:
+        run(eng.close())
+    serial = engines["serial"]
+    assert a.text == run(serial.generate(COUNTING, max_tokens=120)).text
+    assert b.text == run(serial.generate(LONG_PROMPT, max_tokens=8)).text
+
+
+def test_a_generation_cancelled_while_its_prompt_is_evaluated_frees_its_slot(tiny_model_path):
+    eng = LlamaCppEngine(tiny_model_path, n_ctx=1024, n_slots=2, n_threads=1, prefill_chunk=8)
+
+    async def go():
+        decoding = asyncio.Event()
+        a = asyncio.create_task(eng.generate(COUNTING, max_tokens=60, on_text=lambda _: decoding.set()))
+        await decoding.wait()
+        b = asyncio.create_task(eng.generate(LONG_PROMPT, max_tokens=8))
+        while not eng._prompts:  # B's prompt is being evaluated, 8 tokens a step
+            await asyncio.sleep(0.001)
+        b.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await b
+        await a
+        # both slots are free again and the engine still answers right
+        return await asyncio.gather(eng.generate(LONG_PROMPT, max_tokens=8), eng.generate(PROMPTS[1], max_tokens=8))
+
+    try:
+        again, other = run(go())
+        assert not any(s.busy or s.placing for s in eng._slots) and not eng._prompts
+        eng._index.check_invariants()
+    finally:
+        run(eng.close())
+    ref = LlamaCppEngine(tiny_model_path, n_ctx=1024, n_slots=2, n_threads=1, batching=False)
+    try:
+        assert again.text == run(ref.generate(LONG_PROMPT, max_tokens=8)).text
+        assert other.text == run(ref.generate(PROMPTS[1], max_tokens=8)).text
+    finally:
+        run(ref.close())

@@ -218,21 +218,23 @@ def test_when_every_slot_is_generating_a_new_request_waits_for_one(tiny_model_pa
     assert other.text == solo(tiny_model_path, OTHER, 12)
 
 
-def test_a_generation_cancelled_while_it_starts_does_not_keep_its_slot(tiny_model_path):
-    """Cancelled while its prompt evaluation runs on the engine thread (which cannot be stopped):
-    the slot it then claims is handed back right after."""
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_generation_cancelled_while_it_starts_does_not_keep_its_slot(tiny_model_path, batching):
+    """Cancelled while its start runs on the engine thread (which cannot be stopped: placing the
+    prompt, batched; evaluating it, serial): the slot it then claims is handed back right after."""
     import threading
 
-    eng = engine(tiny_model_path, n_slots=1)
+    eng = engine(tiny_model_path, n_slots=1, batching=batching)
     running, proceed = threading.Event(), threading.Event()
-    start = eng._start
+    name = "_begin" if batching else "_start"
+    start = getattr(eng, name)
 
     def held_start(*args):
         running.set()
         proceed.wait(30)
         return start(*args)
 
-    eng._start = held_start
+    setattr(eng, name, held_start)
 
     async def go():
         task = asyncio.create_task(eng.generate(OTHER, max_tokens=8))

@@ -30,9 +30,11 @@ when every slot is generating, a new request waits for one to finish. A cancelle
 stops at its next chunk.
 
 With `batching` (the default) concurrent generations share each llama_decode (one token of every
-active sequence per call), routing prefills that queue up meanwhile are evaluated together (each
-placed in its slot, their new tokens packed into shared llama_decode calls), and `n` samples of
-one prompt share its KV (copied into n - 1 more slots) and decode in the same batch.
+active sequence per call), and so do prompts: a generation's prompt and the routing prefills that
+queue up meanwhile are placed in their slots and their new tokens evaluated `prefill_chunk` at a
+time in the same llama_decode calls as the running generations' next tokens (chunked, so a long
+prompt delays the others' next token by one chunk, not by its whole length). `n` samples of one
+prompt share its KV (copied into n - 1 more slots) and decode in the same batch.
 """
 
 from __future__ import annotations
@@ -160,11 +162,24 @@ class _NoFreeSlot(Exception):
 
 
 @dataclass(eq=False)
+class _Prompt:
+    """A prompt being evaluated a chunk at a time in the shared decode steps (engine thread only):
+    a generation's (it then starts decoding) or a routing prefill's (its logits then go back)."""
+
+    tokens: list[int]
+    placed: _Placed
+    done: int  # tokens of the prompt in the slot's KV so far
+    t0: float
+    decoding: "_Decoding | None" = None
+    waiter: tuple | None = None  # (messages, toolset, future) of a routing prefill
+
+
+@dataclass(eq=False)
 class _Decoding:
     """A generation in progress, decoded a chunk at a time on the engine thread."""
 
     slot: int
-    logits: np.ndarray  # the distribution of the next token
+    logits: np.ndarray | None  # the distribution of the next token (None while the prompt is evaluated)
     max_tokens: int
     stop: list[str]
     on_text: Callable[[str], None] | None
@@ -187,6 +202,8 @@ class _Decoding:
     rng: np.random.Generator | None = None  # a sampled generation's own random stream (None: greedy)
     temperature: float = 1.0
     top_p: float = 1.0
+    prompt: _Prompt | None = None  # its prompt, while still being evaluated in the shared steps
+    error: BaseException | None = None  # that evaluation failed
 
 
 class LlamaCppEngine(Engine):
@@ -196,8 +213,8 @@ class LlamaCppEngine(Engine):
                  n_threads: int = 1, n_threads_batch: int | None = None, n_batch: int = 512,
                  n_slots: int = 8, block_size: int = 16, kv_budget_bytes: int | None = None,
                  kv_budget_tokens: int | None = None, kv_unified: bool = False, n_gpu_layers: int = -1,
-                 flash_attn: bool = True, decode_chunk: int = 8, tool_grammar: bool | str = True,
-                 batching: bool = True) -> None:
+                 flash_attn: bool = True, decode_chunk: int = 8, prefill_chunk: int = 256,
+                 tool_grammar: bool | str = True, batching: bool = True) -> None:
         """n_ctx: the longest prompt + completion of one subtask, tokens (also each slot's size).
         n_slots: sequences kept in the KV cache at once. kv_budget_bytes: cap on the KV bytes the
         index keeps cached, counting a shared prefix block once (default: all slots' cells).
@@ -208,7 +225,9 @@ class LlamaCppEngine(Engine):
         decode_chunk: tokens a generation decodes before other queued requests get the engine
         (0: the whole generation at once). batching: concurrent generations share each llama_decode
         (one token of every active sequence per call); False decodes one sequence per call, in
-        turns of `decode_chunk` tokens (the engine before continuous batching). tool_grammar: decode tool calls under the grammar of the
+        turns of `decode_chunk` tokens (the engine before continuous batching). prefill_chunk: with
+        batching, prompt tokens evaluated per decode step (shared with the generations' next
+        tokens; 0: each prompt whole). tool_grammar: decode tool calls under the grammar of the
         tools' schemas, run by llama.cpp's grammar sampler ("llama.cpp", True) or by llguidance
         ("llguidance"); False only to measure what it buys (bench/test_tool_calls.py)."""
         import llama_cpp
@@ -216,7 +235,8 @@ class LlamaCppEngine(Engine):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         for arg, value, low in (("n_threads", n_threads, 1), ("n_slots", n_slots, 1), ("block_size", block_size, 1),
-                                ("n_ctx", n_ctx, 16), ("decode_chunk", decode_chunk, 0)):
+                                ("n_ctx", n_ctx, 16), ("decode_chunk", decode_chunk, 0),
+                                ("prefill_chunk", prefill_chunk, 0)):
             if value < low:
                 raise InvalidRequestError(f"{arg} must be >= {low}, got {value}")
         if n_slots > 64:
@@ -249,6 +269,7 @@ class LlamaCppEngine(Engine):
         self.n_batch = n_batch
         self.n_vocab = self._model.n_vocab()
         self.decode_chunk = decode_chunk
+        self.prefill_chunk = prefill_chunk
         if tool_grammar not in (True, False, "llama.cpp", "llguidance"):
             raise InvalidRequestError(f"tool_grammar must be 'llama.cpp', 'llguidance' or False, got {tool_grammar!r}")
         self.tool_grammar = "llama.cpp" if tool_grammar is True else tool_grammar
@@ -259,7 +280,8 @@ class LlamaCppEngine(Engine):
         self._prefills: list[tuple[list[Message], ToolSet | None, asyncio.Future]] = []
         self._prefill_job = None
         self._prefill_lock = threading.Lock()  # the queue is filled on event loops, drained on the engine thread
-        self._riding = False  # a decode loop runs: its next chunk takes the queued prefills
+        self._riding = False  # a decode loop runs: its steps take the queued prefills
+        self._prompts: list[_Prompt] = []  # prompts evaluated chunk by chunk (engine thread only), first come first
         self._decoder: asyncio.Task | None = None
 
         meta = self._model.metadata()
@@ -293,7 +315,8 @@ class LlamaCppEngine(Engine):
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "seq_copies": 0,
                       "decode_steps": 0, "batched_sequences": 0,  # generation decodes; sequences in them
                       "prefill_batches": 0, "batched_prefills": 0,  # prompt evaluations of several requests
-                      "prefills_with_decodes": 0}  # routing prefills evaluated in a generation's decode
+                      "prefills_with_decodes": 0,  # routing prefills evaluated in a generation's decode
+                      "prompt_chunks": 0, "prompts_with_decodes": 0}  # generations' prompt chunks; with decodes
 
     # --- tokens -------------------------------------------------------------------------------
     def tokenize_messages(self, messages: list[Message], toolset: ToolSet | None = None) -> list[int]:
@@ -527,57 +550,46 @@ class LlamaCppEngine(Engine):
         return Prefill(logits=logits, prompt_tokens=len(tokens), cached_tokens=reused,
                        latency_s=time.perf_counter() - t0)
 
-    def _prefill_many_sync(self, requests: list[tuple[list[Message], ToolSet | None]],
-                           riders: list[tuple[int, int, int]] = ()) -> tuple[list[object], list[np.ndarray]]:
-        """The routing prefills of several requests in one go: each placed in its slot, then all
-        their new tokens evaluated together (`_decode_prompts`), along with `riders`, the next
-        token (token, sequence, position) of generations in flight, which then share the same
-        llama_decode. Returns a Prefill per request, or the exception that request alone raised
-        (a template error, too long, no free slot), and the logits after each rider."""
-        t0 = time.perf_counter()
-        out: list[object] = [None] * len(requests)
-        placed: list[tuple[int, list[int], _Placed]] = []
-        for i, (messages, toolset) in enumerate(requests):
-            try:
-                tokens = self.tokenize_messages(messages, toolset)
-                placed.append((i, tokens, self._place_prompt(tokens)))
-            except Exception as exc:  # noqa: BLE001 - handed to that request's caller
-                out[i] = exc
-        todo = [(i, tokens, p) for i, tokens, p in placed if p.logits is None]
-        items = [([tok], slot, pos) for tok, slot, pos in riders]
-        items += [(tokens[p.reused:], p.slot, p.reused) for _, tokens, p in todo]
-        try:
-            rows = self._decode_prompts(items) if items else []
-        except BaseException:
-            for _, tokens, p in placed:
-                self._unplace(p, tokens)
-            raise
-        rider_rows, rows = rows[:len(riders)], rows[len(riders):]
-        for (_, _, p), row in zip(todo, rows):
-            p.logits = row
-        latency = time.perf_counter() - t0
-        for i, tokens, p in placed:
-            self._settle_prompt(p, tokens)
-            out[i] = Prefill(logits=p.logits, prompt_tokens=len(tokens), cached_tokens=p.reused, latency_s=latency)
-        if len(todo) + len(riders) > 1 and todo:
-            self.stats["prefill_batches"] += 1
-            self.stats["batched_prefills"] += len(todo)
-        return out, rider_rows
-
-    def _start(self, messages: list[Message], max_tokens: int, stop: list[str],
+    def _begin(self, messages: list[Message], max_tokens: int, stop: list[str],
                on_text: Callable[[str], None] | None, toolset: ToolSet | None = None) -> _Decoding:
-        """Evaluate the prompt into a slot and claim it for this generation."""
+        """Place the prompt in a slot (its cached prefix kept or linked) for a new generation. What is
+        left to evaluate waits in `_prompts` for the shared decode steps; an exact repeat of the
+        slot's last prompt claims it at once."""
         t0 = time.perf_counter()
         tokens = self.tokenize_messages(messages, toolset)
         grammar = None
         if toolset is not None and toolset.choice in ("required", "function") and self.tool_grammar:
             grammar = self._grammar_sampler(toolset, opened=False)  # the answer must be a call
         max_tokens = max(0, min(max_tokens, self.n_ctx - len(tokens)))
-        slot, logits, reused = self._eval_prompt(tokens, reserve=max_tokens)
-        self._slots[slot].busy = True
-        pinned = self._index.lock(np.asarray(tokens, dtype=np.int32))
-        return _Decoding(slot=slot, logits=logits, max_tokens=max_tokens, stop=stop, on_text=on_text, t0=t0,
-                         prompt_tokens=len(tokens), reused=reused, pinned=pinned, toolset=toolset, grammar=grammar)
+        try:
+            placed = self._place_prompt(tokens, reserve=max_tokens)
+        except BaseException:
+            if grammar is not None and not isinstance(grammar, _LlgGrammar):
+                self._lib.llama_sampler_free(grammar)
+            raise
+        d = _Decoding(slot=placed.slot, logits=None, max_tokens=max_tokens, stop=stop, on_text=on_text, t0=t0,
+                      prompt_tokens=len(tokens), reused=placed.reused, pinned=0, toolset=toolset, grammar=grammar)
+        if placed.logits is not None:
+            self._claim(d, placed, tokens)
+        else:
+            d.prompt = _Prompt(tokens, placed, placed.reused, t0, decoding=d)
+            self._prompts.append(d.prompt)
+        return d
+
+    def _claim(self, d: _Decoding, placed: _Placed, tokens: list[int]) -> None:
+        """`d`'s prompt is evaluated: settle it and claim the slot for decoding."""
+        self._settle_prompt(placed, tokens)
+        self._slots[d.slot].busy = True
+        d.pinned = self._index.lock(np.asarray(tokens, dtype=np.int32))
+        d.logits, d.prompt = placed.logits, None
+
+    def _start(self, messages: list[Message], max_tokens: int, stop: list[str],
+               on_text: Callable[[str], None] | None, toolset: ToolSet | None = None) -> _Decoding:
+        """Evaluate the prompt into a slot, whole, and claim it for this generation."""
+        d = self._begin(messages, max_tokens, stop, on_text, toolset)
+        if d.prompt is not None:
+            self._evaluate([], [(d.prompt, len(d.prompt.tokens) - d.prompt.done)])
+        return d
 
     def _start_samples(self, messages: list[Message], n: int, max_tokens: int, stop: list[str],
                        toolset: ToolSet | None, temperature: float, top_p: float,
@@ -703,28 +715,23 @@ class LlamaCppEngine(Engine):
     def _step_batch(self, ds: list[_Decoding], steps: int) -> bool:
         """Up to `steps` tokens of every generation in `ds`, each step one llama_decode over all of
         them (one token per sequence, each at its own position of its own slot): decoding reads
-        the weights once for the whole batch. Finished ones are released. True once all are done."""
-        for i in range(steps):
-            pending = [(d, tok) for d in ds if not d.done and (tok := self._advance(d)) is not None]
-            if not pending:
+        the weights once for the whole batch. Prompts waiting in `_prompts` (new generations',
+        routing prefills queued meanwhile) ride along, `prefill_chunk` tokens per step. Finished
+        generations are released. True once all of `ds` are done."""
+        for _ in range(steps):
+            if self._riding:  # with decode_chunk 0 a generation keeps the engine to its end: they wait
+                self._admit_prefills()
+            stepping = [(d, tok) for d in ds
+                        if d.prompt is None and not d.done and (tok := self._advance(d)) is not None]
+            chunks = self._prompt_chunks(self.prefill_chunk)
+            if not stepping and not chunks:
                 break
-            self.stats["decode_steps"] += 1
-            self.stats["batched_sequences"] += len(pending)
-            items = [(tok, d.slot, len(self._slots[d.slot].tokens)) for d, tok in pending]
-            # Routing prefills queued meanwhile ride along in the first llama_decode of a chunk (with
-            # decode_chunk 0 a generation keeps the engine to its end: they wait, as asked).
-            taken = self._take_prefills() if i == 0 and self.batching and self.decode_chunk else []
-            if taken:
-                try:
-                    results, rows = self._prefill_many_sync([(m, ts) for m, ts, _ in taken], riders=items)
-                except BaseException as exc:
-                    self._deliver(taken, [exc] * len(taken))
-                    raise
-                self._deliver(taken, results)
-                self.stats["prefills_with_decodes"] += len(taken)
-            else:
-                rows = self._decode_many(items)
-            for (d, tok), logits in zip(pending, rows):
+            if stepping:
+                self.stats["decode_steps"] += 1
+                self.stats["batched_sequences"] += len(stepping)
+            items = [([tok], d.slot, len(self._slots[d.slot].tokens)) for d, tok in stepping]
+            rows = self._evaluate(items, chunks)
+            for (d, tok), logits in zip(stepping, rows):
                 s = self._slots[d.slot]
                 s.tokens.append(tok)
                 s.logits = d.logits = logits
@@ -732,6 +739,97 @@ class LlamaCppEngine(Engine):
             if d.done and not d.released:
                 self._finish(d)
         return all(d.done for d in ds)
+
+    # --- prompts evaluated in the shared steps ----------------------------------------------------
+    def _prompt_chunks(self, budget: int) -> list[tuple[_Prompt, int]]:
+        """The next tokens of the waiting prompts, first come first, `budget` in all (0: all)."""
+        out = []
+        for p in self._prompts:
+            n = len(p.tokens) - p.done
+            if budget:
+                n = min(n, budget - sum(k for _, k in out))
+                if n <= 0:
+                    break
+            out.append((p, n))
+        return out
+
+    def _evaluate(self, items: list[tuple[list[int], int, int]],
+                  chunks: list[tuple[_Prompt, int]]) -> list[np.ndarray]:
+        """One step's evaluation: `items` (tokens, sequence, position; the generations' next
+        tokens) and the prompts' `chunks`, packed into shared llama_decode calls. A prompt whose
+        last token is in is ready: its generation may decode, its prefill goes back. Returns the
+        logits after each item."""
+        work = [(p.tokens[p.done:p.done + n], p.placed.slot, p.done) for p, n in chunks]
+        try:
+            rows = self._decode_prompts(items + work) if items or work else []
+        except BaseException as exc:
+            for p, _ in chunks:
+                self._fail_prompt(p, exc)
+            raise
+        if chunks:
+            routing = sum(p.waiter is not None for p, _ in chunks)
+            self.stats["prompt_chunks"] += len(chunks) - routing
+            if items:
+                self.stats["prefills_with_decodes"] += routing
+                self.stats["prompts_with_decodes"] += len(chunks) - routing
+            if len(items) + len(chunks) > 1:
+                self.stats["prefill_batches"] += 1
+                self.stats["batched_prefills"] += len(chunks)
+        ready: list[tuple[tuple, object]] = []
+        for (p, n), row in zip(chunks, rows[len(items):]):
+            p.done += n
+            if p.done < len(p.tokens):
+                continue
+            self._prompts.remove(p)
+            p.placed.logits = row
+            if p.decoding is not None:
+                self._claim(p.decoding, p.placed, p.tokens)
+            else:
+                self._settle_prompt(p.placed, p.tokens)
+                ready.append((p.waiter, Prefill(logits=row, prompt_tokens=len(p.tokens), cached_tokens=p.placed.reused,
+                                                latency_s=time.perf_counter() - p.t0)))
+        if ready:
+            self._deliver([w for w, _ in ready], [r for _, r in ready])
+        return rows[:len(items)]
+
+    def _drop_prompt(self, p: _Prompt) -> None:
+        """A prompt that will not be finished: its slot keeps the cached prefix only."""
+        if p in self._prompts:
+            self._prompts.remove(p)
+        self._unplace(p.placed, p.tokens)
+        self._seq_rm(p.placed.slot, p.placed.reused)  # what was evaluated of it
+
+    def _fail_prompt(self, p: _Prompt, exc: BaseException) -> None:
+        """Its evaluation failed: the caller hears why."""
+        if p.decoding is not None:
+            d = p.decoding
+            d.error, d.done = exc, True
+            self._release(d)
+        else:
+            self._drop_prompt(p)
+            self._deliver([p.waiter], [exc])
+
+    def _admit_prefills(self) -> None:
+        """Place the routing prefills queued so far; what they leave to evaluate joins `_prompts`
+        (a bad request, or an exact repeat, is answered at once)."""
+        answered: list[tuple[tuple, object]] = []
+        for waiter in self._take_prefills():
+            messages, toolset, _ = waiter
+            t0 = time.perf_counter()
+            try:
+                tokens = self.tokenize_messages(messages, toolset)
+                placed = self._place_prompt(tokens)
+            except Exception as exc:  # noqa: BLE001 - handed to that request's caller
+                answered.append((waiter, exc))
+                continue
+            if placed.logits is not None:  # an exact repeat: nothing to evaluate
+                self._settle_prompt(placed, tokens)
+                answered.append((waiter, Prefill(logits=placed.logits, prompt_tokens=len(tokens),
+                                                 cached_tokens=placed.reused, latency_s=time.perf_counter() - t0)))
+            else:
+                self._prompts.append(_Prompt(tokens, placed, placed.reused, t0, waiter=waiter))
+        if answered:
+            self._deliver([w for w, _ in answered], [r for _, r in answered])
 
     def _decode_many(self, items: list[tuple[int, int, int]]) -> list[np.ndarray]:
         """One llama_decode of (token, sequence, position) items, one token per sequence; the
@@ -769,6 +867,11 @@ class LlamaCppEngine(Engine):
             if not isinstance(d.grammar, _LlgGrammar):
                 self._lib.llama_sampler_free(d.grammar)
             d.grammar = None
+        if d.prompt is not None:  # released before its prompt was in: the slot was never claimed
+            p, d.prompt = d.prompt, None
+            self._drop_prompt(p)
+            d.released = True
+            return
         if not d.released:
             d.released, s.busy = True, False
             self._index.release(np.asarray(s.tokens[: d.prompt_tokens], dtype=np.int32), d.pinned)
@@ -838,17 +941,16 @@ class LlamaCppEngine(Engine):
         return [t for t in taken if not t[2].cancelled()]
 
     def _drain_prefills(self) -> None:
-        """On the engine thread: every routing prefill queued so far, as one batch."""
+        """On the engine thread, no decode loop running: every routing prefill queued so far, and
+        any prompt a loop left unfinished, evaluated whole in one batch."""
         with self._prefill_lock:
             self._prefill_job = None
-        taken = self._take_prefills()
-        if not taken:
-            return
-        try:
-            results, _ = self._prefill_many_sync([(m, ts) for m, ts, _ in taken])
-        except BaseException as exc:  # noqa: BLE001 - the batch failed: every caller hears why
-            results = [exc] * len(taken)
-        self._deliver(taken, results)
+        self._admit_prefills()
+        if self._prompts:
+            try:
+                self._evaluate([], self._prompt_chunks(0))
+            except Exception:  # noqa: BLE001 - each caller has heard why
+                pass
 
     @staticmethod
     def _deliver(taken: list[tuple[list[Message], ToolSet | None, asyncio.Future]], results: list[object]) -> None:
@@ -890,29 +992,11 @@ class LlamaCppEngine(Engine):
             loop.call_soon_threadsafe(on_text, delta)
 
         # Cancelled while its start runs: the slot that start claims is handed back once it has.
-        d = await self._when_a_slot_is_free(self._start, messages, max_tokens, list(stop or []),
-                                            callback if on_text is not None else None, toolset,
+        # Batched, the start only places the prompt: the decode loop evaluates it, in chunks.
+        d = await self._when_a_slot_is_free(self._begin if self.batching else self._start, messages, max_tokens,
+                                            list(stop or []), callback if on_text is not None else None, toolset,
                                             if_abandoned=self._release_later)
-        if self.batching:
-            done = loop.create_future()
-            self._active.append((d, done))
-            if self._decoder is None or self._decoder.done():
-                self._decoder = asyncio.create_task(self._decode_loop())
-            try:
-                await done
-            except asyncio.CancelledError:  # client gone: the loop drops it after the chunk in flight
-                d.cancelled = True
-                if self._decoder is None or self._decoder.done():
-                    self._release_later(d)
-                raise
-            return self._generation(d)
-        try:
-            while not await self._on_engine(self._step, d):
-                pass  # between chunks, requests queued meanwhile run
-        except BaseException:
-            if not d.done:  # cancelled (client gone) or failed: free the slot after the chunk in flight
-                self._release_later(d)
-            raise
+        await self._run_decodings([d])
         return self._generation(d)
 
     async def generate_samples(self, messages: list[Message], n: int, *, max_tokens: int = 256,
@@ -937,15 +1021,24 @@ class LlamaCppEngine(Engine):
 
         ds = await self._when_a_slot_is_free(self._start_samples, messages, n, max_tokens, list(stop or []),
                                              toolset, float(temperature), float(top_p), seed, if_abandoned=abandon)
+        await self._run_decodings(ds)
+        return [self._generation(d) for d in ds]
+
+    async def _run_decodings(self, ds: list[_Decoding]) -> None:
+        """Decode `ds` to their ends: batched, in the shared decode loop; else one sequence at a
+        time, a chunk per engine call (requests queued meanwhile run between chunks). Cancelled
+        (client gone) or failed: their slots are freed after the chunk in flight."""
         if not self.batching:
             try:
                 for d in ds:
                     while not await self._on_engine(self._step, d):
                         pass
             except BaseException:
-                abandon([d for d in ds if not d.done])
+                for d in ds:
+                    if not d.done:
+                        self._release_later(d)
                 raise
-            return [self._generation(d) for d in ds]
+            return
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in ds]
         self._active.extend(zip(ds, futures))
@@ -953,19 +1046,20 @@ class LlamaCppEngine(Engine):
             self._decoder = asyncio.create_task(self._decode_loop())
         try:
             await asyncio.gather(*futures)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the loop drops them after the chunk in flight
             for d in ds:
                 d.cancelled = True
             if self._decoder is None or self._decoder.done():
-                abandon([d for d in ds if not d.done])
+                for d in ds:
+                    if not d.done:
+                        self._release_later(d)
             raise
-        return [self._generation(d) for d in ds]
 
     async def _decode_loop(self) -> None:
         """Continuous batching: while generations are active, decode a chunk of all of them in one
         engine call after another. A generation that starts meanwhile joins at the next chunk,
-        routing prefills queued meanwhile ride along in the chunk's first decode, and other
-        requests queued meanwhile run between chunks."""
+        prompts (new generations', routing prefills queued meanwhile) ride along in its steps, and
+        other requests queued meanwhile run between chunks."""
         with self._prefill_lock:  # prefills now wait for the next chunk instead of a job of their own
             self._riding = bool(self.decode_chunk)
         try:
@@ -973,7 +1067,7 @@ class LlamaCppEngine(Engine):
         finally:
             with self._prefill_lock:
                 self._riding = False
-                if self._prefills and self._prefill_job is None:  # queued as the last chunk ended
+                if (self._prefills or self._prompts) and self._prefill_job is None:  # queued as the last chunk ended
                     self._prefill_job = self._executor.submit(self._drain_prefills)
 
     async def _decode_chunks(self) -> None:
@@ -990,7 +1084,7 @@ class LlamaCppEngine(Engine):
                 break
             ds = [d for d, _ in entries]
             try:
-                await self._on_engine(self._step_batch, ds, self.decode_chunk or max(d.max_tokens for d in ds))
+                await self._on_engine(self._step_batch, ds, self.decode_chunk or 1 << 30)  # 0: to the end
             except BaseException as exc:
                 for d, fut in entries:
                     self._active.remove((d, fut))
@@ -1005,7 +1099,10 @@ class LlamaCppEngine(Engine):
                 if d.done:
                     self._active.remove((d, fut))
                     if not fut.done():
-                        fut.set_result(None)
+                        if d.error is not None:
+                            fut.set_exception(d.error if isinstance(d.error, Exception) else HeraError("the engine stopped"))
+                        else:
+                            fut.set_result(None)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)

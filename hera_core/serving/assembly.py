@@ -94,6 +94,7 @@ async def open_engines(settings: HeraSettings, *, use_cache: bool = False):
                                    block_size=loc.kv_block_tokens, kv_unified=loc.kv_unified,
                                    kv_budget_tokens=loc.kv_budget_tokens, n_gpu_layers=loc.n_gpu_layers,
                                    flash_attn=loc.flash_attn, decode_chunk=loc.decode_chunk,
+                                   prefill_chunk=loc.prefill_chunk,
                                    tool_grammar=loc.tool_grammar)
         api_key = settings.cloud.api_key.get_secret_value() if settings.cloud.api_key else None
         cloud = CloudEngine(base_url, settings.cloud.model, api_key=api_key, timeout_s=settings.cloud.timeout_s,
