@@ -10,6 +10,7 @@ from hera_core.offline.evaluation import (METHOD_NAMES, Evaluator, bootstrap_ci,
                                   query_threshold)
 from hera_core.offline.profiling import done_task_ids, load_traces, profile
 from hera_core.offline.workloads import make_tasks
+from hera_core.routing.predictor import FEATURE_NAMES
 from tests.conftest import TINY, run
 from tests.factories import random_predictor
 
@@ -55,7 +56,7 @@ def test_profile_is_append_only_and_resumable(profiled):
     assert [t["task_id"] for t in traces] == [t.task_id for t in tasks]  # each task once, in order
     assert done_task_ids(tmp / "traces.jsonl") == {t.task_id for t in tasks}
     for t in traces:
-        assert t["steps"] and all(len(s["features"]) == 7 and s["label"] in (0, 1) for s in t["steps"])
+        assert t["steps"] and all(len(s["features"]) == len(FEATURE_NAMES) and s["label"] in (0, 1) for s in t["steps"])
 
 
 def test_profile_records_the_drafts_checks_and_log_probabilities(profiled):

@@ -53,10 +53,13 @@ def random_logits(batch: int, vocab: int, *, seed: int = 0, masked: float = 0.05
 
 
 def random_structure(batch: int, *, seed: int = 1) -> np.ndarray:
-    """Structure rows in predictor order: step index, prompt tokens, messages, last message chars."""
+    """Structure rows in predictor order: step index, prompt tokens, messages, last message chars,
+    then the tool features (tools offered, call forced, tool results, after a result, its error)."""
     rng = np.random.default_rng(seed)
     return np.stack([rng.integers(0, 8, batch), rng.integers(20, 4000, batch), rng.integers(1, 17, batch),
-                     rng.integers(0, 3000, batch)], axis=1).astype(np.float32)
+                     rng.integers(0, 3000, batch), rng.integers(0, 5, batch), rng.integers(0, 2, batch),
+                     rng.integers(0, 4, batch), rng.integers(0, 2, batch), rng.integers(0, 2, batch)],
+                    axis=1).astype(np.float32)
 
 
 def trained_booster(trees: int = 40, depth: int = 5) -> xgb.Booster:
@@ -248,12 +251,12 @@ def test_device_matrix_reads_the_cuda_array_interface() -> None:
 
 
 def test_structure_matrix_checks_rows_and_columns() -> None:
-    s = structure_matrix([[1, 2, 3, 4], [5, 6, 7, 8]], 2, N_STRUCT)
-    assert s.dtype == np.float32 and s.flags.c_contiguous and s.shape == (2, 4)
-    assert structure_matrix([], 0, N_STRUCT).shape == (0, 4)
-    with pytest.raises(ValueError, match=r"expected \[3, 4\]"):
+    s = structure_matrix([list(range(N_STRUCT)), list(range(5, 5 + N_STRUCT))], 2, N_STRUCT)
+    assert s.dtype == np.float32 and s.flags.c_contiguous and s.shape == (2, N_STRUCT)
+    assert structure_matrix([], 0, N_STRUCT).shape == (0, N_STRUCT)
+    with pytest.raises(ValueError, match=rf"expected \[3, {N_STRUCT}\]"):
         structure_matrix(random_structure(2), 3, N_STRUCT)
-    with pytest.raises(ValueError, match=r"expected \[2, 4\]"):
+    with pytest.raises(ValueError, match=rf"expected \[2, {N_STRUCT}\]"):
         structure_matrix(random_structure(2)[:, :3], 2, N_STRUCT)
     with pytest.raises(ValueError, match="2-D"):
         structure_matrix([1.0, 2.0], 2, N_STRUCT)
@@ -281,7 +284,7 @@ def test_cpu_scoring_rejects_bad_input_like_the_features() -> None:
         score_batch_cpu(logits, forest, random_structure(3))
     with pytest.raises(ValueError, match="structure has shape"):
         score_batch_cpu(random_logits(3, 100), forest, random_structure(2))
-    assert score_batch_cpu(np.empty((0, 100), np.float32), forest, np.empty((0, 4), np.float32)).shape == (0,)
+    assert score_batch_cpu(np.empty((0, 100), np.float32), forest, np.empty((0, N_STRUCT), np.float32)).shape == (0,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +374,7 @@ def test_scoring_batch_on_the_gpu_rejects_bad_rows(device_arrays) -> None:
             score_batch_device(to_device(xp, logits), cuda_forest, random_structure(4))
         with pytest.raises(ValueError, match="C-contiguous"):
             score_batch_device(to_device(xp, random_logits(4, 1000))[:, ::2], cuda_forest, random_structure(4))
-        assert score_batch_device(to_device(xp, random_logits(0, 10)), cuda_forest, np.empty((0, 4))).shape == (0,)
+        assert score_batch_device(to_device(xp, random_logits(0, 10)), cuda_forest, np.empty((0, N_STRUCT))).shape == (0,)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -226,3 +226,65 @@ def test_direct_compute_answer_reads_a_boxed_result(reply, correct):
         return reply.format(a=task.answer, b=wrong), "cloud"
 
     assert run(run_direct(task, model)).correct == float(correct)
+
+
+# --- agents on the OpenAI tools API (the <family>_tools families) ----------------------------------
+def _call(name: str, code: str) -> str:
+    import json
+
+    from hera_core.backends.tools import CLOSE, OPEN
+
+    return f"\n{OPEN}\n" + json.dumps({"name": name, "arguments": {"code": code}}) + f"\n{CLOSE}"
+
+
+def test_tool_agent_calls_run_python_gets_a_tool_message_then_must_answer():
+    from hera_core.offline.harness import task_toolset
+
+    task = make_tasks(["basic_arithmetic_tools"], per_family=1, seed=0, split="test")[0]
+    assert task.task_id.endswith("@tools") and split_of(task.task_id) == "test" and task.kind == "compute_tools"
+    expr = task.entry["metadata"].get("expression") or task.question.split("Calculate")[-1].strip(" .=")
+    seen = []
+
+    async def model(messages, step):
+        seen.append((step, task_toolset(task, messages).choice, [m["role"] for m in messages]))
+        if step == 0:
+            return _call("run_python", "print(1/0)"), "local"  # fails: the agent must call again
+        if step == 1:
+            return _call("run_python", f"print({expr})"), "cloud"
+        return "ANSWER: " + messages[-1]["content"], "local"
+
+    traj = run(run_task(task, model))
+    assert traj.routes == ["local", "cloud", "local"] and traj.correct == 1.0, traj.answer
+    assert [choice for _, choice, _ in seen] == ["required", "required", "none"]  # retry after an error, then answer
+    assert seen[2][2][-4:] == ["assistant", "tool", "assistant", "tool"]
+    call = traj.messages[2]
+    assert call["tool_calls"][0]["id"] == "call_0_0" and call["tool_calls"][0]["function"]["name"] == "run_python"
+    assert traj.messages[3] == {"role": "tool", "tool_call_id": "call_0_0",
+                                "content": traj.messages[3]["content"]} and \
+        traj.messages[3]["content"].startswith("Error:")
+
+
+def test_tool_agent_for_humaneval_runs_the_docstring_examples_as_its_tool():
+    from hera_core.offline.harness import message_text
+
+    task = make_tasks(["humaneval_tools"], per_family=1, seed=0, split="train")[0]
+    solution = task.entry["prompt"] + task.entry["canonical_solution"]
+
+    async def model(messages, step):
+        if step == 0:
+            return _call("run_examples", solution), "local"
+        return f"```python\n{solution}```", "local"
+
+    traj = run(run_task(task, model))
+    assert traj.correct == 1.0 and traj.messages[3]["content"] == "All examples pass."
+    assert message_text(traj.messages[2]) == _call("run_examples", solution)  # the step's text, for replays
+
+
+def test_tool_agent_that_never_answers_scores_zero_and_stops():
+    task = make_tasks(["gsm_symbolic_tools"], per_family=1, seed=0)[0]
+
+    async def model(messages, step):
+        return _call("run_python", "print(1/0)"), "local"
+
+    traj = run(run_task(task, model))
+    assert len(traj.routes) == 3 and traj.correct == 0.0 and traj.answer is None

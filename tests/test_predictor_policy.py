@@ -156,3 +156,85 @@ def test_training_on_a_dask_cluster_gives_a_working_predictor():
         predictor, report = train(traces, num_rounds=20, dask_client=client)
     assert report["auc_val"] > 0.9
     assert predictor.predict(np.zeros((2, len(FEATURE_NAMES)), dtype=np.float32)).shape == (2,)
+
+
+# --- the tool features (schema v2) and v1 predictor files ----------------------------------------
+def test_tool_features_tell_where_a_step_stands_in_a_tool_loop():
+    from hera_core.backends.tools import ToolSet
+    from hera_core.routing.predictor import TOOL_FEATURE_NAMES, tool_features
+
+    tools = ToolSet.parse([{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+                           for n in ("add", "mul", "div")], tool_choice="required")
+    assert tools is not None
+    ask = [{"role": "user", "content": "1234 + 4321?"}]
+    called = ask + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "div", "arguments": "{}"}}]}]
+    failed = called + [{"role": "tool", "tool_call_id": "c1", "content": "Error: division by zero"}]
+    worked = called + [{"role": "tool", "tool_call_id": "c1", "content": "5555"}]
+    f = {name: i for i, name in enumerate(TOOL_FEATURE_NAMES)}
+    assert tool_features(ask, None) == [0.0] * len(TOOL_FEATURE_NAMES)
+    first = tool_features(ask, tools)
+    assert first[f["tools_offered"]] == 3 and first[f["tool_choice_forced"]] == 1 and first[f["after_tool_result"]] == 0
+    bad, good = tool_features(failed, tools), tool_features(worked, tools)
+    assert bad[f["tool_results"]] == good[f["tool_results"]] == 1
+    assert bad[f["after_tool_result"]] == good[f["after_tool_result"]] == 1
+    assert bad[f["last_tool_error"]] == 1 and good[f["last_tool_error"]] == 0
+    none = ToolSet.parse(list(tools.tools), tool_choice="none")
+    assert tool_features(ask, none)[f["tools_offered"]] == 0  # offered but not to be called
+
+
+def test_a_v1_predictor_file_reads_its_seven_features_out_of_the_v2_row(tmp_path):
+    """A predictor trained before the tool features (the shipped one is) predicts from the current
+    row exactly what its model gives on the seven columns it knows; saved again, it stays v1."""
+    import xgboost as xgb
+
+    from hera_core.routing.predictor import V1_FEATURE_NAMES, V1_SCHEMA
+
+    rng = np.random.default_rng(3)
+    X7 = rng.normal(size=(200, len(V1_FEATURE_NAMES))).astype(np.float32)
+    y = (X7[:, 1] > 0).astype(np.float32)
+    booster = xgb.train({"objective": "binary:logistic", "max_depth": 3, "nthread": 1}, xgb.DMatrix(X7, label=y), 8)
+    v1 = Predictor(model_json=bytes(booster.save_raw("json")), feature_names=V1_FEATURE_NAMES)
+    path = tmp_path / "v1.json"
+    v1.save(path)
+    assert json.loads(path.read_text())["schema"] == V1_SCHEMA
+    q = Predictor.load(path)
+    X = rng.normal(size=(16, len(FEATURE_NAMES))).astype(np.float32)  # what the runtime computes now
+    np.testing.assert_allclose(q.predict(X), booster.inplace_predict(np.ascontiguousarray(X[:, :7])), atol=1e-6)
+    assert Predictor.load().feature_names  # the shipped file loads, whichever schema it has
+
+
+def test_v1_traces_are_upgraded_with_the_tool_features(tmp_path):
+    from hera_core.offline.bfcl import tasks
+    from hera_core.offline.profiling import load_traces
+    from hera_core.routing.predictor import TOOL_FEATURE_NAMES, V1_FEATURE_NAMES
+
+    task = tasks("bfcl_multiple")[0]
+    v1 = [{"task_id": "t0", "family": "gsm_symbolic", "split": "train", "llm_correct": 1.0, "llm_steps": 2,
+           "schema": "hera-features-v1", "feature_names": list(V1_FEATURE_NAMES),
+           "steps": [{"step": k, "features": [0.5] * 7, "label": 1} for k in range(2)]},
+          {"task_id": task.task_id, "family": "bfcl_multiple", "split": "train", "llm_correct": 1.0, "llm_steps": 1,
+           "schema": "hera-features-v1", "feature_names": list(V1_FEATURE_NAMES),
+           "steps": [{"step": 0, "features": [0.5] * 7, "label": 0}]}]
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in v1))
+    gsm, bfcl = load_traces(path)
+    assert all(s["features"] == [0.5] * 7 + [0.0] * len(TOOL_FEATURE_NAMES) for s in gsm["steps"])
+    offered = bfcl["steps"][0]["features"][FEATURE_NAMES.index("tools_offered")]
+    assert offered == len(task.entry["functions"]) > 1 and gsm["schema"] == bfcl["schema"] == FEATURE_SCHEMA
+
+
+def test_training_on_tool_traces_uses_the_tool_features():
+    """Steps whose label depends only on how many tools were offered: the trained predictor ranks
+    them by it (the v1 features alone could not)."""
+    from tests.factories import trace
+
+    idx = FEATURE_NAMES.index("tools_offered")
+    traces = []
+    for i in range(240):
+        n_tools = 1 + i % 4
+        t = trace(f"t{i}", ["train", "val", "test"][i % 3] if i >= 120 else "train", 1.0, [int(n_tools <= 2)], [0.0])
+        t["steps"][0]["features"][idx] = float(n_tools)
+        traces.append(t)
+    predictor, _ = train(traces, num_rounds=20)
+    assert predictor.meta["auc_val"] > 0.95 and tuple(predictor.feature_names) == FEATURE_NAMES

@@ -40,7 +40,7 @@ from hera_core.checks.drafts import check_draft
 from hera_core.config import PriceSettings
 from hera_core.backends.base import Engine, Message
 from hera_core.native.features import logit_features
-from hera_core.offline.harness import first_messages, generate_step, run_task, step_text, task_toolset
+from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
 from hera_core.routing.predictor import Kappa, Predictor, feature_matrix, structure_features
 from hera_core.offline.workloads import Task
 
@@ -182,16 +182,16 @@ class Evaluator:
         """The predictor's input row [1, F] for this step, from the feature cache or a live prefill
         (with the task's tools rendered, as the runtime prefills a tool step)."""
         feats = self.cache.get_features(self.slm_name, messages)
+        toolset = task_toolset(task, messages) if task is not None else None
         if feats is None:
             if self.cache.read_only:
                 raise LookupError(f"feature cache miss for {self.slm_name} in offline mode; rerun without --offline")
-            toolset = task_toolset(task) if task is not None else None
             pre = await self.slm.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
             feats = {"logit": [float(x) for x in logit_features(pre.logits[None, :])[0]],
                      "prompt_tokens": pre.prompt_tokens}
             self.cache.put_features(self.slm_name, messages, feats)
         return feature_matrix(np.asarray([feats["logit"]], dtype=np.float32),
-                              [structure_features(step, feats["prompt_tokens"], messages)])
+                              [structure_features(step, feats["prompt_tokens"], messages, toolset)])
 
     def unfamiliar(self, messages: list[Message]) -> bool:
         fam = self.predictor.familiarity
@@ -203,7 +203,7 @@ class Evaluator:
     async def draft_check(self, messages: list[Message], task: Task | None = None):
         """The checks of the SLM's (cached, greedy) draft of this step; its token log-probabilities
         come from the feature cache, else from the SLM teacher-forced (cached for replays)."""
-        toolset = task_toolset(task) if task is not None else None
+        toolset = task_toolset(task, messages) if task is not None else None
         draft = await self.slm.generate(messages, max_tokens=MAX_TOKENS,
                                         **({"toolset": toolset} if toolset is not None else {}))
         logprobs = draft.extra.get("token_logprobs")
@@ -222,7 +222,7 @@ class Evaluator:
     async def rollout(self, task: Task, messages: list[Message], step: int, route: str) -> float:
         """Correctness of `task` when the steps before `step` replay the assistant turns in
         `messages`, step `step` runs on `route` and every later step on the LLM."""
-        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        replies = [message_text(m) for m in messages if m["role"] == "assistant"]
 
         async def step_fn(msgs, k):
             if k < step:
@@ -241,7 +241,7 @@ class Evaluator:
             async def step_fn(messages, k, task=task, result=result):
                 route = await method.route(task, k, messages, self)
                 draft_s = 0.0
-                toolset = task_toolset(task)
+                toolset = task_toolset(task, messages)
                 kwargs = {"toolset": toolset} if toolset is not None else {}
                 if route == "escalated":  # the SLM drafted this step first: its time is part of the step
                     draft_s = (await self.slm.generate(messages, max_tokens=MAX_TOKENS, **kwargs)).latency_s
@@ -289,7 +289,7 @@ def query_cascade(slm: list[TaskResult], llm: list[TaskResult]) -> list[TaskResu
     out = []
     for s, l in zip(slm, llm):
         last = max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")
-        passed = check_draft(s.messages[:last], s.messages[last]["content"]).passed
+        passed = check_draft(s.messages[:last], message_text(s.messages[last])).passed
         if passed:
             out.append(TaskResult(s.task_id, s.family, s.correct, list(s.steps), s.messages))
         else:

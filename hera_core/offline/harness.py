@@ -9,6 +9,10 @@ By the task's kind:
 - choice (MMLU): step 0 reasons briefly about the options, step 1 answers with a letter.
 - tool (BFCL): one step with the task's functions offered as tools; its calls are the answer,
   scored by BFCL's checker (none at all is right for the irrelevance category).
+- compute_tools / code_tools (the `<family>_tools` families): the same tasks, with the agent
+  talking through the OpenAI tools API as today's agent frameworks do: it calls a `run_python`
+  tool (HumanEval: `run_examples`, which runs the docstring's examples against a function), the
+  harness runs it and sends back a `tool` message, up to two calls; then it answers.
 The conversation grows step by step, so every step resends the whole prefix (what the KV cache
 reuses).
 """
@@ -49,6 +53,25 @@ class Trajectory:
     correct: float = 0.0
 
 
+AGENT_SYSTEM = ("You are a careful problem solver with tools. Keep answers short. Use the tool to compute or "
+                "test, then answer from what it returned.")
+PY_TOOL_PROMPT = ("{question}\n\nCall run_python with a short program that prints the answer. When it has "
+                  "answered, reply with only the final answer, as: ANSWER: <answer>")
+EXAMPLES_TOOL_PROMPT = ("Complete this Python function. Call run_examples with the whole function and its imports to "
+                        "test it, then reply with the final function in one ```python code block.\n\n"
+                        "```python\n{question}```")
+_CODE_PARAM = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
+RUN_PYTHON = {"type": "function", "function": {
+    "name": "run_python", "description": "Run a Python program and return what it prints, or its error.",
+    "parameters": _CODE_PARAM}}
+RUN_EXAMPLES = {"type": "function", "function": {
+    "name": "run_examples", "description": "Run the examples of the function's docstring against it; "
+                                           "returns whether they pass, or the first failure.",
+    "parameters": _CODE_PARAM}}
+AGENT_TOOL_KINDS = ("compute_tools", "code_tools")
+MAX_TOOL_CALLS = 2  # calls of a tool-using agent's tool (one repair)
+TOOL_FAILED = ("Error:", "Failed:")  # how the harness's tool results say the call did not work
+
 FUNCTION_PROMPT = ("Complete this Python function. Reply with one ```python code block that contains the whole "
                    "function and its imports.\n\n```python\n{question}```")
 EXAMPLES_FAIL = "Running the examples from the docstring failed:\n{output}\nFix the function. Reply with one ```python code block."
@@ -62,6 +85,9 @@ def first_messages(task: Task) -> list[Message]:
         from hera_core.offline.bfcl import SYSTEM as TOOL_SYSTEM
 
         return [{"role": "system", "content": TOOL_SYSTEM}, *[dict(m) for m in task.entry["messages"]]]
+    if task.kind in AGENT_TOOL_KINDS:
+        prompt = PY_TOOL_PROMPT if task.kind == "compute_tools" else EXAMPLES_TOOL_PROMPT
+        return [{"role": "system", "content": AGENT_SYSTEM}, {"role": "user", "content": prompt.format(question=task.question)}]
     prompt = {"code": FUNCTION_PROMPT, "choice": CHOICE_PROMPT}.get(task.kind, CODE_PROMPT)
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt.format(question=task.question)}]
 
@@ -78,8 +104,15 @@ def check_examples(task: Task, code: str) -> tuple[bool, str]:
     return run_examples(humaneval_program(task.entry, code), docstring_examples(task))
 
 
-def task_toolset(task: Task) -> ToolSet | None:
-    """The tools a task's steps offer (tool tasks), else None."""
+def task_toolset(task: Task, messages: list[Message] | None = None) -> ToolSet | None:
+    """The tools a task's step offers (tool tasks, tool-using agents), else None. A tool-using
+    agent must call its tool first and again after a failed result (up to MAX_TOOL_CALLS), and
+    must answer (tool_choice "none") after a result that worked or the last allowed one."""
+    if task.kind in AGENT_TOOL_KINDS:
+        results = [m.get("content") or "" for m in messages or [] if m.get("role") == "tool"]
+        retry = not results or (results[-1].startswith(TOOL_FAILED) and len(results) < MAX_TOOL_CALLS)
+        return ToolSet.parse([RUN_PYTHON if task.kind == "compute_tools" else RUN_EXAMPLES],
+                             tool_choice="required" if retry else "none")
     if task.kind != "tool":
         return None
     from hera_core.offline.bfcl import openai_tools
@@ -96,9 +129,17 @@ def step_text(gen: Generation) -> str:
     return gen.text + "".join(blocks)
 
 
+def message_text(m: Message) -> str:
+    """An assistant message as its step's text (`step_text`'s form): content, then its calls."""
+    blocks = [f"\n{OPEN}\n" + json.dumps({"name": c["function"]["name"],
+                                           "arguments": json.loads(c["function"]["arguments"])}) + f"\n{CLOSE}"
+              for c in m.get("tool_calls") or []]
+    return (m.get("content") or "") + "".join(blocks)
+
+
 async def generate_step(engine: Engine, task: Task, messages: list[Message], max_tokens: int) -> str:
     """One step of `task` on `engine` (offering the task's tools, if any), as `step_text`."""
-    toolset = task_toolset(task)
+    toolset = task_toolset(task, messages)
     kwargs = {"toolset": toolset} if toolset is not None else {}
     return step_text(await engine.generate(messages, max_tokens=max_tokens, **kwargs))
 
@@ -112,6 +153,8 @@ async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> T
         traj.messages.append({"role": "assistant", "content": text})
         return text
 
+    if task.kind in AGENT_TOOL_KINDS:
+        return await _run_tool_agent(traj, step)
     if task.kind == "tool":
         text = await step()
         _, calls, errors = parse_calls(text, task_toolset(task))
@@ -162,6 +205,39 @@ async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> T
     return traj
 
 
+async def _run_tool_agent(traj: Trajectory, step: Callable[[], Awaitable[str]]) -> Trajectory:
+    """An agent on the tools API: a step either calls the task's tool (its assistant message
+    carries OpenAI `tool_calls`, the harness answers each with a `tool` message) or answers, as
+    `task_toolset` asks of it."""
+    task = traj.task
+    last_code, text = None, ""
+    for k in range(MAX_TOOL_CALLS + 1):
+        toolset = task_toolset(task, traj.messages)
+        content, calls, errors = parse_calls(await step(), toolset)
+        text = content  # what precedes a call: an answer says nothing more
+        if not calls or errors or toolset.choice == "none":
+            break
+        ids = [f"call_{k}_{i}" for i in range(len(calls))]  # deterministic: replays hit the cache
+        # (content stripped: `message_text` of this message parses back to the same message)
+        traj.messages[-1] = {"role": "assistant", "content": content.strip() or None,
+                             "tool_calls": [{**c, "id": i} for c, i in zip(calls, ids)]}
+        for c, call_id in zip(calls, ids):
+            last_code = str(json.loads(c["function"]["arguments"]).get("code", ""))
+            if task.kind == "compute_tools":
+                ok, output = run_python(last_code)
+                result = output if ok else f"{TOOL_FAILED[0]} {output}"
+            else:
+                ok, output = check_examples(task, last_code)
+                result = "All examples pass." if ok else f"{TOOL_FAILED[1]} {output}"
+            traj.messages.append({"role": "tool", "tool_call_id": call_id, "content": result})
+    if task.kind == "compute_tools":
+        traj.answer = extract_answer(text) or (text.strip().splitlines() or [""])[-1].strip() or None
+    else:
+        traj.answer = extract_code(text) or last_code
+    traj.correct = task.score(traj.answer)
+    return traj
+
+
 DIRECT_PROMPT = "{question}\n\nThink briefly, then give the final answer on the last line as: ANSWER: <{slot}>"
 # A direct answer that ignores the requested format but still states its result counts: the
 # baseline should not lose on formatting alone. Models trained on math write \boxed{44}; on
@@ -184,7 +260,7 @@ async def run_direct(task: Task, step_fn: StepFn) -> Trajectory:
     """Baseline: one direct call, to check the harness does not make a model worse. For code
     tasks the one call is the harness's first step, scored as it is (no example check, no fix);
     a tool task is one call either way."""
-    if task.kind == "tool":
+    if task.kind in ("tool", *AGENT_TOOL_KINDS):
         return await run_task(task, step_fn)
     if task.kind == "code":
         traj = Trajectory(task, messages=first_messages(task))

@@ -11,6 +11,7 @@ resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ from typing import Any
 from hera_core.backends.base import Engine, Message
 from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, check_draft
 from hera_core.native.features import logit_features
-from hera_core.offline.harness import first_messages, generate_step, run_task, step_text, task_toolset
+from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
 from hera_core.routing.familiarity import opening_text
-from hera_core.routing.predictor import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, structure_features
-from hera_core.offline.workloads import Task, split_of
+from hera_core.routing.predictor import (FEATURE_NAMES, FEATURE_SCHEMA, TOOL_FEATURE_NAMES, V1_SCHEMA, feature_matrix,
+                                         structure_features, tool_features)
+from hera_core.offline.workloads import TOOL_FAMILIES, Task, split_of
 
 MAX_TOKENS = 384
 
@@ -36,10 +38,10 @@ async def profile_task(task: Task, slm: Engine, llm: Engine, seed: int = 0) -> d
     base = await run_task(task, llm_step)
     steps = []
     for k, messages in enumerate(prefixes):
-        toolset = task_toolset(task)
+        toolset = task_toolset(task, messages)
         pre = await slm.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
         feats = feature_matrix(logit_features(pre.logits[None, :]),
-                               [structure_features(k, pre.prompt_tokens, messages)])[0]
+                               [structure_features(k, pre.prompt_tokens, messages, toolset)])[0]
         slm_gen = await slm.generate(messages, max_tokens=MAX_TOKENS,
                                      **({"toolset": toolset} if toolset is not None else {}))
         slm_text = step_text(slm_gen)
@@ -56,7 +58,7 @@ async def profile_task(task: Task, slm: Engine, llm: Engine, seed: int = 0) -> d
         sub = await run_task(task, substituted)
         steps.append({
             "step": k, "features": [float(x) for x in feats], "prompt_tokens": pre.prompt_tokens,
-            "llm_text": base.messages[len(messages)]["content"], "slm_text": slm_text,
+            "llm_text": message_text(base.messages[len(messages)]), "slm_text": slm_text,
             "slm_completion_tokens": slm_gen.completion_tokens,
             "slm_token_logprobs": [round(float(x), 4) for x in logprobs],
             "draft_features": [float(x) for x in check.features], "draft_feature_names": list(DRAFT_FEATURE_NAMES),
@@ -83,13 +85,42 @@ def done_task_ids(path: Path) -> set[str]:
 
 
 def load_traces(path: str | Path) -> list[dict[str, Any]]:
+    """The traces of a profile run, in the current feature schema (v1 traces are upgraded)."""
     out = []
     for line in Path(path).read_text().splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return [t for t in out if t.get("schema") == FEATURE_SCHEMA]
+    return [_upgraded(t) if t.get("schema") == V1_SCHEMA else t for t in out
+            if t.get("schema") in (FEATURE_SCHEMA, V1_SCHEMA)]
+
+
+def _upgraded(trace: dict[str, Any]) -> dict[str, Any]:
+    """A v1 trace with the tool features added. Its steps' prompts are not in the trace, so they
+    are rebuilt where they can be: a task of a non-tool family offers no tools (all zero); a BFCL
+    task is one step, its opening messages and tools (from the task). Anything else: missing (NaN,
+    which the forest and XGBoost read as missing)."""
+    tools = [float("nan")] * len(TOOL_FEATURE_NAMES)
+    if trace["family"] not in TOOL_FAMILIES:
+        tools = tool_features([], None)
+    elif trace.get("llm_steps") == 1:
+        task = _bfcl_task(trace["family"], trace["task_id"])
+        if task is not None:
+            tools = tool_features(first_messages(task), task_toolset(task))
+    steps = [{**s, "features": list(s["features"]) + tools} for s in trace["steps"]]
+    return {**trace, "schema": FEATURE_SCHEMA, "feature_names": list(FEATURE_NAMES), "steps": steps}
+
+
+@functools.lru_cache(maxsize=8)
+def _bfcl_tasks(family: str) -> dict[str, Task]:
+    from hera_core.offline.bfcl import tasks
+
+    return {t.task_id: t for t in tasks(family)}
+
+
+def _bfcl_task(family: str, task_id: str) -> Task | None:
+    return _bfcl_tasks(family).get(task_id)
 
 
 async def profile(tasks: list[Task], slm: Engine, llm: Engine, out: Path, seed: int = 0,

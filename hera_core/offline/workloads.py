@@ -12,6 +12,7 @@ Tasks are deterministic in (family, seed, index), and split into train/val/test 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -32,6 +33,11 @@ FAMILIES: tuple[str, ...] = (*REASONING_GYM, "humaneval", "mmlu")
 # Tool-calling steps (the Berkeley Function Calling Leaderboard; hera_core.offline.bfcl), kind "tool".
 TOOL_FAMILIES: tuple[str, ...] = ("bfcl_simple", "bfcl_multiple", "bfcl_parallel", "bfcl_parallel_multiple",
                                   "bfcl_irrelevance")
+
+# The same tasks run by an agent that talks through the OpenAI tools API (harness.py): a run_python
+# tool for the reasoning-gym families, a run_examples tool for HumanEval. A task keeps its
+# family's id (with "@tools") and split.
+AGENT_TOOL_FAMILIES: tuple[str, ...] = tuple(f"{f}_tools" for f in (*REASONING_GYM, "humaneval"))
 
 SCORERS = ("reasoning_gym", "humaneval", "exact", "number", "contains", "choice", "bfcl")
 USER_SCORERS = ("exact", "number", "contains", "choice")  # those a JSONL task may name
@@ -71,7 +77,7 @@ class Task:
             from hera_core.offline import bfcl
 
             return bfcl.score(self, json.loads(answer))
-        dataset = _dataset(self.family, 1, 0)
+        dataset = _dataset(self.family.removesuffix("_tools"), 1, 0)  # an agent variant scores as its family
         return max(1.0 if dataset.score_answer(answer=a, entry=self.entry) >= 1.0 else 0.0
                    for a in {answer, normalize_answer(answer)})
 
@@ -173,6 +179,7 @@ def _dataset(family: str, size: int, seed: int):
 
 def split_of(task_id: str, seed: int = 0) -> str:
     """Deterministic train/val/test split by task id: 60/20/20."""
+    task_id = task_id.split("@", 1)[0]  # a task's variants (its "@tools" agent) share its split
     h = int(hashlib.sha256(f"{seed}:{task_id}".encode()).hexdigest()[:8], 16) % 100
     return "train" if h < 60 else "val" if h < 80 else "test"
 
@@ -181,11 +188,17 @@ def make_tasks(families: list[str] | None = None, per_family: int = 4, seed: int
                split: str | None = None) -> list[Task]:
     """`per_family` tasks of each family (of `split` only, when given), interleaved by family."""
     families = families or list(FAMILIES)
-    unknown = [f for f in families if f not in FAMILIES + TOOL_FAMILIES]
+    known = FAMILIES + TOOL_FAMILIES + AGENT_TOOL_FAMILIES
+    unknown = [f for f in families if f not in known]
     if unknown:
-        raise ValueError(f"unknown task family {unknown[0]!r}; known: {', '.join(FAMILIES + TOOL_FAMILIES)}")
+        raise ValueError(f"unknown task family {unknown[0]!r}; known: {', '.join(known)}")
     by_family: list[list[Task]] = []
     for family in families:
+        if family in AGENT_TOOL_FAMILIES:
+            by_family.append([dataclasses.replace(t, task_id=f"{t.task_id}@tools", family=family,
+                                                  kind=f"{t.kind}_tools")
+                              for t in make_tasks([family.removesuffix("_tools")], per_family, seed, split)])
+            continue
         if family not in REASONING_GYM:
             pool_tasks = [t for t in _fixed_pool(family, seed) if split is None or split_of(t.task_id, seed) == split]
             by_family.append(pool_tasks[:per_family])

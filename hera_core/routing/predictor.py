@@ -2,14 +2,17 @@
 prefill (logit features) and the step's place in the task.
 
 A predictor file (JSON) holds the feature schema version, the feature names, the XGBoost model,
-the calibrated position-aware threshold kappa(step) and training metadata. Loading a file made
-for another feature schema is an error, never a silently wrong answer.
+the calibrated position-aware threshold kappa(step) and training metadata. The runtime computes
+every feature of the current schema; a predictor reads the ones it was trained on, by name (a
+v1 file, from before the tool features, reads its seven). A file of an unknown schema, or naming
+a feature this HERA does not compute, is an error, never a silently wrong answer.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,20 +25,42 @@ from hera_core.errors import ConfigError
 from hera_core.routing.familiarity import Familiarity
 from hera_core.native.features import LOGIT_FEATURE_NAMES
 
-FEATURE_SCHEMA = "hera-features-v1"
-STRUCTURE_FEATURE_NAMES = ("step_index", "prompt_tokens", "n_messages", "last_message_chars")
+FEATURE_SCHEMA = "hera-features-v2"
+V1_SCHEMA = "hera-features-v1"  # the same features but the tool ones: still read
+# Where the step stands in an agent's tool loop: tools offered (0: none, or tool_choice "none"), a
+# call forced (tool_choice required / a named function), tool results so far, whether this step
+# answers a tool result (then it usually answers rather than calls) and whether that result was
+# an error (a failed call to recover from).
+TOOL_FEATURE_NAMES = ("tools_offered", "tool_choice_forced", "tool_results", "after_tool_result", "last_tool_error")
+V1_FEATURE_NAMES = LOGIT_FEATURE_NAMES + ("step_index", "prompt_tokens", "n_messages", "last_message_chars")
+STRUCTURE_FEATURE_NAMES = V1_FEATURE_NAMES[len(LOGIT_FEATURE_NAMES):] + TOOL_FEATURE_NAMES
 FEATURE_NAMES = LOGIT_FEATURE_NAMES + STRUCTURE_FEATURE_NAMES
 DEFAULT_PREDICTOR = "default_predictor.json"
+_TOOL_ERROR = re.compile(r"\b(error|exception|traceback|failed|invalid|not found)\b", re.IGNORECASE)
 
 
-def structure_features(step: int, prompt_tokens: int, messages: list[dict[str, Any]]) -> list[float]:
+def tool_features(messages: list[dict[str, Any]], toolset: Any = None) -> list[float]:
+    """The TOOL_FEATURE_NAMES of a step: `toolset` is the offered tools (a ToolSet) or None."""
+    offered = len(toolset.tools) if toolset is not None and toolset.choice != "none" else 0
+    forced = toolset is not None and toolset.choice in ("required", "function")
+    results = sum(1 for m in messages if m.get("role") == "tool")
+    last = messages[-1] if messages else {}
+    after = last.get("role") == "tool"
+    content = last.get("content") if after else None
+    error = isinstance(content, str) and _TOOL_ERROR.search(content) is not None
+    return [float(offered), float(forced), float(results), float(after), float(error)]
+
+
+def structure_features(step: int, prompt_tokens: int, messages: list[dict[str, Any]],
+                       toolset: Any = None) -> list[float]:
+    """The STRUCTURE_FEATURE_NAMES of a step (its place in the task, its tools)."""
     last = messages[-1].get("content") if messages else ""
     return [float(step), float(prompt_tokens), float(len(messages)),
-            float(len(last) if isinstance(last, str) else 0)]
+            float(len(last) if isinstance(last, str) else 0)] + tool_features(messages, toolset)
 
 
 def feature_matrix(logit_feats: np.ndarray, structure: list[list[float]]) -> np.ndarray:
-    """[batch, 3] logit features + [batch, 4] structure -> float32 [batch, len(FEATURE_NAMES)]."""
+    """[batch, 3] logit features + [batch, 9] structure -> float32 [batch, len(FEATURE_NAMES)]."""
     return np.ascontiguousarray(np.hstack([logit_feats.astype(np.float32),
                                            np.asarray(structure, dtype=np.float32).reshape(len(structure), -1)]))
 
@@ -60,23 +85,22 @@ class DraftStage:
     """The second stage: P(keeping the SLM's draft keeps the task correct), from the prefill's
     features and the draft's (checks, log-probabilities), trained on the same substitution labels."""
 
-    model_json: bytes  # XGBoost JSON over DRAFT_STAGE_FEATURE_NAMES
+    model_json: bytes  # XGBoost JSON over `feature_names`
     keep_threshold: float = 0.5  # keep the draft when P >= this (calibrated by `hera train`)
     band: float = 0.2  # draft the steps whose first-stage P is within this of kappa (calibrated)
     meta: dict[str, Any] = field(default_factory=dict)
+    feature_names: tuple[str, ...] = DRAFT_STAGE_FEATURE_NAMES  # what its model reads, of DRAFT_STAGE_FEATURE_NAMES
 
     def __post_init__(self) -> None:
-        self._forest = None
+        self._forest = Predictor(model_json=self.model_json, feature_names=self.feature_names,
+                                 input_names=DRAFT_STAGE_FEATURE_NAMES)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        if X.ndim != 2 or X.shape[1] != len(DRAFT_STAGE_FEATURE_NAMES):
-            raise ValueError(f"draft features must be [batch, {len(DRAFT_STAGE_FEATURE_NAMES)}], got {list(X.shape)}")
-        if self._forest is None:
-            self._forest = Predictor(model_json=self.model_json, feature_names=DRAFT_STAGE_FEATURE_NAMES)
+        """X: [batch, len(DRAFT_STAGE_FEATURE_NAMES)], the prefill row then the draft's features."""
         return self._forest.predict(X)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"feature_names": list(DRAFT_STAGE_FEATURE_NAMES), "keep_threshold": self.keep_threshold,
+        return {"feature_names": list(self.feature_names), "keep_threshold": self.keep_threshold,
                 "band": self.band,
                 "meta": self.meta, "model_b64": base64.b64encode(self.model_json).decode()}
 
@@ -89,9 +113,16 @@ class Predictor:
     feature_names: tuple[str, ...] = FEATURE_NAMES
     draft: DraftStage | None = None  # second stage for uncertain steps; None: keep a draft that passes its checks
     familiarity: Familiarity | None = None  # what its training tasks looked like; None: every step is trusted
+    input_names: tuple[str, ...] = FEATURE_NAMES  # the columns of the rows it is given (its model reads feature_names)
 
     def __post_init__(self) -> None:
         self._impl = None
+        unknown = [n for n in self.feature_names if n not in self.input_names]
+        if unknown:
+            raise ValueError(f"the predictor reads features {unknown} that this HERA does not compute")
+        # The columns its model was trained on, picked out of the full row (None: all, in order).
+        self._cols = None if tuple(self.feature_names) == tuple(self.input_names) else \
+            np.asarray([self.input_names.index(n) for n in self.feature_names], dtype=np.intp)
 
     def _evaluator(self):
         """The native forest when built, else XGBoost itself (one thread: small batches)."""
@@ -109,8 +140,11 @@ class Predictor:
         return self._impl
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        if X.ndim != 2 or X.shape[1] != len(self.feature_names):
-            raise ValueError(f"features must be [batch, {len(self.feature_names)}], got {list(X.shape)}")
+        """X: [batch, len(input_names)] rows, as `feature_matrix` makes them."""
+        if X.ndim != 2 or X.shape[1] != len(self.input_names):
+            raise ValueError(f"features must be [batch, {len(self.input_names)}], got {list(X.shape)}")
+        if self._cols is not None:
+            X = X[:, self._cols]
         return self._evaluator()(np.ascontiguousarray(X, dtype=np.float32))
 
     def keep_draft(self, prefill_row: np.ndarray, check: DraftCheck) -> tuple[bool, float | None]:
@@ -124,7 +158,8 @@ class Predictor:
 
     # --- files ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = {"schema": FEATURE_SCHEMA, "feature_names": list(self.feature_names),
+        schema = V1_SCHEMA if tuple(self.feature_names) == V1_FEATURE_NAMES else FEATURE_SCHEMA
+        d = {"schema": schema, "feature_names": list(self.feature_names),
              "kappa": {"base": self.kappa.base, "per_step": self.kappa.per_step,
                        "max_steps": self.kappa.max_steps},
              "meta": self.meta, "model_b64": base64.b64encode(self.model_json).decode()}
@@ -151,23 +186,25 @@ class Predictor:
             raise ConfigError(f"predictor file {path} does not exist; train one with `hera train`") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"predictor file {path} is not valid JSON ({exc}); retrain with `hera train`") from None
-        if not isinstance(d, dict) or d.get("schema") != FEATURE_SCHEMA:
+        if not isinstance(d, dict) or d.get("schema") not in (FEATURE_SCHEMA, V1_SCHEMA):
             got = d.get("schema") if isinstance(d, dict) else None
             raise ConfigError(f"predictor file {path} has feature schema {got!r}, this HERA needs "
                               f"{FEATURE_SCHEMA!r}; retrain it with `hera train`")
-        if tuple(d.get("feature_names", ())) != FEATURE_NAMES:
+        names = tuple(d.get("feature_names", ()))
+        if names != (V1_FEATURE_NAMES if d["schema"] == V1_SCHEMA else FEATURE_NAMES):
             raise ConfigError(f"predictor file {path} lists features {d.get('feature_names')}, expected "
                               f"{list(FEATURE_NAMES)}; retrain it with `hera train`")
         k = d.get("kappa", {})
         draft = None
         if d.get("draft_stage") is not None:
             ds = d["draft_stage"]
-            if tuple(ds.get("feature_names", ())) != DRAFT_STAGE_FEATURE_NAMES:
+            ds_names = tuple(ds.get("feature_names", ()))
+            if ds_names != names + DRAFT_FEATURE_NAMES:
                 raise ConfigError(f"predictor file {path}: its draft stage lists features {ds.get('feature_names')}, "
-                                  f"expected {list(DRAFT_STAGE_FEATURE_NAMES)}; retrain it with `hera train`")
+                                  f"expected {list(names + DRAFT_FEATURE_NAMES)}; retrain it with `hera train`")
             draft = DraftStage(model_json=base64.b64decode(ds["model_b64"]),
                                keep_threshold=float(ds.get("keep_threshold", 0.5)), band=float(ds.get("band", 0.2)),
-                               meta=ds.get("meta", {}))
+                               meta=ds.get("meta", {}), feature_names=ds_names)
         familiarity = None
         if d.get("familiarity") is not None:
             try:
@@ -175,6 +212,6 @@ class Predictor:
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"predictor file {path}: its familiarity section is unreadable ({exc}); "
                                   "retrain it with `hera train`") from None
-        return cls(model_json=base64.b64decode(d["model_b64"]),
+        return cls(model_json=base64.b64decode(d["model_b64"]), feature_names=names,
                    kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5))),
                    meta=d.get("meta", {}), draft=draft, familiarity=familiarity)

@@ -66,11 +66,14 @@ def _budget_message(exceeded: str) -> str:
     return f"the {exceeded} cloud budget is spent"
 
 
-def _usage_of(samples: list[Generation]) -> Generation:
-    """The first sample, carrying the usage of all of them (the prompt once, every completion)."""
-    first = samples[0]
-    return dataclasses.replace(first, completion_tokens=sum(g.completion_tokens for g in samples),
-                               latency_s=max(g.latency_s for g in samples))
+async def _sampled(engine: Engine, messages: list[Message], n: int, max_tokens: int, stop: list[str] | None,
+                   sampling: dict[str, Any] | None) -> tuple[Generation, list[Generation]]:
+    """`n` samples of the step on `engine`, and the first of them carrying the usage of all (the
+    prompt once, every completion): what the ledger books."""
+    gens = await engine.generate_samples(messages, n, max_tokens=max_tokens, stop=stop, **(sampling or {}))
+    usage = dataclasses.replace(gens[0], completion_tokens=sum(g.completion_tokens for g in gens),
+                                latency_s=max(g.latency_s for g in gens))
+    return usage, gens
 
 
 def step_index(messages: list[Message]) -> int:
@@ -153,7 +156,7 @@ class Runtime:
         """SLM prefill + features + predictor for one subtask (the prompt as the local answer
         would continue it: with the offered tools rendered)."""
         pre = await self.local.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
-        p, X = await self._scorer.score(pre.logits, structure_features(step, pre.prompt_tokens, messages))
+        p, X = await self._scorer.score(pre.logits, structure_features(step, pre.prompt_tokens, messages, toolset))
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
         return Score(p, self.predictor.kappa(step) + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
 
@@ -288,9 +291,7 @@ class Runtime:
             attempts: list[tuple[str, float]] = []
             gen, gens = None, []
             if decision.route is Route.LOCAL and samples > 1:
-                gens = await self.local.generate_samples(messages, samples, max_tokens=max_tokens, stop=stop,
-                                                         **(sampling or {}))
-                gen = _usage_of(gens)
+                gen, gens = await _sampled(self.local, messages, samples, max_tokens, stop, sampling)
             elif decision.route is Route.LOCAL:
                 gen = draft if draft is not None else \
                     await self._local_generate(messages, max_tokens, stop, on_text, toolset)  # a kept draft: no second decode
@@ -314,9 +315,7 @@ class Runtime:
                 relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
                 try:
                     if samples > 1:
-                        gens = await self.cloud.generate_samples(messages, samples, max_tokens=max_tokens, stop=stop,
-                                                                 **(sampling or {}))
-                        gen = _usage_of(gens)
+                        gen, gens = await _sampled(self.cloud, messages, samples, max_tokens, stop, sampling)
                     else:
                         gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, on_text=relay,
                                                         **kwargs)
@@ -328,9 +327,7 @@ class Runtime:
                         raise
                     decision = Decision(Route.LOCAL, "fallback-local", p_local, threshold)
                     if samples > 1:
-                        gens = await self.local.generate_samples(messages, samples, max_tokens=max_tokens, stop=stop,
-                                                                 **(sampling or {}))
-                        gen = _usage_of(gens)
+                        gen, gens = await _sampled(self.local, messages, samples, max_tokens, stop, sampling)
                     else:
                         gen = await self._local_generate(messages, max_tokens, stop, on_text, toolset)
                     if gen.tool_errors:
