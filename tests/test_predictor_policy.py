@@ -238,3 +238,19 @@ def test_training_on_tool_traces_uses_the_tool_features():
         traces.append(t)
     predictor, _ = train(traces, num_rounds=20)
     assert predictor.meta["auc_val"] > 0.95 and tuple(predictor.feature_names) == FEATURE_NAMES
+
+
+def test_the_policy_estimate_counts_a_step_the_slm_does_better():
+    """With one step kept local the estimate is the outcome profiled for exactly that (it counts
+    a task the SLM gets right and the LLM does not); with several, the conservative label rule."""
+    from hera_core.offline.training import estimate_routes
+
+    better = {"task_id": "a", "llm_correct": 0.0, "steps": [{"step": 0, "label": 1, "sub_correct": 1.0}]}
+    worse = {"task_id": "b", "llm_correct": 1.0, "steps": [{"step": 0, "label": 0, "sub_correct": 0.0}]}
+    two = {"task_id": "c", "llm_correct": 1.0, "steps": [{"step": 0, "label": 1, "sub_correct": 1.0},
+                                                         {"step": 1, "label": 0, "sub_correct": 0.0}]}
+    assert estimate_routes([better], [[True]], 0.5).accuracy == 1.0
+    assert estimate_routes([better], [[False]], 0.5).accuracy == 0.0
+    assert estimate_routes([worse], [[True]], 0.5).accuracy == 0.0
+    assert estimate_routes([two], [[True, False]], 0.5).accuracy == 1.0
+    assert estimate_routes([two], [[True, True]], 0.5).accuracy == 0.0

@@ -58,13 +58,17 @@ def estimate(traces: list[dict[str, Any]], probs: list[np.ndarray], kappa: Kappa
 
 
 def estimate_routes(traces: list[dict[str, Any]], local: list[list[bool]], threshold_base: float) -> PolicyEstimate:
-    """A task stays correct when every step sent local has a positive substitution label."""
+    """The task's outcome when the flagged steps run on the SLM: with one step local, the outcome
+    profiled for exactly that (`sub_correct`, which counts a step the SLM does better too); with
+    several, the LLM's outcome if every one of them has a positive substitution label, else 0."""
     correct, n_local, steps = 0.0, 0, 0
     for t, flags in zip(traces, local):
         local_steps = [s for s, f in zip(t["steps"], flags) if f]
         n_local += len(local_steps)
         steps += len(t["steps"])
-        if all(s["label"] == 1 for s in local_steps):
+        if len(local_steps) == 1 and "sub_correct" in local_steps[0]:
+            correct += local_steps[0]["sub_correct"]
+        elif all(s["label"] == 1 for s in local_steps):
             correct += t["llm_correct"]
     n = max(1, len(traces))
     return PolicyEstimate(threshold_base, correct / n, n_local / max(1, steps),
