@@ -21,20 +21,19 @@ about 5x slower time-to-first-token with 8 interleaved sessions on SmolLM2.
 Decoding is greedy and driven here token by token, so the prefill that scores a subtask is the
 one its local decode continues from: no second prefill when the step stays local.
 
-Concurrent requests share the one llama.cpp context on one engine thread. A generation runs there
-`decode_chunk` tokens at a time and queues again behind whatever arrived meanwhile, so another
-session's scoring prefill (the routing decision of a cloud-bound step) waits for one chunk, not
-for a whole local answer; each llama_decode still holds one sequence, so outputs are the same as
-run alone. A slot that is generating is never recycled, continued or evicted by another request;
-when every slot is generating, a new request waits for one to finish. A cancelled generation
-stops at its next chunk.
+Concurrent requests share the one llama.cpp context on one engine thread. Generations run there
+`decode_chunk` tokens at a time and queue again behind whatever arrived meanwhile, so other work
+waits for one chunk, not for a whole local answer. A slot that is generating (or whose prompt is
+being evaluated) is never recycled, continued or evicted by another request; when every slot is
+taken, a new request waits for one to finish. A cancelled generation stops at its next chunk.
 
 With `batching` (the default) concurrent generations share each llama_decode (one token of every
 active sequence per call), and so do prompts: a generation's prompt and the routing prefills that
 queue up meanwhile are placed in their slots and their new tokens evaluated `prefill_chunk` at a
 time in the same llama_decode calls as the running generations' next tokens (chunked, so a long
 prompt delays the others' next token by one chunk, not by its whole length). `n` samples of one
-prompt share its KV (copied into n - 1 more slots) and decode in the same batch.
+prompt share its KV (copied into n - 1 more slots) and decode in the same batch. Without it
+(`batching=False`, the engine before) each llama_decode holds one sequence, one prompt at a time.
 """
 
 from __future__ import annotations
