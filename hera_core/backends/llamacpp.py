@@ -742,14 +742,13 @@ class LlamaCppEngine(Engine):
     # --- prompts evaluated in the shared steps ----------------------------------------------------
     def _prompt_chunks(self, budget: int) -> list[tuple[_Prompt, int]]:
         """The next tokens of the waiting prompts, first come first, `budget` in all (0: all)."""
-        out = []
+        out, left = [], budget or float("inf")
         for p in self._prompts:
-            n = len(p.tokens) - p.done
-            if budget:
-                n = min(n, budget - sum(k for _, k in out))
-                if n <= 0:
-                    break
+            if left <= 0:
+                break
+            n = int(min(len(p.tokens) - p.done, left))
             out.append((p, n))
+            left -= n
         return out
 
     def _evaluate(self, items: list[tuple[list[int], int, int]],

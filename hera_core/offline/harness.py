@@ -120,21 +120,22 @@ def task_toolset(task: Task, messages: list[Message] | None = None) -> ToolSet |
     return ToolSet.parse(openai_tools(task.entry["functions"]))
 
 
+def _with_calls(content: str, calls: list[dict[str, Any]]) -> str:
+    """Content, then OpenAI tool calls as `<tool_call>` blocks (the form the harness keeps in the
+    conversation and parses back)."""
+    return content + "".join(f"\n{OPEN}\n" + json.dumps({"name": c["function"]["name"],
+                                                         "arguments": json.loads(c["function"]["arguments"])})
+                             + f"\n{CLOSE}" for c in calls)
+
+
 def step_text(gen: Generation) -> str:
-    """A step's answer as one text: its content, then its tool calls as `<tool_call>` blocks (the
-    form the harness keeps in the conversation and parses back)."""
-    blocks = [f"\n{OPEN}\n" + json.dumps({"name": c["function"]["name"],
-                                           "arguments": json.loads(c["function"]["arguments"])}) + f"\n{CLOSE}"
-              for c in gen.tool_calls]
-    return gen.text + "".join(blocks)
+    """A step's answer as one text: its content, then its tool calls."""
+    return _with_calls(gen.text, gen.tool_calls)
 
 
 def message_text(m: Message) -> str:
     """An assistant message as its step's text (`step_text`'s form): content, then its calls."""
-    blocks = [f"\n{OPEN}\n" + json.dumps({"name": c["function"]["name"],
-                                           "arguments": json.loads(c["function"]["arguments"])}) + f"\n{CLOSE}"
-              for c in m.get("tool_calls") or []]
-    return (m.get("content") or "") + "".join(blocks)
+    return _with_calls(m.get("content") or "", m.get("tool_calls") or [])
 
 
 async def generate_step(engine: Engine, task: Task, messages: list[Message], max_tokens: int) -> str:
