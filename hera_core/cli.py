@@ -160,6 +160,37 @@ def _openings(args, traces) -> dict[str, str]:
     return out
 
 
+def _votes(args, traces) -> dict:
+    """Task id -> its first step's vote, from `--votes` files (bench/eval/agreement_probe.py's
+    output: the samples' answers); the greedy draft's checks are run here, on the traced draft."""
+    from hera_core.checks.drafts import check_draft
+    from hera_core.offline.harness import first_messages
+    from hera_core.offline.training import FirstStepVote
+
+    rows = {}
+    for path in args.votes or []:
+        try:
+            for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+                row = json.loads(line)
+                rows[row["task_id"]] = (row["greedy"], list(row["keys"]))
+        except FileNotFoundError:
+            raise ValueError(f"--votes file {path} does not exist") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"--votes file {path}, line {n}: not a vote row ({exc}); "
+                             "make it with bench/eval/agreement_probe.py") from None
+    if not rows:
+        return {}
+    by_id = {t["task_id"]: t for t in traces if t["task_id"] in rows}
+    out = {}
+    for split in sorted({t["split"] for t in by_id.values()}):
+        for task in _tasks(args, sorted({t["family"] for t in by_id.values()}), split=split):
+            if task.task_id in by_id:
+                draft = by_id[task.task_id]["steps"][0]["slm_text"]
+                key, keys = rows[task.task_id]
+                out[task.task_id] = FirstStepVote(check_draft(first_messages(task), draft).passed, key, keys)
+    return out
+
+
 def cmd_profile(args) -> int:
     from hera_core.offline.profiling import profile
     from hera_core.serving.assembly import open_engines
@@ -219,7 +250,9 @@ def cmd_train(args) -> int:
         client = Client(args.dask)
     try:
         predictor, report = train(traces, max_drop=args.max_drop, dask_client=client, openings=openings,
-                                  meta={"traces": [Path(p).name for p in args.traces]})
+                                  votes=_votes(args, traces),
+                                  meta={"traces": [Path(p).name for p in args.traces],
+                                        **({"votes": [Path(p).name for p in args.votes]} if args.votes else {})})
     finally:
         if client is not None:
             client.close()
@@ -482,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tasks-file", help="the JSONL tasks the traces were profiled on (for the familiarity check)")
     t.add_argument("--tasks-per-family", type=int, default=400, help="pool to find the traced built-in tasks in")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--votes", nargs="+", metavar="VOTES.jsonl",
+                   help="first-step sample votes of validation tasks (bench/eval/agreement_probe.py): "
+                        "calibrates the vote stage with kappa")
     t.set_defaults(func=cmd_train)
     return p
 

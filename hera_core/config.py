@@ -99,6 +99,10 @@ class PolicySettings(_Strict):
                              "local one (bench/eval/agreement_probe.py measures the signal)")
     agreement_min: float = Field(0.5, ge=0, le=1, description="a draft is kept only if at least this share of the "
                                  "samples agree with its answer (with agreement_k > 0)")
+    vote: Literal["auto", "off"] = Field(
+        "auto", description="'auto': where the predictor has a vote stage (`hera train --votes`), a task's first "
+        "step is drafted by the SLM and kept only if its checks pass and enough of k samples agree with its "
+        "answer, else escalated; 'off': kappa decides every step")
     unfamiliar: Literal["cloud", "draft", "trust"] = Field(
         "cloud", description="a step unlike every task the predictor was trained on (its familiarity check): "
         "'cloud' sends it to the cloud, 'draft' lets the SLM draft it and keeps the draft only if its checks pass, "

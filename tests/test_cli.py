@@ -74,3 +74,20 @@ def test_eval_offline_alone_replays_the_committed_run_or_says_where_it_is(tmp_pa
     proc = subprocess.run([sys.executable, "-m", "hera_core.cli", "eval", "--offline"], capture_output=True,
                           text=True, cwd=tmp_path, timeout=120)
     assert "repository root" in one_line_error(proc)
+
+
+def test_train_with_votes_calibrates_a_vote_stage_or_names_the_bad_file(tmp_path):
+    """`hera train --votes` on the committed validation votes: the predictor gets a vote stage
+    whose calibration the report shows; a missing votes file is a one-line error."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "bench" / "eval"
+    out = tmp_path / "p.json"
+    proc = hera("train", str(root / "traces-train.jsonl"), str(root / "traces-val.jsonl"),
+                "--votes", str(root / "agreement-val.jsonl"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(out.read_text())
+    assert d["vote_stage"]["k"] == 4 and d["vote_stage"]["meta"]["tasks"] == 88
+    assert d["vote_stage"]["meta"]["chosen"]["est_local_share"] > d["vote_stage"]["meta"]["first_stage_alone"]["est_local_share"]
+    assert "does not exist" in one_line_error(hera("train", str(root / "traces-val.jsonl"), "--votes",
+                                                    str(tmp_path / "nope.jsonl"), "--out", str(out)))

@@ -10,9 +10,16 @@ from hera_core.offline.evaluation import (METHOD_NAMES, Evaluator, bootstrap_ci,
                                   query_threshold)
 from hera_core.offline.profiling import done_task_ids, load_traces, profile
 from hera_core.offline.workloads import make_tasks
-from hera_core.routing.predictor import FEATURE_NAMES
+from hera_core.routing.predictor import FEATURE_NAMES, VoteStage
 from tests.conftest import TINY, run
 from tests.factories import random_predictor
+
+
+def voting_predictor():
+    """A plumbing predictor whose vote stage decides each task's first step (2 samples)."""
+    p = random_predictor()
+    p.vote = VoteStage(steps=1, k=2, min_share=0.5)
+    return p
 
 
 class _Offline:
@@ -42,7 +49,7 @@ def profiled(tiny_engine, cloud_url, tmp_path_factory):
             slm, llm = CachingEngine(tiny_engine, cache), CachingEngine(cloud, cache)
             await profile(tasks[:1], slm, llm, tmp / "traces.jsonl", progress=False)
             await profile(tasks, slm, llm, tmp / "traces.jsonl", progress=False)  # resumes: only the rest
-            ev = Evaluator(slm, llm, random_predictor(), cache, load_settings(env={}).prices, TINY)
+            ev = Evaluator(slm, llm, voting_predictor(), cache, load_settings(env={}).prices, TINY)
             return await evaluate(tasks, ev, sweep=(-1.0, 1.0))
 
     report = run(go())
@@ -183,13 +190,51 @@ def test_oracle_is_run_and_never_loses_a_task_the_llm_solves(profiled):
 def test_offline_replay_reproduces_the_report_without_models(profiled):
     tmp, tasks, report = profiled
     cache = CompletionCache(tmp / "cache.sqlite", read_only=True)
-    ev = Evaluator(CachingEngine(_Offline(TINY), cache), CachingEngine(_Offline(TINY), cache), random_predictor(),
+    ev = Evaluator(CachingEngine(_Offline(TINY), cache), CachingEngine(_Offline(TINY), cache), voting_predictor(),
                    cache, load_settings(env={}).prices, TINY)
     again = run(evaluate(tasks, ev, sweep=(-1.0, 1.0)))
     cache.close()
     for name in METHOD_NAMES:
         for key in ("accuracy", "local_share", "cost_ratio"):
             assert again["methods"][name][key] == report["methods"][name][key]
+
+
+def test_hera_votes_on_each_first_step_and_books_the_samples_time(profiled):
+    """With a vote stage, every task's first step is drafted: kept exactly when the draft passes
+    its checks and the staged vote reaches min_share, else escalated; the samples' recorded time
+    is part of the step's latency. Replayed from the cache the fixture's live run filled."""
+    from hera_core.checks.drafts import check_draft, staged_agreement, vote_key
+    from hera_core.offline.evaluation import MAX_TOKENS, AllSLM, Hera
+    from hera_core.offline.harness import first_messages
+
+    tmp, tasks, _ = profiled
+    cache = CompletionCache(tmp / "cache.sqlite", read_only=True)
+    ev = Evaluator(CachingEngine(_Offline(TINY), cache), CachingEngine(_Offline(TINY), cache), voting_predictor(),
+                   cache, load_settings(env={}).prices, TINY)
+    try:
+        hera, slm = run(ev.run(Hera(unfamiliar="trust"), tasks)), run(ev.run(AllSLM(), tasks))
+        for task, h, s in zip(tasks, hera, slm):
+            msgs = first_messages(task)
+            draft = cache.get(TINY, {"messages": msgs, "max_tokens": MAX_TOKENS, "stop": []})
+            votes = cache.get_features(f"{TINY}:votes2", msgs)
+            passed = check_draft(msgs, draft.text).passed
+            assert passed == (votes is not None)  # a failed draft escalates without samples
+            keep = passed and staged_agreement(vote_key(draft.text), votes["keys"]).share >= 0.5
+            first = h.steps[0]
+            assert (first.route, first.escalated) == (("local", False) if keep else ("cloud", True))
+            if keep:
+                assert first.latency_s == pytest.approx(s.steps[0].latency_s + votes["samples_s"])
+    finally:
+        cache.close()
+
+
+def test_staged_agreement_stops_early_only_when_the_first_samples_agree():
+    from hera_core.checks.drafts import staged_agreement
+
+    v = staged_agreement("out:1", ["out:1", "out:1", "out:2", "out:2"])
+    assert (v.share, v.samples) == (1.0, 2)  # the runtime would not have drawn the last two
+    v = staged_agreement("out:1", ["out:1", "out:2", "out:2", "out:2"])
+    assert (v.share, v.samples) == (0.25, 4) and v.majority == 2
 
 
 def test_offline_miss_is_an_error(profiled, tmp_path):
@@ -208,9 +253,13 @@ def test_plot_and_estimated_curve(profiled, tmp_path):
     assert curve[0]["local_share"] >= curve[-1]["local_share"]  # higher threshold, fewer local steps
     path = tmp_path / "eval.png"
     assert report["sweep"][0]["threshold_offset"] == 0.0  # HERA itself, then the offsets
-    assert [p["local_share"] for p in report["sweep"][1:]] == [1.0, 0.0]  # offsets past both ends
-    # the router is run at each point's share: all tasks local at share 1, none at share 0
-    assert [p["query_router"]["local_share"] for p in report["sweep"][1:]] == [1.0, 0.0]
+    # Offsets past both ends move every step but the first (the vote stage decides those, whatever kappa)
+    low, high = report["sweep"][1:]
+    first_steps = len(report["per_task"]["hera"]) / sum(len(t["routes"]) for t in report["per_task"]["all_llm"])
+    assert low["local_share"] >= 1.0 - first_steps - 1e-9 and high["local_share"] <= first_steps + 1e-9
+    assert low["local_share"] >= high["local_share"]
+    # the router is run at each point's share: none of its tasks local at share 0
+    assert high["local_share"] > 0 or high["query_router"]["local_share"] == 0.0
     plot(report, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -120,6 +120,39 @@ def test_the_draft_stage_learns_what_the_prefill_cannot_see(tmp_path):
     np.testing.assert_allclose(loaded.draft.predict(X), predictor.draft.predict(X), rtol=1e-6)
 
 
+def test_the_vote_stage_is_calibrated_with_kappa_when_the_votes_tell(tmp_path):
+    """First-step labels only the samples' agreement reveals (the prefill is noise there): the
+    vote stage is chosen because it keeps more steps local within the drop, its share threshold
+    separates the two kinds of first steps, and it survives a save and load; votes that say
+    nothing leave the predictor without one."""
+    from hera_core.offline.training import FirstStepVote
+    from hera_core.routing.predictor import Predictor
+
+    rng = np.random.default_rng(2)
+    traces, votes, noise = [], {}, {}
+    for i in range(300):
+        labels = [int(rng.random() < 0.6), 1]
+        f0 = [float(rng.normal()), 3.0]  # the second step is plainly local, the first is noise
+        traces.append(trace(f"t{i}", "train" if i < 200 else "val", 1.0, labels, f0))
+        good = labels[0] == 1
+        votes[f"t{i}"] = FirstStepVote(True, "out:1", ["out:1"] * 4 if good else ["out:1", "out:2", "out:2", "out:3"])
+        noise[f"t{i}"] = FirstStepVote(True, "out:1", ["out:1", "out:1"] + ["out:2"] * 2)
+    predictor, report = train(traces, max_drop=0.03, num_rounds=30, votes=votes)
+    chosen = report["vote_stage"]["chosen"]
+    assert predictor.vote is not None and predictor.vote.k == 4 and predictor.vote.min_share > 0.25
+    assert chosen["est_local_share"] > report["vote_stage"]["first_stage_alone"]["est_local_share"]
+    assert chosen["est_accuracy"] >= report["vote_stage"]["llm_accuracy"] - 0.03
+    assert predictor.kappa.base == chosen["kappa_base"] == predictor.meta["kappa"]["base"]
+    predictor.save(tmp_path / "p.json")
+    assert Predictor.load(tmp_path / "p.json").vote == predictor.vote
+    plain, report = train(traces, max_drop=0.03, num_rounds=30, votes=noise)
+    assert plain.vote is None and report["vote_stage"]["chosen"] is None
+    with pytest.raises(ValueError, match="min_share"):
+        from hera_core.routing.predictor import VoteStage
+
+        VoteStage(steps=1, k=4, min_share=0.25)  # a kept draft might not be the majority answer
+
+
 def test_a_draft_stage_with_other_features_is_refused(tmp_path):
     import json
 

@@ -198,6 +198,39 @@ def test_samples_vote_on_a_drafted_step(runtime):
     runtime.agreement_k = 0
 
 
+def test_the_vote_stage_decides_first_steps_from_the_draft_and_its_samples(runtime):
+    """A predictor with a vote stage: a task's first step is drafted whatever its P, kept only if
+    its checks pass and enough samples agree (the first two alone when they both do), else
+    escalated; later steps and policy.vote = "off" follow kappa without drafting."""
+    from hera_core.routing.predictor import VoteStage
+
+    runtime.predictor.kappa = Kappa(1.01, 0.0, 0)  # kappa alone would send every step to the cloud
+    later = ASK_PROGRAM + [{"role": "assistant", "content": "```python\nprint(42)\n```"},
+                           {"role": "user", "content": "It printed 42. Now reply: ANSWER: <number>"}]
+
+    async def go():  # one event loop: the cloud client's session lives in it
+        runtime.predictor.vote = VoteStage(steps=1, k=4, min_share=0.5)
+        first = await runtime.complete(ASK_PROGRAM, session="v", step=0, max_tokens=24)
+        second = await runtime.complete(later, session="v", step=1, max_tokens=8)
+        runtime.vote = "off"
+        off = await runtime.complete(ASK_PROGRAM, session="v2", step=0, max_tokens=24)
+        return first, second, off
+
+    try:
+        r, second, off = run(go())
+    finally:
+        runtime.predictor.vote, runtime.vote = None, "auto"
+    vote = r.draft.agreement
+    keep = r.draft.passed and vote is not None and vote.share >= 0.5
+    assert (r.route, r.decision.reason) == ((Route.LOCAL, "draft-kept") if keep else (Route.CLOUD, "escalated"))
+    if r.draft.passed:  # a failed draft escalates without samples
+        assert vote.samples in (2, 4) and (vote.samples == 2) == (vote.share == 1.0)
+    else:
+        assert vote is None
+    for res in (second, off):
+        assert res.draft is None and (res.route, res.decision.reason) == (Route.CLOUD, "predictor")
+
+
 def test_agreement_counts_the_draft_group_and_ties_go_to_the_draft():
     from hera_core.checks.drafts import agreement, vote_key
 

@@ -103,6 +103,9 @@ class CachingEngine(Engine):
     async def prefill(self, messages, **kwargs):
         return await self.inner.prefill(messages, **kwargs)
 
+    async def generate_samples(self, messages, n, **kwargs):  # sampled: never cached here
+        return await self.inner.generate_samples(messages, n, **kwargs)
+
     async def score_continuation(self, messages, text):
         return await self.inner.score_continuation(messages, text)
 

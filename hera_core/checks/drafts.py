@@ -86,6 +86,18 @@ class Agreement:
     samples: int  # samples drawn (fewer than asked when the first ones all agreed)
 
 
+FIRST_VOTES = 2  # samples drawn first; the rest only when these do not all agree with the draft
+
+
+def staged_agreement(draft_key: str, sample_keys: list[str]) -> Agreement:
+    """The vote the runtime takes with early stopping, replayed from recorded samples: the first
+    FIRST_VOTES decide alone when they all agree with the draft, else all of them vote."""
+    first = sample_keys[:FIRST_VOTES]
+    if first and all(k == draft_key for k in first):
+        return agreement(draft_key, first)
+    return agreement(draft_key, sample_keys)
+
+
 def agreement(draft_key: str, sample_keys: list[str]) -> Agreement:
     """How the samples vote against the draft. Ties between groups go to the draft's group."""
     keys = [draft_key, *sample_keys]

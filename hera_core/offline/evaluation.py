@@ -5,7 +5,10 @@ Methods (a tiny base class and a registry, so lists of names come from here):
   hera                per step: P(SLM good enough) from the SLM prefill >= kappa(step); with a
                       draft stage in the predictor, steps within its band of kappa are drafted
                       by the SLM, checked, and kept or escalated (the draft's time is booked);
-                      a step unlike the predictor's training tasks follows `unfamiliar`
+                      a step unlike the predictor's training tasks follows `unfamiliar`; with a
+                      vote stage, a task's first step is drafted, checked and voted on by k SLM
+                      samples, and kept or escalated (the samples' time is booked too)
+  hera_no_vote        HERA with its vote stage off (only for a predictor that has one)
   hera_prefill        the first stage alone, trusted everywhere (no drafting, no familiarity
                       check): what the predictor does by itself
   random              per step local with probability = HERA's measured local share (seeded)
@@ -30,13 +33,14 @@ import abc
 import asyncio
 import math
 import random as random_mod
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from hera_core.backends.caching import CompletionCache
-from hera_core.checks.drafts import check_draft
+from hera_core.checks.drafts import Agreement, check_draft, staged_agreement, vote_key
 from hera_core.config import PriceSettings
 from hera_core.backends.base import Engine, Message
 from hera_core.native.features import logit_features
@@ -99,6 +103,7 @@ class Hera(Method):
 
     name = "hera"
     drafts = True
+    votes = True
 
     def __init__(self, offset: float = 0.0, unfamiliar: str = "cloud") -> None:
         self.offset = offset
@@ -109,6 +114,12 @@ class Hera(Method):
             if self.unfamiliar == "cloud":
                 return "cloud"
             return "local" if (await ev.draft_check(messages, task)).passed else "escalated"
+        vote = ev.predictor.vote if self.votes else None
+        if vote is not None and step < vote.steps and task_toolset(task, messages) is None:
+            # The vote stage, as the runtime takes it: a failed draft escalates without samples.
+            if not (await ev.draft_check(messages, task, logprobs=False)).passed:
+                return "escalated"
+            return "local" if (await ev.vote(messages, vote.k)).share >= vote.min_share else "escalated"
         row = await ev.feature_row(messages, step, task)
         p = float(ev.predictor.predict(row)[0])
         kappa = ev.predictor.kappa(step) + self.offset
@@ -125,9 +136,17 @@ class HeraPrefill(Hera):
 
     name = "hera_prefill"
     drafts = False
+    votes = False
 
     def __init__(self, offset: float = 0.0) -> None:
         super().__init__(offset, unfamiliar="trust")
+
+
+class HeraNoVote(Hera):
+    """HERA with its vote stage off (policy.vote = "off"): what voting on the first steps adds."""
+
+    name = "hera_no_vote"
+    votes = False
 
 
 class RandomRouter(Method):
@@ -166,10 +185,10 @@ class Oracle(Method):
         return "local" if local >= cloud else "cloud"
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, HeraPrefill, Hera, RandomRouter, QueryRouter,
-                                                         Oracle)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (AllSLM, AllLLM, HeraPrefill, HeraNoVote, Hera, RandomRouter,
+                                                         QueryRouter, Oracle)}
 METHOD_NAMES = ("all_slm", "all_llm", "random", "query_router", "query_router_cost", "query_cascade", "hera_prefill",
-                "hera", "oracle")
+                "hera_no_vote", "hera", "oracle")  # hera_no_vote: only for a predictor with a vote stage
 
 
 class Evaluator:
@@ -177,6 +196,7 @@ class Evaluator:
                  prices: PriceSettings, slm_name: str) -> None:
         self.slm, self.llm, self.predictor, self.cache, self.prices = slm, llm, predictor, cache, prices
         self.slm_name = slm_name
+        self.step_overhead_s = 0.0  # device time a method spent deciding the current step (its samples)
 
     async def feature_row(self, messages: list[Message], step: int, task: Task | None = None) -> np.ndarray:
         """The predictor's input row [1, F] for this step, from the feature cache or a live prefill
@@ -200,14 +220,15 @@ class Evaluator:
     async def p_local(self, messages: list[Message], step: int, task: Task | None = None) -> float:
         return float(self.predictor.predict(await self.feature_row(messages, step, task))[0])
 
-    async def draft_check(self, messages: list[Message], task: Task | None = None):
+    async def draft_check(self, messages: list[Message], task: Task | None = None, logprobs: bool = True):
         """The checks of the SLM's (cached, greedy) draft of this step; its token log-probabilities
-        come from the feature cache, else from the SLM teacher-forced (cached for replays)."""
+        (where `logprobs`: the draft stage reads them) come from the feature cache, else from the
+        SLM teacher-forced (cached for replays)."""
         toolset = task_toolset(task, messages) if task is not None else None
         draft = await self.slm.generate(messages, max_tokens=MAX_TOKENS,
                                         **({"toolset": toolset} if toolset is not None else {}))
-        logprobs = draft.extra.get("token_logprobs")
-        if logprobs is None:
+        want_logprobs, logprobs = logprobs, draft.extra.get("token_logprobs")
+        if logprobs is None and want_logprobs:
             key = [*messages, {"role": "assistant", "content": draft.text}]
             hit = self.cache.get_features(self.slm_name + ":draft", key)
             if hit is None:
@@ -218,6 +239,24 @@ class Evaluator:
             logprobs = hit["logprobs"]
         return await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
                                        token_logprobs=logprobs)
+
+    async def vote(self, messages: list[Message], k: int) -> Agreement:
+        """How k samples of the SLM (temperature 0.7, one call sharing the prompt) vote on its greedy
+        draft of this step, staged as the runtime draws them. The samples' answers and the call's
+        time come from the feature cache, else from the SLM (cached for replays); the time is added
+        to the step's (all k drawn: an upper bound where the first ones agreed)."""
+        draft = await self.slm.generate(messages, max_tokens=MAX_TOKENS)
+        hit = self.cache.get_features(f"{self.slm_name}:votes{k}", messages)
+        if hit is None:
+            if self.cache.read_only:
+                raise LookupError(f"vote cache miss for {self.slm_name} in offline mode; rerun without --offline")
+            t0 = time.perf_counter()
+            gens = await self.slm.generate_samples(messages, k, max_tokens=MAX_TOKENS, temperature=0.7, seed=0)  # as bench/eval/agreement_probe.py
+            hit = {"keys": [await asyncio.to_thread(vote_key, g.text) for g in gens],
+                   "samples_s": time.perf_counter() - t0}
+            self.cache.put_features(f"{self.slm_name}:votes{k}", messages, hit)
+        self.step_overhead_s += hit["samples_s"]
+        return staged_agreement(await asyncio.to_thread(vote_key, draft.text), hit["keys"])
 
     async def rollout(self, task: Task, messages: list[Message], step: int, route: str) -> float:
         """Correctness of `task` when the steps before `step` replay the assistant turns in
@@ -239,19 +278,21 @@ class Evaluator:
             result = TaskResult(task.task_id, task.family, 0.0)
 
             async def step_fn(messages, k, task=task, result=result):
+                self.step_overhead_s = 0.0
                 route = await method.route(task, k, messages, self)
-                draft_s = 0.0
+                draft_s = self.step_overhead_s
                 toolset = task_toolset(task, messages)
                 kwargs = {"toolset": toolset} if toolset is not None else {}
-                if route == "escalated":  # the SLM drafted this step first: its time is part of the step
-                    draft_s = (await self.slm.generate(messages, max_tokens=MAX_TOKENS, **kwargs)).latency_s
+                escalated = route == "escalated"
+                if escalated:  # the SLM drafted this step first: its time is part of the step
+                    draft_s += (await self.slm.generate(messages, max_tokens=MAX_TOKENS, **kwargs)).latency_s
                     route = "cloud"
                 gen = await (self.slm if route == "local" else self.llm).generate(messages, max_tokens=MAX_TOKENS,
                                                                                    **kwargs)
                 result.invalid_tool_calls += invalid_calls(gen, toolset)
                 all_cloud = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
                 result.steps.append(StepRecord(route, gen.latency_s + draft_s, all_cloud if route == "cloud" else 0.0,
-                                               all_cloud, escalated=draft_s > 0, unfamiliar=self.unfamiliar(messages)))
+                                               all_cloud, escalated=escalated, unfamiliar=self.unfamiliar(messages)))
                 return step_text(gen), route
 
             traj = await run_task(task, step_fn)
@@ -365,6 +406,8 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0, progress=
     for name, method in (("all_llm", AllLLM()), ("all_slm", AllSLM()), ("hera_prefill", HeraPrefill()),
                          ("hera", Hera(unfamiliar=unfamiliar))):
         per_method[name] = await ev.run(method, tasks, progress)
+    if ev.predictor.vote is not None:
+        per_method["hera_no_vote"] = await ev.run(HeraNoVote(unfamiliar=unfamiliar), tasks, progress)
     all_llm_cost = sum(s.cloud_cost_usd for r in per_method["all_llm"] for s in r.steps)
     hera_share = summarize(per_method["hera"], all_llm_cost)["local_share"]
     per_method["random"] = await ev.run(RandomRouter(hera_share, seed), tasks, progress)

@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from hera_core.checks.drafts import staged_agreement
 from hera_core.routing.familiarity import fit_familiarity
-from hera_core.routing.predictor import DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, DraftStage, Kappa, Predictor
+from hera_core.routing.predictor import (DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, DraftStage, Kappa, Predictor,
+                                         VoteStage)
 
 XGB_PARAMS = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.1, "subsample": 0.9,
               "min_child_weight": 1.0, "eval_metric": "auc", "nthread": 1, "seed": 0}
@@ -88,12 +90,68 @@ def calibrate(traces: list[dict[str, Any]], predictor: Predictor, max_drop: floa
     return kappa, estimate(traces, probs, kappa)
 
 
+@dataclass
+class FirstStepVote:
+    """A task's first step as the SLM's samples voted on it (`hera votes`)."""
+
+    passed: bool  # the greedy draft's device-side checks
+    draft_key: str  # what the draft's answer amounts to (vote_key)
+    keys: list[str]  # the samples' answers, in the order they were drawn
+
+
+VOTE_MIN_SHARES = (0.5, 0.75, 1.0)
+
+
+def vote_routes(traces: list[dict[str, Any]], probs: list[np.ndarray], votes: dict[str, FirstStepVote],
+                kappa: Kappa, min_share: float) -> list[list[bool]]:
+    """Local flags with a vote stage on the first step: kept when its draft passes its checks and
+    enough samples agree (staged, as the runtime draws them); later steps by kappa."""
+    out = []
+    for t, p in zip(traces, probs):
+        v = votes.get(t["task_id"])
+        out.append([bool(v.passed and staged_agreement(v.draft_key, v.keys).share >= min_share)
+                    if s["step"] == 0 and v is not None else bool(pk >= kappa(s["step"]))
+                    for s, pk in zip(t["steps"], p)])
+    return out
+
+
+def calibrate_votes(traces: list[dict[str, Any]], predictor: Predictor, votes: dict[str, FirstStepVote],
+                    max_drop: float = 0.03) -> tuple[VoteStage | None, Kappa, dict[str, Any]]:
+    """Choose the vote stage's agreement share and the later steps' kappa together on the voted
+    validation tasks: the most steps local whose estimated accuracy stays within `max_drop` of
+    All-LLM. None when voting keeps no more steps local than the first stage alone."""
+    calib = [t for t in traces if t["split"] == "val" and t["task_id"] in votes]
+    if not calib:
+        raise ValueError("no validation task has votes: run `hera votes` on the validation traces")
+    probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in calib]
+    alone = estimate(calib, probs, predictor.kappa)
+    best = None
+    for share in VOTE_MIN_SHARES:
+        for base in np.round(np.arange(0.05, 1.0001, 0.01), 2):
+            kappa = Kappa(float(base), predictor.kappa.per_step, predictor.kappa.max_steps)
+            est = estimate_routes(calib, vote_routes(calib, probs, votes, kappa, share), kappa.base)
+            if est.accuracy >= est.llm_accuracy - max_drop and (best is None or est.local_share > best[2].local_share + 1e-9):
+                best = (share, kappa, est)
+    k = max(len(v.keys) for v in votes.values())
+    report = {"tasks": len(calib), "k": k, "max_drop": max_drop, "llm_accuracy": alone.llm_accuracy,
+              "first_stage_alone": {"kappa_base": predictor.kappa.base, "est_accuracy": alone.accuracy,
+                                    "est_local_share": alone.local_share}}
+    if best is None or best[2].local_share <= alone.local_share + 1e-9:
+        return None, predictor.kappa, {**report, "chosen": None}
+    share, kappa, est = best
+    report["chosen"] = {"min_share": share, "kappa_base": kappa.base, "est_accuracy": est.accuracy,
+                        "est_local_share": est.local_share}
+    return VoteStage(steps=1, k=k, min_share=share, meta=report), kappa, report
+
+
 def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: int = 100,
           dask_client=None, meta: dict[str, Any] | None = None,
-          openings: dict[str, str] | None = None) -> tuple[Predictor, dict[str, Any]]:
+          openings: dict[str, str] | None = None,
+          votes: dict[str, FirstStepVote] | None = None) -> tuple[Predictor, dict[str, Any]]:
     """Fit the predictor on the train split, calibrate kappa on val; with draft features in the
     traces, the draft stage too; with `openings` (task id -> the task's opening user message),
-    the familiarity check that tells the runtime when a step is unlike every training task."""
+    the familiarity check that tells the runtime when a step is unlike every training task; with
+    `votes` (task id -> its first step's vote), the vote stage and kappa calibrated together."""
     import xgboost as xgb
 
     X, y = rows(traces, {"train"})
@@ -136,6 +194,11 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
             [(t["family"], openings[t["task_id"]]) for t in traces if t["split"] == "val" and t["task_id"] in openings])
         report["familiarity"] = {**predictor.familiarity.meta, "thresholds": dict(zip(
             predictor.familiarity.families, (round(float(x), 4) for x in predictor.familiarity.thresholds)))}
+    if votes:
+        predictor.vote, predictor.kappa, report["vote_stage"] = calibrate_votes(traces, predictor, votes, max_drop)
+        k = predictor.kappa
+        report["kappa"] = {"base": k.base, "per_step": k.per_step, "max_steps": k.max_steps}  # with the votes
+        predictor.meta.update(vote_stage=report["vote_stage"], kappa=report["kappa"])
     return predictor, report
 
 

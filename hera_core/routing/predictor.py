@@ -106,6 +106,28 @@ class DraftStage:
 
 
 @dataclass
+class VoteStage:
+    """The first `steps` steps of a task are decided by what the SLM writes, not by its prefill
+    (which ranks them at chance, measured): the SLM drafts the step, `k` samples of it vote, and
+    the draft is kept when its checks pass and at least `min_share` of the samples agree with its
+    answer (the first FIRST_VOTES samples alone when they all agree). Calibrated by `hera train --votes`."""
+
+    steps: int = 1
+    k: int = 4
+    min_share: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not 2 <= self.k <= 8 or not 0.5 <= self.min_share <= 1.0:
+            # min_share >= 0.5 keeps the draft the majority answer whenever it is kept
+            raise ValueError(f"vote stage needs steps >= 1, 2 <= k <= 8 and 0.5 <= min_share <= 1, "
+                             f"got steps={self.steps}, k={self.k}, min_share={self.min_share}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "k": self.k, "min_share": self.min_share, "meta": self.meta}
+
+
+@dataclass
 class Predictor:
     model_json: bytes  # XGBoost JSON model (Booster.save_raw("json"))
     kappa: Kappa = Kappa()
@@ -113,6 +135,7 @@ class Predictor:
     feature_names: tuple[str, ...] = FEATURE_NAMES
     draft: DraftStage | None = None  # second stage for uncertain steps; None: keep a draft that passes its checks
     familiarity: Familiarity | None = None  # what its training tasks looked like; None: every step is trusted
+    vote: VoteStage | None = None  # first steps decided by the SLM's draft and samples; None: by kappa
     input_names: tuple[str, ...] = FEATURE_NAMES  # the columns of the rows it is given (its model reads feature_names)
 
     def __post_init__(self) -> None:
@@ -167,6 +190,8 @@ class Predictor:
             d["draft_stage"] = self.draft.to_dict()
         if self.familiarity is not None:
             d["familiarity"] = self.familiarity.to_dict()
+        if self.vote is not None:
+            d["vote_stage"] = self.vote.to_dict()
         return d
 
     def save(self, path: str | Path) -> None:
@@ -212,6 +237,14 @@ class Predictor:
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"predictor file {path}: its familiarity section is unreadable ({exc}); "
                                   "retrain it with `hera train`") from None
+        vote = None
+        if d.get("vote_stage") is not None:
+            try:
+                v = d["vote_stage"]
+                vote = VoteStage(int(v["steps"]), int(v["k"]), float(v["min_share"]), v.get("meta", {}))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(f"predictor file {path}: its vote stage is unreadable ({exc}); "
+                                  "retrain it with `hera train --votes`") from None
         return cls(model_json=base64.b64decode(d["model_b64"]), feature_names=names,
                    kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5))),
-                   meta=d.get("meta", {}), draft=draft, familiarity=familiarity)
+                   meta=d.get("meta", {}), draft=draft, familiarity=familiarity, vote=vote)

@@ -34,8 +34,8 @@ from hera_core.errors import (BudgetExceededError, CannotServeLocallyError, Clou
 from hera_core.native.features import logit_features
 from hera_core.routing.ledger import Ledger, LedgerRow
 from hera_core.routing.policy import Decision, Override, Route, decide
-from hera_core.checks.drafts import DraftCheck, agreement, check_draft, vote_key
-from hera_core.routing.predictor import Predictor, feature_matrix, structure_features
+from hera_core.checks.drafts import FIRST_VOTES, DraftCheck, agreement, check_draft, vote_key
+from hera_core.routing.predictor import Predictor, VoteStage, feature_matrix, structure_features
 
 
 @dataclass
@@ -126,7 +126,7 @@ class Runtime:
                  max_tokens: int = 512, budget: "Budget | None" = None, fallback: str = "local",
                  hot_prefix_discount: float = 0.0, draft_band: float | None = None,
                  draft_check_timeout_s: float = 5.0, unfamiliar: str = "cloud", agreement_k: int = 0,
-                 agreement_min: float = 0.5) -> None:
+                 agreement_min: float = 0.5, vote: str = "auto") -> None:
         self.local = local
         self.cloud = cloud
         self.predictor = predictor
@@ -151,6 +151,13 @@ class Runtime:
         self.agreement_k, self.agreement_min = agreement_k, agreement_min
         # A step unlike the predictor's training tasks: "cloud", "draft" (the checks alone decide) or "trust".
         self.unfamiliar = unfamiliar
+        # "auto": the predictor's vote stage (if it has one) decides a task's first steps; "off": kappa does.
+        self.vote = vote
+
+    def vote_stage(self, step: int) -> VoteStage | None:
+        """The predictor's vote stage when it decides this step."""
+        stage = self.predictor.vote if self.vote == "auto" else None
+        return stage if stage is not None and step < stage.steps else None
 
     async def score(self, messages: list[Message], step: int, toolset: ToolSet | None = None) -> "Score":
         """SLM prefill + features + predictor for one subtask (the prompt as the local answer
@@ -172,16 +179,16 @@ class Runtime:
             return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
         return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset)
 
-    async def _vote(self, messages, draft: Generation, max_tokens, stop):
-        """Samples of the step (temperature 0.7, seeded by the prompt, sharing its KV) vote on the
-        draft's answer: 2 first, the other agreement_k - 2 only if those do not both agree.
+    async def _vote(self, messages, draft: Generation, max_tokens, stop, k: int):
+        """k samples of the step (temperature 0.7, seeded by the prompt, sharing its KV) vote on the
+        draft's answer: FIRST_VOTES first, the rest only if those do not all agree.
         (Agreement, the answer of the largest group); (None, draft) if the engine cannot sample."""
         seed = zlib.crc32(json.dumps(messages, sort_keys=True, default=str).encode())
         key_of = functools.partial(vote_key, timeout_s=self.draft_check_timeout_s)
         draft_key = await asyncio.to_thread(key_of, draft.text)
         gens: list[Generation] = []
         keys: list[str] = []
-        for n in (min(2, self.agreement_k), self.agreement_k - min(2, self.agreement_k)):
+        for n in (min(FIRST_VOTES, k), k - min(FIRST_VOTES, k)):
             if n == 0 or (keys and all(k == draft_key for k in keys)):
                 break  # the first samples agree: stop early
             try:
@@ -197,19 +204,21 @@ class Runtime:
         return vote, gens[vote.majority - 1]
 
     async def _draft_and_check(self, messages, prefill_row, max_tokens, stop, checks_only: bool = False,
-                               toolset: ToolSet | None = None):
+                               toolset: ToolSet | None = None, stage: VoteStage | None = None):
         """The SLM's draft of the step (decoding on from the prefill that scored it) and its checks:
-        (draft, check, keep?). `checks_only`: the checks decide, not the draft stage. A draft
-        with an invalid tool call is never kept; one with valid calls only is kept on its calls."""
+        (draft, check, keep?). `checks_only`: the checks decide, not the draft stage; `stage`: the
+        checks and the vote stage's samples decide. A draft with an invalid tool call is never
+        kept; one with valid calls only is kept on its calls."""
         draft = await self._local_generate(messages, max_tokens, stop, None, toolset)
         check = await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
                                         token_logprobs=draft.extra.get("token_logprobs"),
                                         timeout_s=self.draft_check_timeout_s)
-        keep = check.passed if checks_only else self.predictor.keep_draft(prefill_row, check)[0]
-        if self.agreement_k > 0 and toolset is None:
-            check.agreement, chosen = await self._vote(messages, draft, max_tokens, stop)
+        keep = check.passed if checks_only or stage is not None else self.predictor.keep_draft(prefill_row, check)[0]
+        k, min_share = (stage.k, stage.min_share) if stage is not None else (self.agreement_k, self.agreement_min)
+        if k > 0 and toolset is None and (keep or stage is None):  # a failed draft of a vote step: no samples
+            check.agreement, chosen = await self._vote(messages, draft, max_tokens, stop, k)
             if check.agreement is not None:
-                keep = keep and check.agreement.share >= self.agreement_min
+                keep = keep and check.agreement.share >= min_share
                 draft = chosen  # the majority answer (the draft itself unless others outvote it)
         if toolset is not None:
             keep = not draft.tool_errors and (bool(draft.tool_calls) or keep)
@@ -261,10 +270,13 @@ class Runtime:
         if unfamiliar and self.unfamiliar == "cloud":
             decision = Decision(Route.CLOUD, "unfamiliar", p_local, threshold)
         elif override is Override.AUTO and why_not_local is None and samples == 1 and (
-                unfamiliar or (band > 0 and abs(p_local - threshold) < band)):
+                unfamiliar or (band > 0 and abs(p_local - threshold) < band) or
+                (toolset is None and fixed_threshold is None and self.vote_stage(step) is not None)):
             try:
-                draft, check, keep = await self._draft_and_check(messages, prefill_row, max_tokens, stop,
-                                                                 checks_only=unfamiliar, toolset=toolset)
+                draft, check, keep = await self._draft_and_check(
+                    messages, prefill_row, max_tokens, stop, checks_only=unfamiliar, toolset=toolset,
+                    stage=None if unfamiliar or toolset is not None or fixed_threshold is not None
+                    else self.vote_stage(step))
             except asyncio.CancelledError:
                 self._record_cancelled(run, session, step, Decision(Route.LOCAL, "drafting", p_local, threshold),
                                        time.perf_counter() - t0)

@@ -141,7 +141,7 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
                           budget=budget_from(settings, ledger), draft_band=settings.policy.draft_band,
                           draft_check_timeout_s=settings.policy.draft_check_timeout_s,
                           unfamiliar=settings.policy.unfamiliar, agreement_k=settings.policy.agreement_k,
-                          agreement_min=settings.policy.agreement_min)
+                          agreement_min=settings.policy.agreement_min, vote=settings.policy.vote)
         finally:
             ledger.close()
 
