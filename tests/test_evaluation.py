@@ -203,7 +203,7 @@ def test_hera_votes_on_each_first_step_and_books_the_samples_time(profiled):
     """With a vote stage, every task's first step is drafted: kept exactly when the draft passes
     its checks and the staged vote reaches min_share, else escalated; the samples' recorded time
     is part of the step's latency. Replayed from the cache the fixture's live run filled."""
-    from hera_core.checks.drafts import check_draft, staged_agreement, vote_key
+    from hera_core.checks.drafts import check_draft, staged_agreement, votable, vote_key
     from hera_core.offline.evaluation import MAX_TOKENS, AllSLM, Hera
     from hera_core.offline.harness import first_messages
 
@@ -217,9 +217,13 @@ def test_hera_votes_on_each_first_step_and_books_the_samples_time(profiled):
             msgs = first_messages(task)
             draft = cache.get(TINY, {"messages": msgs, "max_tokens": MAX_TOKENS, "stop": []})
             votes = cache.get_features(f"{TINY}:votes2", msgs)
-            passed = check_draft(msgs, draft.text).passed
-            assert passed == (votes is not None)  # a failed draft escalates without samples
-            keep = passed and staged_agreement(vote_key(draft.text), votes["keys"]).share >= 0.5
+            passed, key = check_draft(msgs, draft.text).passed, vote_key(draft.text)
+            # a failed draft escalates without samples; free text is kept on the prefill's say
+            assert (passed and votable(key)) == (votes is not None)
+            if votes is None:
+                keep = passed and run(ev.p_local(msgs, 0, task)) >= ev.predictor.kappa(0)
+            else:
+                keep = staged_agreement(key, votes["keys"]).share >= 0.5
             first = h.steps[0]
             assert (first.route, first.escalated) == (("local", False) if keep else ("cloud", True))
             if keep:

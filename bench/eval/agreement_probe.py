@@ -10,6 +10,13 @@ answer; it ranks the traces' substitution labels by AUC, over all tasks and with
 time against the greedy draft alone. Resumable: one line per task in `--out`.
 
     python bench/eval/agreement_probe.py --per-family 5 --k 4 --out bench/eval/agreement.jsonl
+
+The rows are also what `hera train --votes` calibrates the vote stage on (validation tasks), and
+`--into-cache` files the samples' answers and time into a completion cache (the committed one is
+xz-compressed), where `hera eval` replays HERA's vote stage from (the same draws: temperature
+0.7, seed 0, k samples in one call, as the evaluator would draw them live):
+
+    python bench/eval/agreement_probe.py --out bench/eval/agreement.jsonl --into-cache bench/eval/completions.sqlite.xz
 """
 
 from __future__ import annotations
@@ -43,7 +50,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/eval/agreement.jsonl")
     ap.add_argument("--no-timing", action="store_true", help="skip decoding the draft again just to time it")
+    ap.add_argument("--into-cache", metavar="CACHE", help="file the rows of --out into this completion cache and stop")
     args = ap.parse_args()
+    if args.into_cache:
+        into_cache(args)
+        return
 
     traces = {t["task_id"]: t for t in load_traces(args.traces)}
     families = sorted({t["family"] for t in traces.values()})
@@ -93,6 +104,40 @@ def main() -> None:
     ratio = np.mean([r["samples_s"] for r in timed]) / np.mean([r["draft_s"] for r in timed])
     print(f"time: {args.k} samples in one call take {ratio:.2f}x the greedy draft alone "
           f"(mean {np.mean([r['samples_s'] for r in timed]):.1f} s against {np.mean([r['draft_s'] for r in timed]):.1f} s)")
+
+
+def into_cache(args) -> None:
+    """The probe's samples as the evaluator's vote cache entries (`{model}:votes{k}` features of
+    each task's first-step prompt)."""
+    import lzma
+    import shutil
+    import tempfile
+
+    from hera_core.backends.caching import CompletionCache
+
+    rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
+    tasks = {t.task_id: t for t in make_tasks(sorted({r["family"] for r in rows}), per_family=400,
+                                              split=load_traces(args.traces)[0]["split"])}
+    path = Path(args.into_cache)
+    work = Path(tempfile.mkdtemp()) / "cache.sqlite"
+    if path.suffix == ".xz":
+        with lzma.open(path) as src, open(work, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    else:
+        shutil.copyfile(path, work)
+    cache = CompletionCache(work)
+    for r in rows:
+        cache.put_features(f"{args.model}:votes{len(r['keys'])}", first_messages(tasks[r["task_id"]]),
+                           {"keys": r["keys"], "samples_s": r["samples_s"]})
+    cache._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    cache._db.execute("VACUUM")
+    cache.close()
+    if path.suffix == ".xz":
+        with open(work, "rb") as src, lzma.open(path, "wb", preset=9) as dst:
+            shutil.copyfileobj(src, dst)
+    else:
+        shutil.copyfile(work, path)
+    print(f"{len(rows)} first steps' votes filed into {path}")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,12 @@ def vote_key(text: str, timeout_s: float = 5.0) -> str:
     return "text:" + re.sub(r"\s+", " ", text.strip().lower())[:200]
 
 
+def votable(key: str) -> bool:
+    """Samples can be compared on this answer: a program's output or an `ANSWER:` value, not free
+    text (sampled prose almost never repeats word for word, so its agreement says nothing)."""
+    return not key.startswith("text:")
+
+
 @dataclass
 class Agreement:
     share: float  # of the samples, the share whose answer matches the draft's

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from hera_core.backends.caching import CompletionCache
-from hera_core.checks.drafts import Agreement, check_draft, staged_agreement, vote_key
+from hera_core.checks.drafts import Agreement, check_draft, staged_agreement, votable, vote_key
 from hera_core.config import PriceSettings
 from hera_core.backends.base import Engine, Message
 from hera_core.native.features import logit_features
@@ -116,9 +116,14 @@ class Hera(Method):
             return "local" if (await ev.draft_check(messages, task)).passed else "escalated"
         vote = ev.predictor.vote if self.votes else None
         if vote is not None and step < vote.steps and task_toolset(task, messages) is None:
-            # The vote stage, as the runtime takes it: a failed draft escalates without samples.
+            # The vote stage, as the runtime takes it: a failed draft escalates without samples; a
+            # free-text answer is kept on the prefill's say; else the samples vote.
             if not (await ev.draft_check(messages, task, logprobs=False)).passed:
                 return "escalated"
+            draft = await ev.slm.generate(messages, max_tokens=MAX_TOKENS)
+            if not votable(await asyncio.to_thread(vote_key, draft.text)):
+                p = await ev.p_local(messages, step, task)
+                return "local" if p >= ev.predictor.kappa(step) + self.offset else "escalated"
             return "local" if (await ev.vote(messages, vote.k)).share >= vote.min_share else "escalated"
         row = await ev.feature_row(messages, step, task)
         p = float(ev.predictor.predict(row)[0])

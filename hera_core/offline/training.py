@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hera_core.checks.drafts import staged_agreement
+from hera_core.checks.drafts import staged_agreement, votable
 from hera_core.routing.familiarity import fit_familiarity
 from hera_core.routing.predictor import (DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, DraftStage, Kappa, Predictor,
                                          VoteStage)
@@ -105,12 +105,19 @@ VOTE_MIN_SHARES = (0.5, 0.75, 1.0)
 def vote_routes(traces: list[dict[str, Any]], probs: list[np.ndarray], votes: dict[str, FirstStepVote],
                 kappa: Kappa, min_share: float) -> list[list[bool]]:
     """Local flags with a vote stage on the first step: kept when its draft passes its checks and
-    enough samples agree (staged, as the runtime draws them); later steps by kappa."""
+    enough samples agree (staged, as the runtime draws them), or for a free-text answer when the
+    prefill clears kappa; later steps by kappa."""
+    def first(v: FirstStepVote, p: float) -> bool:
+        if not v.passed:
+            return False
+        if not votable(v.draft_key):
+            return bool(p >= kappa(0))
+        return staged_agreement(v.draft_key, v.keys).share >= min_share
+
     out = []
     for t, p in zip(traces, probs):
         v = votes.get(t["task_id"])
-        out.append([bool(v.passed and staged_agreement(v.draft_key, v.keys).share >= min_share)
-                    if s["step"] == 0 and v is not None else bool(pk >= kappa(s["step"]))
+        out.append([first(v, pk) if s["step"] == 0 and v is not None else bool(pk >= kappa(s["step"]))
                     for s, pk in zip(t["steps"], p)])
     return out
 

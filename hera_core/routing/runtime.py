@@ -34,7 +34,7 @@ from hera_core.errors import (BudgetExceededError, CannotServeLocallyError, Clou
 from hera_core.native.features import logit_features
 from hera_core.routing.ledger import Ledger, LedgerRow
 from hera_core.routing.policy import Decision, Override, Route, decide
-from hera_core.checks.drafts import FIRST_VOTES, DraftCheck, agreement, check_draft, vote_key
+from hera_core.checks.drafts import FIRST_VOTES, DraftCheck, agreement, check_draft, votable, vote_key
 from hera_core.routing.predictor import Predictor, VoteStage, feature_matrix, structure_features
 
 
@@ -179,13 +179,14 @@ class Runtime:
             return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
         return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset)
 
-    async def _vote(self, messages, draft: Generation, max_tokens, stop, k: int):
+    async def _vote(self, messages, draft: Generation, max_tokens, stop, k: int, draft_key: str | None = None):
         """k samples of the step (temperature 0.7, seeded by the prompt, sharing its KV) vote on the
         draft's answer: FIRST_VOTES first, the rest only if those do not all agree.
         (Agreement, the answer of the largest group); (None, draft) if the engine cannot sample."""
         seed = zlib.crc32(json.dumps(messages, sort_keys=True, default=str).encode())
         key_of = functools.partial(vote_key, timeout_s=self.draft_check_timeout_s)
-        draft_key = await asyncio.to_thread(key_of, draft.text)
+        if draft_key is None:
+            draft_key = await asyncio.to_thread(key_of, draft.text)
         gens: list[Generation] = []
         keys: list[str] = []
         for n in (min(FIRST_VOTES, k), k - min(FIRST_VOTES, k)):
@@ -204,19 +205,26 @@ class Runtime:
         return vote, gens[vote.majority - 1]
 
     async def _draft_and_check(self, messages, prefill_row, max_tokens, stop, checks_only: bool = False,
-                               toolset: ToolSet | None = None, stage: VoteStage | None = None):
+                               toolset: ToolSet | None = None, stage: VoteStage | None = None,
+                               prefill_keep: bool = False):
         """The SLM's draft of the step (decoding on from the prefill that scored it) and its checks:
         (draft, check, keep?). `checks_only`: the checks decide, not the draft stage; `stage`: the
-        checks and the vote stage's samples decide. A draft with an invalid tool call is never
-        kept; one with valid calls only is kept on its calls."""
+        checks and the vote stage's samples decide, or, for an answer that samples cannot be
+        compared on (free text), the checks and the prefill (`prefill_keep`: P >= kappa). A draft
+        with an invalid tool call is never kept; one with valid calls only is kept on its calls."""
         draft = await self._local_generate(messages, max_tokens, stop, None, toolset)
         check = await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
                                         token_logprobs=draft.extra.get("token_logprobs"),
                                         timeout_s=self.draft_check_timeout_s)
         keep = check.passed if checks_only or stage is not None else self.predictor.keep_draft(prefill_row, check)[0]
         k, min_share = (stage.k, stage.min_share) if stage is not None else (self.agreement_k, self.agreement_min)
+        draft_key = None
+        if stage is not None and keep and toolset is None:
+            draft_key = await asyncio.to_thread(vote_key, draft.text, self.draft_check_timeout_s)
+            if not votable(draft_key):
+                return draft, check, prefill_keep
         if k > 0 and toolset is None and (keep or stage is None):  # a failed draft of a vote step: no samples
-            check.agreement, chosen = await self._vote(messages, draft, max_tokens, stop, k)
+            check.agreement, chosen = await self._vote(messages, draft, max_tokens, stop, k, draft_key)
             if check.agreement is not None:
                 keep = keep and check.agreement.share >= min_share
                 draft = chosen  # the majority answer (the draft itself unless others outvote it)
@@ -276,7 +284,7 @@ class Runtime:
                 draft, check, keep = await self._draft_and_check(
                     messages, prefill_row, max_tokens, stop, checks_only=unfamiliar, toolset=toolset,
                     stage=None if unfamiliar or toolset is not None or fixed_threshold is not None
-                    else self.vote_stage(step))
+                    else self.vote_stage(step), prefill_keep=p_local is not None and p_local >= threshold)
             except asyncio.CancelledError:
                 self._record_cancelled(run, session, step, Decision(Route.LOCAL, "drafting", p_local, threshold),
                                        time.perf_counter() - t0)
