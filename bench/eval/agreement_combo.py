@@ -4,10 +4,12 @@ Inputs, all committed: the agreement probe's rows for validation and test first 
 (`agreement_probe.py`: the share of 4 SLM samples whose answer agrees with the greedy draft's), the
 traces with their draft features (`drafts-*.jsonl`) and the predictor with a draft stage
 (`predictor-draft.json`, trained on the train split). The combination is chosen on validation
-only: a logistic regression over (agreement share, logit of the draft stage's P), fitted on the
-validation first steps; then every signal is scored on the test first steps by AUC of the
-substitution label, overall and within each family (a signal that only tells families apart
-scores 0.5 within a family; a family with no negative first step is left out).
+only: a logistic regression (XGBoost's linear booster, its L2 weight 1.0) over (agreement share, logit of the
+draft stage's P), fitted on the validation first steps; then every signal is scored on the test
+first steps by AUC of the substitution label, overall and within each family (a signal that only
+tells families apart scores 0.5 within a family; a family with no negative first step is left
+out). First steps whose greedy answer is free text (no program output, no `ANSWER:` value: most of
+MMLU's reasoning steps) are left out: samples are not voted on there.
 
     python bench/eval/agreement_combo.py --out bench/eval/agreement_combo.json
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hera_core.checks.drafts import votable
 from hera_core.offline.profiling import load_traces
 from hera_core.offline.training import auc
 from hera_core.routing.predictor import Predictor
@@ -31,6 +34,8 @@ def first_steps(agreement: Path, drafts: Path, predictor: Predictor) -> list[dic
     rows = []
     for line in agreement.read_text().splitlines():
         r = json.loads(line)
+        if not votable(r["greedy"]) or not r["keys"]:
+            continue
         step = traces[r["task_id"]]["steps"][0]
         x = np.asarray([step["features"] + step["draft_features"]], dtype=np.float32)
         rows.append({"family": r["family"], "label": step["label"], "agree": r["agree"],
@@ -61,20 +66,23 @@ def main() -> None:
     ap.add_argument("--dir", default="bench/eval")
     ap.add_argument("--out", default="bench/eval/agreement_combo.json")
     args = ap.parse_args()
-    from sklearn.linear_model import LogisticRegression
+    import xgboost as xgb
 
     d = Path(args.dir)
     predictor = Predictor.load(d / "predictor-draft.json")
     val = first_steps(d / "agreement-val.jsonl", d / "drafts-val.jsonl", predictor)
     test = first_steps(d / "agreement.jsonl", d / "drafts-test.jsonl", predictor)
-    combo = LogisticRegression().fit(features(val), [r["label"] for r in val])
-    report = {"fitted_on": "val first steps", "coefficients": {"agree": round(float(combo.coef_[0][0]), 3),
-                                                                "logit_p_draft": round(float(combo.coef_[0][1]), 3)}}
+    combo = xgb.train({"booster": "gblinear", "objective": "binary:logistic", "lambda": 1.0, "alpha": 0.0,
+                       "updater": "coord_descent", "nthread": 1},
+                      xgb.DMatrix(features(val), label=[r["label"] for r in val]), num_boost_round=500)
+    weights = json.loads(combo.save_raw("json"))["learner"]["gradient_booster"]["model"]["weights"]
+    report = {"fitted_on": "val first steps", "coefficients": {"agree": round(float(weights[0]), 3),
+                                                                "logit_p_draft": round(float(weights[1]), 3)}}
     for split, rows in (("val", val), ("test", test)):
         report[split] = {
             "agreement": aucs(rows, np.asarray([r["agree"] for r in rows])),
             "draft_stage": aucs(rows, np.asarray([r["p_draft"] for r in rows])),
-            "combined": aucs(rows, combo.predict_proba(features(rows))[:, 1]),
+            "combined": aucs(rows, combo.predict(xgb.DMatrix(features(rows)))),
         }
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     for split in ("val", "test"):

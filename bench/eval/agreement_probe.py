@@ -32,7 +32,7 @@ import numpy as np
 from rich.progress import track
 
 from hera_core.backends.llamacpp import LlamaCppEngine
-from hera_core.checks.drafts import vote_key
+from hera_core.checks.drafts import votable, vote_key
 from hera_core.install.models import model_path
 from hera_core.offline.harness import first_messages
 from hera_core.offline.profiling import load_traces
@@ -70,6 +70,13 @@ def main() -> None:
     for task in track([t for t in tasks if t.task_id not in done], description="sampling first steps"):
         first = traces[task.task_id]["steps"][0]
         messages = first_messages(task)
+        greedy = vote_key(first["slm_text"])
+        if not votable(greedy):  # free text: the vote stage never samples it (and samples never repeat it)
+            with out.open("a") as f:
+                f.write(json.dumps({"task_id": task.task_id, "family": task.family, "label": first["label"],
+                                    "greedy": greedy, "keys": [], "agree": None, "majority": None,
+                                    "draft_s": None, "samples_s": 0.0}) + "\n")
+            continue
         draft_s = None
         if not args.no_timing:
             t0 = time.perf_counter()
@@ -79,7 +86,6 @@ def main() -> None:
         samples = asyncio.run(engine.generate_samples(messages, args.k, max_tokens=args.max_tokens,
                                                       temperature=0.7, seed=0))
         samples_s = time.perf_counter() - t0
-        greedy = vote_key(first["slm_text"])
         keys = [vote_key(g.text) for g in samples]
         row = {"task_id": task.task_id, "family": task.family, "label": first["label"], "greedy": greedy,
                "keys": keys, "agree": sum(k == greedy for k in keys) / len(keys),
@@ -88,7 +94,7 @@ def main() -> None:
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [r for r in map(json.loads, out.read_text().splitlines()) if r["keys"]]  # the sampled ones
     for signal in ("agree", "majority"):
         groups = defaultdict(lambda: ([], []))
         for r in rows:
@@ -126,7 +132,7 @@ def into_cache(args) -> None:
     else:
         shutil.copyfile(path, work)
     cache = CompletionCache(work)
-    for r in rows:
+    for r in (r for r in rows if r["keys"]):
         cache.put_features(f"{args.model}:votes{len(r['keys'])}", first_messages(tasks[r["task_id"]]),
                            {"keys": r["keys"], "samples_s": r["samples_s"]})
     cache._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -137,7 +143,7 @@ def into_cache(args) -> None:
             shutil.copyfileobj(src, dst)
     else:
         shutil.copyfile(work, path)
-    print(f"{len(rows)} first steps' votes filed into {path}")
+    print(f"{sum(bool(r['keys']) for r in rows)} first steps' votes filed into {path}")
 
 
 if __name__ == "__main__":
