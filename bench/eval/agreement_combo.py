@@ -4,12 +4,13 @@ Inputs, all committed: the agreement probe's rows for validation and test first 
 (`agreement_probe.py`: the share of 4 SLM samples whose answer agrees with the greedy draft's), the
 traces with their draft features (`drafts-*.jsonl`) and the predictor with a draft stage
 (`predictor-draft.json`, trained on the train split). The combination is chosen on validation
-only: a logistic regression (XGBoost's linear booster, its L2 weight 1.0) over (agreement share, logit of the
-draft stage's P), fitted on the validation first steps; then every signal is scored on the test
-first steps by AUC of the substitution label, overall and within each family (a signal that only
-tells families apart scores 0.5 within a family; a family with no negative first step is left
-out). First steps whose greedy answer is free text (no program output, no `ANSWER:` value: most of
-MMLU's reasoning steps) are left out: samples are not voted on there.
+only: a logistic regression (XGBoost's linear booster with a weak L2 penalty, 0.01 per example,
+about scikit-learn's default on these 69 steps) over (agreement share, logit of the draft stage's
+P), fitted on the validation first steps; then every signal is scored on the test first steps by
+AUC of the substitution label, overall and within each family (a signal that only tells families
+apart scores 0.5 within a family; a family with no negative first step is left out). First steps
+whose greedy answer is free text (no program output, no `ANSWER:` value: most of MMLU's reasoning
+steps) are left out: samples are not voted on there.
 
     python bench/eval/agreement_combo.py --out bench/eval/agreement_combo.json
 """
@@ -72,7 +73,7 @@ def main() -> None:
     predictor = Predictor.load(d / "predictor-draft.json")
     val = first_steps(d / "agreement-val.jsonl", d / "drafts-val.jsonl", predictor)
     test = first_steps(d / "agreement.jsonl", d / "drafts-test.jsonl", predictor)
-    combo = xgb.train({"booster": "gblinear", "objective": "binary:logistic", "lambda": 1.0, "alpha": 0.0,
+    combo = xgb.train({"booster": "gblinear", "objective": "binary:logistic", "lambda": 0.01, "alpha": 0.0,
                        "updater": "coord_descent", "nthread": 1},
                       xgb.DMatrix(features(val), label=[r["label"] for r in val]), num_boost_round=500)
     weights = json.loads(combo.save_raw("json"))["learner"]["gradient_booster"]["model"]["weights"]

@@ -94,7 +94,7 @@ def main() -> None:
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    rows = [r for r in map(json.loads, out.read_text().splitlines()) if r["keys"]]  # the sampled ones
+    rows = [r for r in map(json.loads, out.read_text().splitlines()) if r["keys"] and votable(r["greedy"])]
     for signal in ("agree", "majority"):
         groups = defaultdict(lambda: ([], []))
         for r in rows:

@@ -471,7 +471,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)  # the legend takes the right third
     sweep = sorted(report.get("sweep") or [], key=lambda p: p["cost_ratio"])
     if sweep:
         ax.plot([p["cost_ratio"] for p in sweep], [p["accuracy"] for p in sweep], "-o", color="tab:green", alpha=0.5,
@@ -490,9 +490,9 @@ def plot(report: dict[str, Any], path: str) -> None:
     ax.set_ylabel("task accuracy")
     ax.set_title(f"Accuracy vs cloud cost ({report['methods']['all_llm']['tasks']} test tasks)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot: it hides no point
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -153,6 +153,7 @@ class Runtime:
         self.unfamiliar = unfamiliar
         # "auto": the predictor's vote stage (if it has one) decides a task's first steps; "off": kappa does.
         self.vote = vote
+        self.vote_concurrently = True  # a vote step's draft and first samples decode together (False: in turn)
 
     def vote_stage(self, step: int) -> VoteStage | None:
         """The predictor's vote stage when it decides this step."""
@@ -179,11 +180,36 @@ class Runtime:
             return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
         return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset)
 
-    async def _vote(self, messages, draft: Generation, max_tokens, stop, k: int, draft_key: str | None = None):
+    @staticmethod
+    def _vote_seed(messages) -> int:
+        return zlib.crc32(json.dumps(messages, sort_keys=True, default=str).encode())
+
+    async def _samples(self, messages, n: int, max_tokens, stop, seed: int) -> list[Generation] | None:
+        """n samples of the step (temperature 0.7, sharing the prompt's KV); None if the engine cannot sample."""
+        try:
+            return await self.local.generate_samples(messages, n, max_tokens=max_tokens, stop=stop,
+                                                     temperature=0.7, seed=seed)
+        except CannotServeLocallyError:
+            return None
+
+    async def _draft_with_samples(self, messages, max_tokens, stop, n: int):
+        """The greedy draft and the vote's first n samples, started together so that they decode in
+        the same batch: a vote step then waits about one draft, not a draft and then its samples
+        (bench/test_votes.py measures it); samples of a draft that fails its checks are wasted."""
+        samples = asyncio.ensure_future(self._samples(messages, n, max_tokens, stop, self._vote_seed(messages)))
+        try:
+            draft = await self._local_generate(messages, max_tokens, stop, None, None)
+        except BaseException:
+            samples.cancel()
+            raise
+        return draft, await samples
+
+    async def _vote(self, messages, draft: Generation, max_tokens, stop, k: int, draft_key: str | None = None,
+                    first: list[Generation] | None = None):
         """k samples of the step (temperature 0.7, seeded by the prompt, sharing its KV) vote on the
-        draft's answer: FIRST_VOTES first, the rest only if those do not all agree.
-        (Agreement, the answer of the largest group); (None, draft) if the engine cannot sample."""
-        seed = zlib.crc32(json.dumps(messages, sort_keys=True, default=str).encode())
+        draft's answer: FIRST_VOTES first (`first`: already drawn), the rest only if those do not all
+        agree. (Agreement, the answer of the largest group); (None, draft) if the engine cannot sample."""
+        seed = self._vote_seed(messages)
         key_of = functools.partial(vote_key, timeout_s=self.draft_check_timeout_s)
         if draft_key is None:
             draft_key = await asyncio.to_thread(key_of, draft.text)
@@ -192,10 +218,9 @@ class Runtime:
         for n in (min(FIRST_VOTES, k), k - min(FIRST_VOTES, k)):
             if n == 0 or (keys and all(k == draft_key for k in keys)):
                 break  # the first samples agree: stop early
-            try:
-                more = await self.local.generate_samples(messages, n, max_tokens=max_tokens, stop=stop,
-                                                         temperature=0.7, seed=seed + len(gens))
-            except CannotServeLocallyError:
+            more = first if first is not None and not gens else \
+                await self._samples(messages, n, max_tokens, stop, seed + len(gens))
+            if more is None:
                 return None, draft
             gens += more
             keys += [await asyncio.to_thread(key_of, g.text) for g in more]
@@ -212,7 +237,11 @@ class Runtime:
         checks and the vote stage's samples decide, or, for an answer that samples cannot be
         compared on (free text), the checks and the prefill (`prefill_keep`: P >= kappa). A draft
         with an invalid tool call is never kept; one with valid calls only is kept on its calls."""
-        draft = await self._local_generate(messages, max_tokens, stop, None, toolset)
+        first = None
+        if stage is not None and toolset is None and self.vote_concurrently:
+            draft, first = await self._draft_with_samples(messages, max_tokens, stop, min(FIRST_VOTES, stage.k))
+        else:
+            draft = await self._local_generate(messages, max_tokens, stop, None, toolset)
         check = await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
                                         token_logprobs=draft.extra.get("token_logprobs"),
                                         timeout_s=self.draft_check_timeout_s)
@@ -224,7 +253,7 @@ class Runtime:
             if not votable(draft_key):
                 return draft, check, prefill_keep
         if k > 0 and toolset is None and (keep or stage is None):  # a failed draft of a vote step: no samples
-            check.agreement, chosen = await self._vote(messages, draft, max_tokens, stop, k, draft_key)
+            check.agreement, chosen = await self._vote(messages, draft, max_tokens, stop, k, draft_key, first)
             if check.agreement is not None:
                 keep = keep and check.agreement.share >= min_share
                 draft = chosen  # the majority answer (the draft itself unless others outvote it)
