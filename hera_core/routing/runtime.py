@@ -216,7 +216,7 @@ class Runtime:
         gens: list[Generation] = []
         keys: list[str] = []
         for n in (min(FIRST_VOTES, k), k - min(FIRST_VOTES, k)):
-            if n == 0 or (keys and all(k == draft_key for k in keys)):
+            if n == 0 or (keys and all(key == draft_key for key in keys)):
                 break  # the first samples agree: stop early
             more = first if first is not None and not gens else \
                 await self._samples(messages, n, max_tokens, stop, seed + len(gens))
