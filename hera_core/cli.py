@@ -170,17 +170,27 @@ def _votes(args, traces) -> dict:
     rows = {}
     for path in args.votes or []:
         try:
-            for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-                row = json.loads(line)
-                rows[row["task_id"]] = (row["greedy"], list(row["keys"]))
+            lines = Path(path).read_text().splitlines()
         except FileNotFoundError:
             raise ValueError(f"--votes file {path} does not exist") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"--votes file {path}, line {n}: not a vote row ({exc}); "
-                             "make it with bench/eval/agreement_probe.py") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--votes file {path} cannot be read ({exc})") from None
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                key, keys = row["greedy"], row["keys"]
+                if not isinstance(key, str) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                    raise TypeError("greedy must be a string and keys a list of strings")
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"--votes file {path}, line {n}: not a vote row ({exc}); "
+                                 "make it with bench/eval/agreement_probe.py") from None
+            rows[row["task_id"]] = (key, keys)
     if not rows:
         return {}
     by_id = {t["task_id"]: t for t in traces if t["task_id"] in rows}
+    if not by_id:
+        raise ValueError("no task of --votes is in the traces: sample the first steps of the traced validation "
+                         "tasks (bench/eval/agreement_probe.py --traces traces-val.jsonl)")
     out = {}
     for split in sorted({t["split"] for t in by_id.values()}):
         for task in _tasks(args, sorted({t["family"] for t in by_id.values()}), split=split):

@@ -232,6 +232,26 @@ def test_the_vote_stage_decides_first_steps_from_the_draft_and_its_samples(runti
         assert res.draft is None and (res.route, res.decision.reason) == (Route.CLOUD, "predictor")
 
 
+def test_a_vote_stage_on_an_engine_that_cannot_sample_falls_back_to_the_prefill(runtime, monkeypatch):
+    """No samples to be had (an engine without sampling, or fewer slots than k): the step is not
+    failed and not kept on its checks alone; the prefill's decision stands, as for free text."""
+    from hera_core.errors import CannotServeLocallyError
+    from hera_core.routing.predictor import VoteStage
+
+    async def cannot(*a, **k):
+        raise CannotServeLocallyError("this engine cannot sample")
+
+    monkeypatch.setattr(runtime.local, "generate_samples", cannot)
+    runtime.predictor.kappa = Kappa(-1.0, 0.0, 0)  # the prefill says local
+    runtime.predictor.vote = VoteStage(steps=1, k=4, min_share=1.0)
+    try:
+        r = run(runtime.complete(ASK_PROGRAM, session="nv", step=0, max_tokens=24))
+    finally:
+        runtime.predictor.vote = None
+    assert r.draft is not None and r.draft.agreement is None
+    assert (r.route, r.decision.reason) == ((Route.LOCAL, "draft-kept") if r.draft.passed else (Route.CLOUD, "escalated"))
+
+
 def test_agreement_counts_the_draft_group_and_ties_go_to_the_draft():
     from hera_core.checks.drafts import agreement, vote_key
 

@@ -92,7 +92,7 @@ def calibrate(traces: list[dict[str, Any]], predictor: Predictor, max_drop: floa
 
 @dataclass
 class FirstStepVote:
-    """A task's first step as the SLM's samples voted on it (`hera votes`)."""
+    """A task's first step as the SLM's samples voted on it (bench/eval/agreement_probe.py)."""
 
     passed: bool  # the greedy draft's device-side checks
     draft_key: str  # what the draft's answer amounts to (vote_key)
@@ -129,9 +129,10 @@ def calibrate_votes(traces: list[dict[str, Any]], predictor: Predictor, votes: d
     All-LLM. None when voting keeps no more steps local than the first stage alone."""
     calib = [t for t in traces if t["split"] == "val" and t["task_id"] in votes]
     if not calib:
-        raise ValueError("no validation task has votes: run `hera votes` on the validation traces")
+        raise ValueError("no validation task has votes: sample its first steps with bench/eval/agreement_probe.py")
     probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in calib]
-    alone = estimate(calib, probs, predictor.kappa)
+    # The bar to clear: kappa alone, scanned on the same tasks (so a re-tuned kappa is not taken for the votes' gain)
+    alone_kappa, alone = calibrate(calib, predictor, max_drop)
     best = None
     for share in VOTE_MIN_SHARES:
         for base in np.round(np.arange(0.05, 1.0001, 0.01), 2):
@@ -139,9 +140,9 @@ def calibrate_votes(traces: list[dict[str, Any]], predictor: Predictor, votes: d
             est = estimate_routes(calib, vote_routes(calib, probs, votes, kappa, share), kappa.base)
             if est.accuracy >= est.llm_accuracy - max_drop and (best is None or est.local_share > best[2].local_share + 1e-9):
                 best = (share, kappa, est)
-    k = max(len(v.keys) for v in votes.values())
+    k = max(len(votes[t["task_id"]].keys) for t in calib)
     report = {"tasks": len(calib), "k": k, "max_drop": max_drop, "llm_accuracy": alone.llm_accuracy,
-              "first_stage_alone": {"kappa_base": predictor.kappa.base, "est_accuracy": alone.accuracy,
+              "first_stage_alone": {"kappa_base": alone_kappa.base, "est_accuracy": alone.accuracy,
                                     "est_local_share": alone.local_share}}
     if best is None or best[2].local_share <= alone.local_share + 1e-9:
         return None, predictor.kappa, {**report, "chosen": None}

@@ -185,24 +185,27 @@ class Runtime:
         return zlib.crc32(json.dumps(messages, sort_keys=True, default=str).encode())
 
     async def _samples(self, messages, n: int, max_tokens, stop, seed: int) -> list[Generation] | None:
-        """n samples of the step (temperature 0.7, sharing the prompt's KV); None if the engine cannot sample."""
+        """n samples of the step (temperature 0.7, sharing the prompt's KV); None if the engine cannot
+        sample (an engine without sampling, or fewer slots than n: the step is then decided without
+        a vote, never failed for it)."""
         try:
             return await self.local.generate_samples(messages, n, max_tokens=max_tokens, stop=stop,
                                                      temperature=0.7, seed=seed)
-        except CannotServeLocallyError:
+        except InvalidRequestError:  # CannotServeLocallyError among them
             return None
 
     async def _draft_with_samples(self, messages, max_tokens, stop, n: int):
-        """The greedy draft and the vote's first n samples, started together so that they decode in
-        the same batch: a vote step then waits about one draft, not a draft and then its samples
-        (bench/test_votes.py measures it); samples of a draft that fails its checks are wasted."""
+        """The greedy draft, with the vote's first n samples started alongside so that they decode
+        in the same batch (bench/test_votes.py measures it): (draft, the samples' task). The
+        caller awaits the task only if the draft is voted on, else cancels it."""
         samples = asyncio.ensure_future(self._samples(messages, n, max_tokens, stop, self._vote_seed(messages)))
+        samples.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failure is read, never left unread
         try:
             draft = await self._local_generate(messages, max_tokens, stop, None, None)
         except BaseException:
             samples.cancel()
             raise
-        return draft, await samples
+        return draft, samples
 
     async def _vote(self, messages, draft: Generation, max_tokens, stop, k: int, draft_key: str | None = None,
                     first: list[Generation] | None = None):
@@ -237,11 +240,20 @@ class Runtime:
         checks and the vote stage's samples decide, or, for an answer that samples cannot be
         compared on (free text), the checks and the prefill (`prefill_keep`: P >= kappa). A draft
         with an invalid tool call is never kept; one with valid calls only is kept on its calls."""
-        first = None
+        samples = None  # the vote's first samples, drawn alongside the draft
         if stage is not None and toolset is None and self.vote_concurrently:
-            draft, first = await self._draft_with_samples(messages, max_tokens, stop, min(FIRST_VOTES, stage.k))
+            draft, samples = await self._draft_with_samples(messages, max_tokens, stop, min(FIRST_VOTES, stage.k))
         else:
             draft = await self._local_generate(messages, max_tokens, stop, None, toolset)
+        try:
+            return await self._check_and_vote(messages, prefill_row, max_tokens, stop, draft, checks_only, toolset,
+                                              stage, prefill_keep, samples)
+        finally:
+            if samples is not None and not samples.done():
+                samples.cancel()  # not voted on (the draft failed, or is free text): not waited for
+
+    async def _check_and_vote(self, messages, prefill_row, max_tokens, stop, draft: Generation, checks_only: bool,
+                              toolset: ToolSet | None, stage: VoteStage | None, prefill_keep: bool, samples):
         check = await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
                                         token_logprobs=draft.extra.get("token_logprobs"),
                                         timeout_s=self.draft_check_timeout_s)
@@ -253,10 +265,13 @@ class Runtime:
             if not votable(draft_key):
                 return draft, check, prefill_keep
         if k > 0 and toolset is None and (keep or stage is None):  # a failed draft of a vote step: no samples
+            first = await samples if samples is not None else None
             check.agreement, chosen = await self._vote(messages, draft, max_tokens, stop, k, draft_key, first)
             if check.agreement is not None:
                 keep = keep and check.agreement.share >= min_share
                 draft = chosen  # the majority answer (the draft itself unless others outvote it)
+            elif stage is not None:  # no samples to be had: the stage cannot vote, the prefill decides
+                keep = prefill_keep
         if toolset is not None:
             keep = not draft.tool_errors and (bool(draft.tool_calls) or keep)
         return draft, check, keep
