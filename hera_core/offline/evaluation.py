@@ -118,13 +118,14 @@ class Hera(Method):
         if vote is not None and step < vote.steps and task_toolset(task, messages) is None:
             # The vote stage, as the runtime takes it: a failed draft escalates without samples; a
             # free-text answer is kept on the prefill's say; else the samples vote.
-            if not (await ev.draft_check(messages, task, logprobs=False)).passed:
+            if not (await ev.draft_check(messages, task, with_logprobs=False)).passed:
                 return "escalated"
             draft = await ev.slm.generate(messages, max_tokens=MAX_TOKENS)
-            if not votable(await asyncio.to_thread(vote_key, draft.text)):
+            draft_key = await asyncio.to_thread(vote_key, draft.text)
+            if not votable(draft_key):
                 p = await ev.p_local(messages, step, task)
                 return "local" if p >= ev.predictor.kappa(step) + self.offset else "escalated"
-            return "local" if (await ev.vote(messages, vote.k)).share >= vote.min_share else "escalated"
+            return "local" if (await ev.vote(messages, vote.k, draft_key)).share >= vote.min_share else "escalated"
         row = await ev.feature_row(messages, step, task)
         p = float(ev.predictor.predict(row)[0])
         kappa = ev.predictor.kappa(step) + self.offset
@@ -225,15 +226,15 @@ class Evaluator:
     async def p_local(self, messages: list[Message], step: int, task: Task | None = None) -> float:
         return float(self.predictor.predict(await self.feature_row(messages, step, task))[0])
 
-    async def draft_check(self, messages: list[Message], task: Task | None = None, logprobs: bool = True):
+    async def draft_check(self, messages: list[Message], task: Task | None = None, with_logprobs: bool = True):
         """The checks of the SLM's (cached, greedy) draft of this step; its token log-probabilities
-        (where `logprobs`: the draft stage reads them) come from the feature cache, else from the
+        (`with_logprobs`: the draft stage reads them) come from the feature cache, else from the
         SLM teacher-forced (cached for replays)."""
         toolset = task_toolset(task, messages) if task is not None else None
         draft = await self.slm.generate(messages, max_tokens=MAX_TOKENS,
                                         **({"toolset": toolset} if toolset is not None else {}))
-        want_logprobs, logprobs = logprobs, draft.extra.get("token_logprobs")
-        if logprobs is None and want_logprobs:
+        logprobs = draft.extra.get("token_logprobs")
+        if logprobs is None and with_logprobs:
             key = [*messages, {"role": "assistant", "content": draft.text}]
             hit = self.cache.get_features(self.slm_name + ":draft", key)
             if hit is None:
@@ -245,12 +246,11 @@ class Evaluator:
         return await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
                                        token_logprobs=logprobs)
 
-    async def vote(self, messages: list[Message], k: int) -> Agreement:
+    async def vote(self, messages: list[Message], k: int, draft_key: str) -> Agreement:
         """How k samples of the SLM (temperature 0.7, one call sharing the prompt) vote on its greedy
-        draft of this step, staged as the runtime draws them. The samples' answers and the call's
+        draft of this step (whose answer is `draft_key`), staged as the runtime draws them. The samples' answers and the call's
         time come from the feature cache, else from the SLM (cached for replays); the time is added
         to the step's (all k drawn: an upper bound where the first ones agreed)."""
-        draft = await self.slm.generate(messages, max_tokens=MAX_TOKENS)
         hit = self.cache.get_features(f"{self.slm_name}:votes{k}", messages)
         if hit is None:
             if self.cache.read_only:
@@ -261,7 +261,7 @@ class Evaluator:
                    "samples_s": time.perf_counter() - t0}
             self.cache.put_features(f"{self.slm_name}:votes{k}", messages, hit)
         self.step_overhead_s += hit["samples_s"]
-        return staged_agreement(await asyncio.to_thread(vote_key, draft.text), hit["keys"])
+        return staged_agreement(draft_key, hit["keys"])
 
     async def rollout(self, task: Task, messages: list[Message], step: int, route: str) -> float:
         """Correctness of `task` when the steps before `step` replay the assistant turns in
