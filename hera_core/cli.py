@@ -260,7 +260,8 @@ def cmd_train(args) -> int:
         client = Client(args.dask)
     try:
         predictor, report = train(traces, max_drop=args.max_drop, dask_client=client, openings=openings,
-                                  votes=_votes(args, traces),
+                                  votes=_votes(args, traces), cost_aware=args.cost_aware,
+                                  cloud_budget=args.cloud_budget,
                                   meta={"traces": [Path(p).name for p in args.traces],
                                         **({"votes": [Path(p).name for p in args.votes]} if args.votes else {})})
     finally:
@@ -528,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--votes", nargs="+", metavar="VOTES.jsonl",
                    help="first-step sample votes of validation tasks (bench/eval/agreement_probe.py): "
                         "calibrates the vote stage with kappa")
+    t.add_argument("--cost-aware", action="store_true",
+                   help="weigh each step's threshold by its expected cloud cost too (one trade-off across a "
+                        "task's steps), calibrated for the least cloud cost within --max-drop")
+    t.add_argument("--cloud-budget", type=float, metavar="SHARE",
+                   help="with --cost-aware implied: the best estimated accuracy at most this share of "
+                        "All-LLM's cloud cost (0-1] on the validation tasks")
     t.set_defaults(func=cmd_train)
     return p
 

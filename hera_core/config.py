@@ -80,6 +80,11 @@ class PriceSettings(_Strict):
     def cloud_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.cloud_input_usd_per_mtok + completion_tokens * self.cloud_output_usd_per_mtok) / 1e6
 
+    @property
+    def cloud_output_per_input(self) -> float:
+        """How many input tokens one output token costs (only this ratio weighs steps by cost)."""
+        return self.cloud_output_usd_per_mtok / self.cloud_input_usd_per_mtok if self.cloud_input_usd_per_mtok else 1e6
+
     def local_cost(self, seconds: float) -> float:
         hours = seconds / 3600.0
         return self.local_watts / 1000.0 * hours * self.local_usd_per_kwh + self.local_amortization_usd_per_hour * hours

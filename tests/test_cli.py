@@ -91,3 +91,18 @@ def test_train_with_votes_calibrates_a_vote_stage_or_names_the_bad_file(tmp_path
     assert d["vote_stage"]["meta"]["chosen"]["est_local_share"] > d["vote_stage"]["meta"]["first_stage_alone"]["est_local_share"]
     assert "does not exist" in one_line_error(hera("train", str(root / "traces-val.jsonl"), "--votes",
                                                     str(tmp_path / "nope.jsonl"), "--out", str(out)))
+
+
+def test_train_cost_aware_writes_a_cost_weight_and_a_bad_budget_is_a_one_line_error(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "bench" / "eval"
+    out = tmp_path / "p.json"
+    proc = hera("train", str(root / "traces-train.jsonl"), str(root / "traces-val.jsonl"), "--cloud-budget", "0.5",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(out.read_text())
+    cal = d["meta"]["cost_calibration"]
+    assert d["kappa"]["cost_weight"]["gamma"] == cal["chosen"]["gamma"] and cal["chosen"]["est_cost_ratio"] <= 0.5
+    assert "cloud budget" in one_line_error(hera("train", str(root / "traces-val.jsonl"), "--cloud-budget", "2",
+                                                 "--out", str(out)))

@@ -232,6 +232,37 @@ def test_hera_votes_on_each_first_step_and_books_the_samples_time(profiled):
         cache.close()
 
 
+def test_hera_weighs_a_steps_threshold_by_its_expected_cloud_cost_as_the_runtime_does(profiled):
+    """With a cost weight in the predictor, the evaluated HERA routes a step by kappa weighed with
+    the step's prompt tokens (from its feature row) at the configured prices."""
+    from hera_core.offline.evaluation import Hera
+    from hera_core.offline.harness import first_messages
+    from hera_core.routing.predictor import CostWeight, Kappa
+
+    tmp, tasks, _ = profiled
+    cache = CompletionCache(tmp / "cache.sqlite", read_only=True)
+    predictor = random_predictor()
+    prices = load_settings(env={}).prices
+    ev = Evaluator(CachingEngine(_Offline(TINY), cache), CachingEngine(_Offline(TINY), cache), predictor, cache,
+                   prices, TINY)
+    try:
+        for task in tasks:
+            msgs = first_messages(task)
+            row = run(ev.feature_row(msgs, 0, task))
+            tokens = row[0, FEATURE_NAMES.index("prompt_tokens")]
+            p = float(predictor.predict(row)[0])
+            # a weight that puts this step's threshold just above, then just below, its P
+            for target in (min(p + 0.01, 0.999), max(p - 0.01, 0.001)):
+                ratio = (1 - target) / (1 - predictor.kappa(0))
+                predictor.kappa = Kappa(predictor.kappa.base, predictor.kappa.per_step, predictor.kappa.max_steps,
+                                        CostWeight(1.0, (0.0,), float(tokens) / ratio, 0.0))
+                assert ev.threshold(row, 0) == pytest.approx(target)
+                route = run(Hera(unfamiliar="trust").route(task, 0, msgs, ev))
+                assert route == ("local" if p >= target else "cloud")
+    finally:
+        cache.close()
+
+
 def test_staged_agreement_stops_early_only_when_the_first_samples_agree():
     from hera_core.checks.drafts import staged_agreement
 

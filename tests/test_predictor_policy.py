@@ -287,3 +287,66 @@ def test_the_policy_estimate_counts_a_step_the_slm_does_better():
     assert estimate_routes([worse], [[True]], 0.5).accuracy == 0.0
     assert estimate_routes([two], [[True, False]], 0.5).accuracy == 1.0
     assert estimate_routes([two], [[True, True]], 0.5).accuracy == 0.0
+
+
+# --- one cloud budget across a task's steps ---------------------------------------------------------
+def test_the_cost_weight_scales_a_steps_allowed_miss_by_its_expected_cloud_cost(tmp_path):
+    from hera_core.routing.predictor import CostWeight
+
+    w = CostWeight(gamma=1.0, out_tokens=(100.0, 10.0), ref_prompt_tokens=200.0, ref_out_tokens=50.0)
+    kappa = Kappa(0.9, 0.02, 5, w)
+    # step 0: (200 + 4 * 100) / (200 + 4 * 50) = 1.5 times the average step's cost: misses 1.5x as often
+    assert kappa.at(0, 200, out_per_in=4.0) == pytest.approx(1 - 0.10 * 1.5)
+    # step 3 takes the last index's expected output: (400 + 4 * 10) / 400 = 1.1
+    assert kappa.at(3, 400, out_per_in=4.0) == pytest.approx(1 - (1 - kappa(3)) * 1.1)
+    assert Kappa(0.9, 0.02, 5, CostWeight(0.0, (100.0,), 200.0, 50.0)).at(2, 5000) == pytest.approx(kappa(2))
+    assert Kappa(1.01).at(0, 10_000) > 1.0 and Kappa(1.01, 0.0, 5, w).at(0, 10_000) > 1.0  # all cloud stays so
+    predictor = random_predictor(kappa=kappa)
+    predictor.save(tmp_path / "p.json")
+    assert Predictor.load(tmp_path / "p.json").kappa == kappa
+    d = json.loads((tmp_path / "p.json").read_text())
+    d["kappa"]["cost_weight"]["gamma"] = -1
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="cost weight is unreadable"):
+        Predictor.load(tmp_path / "p.json")
+
+
+def cost_traces(n: int = 400, seed: int = 3) -> list[dict]:
+    """Two-step tasks whose first step costs the cloud ~7x the second (a long program vs a short
+    answer) and whose prefill signal is noisy on both: where keeping a doubtful step local saves
+    the most cloud cost is the first step."""
+    rng = np.random.default_rng(seed)
+    traces = []
+    for i in range(n):
+        f = rng.normal(size=2)
+        labels = [int(x + rng.normal(scale=0.8) > -0.3) for x in f]
+        t = trace(f"t{i}", "train" if i < n // 2 else "val", 1.0, labels, list(f))
+        for s, prompt, out in zip(t["steps"], (120, 400), (300, 8)):
+            s["features"][FEATURE_NAMES.index("prompt_tokens")] = float(prompt)
+            s.update(prompt_tokens=prompt, llm_text="x" * (4 * out), slm_text="y" * (4 * out),
+                     slm_completion_tokens=out)
+        traces.append(t)
+    return traces
+
+
+def test_cost_aware_calibration_spends_the_cloud_budget_where_it_buys_most():
+    """One trade-off across a task's steps: calibrated for the least cloud cost within the drop,
+    it weighs the costly first steps (gamma > 0) and reaches the same estimated accuracy bar for
+    less cloud cost than kappa alone; with a budget it stays within it at the best accuracy it
+    can find, never below kappa alone's within the same budget."""
+    traces = cost_traces()
+    predictor, report = train(traces, max_drop=0.1, num_rounds=30, cost_aware=True)
+    cal = report["cost_calibration"]
+    assert predictor.kappa.cost is not None and predictor.kappa.cost.gamma == cal["chosen"]["gamma"] > 0
+    assert predictor.kappa.cost.out_tokens[:2] == pytest.approx((300, 8), abs=1)
+    assert cal["chosen"]["est_accuracy"] >= cal["llm_accuracy"] - 0.1
+    assert cal["chosen"]["est_cost_ratio"] < cal["kappa_alone"]["est_cost_ratio"] - 0.03
+    assert report["kappa"]["cost_weight"]["gamma"] == cal["chosen"]["gamma"]
+    budgeted, report = train(traces, num_rounds=30, cloud_budget=0.4)
+    cal = report["cost_calibration"]
+    assert cal["chosen"]["est_cost_ratio"] <= 0.4 and cal["objective"] == "max accuracy within budget"
+    assert cal["chosen"]["est_accuracy"] > cal["kappa_alone"]["est_accuracy"] + 0.02
+    with pytest.raises(ValueError, match="cloud budget"):
+        train(traces, num_rounds=5, cloud_budget=1.5)
+    plain, report = train(traces, max_drop=0.03, num_rounds=30)
+    assert plain.kappa.cost is None and "cost_calibration" not in report

@@ -92,6 +92,20 @@ def test_hot_prefix_lowers_the_threshold_by_the_cached_share(runtime):
     assert run(runtime.score(conv, 1)).threshold == pytest.approx(kappa)
 
 
+def test_a_cost_weighted_threshold_reaches_the_routing_decision(runtime):
+    """With a cost weight, a step's threshold is weighed by its expected cloud cost: its prompt as
+    the SLM counted it, at the configured prices."""
+    from hera_core.routing.predictor import CostWeight
+
+    runtime.predictor.kappa = kappa = Kappa(0.5, 0.0, 5, CostWeight(1.0, (200.0,), 50.0, 20.0))
+    conv = [{"role": "user", "content": "Count the letters r in strawberry, then say the number."}]
+    sc = run(runtime.score(conv, 0))
+    expected = kappa.at(0, sc.prefill.prompt_tokens, runtime.prices.cloud_output_per_input)
+    assert sc.threshold == pytest.approx(expected) and expected < kappa(0)  # a costly step: more often local
+    result = run(runtime.complete(conv, session="cw", step=0, max_tokens=4))
+    assert result.decision.threshold == pytest.approx(expected)
+
+
 # --- draft, check, escalate ---------------------------------------------------------------------
 ASK_PROGRAM = [{"role": "user", "content": "Write a short Python program that prints 6 * 7."}]
 

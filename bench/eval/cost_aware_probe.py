@@ -1,63 +1,54 @@
-"""One cloud budget across a task's steps, estimated before building it in: does routing by
-accuracy-per-dollar (cloud iff (1 - P) > lambda x the step's expected cloud cost, the Lagrangian
-form of one budget over all steps, as in cascade routing) beat the position-aware kappa(step) at
-equal cloud cost? Label-based estimate (a task stays correct when every local step has a positive
-substitution label), the shipped predictor, the committed val and test traces; the expected output
-tokens per step index come from the train traces (the SLM's completion lengths there).
+"""One cloud budget across a task's steps, label-based: the accuracy-vs-cloud-cost curve of the
+shipped predictor's kappa(step) alone (gamma = 0) against the same threshold weighed by each
+step's expected cloud cost (gamma > 0, `hera train --cost-aware`), on the committed val and test
+traces. A task stays correct when every local step has a positive substitution label (with one
+step local: the outcome profiled for exactly that); costs are the traced prompts and the cloud's
+traced answers at the default prices; the expected outputs per step index come from the train
+split. The live, end-to-end figures are `hera eval` with bench/eval/predictor-cost.json.
 
     .venv/bin/python bench/eval/cost_aware_probe.py   # writes bench/eval/cost_aware.json
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from hera_core.config import PriceSettings
 from hera_core.offline.profiling import load_traces
-from hera_core.offline.training import estimate_routes
+from hera_core.offline.training import (COST_GAMMAS, chars_per_token, cost_ratio, estimate_routes, fit_cost_weight,
+                                        kappa_routes)
 from hera_core.routing.predictor import Predictor
 
 HERE = Path(__file__).parent
-OFFSETS = (-0.3, -0.15, -0.05, 0.0, 0.03, 0.06)
-LAMBDAS = (0.0003, 0.0005, 0.0008, 0.001, 0.0013, 0.0016, 0.002, 0.004)  # per dollar per million steps
+COSTS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)  # where the curves are read off
 
 
 def main() -> None:
-    predictor, prices = Predictor.load(), PriceSettings()
+    predictor = Predictor.load()
     traces = {s: load_traces(HERE / f"traces-{s}.jsonl") for s in ("train", "val", "test")}
-    lengths: dict[int, list[int]] = {}
-    for t in traces["train"]:
-        for s in t["steps"]:
-            lengths.setdefault(min(s["step"], 5), []).append(s["slm_completion_tokens"])
-    expected_out = {k: float(np.mean(v)) for k, v in lengths.items()}
-
-    def expected_cost(s):  # what the router can know before the step runs
-        return prices.cloud_cost(s["prompt_tokens"], int(expected_out.get(min(s["step"], 5), 0)))
-
-    def spent(s):  # the step's cloud cost as it ran (the LLM's output, ~3.5 characters a token)
-        return prices.cloud_cost(s["prompt_tokens"], int(len(s["llm_text"]) / 3.5))
-
-    out = {"expected_output_tokens": expected_out}
+    weight = fit_cost_weight(traces["train"], 0.0)
+    out = {"cost_weight": weight.to_dict(), "accuracy_at_cost": {}}
     for split in ("val", "test"):
-        T = traces[split]
+        T, cpt = traces[split], chars_per_token(traces[split])
         P = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in T]
-        total = sum(spent(s) for t in T for s in t["steps"])
-
-        def point(rule):
-            local = [[rule(s, p) for s, p in zip(t["steps"], pp)] for t, pp in zip(T, P)]
-            est = estimate_routes(T, local, 0.0)
-            cost = sum(spent(s) for t, fl in zip(T, local) for s, f in zip(t["steps"], fl) if not f)
-            return {"accuracy": est.accuracy, "local_share": est.local_share, "cost_ratio": cost / total}
-
-        out[split] = {
-            "kappa": [{"offset": o, **point(lambda s, p, o=o: p >= predictor.kappa(s["step"]) + o)} for o in OFFSETS],
-            "lambda": [{"lambda": lam, **point(lambda s, p, lam=lam: 1 - p <= lam * expected_cost(s) * 1e6)}
-                       for lam in LAMBDAS]}
+        out["accuracy_at_cost"][split] = {}
+        for gamma in COST_GAMMAS:
+            points = []
+            for base in np.round(np.arange(0.3, 1.0201, 0.01), 2):
+                kappa = replace(predictor.kappa, base=float(base), cost=replace(weight, gamma=gamma))
+                local = kappa_routes(T, P, kappa)
+                points.append((cost_ratio(T, local, cpt), estimate_routes(T, local, kappa.base).accuracy))
+            points.sort()
+            c, a = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+            # the best accuracy at or below each cost (a curve read as a budget)
+            out["accuracy_at_cost"][split][str(gamma)] = {str(x): round(float(a[c <= x + 1e-9].max()), 4)
+                                                          if (c <= x + 1e-9).any() else None for x in COSTS}
     (HERE / "cost_aware.json").write_text(json.dumps(out, indent=1))
-    for split in ("val", "test"):
-        for rule in ("kappa", "lambda"):
-            print(split, rule, [(round(q["cost_ratio"], 3), round(q["accuracy"], 3)) for q in out[split][rule]])
+    for split, curves in out["accuracy_at_cost"].items():
+        print(split, "cost:", COSTS)
+        for gamma, row in curves.items():
+            print(f"  gamma {gamma}:", list(row.values()))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import asyncio
 import math
 import random as random_mod
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,10 +45,11 @@ from hera_core.config import PriceSettings
 from hera_core.backends.base import Engine, Message
 from hera_core.native.features import logit_features
 from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
-from hera_core.routing.predictor import Kappa, Predictor, feature_matrix, structure_features
+from hera_core.routing.predictor import FEATURE_NAMES, Predictor, feature_matrix, structure_features
 from hera_core.offline.workloads import Task
 
 MAX_TOKENS = 384  # the profile's completion limit: the same requests hit the same cache entries
+_PROMPT_TOKENS = FEATURE_NAMES.index("prompt_tokens")  # a feature row's column the cost weight reads
 
 
 @dataclass
@@ -123,12 +124,13 @@ class Hera(Method):
             draft = await ev.slm.generate(messages, max_tokens=MAX_TOKENS)
             draft_key = await asyncio.to_thread(vote_key, draft.text)
             if not votable(draft_key):
-                p = await ev.p_local(messages, step, task)
-                return "local" if p >= ev.predictor.kappa(step) + self.offset else "escalated"
+                row = await ev.feature_row(messages, step, task)
+                p = float(ev.predictor.predict(row)[0])
+                return "local" if p >= ev.threshold(row, step) + self.offset else "escalated"
             return "local" if (await ev.vote(messages, vote.k, draft_key)).share >= vote.min_share else "escalated"
         row = await ev.feature_row(messages, step, task)
         p = float(ev.predictor.predict(row)[0])
-        kappa = ev.predictor.kappa(step) + self.offset
+        kappa = ev.threshold(row, step) + self.offset
         stage = ev.predictor.draft if self.drafts else None
         if stage is None or abs(p - kappa) >= stage.band:
             return "local" if p >= kappa else "cloud"
@@ -218,6 +220,11 @@ class Evaluator:
             self.cache.put_features(self.slm_name, messages, feats)
         return feature_matrix(np.asarray([feats["logit"]], dtype=np.float32),
                               [structure_features(step, feats["prompt_tokens"], messages, toolset)])
+
+    def threshold(self, row: np.ndarray, step: int) -> float:
+        """kappa at this step, as the runtime weighs it (by the step's expected cloud cost too, when
+        the predictor has a cost weight); `row` is the step's feature row."""
+        return self.predictor.kappa.at(step, float(row[0, _PROMPT_TOKENS]), self.prices.cloud_output_per_input)
 
     def unfamiliar(self, messages: list[Message]) -> bool:
         fam = self.predictor.familiarity
@@ -458,8 +465,7 @@ def estimated_curve(traces: list[dict[str, Any]], predictor: Predictor) -> list[
     probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in traces]
     points = []
     for base in np.round(np.arange(0.0, 1.0201, 0.02), 2):
-        kappa = Kappa(float(base), predictor.kappa.per_step, predictor.kappa.max_steps)
-        est = estimate(traces, probs, kappa)
+        est = estimate(traces, probs, replace(predictor.kappa, base=float(base)))
         points.append({"threshold_base": float(base), "accuracy": est.accuracy, "local_share": est.local_share})
     return points
 

@@ -8,15 +8,16 @@ label (handing that single step to the SLM did not lose the task).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from hera_core.checks.drafts import staged_agreement, votable
+from hera_core.config import PriceSettings
 from hera_core.routing.familiarity import fit_familiarity
-from hera_core.routing.predictor import (DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, DraftStage, Kappa, Predictor,
-                                         VoteStage)
+from hera_core.routing.predictor import (DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, CostWeight, DraftStage, Kappa,
+                                         Predictor, VoteStage)
 
 XGB_PARAMS = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.1, "subsample": 0.9,
               "min_child_weight": 1.0, "eval_metric": "auc", "nthread": 1, "seed": 0}
@@ -54,9 +55,21 @@ class PolicyEstimate:
     llm_accuracy: float
 
 
+_PROMPT_TOKENS = FEATURE_NAMES.index("prompt_tokens")
+
+
+def threshold(kappa: Kappa, s: dict[str, Any], prices: PriceSettings | None = None) -> float:
+    """A traced step's threshold, as the runtime computes it (at the default prices unless given)."""
+    return kappa.at(s["step"], s["features"][_PROMPT_TOKENS], (prices or PriceSettings()).cloud_output_per_input)
+
+
+def kappa_routes(traces: list[dict[str, Any]], probs: list[np.ndarray], kappa: Kappa) -> list[list[bool]]:
+    prices = PriceSettings()
+    return [[bool(pk >= threshold(kappa, s, prices)) for s, pk in zip(t["steps"], p)] for t, p in zip(traces, probs)]
+
+
 def estimate(traces: list[dict[str, Any]], probs: list[np.ndarray], kappa: Kappa) -> PolicyEstimate:
-    return estimate_routes(traces, [[pk >= kappa(s["step"]) for s, pk in zip(t["steps"], p)]
-                                    for t, p in zip(traces, probs)], kappa.base)
+    return estimate_routes(traces, kappa_routes(traces, probs, kappa), kappa.base)
 
 
 def estimate_routes(traces: list[dict[str, Any]], local: list[list[bool]], threshold_base: float) -> PolicyEstimate:
@@ -82,12 +95,99 @@ def calibrate(traces: list[dict[str, Any]], predictor: Predictor, max_drop: floa
     probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32).reshape(-1, len(FEATURE_NAMES)))
              for t in traces]
     for base in np.round(np.arange(0.05, 1.0001, 0.01), 2):  # low to high: first feasible keeps most local
-        kappa = Kappa(float(base), per_step, max_steps)
+        kappa = Kappa(float(base), per_step, max_steps, predictor.kappa.cost)
         est = estimate(traces, probs, kappa)
         if est.accuracy >= est.llm_accuracy - max_drop:
             return kappa, est
-    kappa = Kappa(1.01, per_step, max_steps)  # nothing meets the target: all cloud
+    kappa = Kappa(1.01, per_step, max_steps, predictor.kappa.cost)  # nothing meets the target: all cloud
     return kappa, estimate(traces, probs, kappa)
+
+
+# --- one cloud budget across a task's steps ------------------------------------------------------
+COST_GAMMAS = (0.0, 0.5, 1.0, 1.5, 2.0)  # candidate weights of a step's expected cloud cost; 0: kappa alone
+
+
+def chars_per_token(traces: list[dict[str, Any]]) -> float:
+    """Characters per token of the models' completions, measured on the SLM's traced drafts (the pair
+    share Qwen2.5's tokenizer), to count the cloud's traced outputs in tokens."""
+    chars = sum(len(s["slm_text"]) for t in traces for s in t["steps"] if s.get("slm_completion_tokens"))
+    tokens = sum(s["slm_completion_tokens"] for t in traces for s in t["steps"] if s.get("slm_completion_tokens"))
+    return chars / tokens if tokens else 3.5
+
+
+def step_cloud_tokens(s: dict[str, Any], cpt: float) -> tuple[int, int]:
+    """(prompt, output) tokens of a traced step run on the cloud: its prompt, the cloud's traced answer."""
+    return int(s["prompt_tokens"]), int(round(len(s["llm_text"]) / cpt))
+
+
+def fit_cost_weight(traces: list[dict[str, Any]], gamma: float, max_steps: int = 5) -> CostWeight:
+    """The expected cloud output per step index and the average step, from (train) traces."""
+    cpt = chars_per_token(traces)
+    steps = [s for t in traces for s in t["steps"]]
+    if not steps:
+        raise ValueError("no traced steps to weigh cloud costs by: profile some tasks first (`hera profile`)")
+    by_index: dict[int, list[int]] = {}
+    for s in steps:
+        by_index.setdefault(min(s["step"], max_steps), []).append(step_cloud_tokens(s, cpt)[1])
+    out, last = [], 0.0
+    for i in range(max(by_index) + 1):  # an index no task reached takes the one before it
+        last = float(np.mean(by_index[i])) if i in by_index else last
+        out.append(round(last, 2))
+    return CostWeight(gamma, tuple(out), round(float(np.mean([s["prompt_tokens"] for s in steps])), 2),
+                      round(float(np.mean([step_cloud_tokens(s, cpt)[1] for s in steps])), 2))
+
+
+def cost_ratio(traces: list[dict[str, Any]], local: list[list[bool]], cpt: float,
+               prices: PriceSettings | None = None) -> float:
+    """Cloud cost of the steps a policy sends to the cloud over All-LLM's (traced prompts and answers)."""
+    prices = prices or PriceSettings()
+    total = spent = 0.0
+    for t, flags in zip(traces, local):
+        for s, f in zip(t["steps"], flags):
+            c = prices.cloud_cost(*step_cloud_tokens(s, cpt))
+            total += c
+            spent += 0.0 if f else c
+    return spent / total if total else 0.0
+
+
+def calibrate_cost(traces: list[dict[str, Any]], predictor: Predictor, weight: CostWeight, *,
+                   max_drop: float = 0.03, budget: float | None = None,
+                   gammas: tuple[float, ...] = COST_GAMMAS) -> tuple[Kappa, dict[str, Any]]:
+    """Choose kappa's base and the cost weight's gamma together (one trade-off for every step):
+    without a `budget`, the least estimated cloud cost whose accuracy stays within `max_drop` of
+    All-LLM; with one (a share of All-LLM's cloud cost), the best estimated accuracy within it.
+    gamma = 0 (kappa alone) is among the candidates, so the result is never worse on `traces`."""
+    probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in traces]
+    cpt = chars_per_token(traces)
+    per_step, max_steps = predictor.kappa.per_step, predictor.kappa.max_steps
+    candidates = []
+    for gamma in gammas:
+        for base in list(np.round(np.arange(0.05, 1.0001, 0.01), 2)) + [1.01]:  # 1.01: all cloud
+            kappa = Kappa(float(base), per_step, max_steps, replace(weight, gamma=float(gamma)))
+            local = kappa_routes(traces, probs, kappa)
+            est = estimate_routes(traces, local, kappa.base)
+            candidates.append((kappa, est, cost_ratio(traces, local, cpt)))
+    llm = candidates[0][1].llm_accuracy
+    if budget is not None and not any(c[2] <= budget + 1e-9 for c in candidates):
+        raise ValueError(f"no threshold keeps the estimated cloud cost within {budget:g} of All-LLM's on the "
+                         f"calibration tasks (the least is {min(c[2] for c in candidates):.3f}); raise --cloud-budget")
+    if budget is None:
+        feasible = [c for c in candidates if c[1].accuracy >= llm - max_drop]
+        key = lambda c: (c[2], -c[1].accuracy)  # noqa: E731 - cheapest, then most accurate
+    else:
+        feasible = [c for c in candidates if c[2] <= budget + 1e-9]
+        key = lambda c: (-c[1].accuracy, c[2])  # noqa: E731 - most accurate, then cheapest
+    kappa, est, cost = min(feasible, key=key)  # never empty: base 1.01 is All-LLM at cost 0 ... 1
+    alone = min((c for c in feasible if c[0].cost.gamma == 0.0), key=key)
+
+    def point(c):
+        return {"kappa_base": c[0].base, "gamma": c[0].cost.gamma, "est_accuracy": round(c[1].accuracy, 4),
+                "est_local_share": round(c[1].local_share, 4), "est_cost_ratio": round(c[2], 4)}
+
+    report = {"tasks": len(traces), "objective": "max accuracy within budget" if budget is not None else
+              "min cloud cost within max_drop", "budget": budget, "max_drop": max_drop, "llm_accuracy": llm,
+              "chars_per_token": round(cpt, 3), "chosen": point((kappa, est, cost)), "kappa_alone": point(alone)}
+    return kappa, report
 
 
 @dataclass
@@ -107,17 +207,17 @@ def vote_routes(traces: list[dict[str, Any]], probs: list[np.ndarray], votes: di
     """Local flags with a vote stage on the first step: kept when its draft passes its checks and
     enough samples agree (staged, as the runtime draws them), or for a free-text answer when the
     prefill clears kappa; later steps by kappa."""
-    def first(v: FirstStepVote, p: float) -> bool:
+    def first(v: FirstStepVote, p: float, s: dict[str, Any]) -> bool:
         if not v.passed:
             return False
         if not votable(v.draft_key):
-            return bool(p >= kappa(0))
+            return bool(p >= threshold(kappa, s))
         return staged_agreement(v.draft_key, v.keys).share >= min_share
 
     out = []
     for t, p in zip(traces, probs):
         v = votes.get(t["task_id"])
-        out.append([first(v, pk) if s["step"] == 0 and v is not None else bool(pk >= kappa(s["step"]))
+        out.append([first(v, pk, s) if s["step"] == 0 and v is not None else bool(pk >= threshold(kappa, s))
                     for s, pk in zip(t["steps"], p)])
     return out
 
@@ -136,7 +236,7 @@ def calibrate_votes(traces: list[dict[str, Any]], predictor: Predictor, votes: d
     best = None
     for share in VOTE_MIN_SHARES:
         for base in np.round(np.arange(0.05, 1.0001, 0.01), 2):
-            kappa = Kappa(float(base), predictor.kappa.per_step, predictor.kappa.max_steps)
+            kappa = replace(predictor.kappa, base=float(base))
             est = estimate_routes(calib, vote_routes(calib, probs, votes, kappa, share), kappa.base)
             if est.accuracy >= est.llm_accuracy - max_drop and (best is None or est.local_share > best[2].local_share + 1e-9):
                 best = (share, kappa, est)
@@ -155,11 +255,17 @@ def calibrate_votes(traces: list[dict[str, Any]], predictor: Predictor, votes: d
 def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: int = 100,
           dask_client=None, meta: dict[str, Any] | None = None,
           openings: dict[str, str] | None = None,
-          votes: dict[str, FirstStepVote] | None = None) -> tuple[Predictor, dict[str, Any]]:
+          votes: dict[str, FirstStepVote] | None = None, cost_aware: bool = False,
+          cloud_budget: float | None = None) -> tuple[Predictor, dict[str, Any]]:
     """Fit the predictor on the train split, calibrate kappa on val; with draft features in the
     traces, the draft stage too; with `openings` (task id -> the task's opening user message),
     the familiarity check that tells the runtime when a step is unlike every training task; with
-    `votes` (task id -> its first step's vote), the vote stage and kappa calibrated together."""
+    `votes` (task id -> its first step's vote), the vote stage and kappa calibrated together.
+    `cost_aware` weighs each step's threshold by its expected cloud cost too (one trade-off across
+    a task's steps), calibrated for the least cloud cost within `max_drop`, or with `cloud_budget`
+    (a share of All-LLM's cloud cost) for the best accuracy within that budget."""
+    if cloud_budget is not None and not 0.0 < cloud_budget <= 1.0:
+        raise ValueError(f"the cloud budget is a share of All-LLM's cloud cost, in (0, 1]; got {cloud_budget}")
     import xgboost as xgb
 
     X, y = rows(traces, {"train"})
@@ -179,15 +285,23 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
     booster.feature_names = None  # the file carries names itself; inference passes plain arrays
     predictor = Predictor(model_json=bytes(booster.save_raw("json")))
     calib = [t for t in traces if t["split"] == "val"] or [t for t in traces if t["split"] == "train"]
-    kappa, est = calibrate(calib, predictor, max_drop)
-    predictor.kappa = kappa
+    cost_report = None
+    if cost_aware or cloud_budget is not None:
+        weight = fit_cost_weight([t for t in traces if t["split"] == "train"], gamma=0.0)
+        predictor.kappa, cost_report = calibrate_cost(calib, predictor, weight, max_drop=max_drop, budget=cloud_budget)
+        est = estimate(calib, [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32))
+                               for t in calib], predictor.kappa)
+    else:
+        predictor.kappa, est = calibrate(calib, predictor, max_drop)
+    kappa = predictor.kappa
     gain = booster.get_score(importance_type="gain")
     importance = {FEATURE_NAMES[int(k[1:])] if k.startswith("f") else k: round(v, 4) for k, v in gain.items()}
     report = {
         "train_rows": int(len(y)), "val_rows": int(len(yv)), "train_positive_rate": float(y.mean()),
         "auc_train": auc(y, predictor.predict(X)),
         "auc_val": auc(yv, predictor.predict(Xv)) if len(yv) else float("nan"),
-        "kappa": {"base": kappa.base, "per_step": kappa.per_step, "max_steps": kappa.max_steps},
+        "kappa": kappa.to_dict(),
+        **({"cost_calibration": cost_report} if cost_report is not None else {}),
         "calibration": {"split": "val" if calib and calib[0]["split"] == "val" else "train",
                         "max_drop": max_drop, "est_accuracy": est.accuracy, "llm_accuracy": est.llm_accuracy,
                         "est_local_share": est.local_share},
@@ -204,8 +318,7 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
             predictor.familiarity.families, (round(float(x), 4) for x in predictor.familiarity.thresholds)))}
     if votes:
         predictor.vote, predictor.kappa, report["vote_stage"] = calibrate_votes(traces, predictor, votes, max_drop)
-        k = predictor.kappa
-        report["kappa"] = {"base": k.base, "per_step": k.per_step, "max_steps": k.max_steps}  # with the votes
+        report["kappa"] = predictor.kappa.to_dict()  # with the votes
         predictor.meta.update(vote_stage=report["vote_stage"], kappa=report["kappa"])
     return predictor, report
 
@@ -262,7 +375,7 @@ def two_stage_routes(traces, p1: list[np.ndarray], p2: list[np.ndarray], kappa: 
     for t, a, b in zip(traces, p1, p2):
         flags = []
         for s, pa, pb in zip(t["steps"], a, b):
-            k = kappa(s["step"])
+            k = threshold(kappa, s)
             flags.append(bool(pa >= k + band or (abs(pa - k) < band and pb >= keep)))
         out.append(flags)
     return out

@@ -66,15 +66,70 @@ def feature_matrix(logit_feats: np.ndarray, structure: list[list[float]]) -> np.
 
 
 @dataclass(frozen=True)
+class CostWeight:
+    """One trade-off between accuracy and cloud cost across a task's steps (cascade routing's
+    Lagrangian form: escalate when the expected loss (1 - P) is worth the step's expected cloud
+    cost). A step whose expected cloud cost is r times the average step's may miss r**gamma times
+    as often as kappa(step) alone allows: threshold = 1 - (1 - kappa(step)) * r**gamma. gamma = 0
+    is kappa(step) itself; gamma = 1 weighs a step's risk fully by what escalating it costs.
+    The expected cost is known before the step runs: its prompt, and the cloud's mean output at
+    that step index on the training tasks."""
+
+    gamma: float
+    out_tokens: tuple[float, ...]  # expected cloud output tokens at step 0, 1, ...; the last for later steps
+    ref_prompt_tokens: float  # the average training step's prompt ...
+    ref_out_tokens: float  # ... and output: the cost that r is measured against
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gamma <= 4.0 or not self.out_tokens or min(self.out_tokens) < 0 or \
+                self.ref_prompt_tokens <= 0 or self.ref_out_tokens < 0:
+            raise ValueError(f"cost weight needs 0 <= gamma <= 4, expected output tokens >= 0 per step and a "
+                             f"positive reference prompt, got gamma={self.gamma}, out_tokens={self.out_tokens}, "
+                             f"ref=({self.ref_prompt_tokens}, {self.ref_out_tokens})")
+
+    def ratio(self, step: int, prompt_tokens: float, out_per_in: float) -> float:
+        """The step's expected cloud cost over the average step's; `out_per_in` is the cloud's output
+        price over its input price (only the ratio matters)."""
+        out = self.out_tokens[min(max(step, 0), len(self.out_tokens) - 1)]
+        return (prompt_tokens + out_per_in * out) / (self.ref_prompt_tokens + out_per_in * self.ref_out_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "out_tokens": list(self.out_tokens),
+                "ref_prompt_tokens": self.ref_prompt_tokens, "ref_out_tokens": self.ref_out_tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CostWeight":
+        return cls(float(d["gamma"]), tuple(float(x) for x in d["out_tokens"]), float(d["ref_prompt_tokens"]),
+                   float(d["ref_out_tokens"]))
+
+
+@dataclass(frozen=True)
 class Kappa:
-    """Position-aware threshold: kappa(i) = base + min(i, max_steps) * per_step (paper: 0.6, 0.02, 5)."""
+    """Position-aware threshold: kappa(i) = base + min(i, max_steps) * per_step (paper: 0.6, 0.02, 5);
+    with a cost weight, `at` also weighs a step by its expected cloud cost."""
 
     base: float = 0.6
     per_step: float = 0.02
     max_steps: int = 5
+    cost: CostWeight | None = None
 
     def __call__(self, step: int) -> float:
+        """The position-aware part alone."""
         return self.base + min(max(step, 0), self.max_steps) * self.per_step
+
+    def at(self, step: int, prompt_tokens: float, out_per_in: float = 4.0) -> float:
+        """The step's threshold: kappa(step), weighed by its expected cloud cost when this has a cost
+        weight. `out_per_in`: the cloud's output over input price (gpt-4o-mini's: 0.60 / 0.15)."""
+        k = self(step)
+        if self.cost is None or self.cost.gamma == 0.0:
+            return k
+        return 1.0 - (1.0 - k) * self.cost.ratio(step, prompt_tokens, out_per_in) ** self.cost.gamma
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"base": self.base, "per_step": self.per_step, "max_steps": self.max_steps}
+        if self.cost is not None:
+            d["cost_weight"] = self.cost.to_dict()
+        return d
 
 
 DRAFT_STAGE_FEATURE_NAMES = FEATURE_NAMES + DRAFT_FEATURE_NAMES
@@ -183,8 +238,7 @@ class Predictor:
     def to_dict(self) -> dict[str, Any]:
         schema = V1_SCHEMA if tuple(self.feature_names) == V1_FEATURE_NAMES else FEATURE_SCHEMA
         d = {"schema": schema, "feature_names": list(self.feature_names),
-             "kappa": {"base": self.kappa.base, "per_step": self.kappa.per_step,
-                       "max_steps": self.kappa.max_steps},
+             "kappa": self.kappa.to_dict(),
              "meta": self.meta, "model_b64": base64.b64encode(self.model_json).decode()}
         if self.draft is not None:
             d["draft_stage"] = self.draft.to_dict()
@@ -245,6 +299,14 @@ class Predictor:
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"predictor file {path}: its vote stage is unreadable ({exc}); "
                                   "retrain it with `hera train --votes`") from None
+        cost = None
+        if k.get("cost_weight") is not None:
+            try:
+                cost = CostWeight.from_dict(k["cost_weight"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(f"predictor file {path}: its cost weight is unreadable ({exc}); "
+                                  "retrain it with `hera train --cost-aware`") from None
         return cls(model_json=base64.b64decode(d["model_b64"]), feature_names=names,
-                   kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5))),
+                   kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5)),
+                               cost),
                    meta=d.get("meta", {}), draft=draft, familiarity=familiarity, vote=vote)

@@ -55,7 +55,7 @@ class SubtaskResult:
 @dataclass
 class Score:
     p_local: float  # the predictor's P(the SLM's output at this step is good enough)
-    threshold: float  # kappa(step) + offset - hot-prefix discount
+    threshold: float  # kappa at this step (cost-weighted if the predictor is) + offset - hot-prefix discount
     prefill: Prefill
     features: np.ndarray  # float32 [1, len(FEATURE_NAMES)], the predictor's input row
 
@@ -166,7 +166,8 @@ class Runtime:
         pre = await self.local.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
         p, X = await self._scorer.score(pre.logits, structure_features(step, pre.prompt_tokens, messages, toolset))
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
-        return Score(p, self.predictor.kappa(step) + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
+        kappa = self.predictor.kappa.at(step, pre.prompt_tokens, self.prices.cloud_output_per_input)
+        return Score(p, kappa + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
 
     def is_unfamiliar(self, messages: list[Message]) -> bool:
         """The step is unlike every task the predictor was trained on (and the policy distrusts that)."""
