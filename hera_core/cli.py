@@ -261,7 +261,7 @@ def cmd_train(args) -> int:
     try:
         predictor, report = train(traces, max_drop=args.max_drop, dask_client=client, openings=openings,
                                   votes=_votes(args, traces), cost_aware=args.cost_aware,
-                                  cloud_budget=args.cloud_budget,
+                                  cloud_budget=args.cloud_budget, prices=_settings(args).prices,
                                   meta={"traces": [Path(p).name for p in args.traces],
                                         **({"votes": [Path(p).name for p in args.votes]} if args.votes else {})})
     finally:

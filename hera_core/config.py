@@ -81,9 +81,12 @@ class PriceSettings(_Strict):
         return (prompt_tokens * self.cloud_input_usd_per_mtok + completion_tokens * self.cloud_output_usd_per_mtok) / 1e6
 
     @property
-    def cloud_output_per_input(self) -> float:
-        """How many input tokens one output token costs (only this ratio weighs steps by cost)."""
-        return self.cloud_output_usd_per_mtok / self.cloud_input_usd_per_mtok if self.cloud_input_usd_per_mtok else 1e6
+    def cloud_output_per_input(self) -> float | None:
+        """How many input tokens one output token costs (only this ratio weighs steps by cost); None
+        for a free cloud (no step costs more than another)."""
+        if not self.cloud_input_usd_per_mtok:
+            return None if not self.cloud_output_usd_per_mtok else 1e6  # output tokens alone cost
+        return self.cloud_output_usd_per_mtok / self.cloud_input_usd_per_mtok
 
     def local_cost(self, seconds: float) -> float:
         hours = seconds / 3600.0
@@ -92,7 +95,8 @@ class PriceSettings(_Strict):
 
 class PolicySettings(_Strict):
     predictor_path: str | None = Field(None, description="predictor file from `hera train`; default: the shipped one")
-    threshold_offset: float = Field(0.0, ge=-1, le=1, description="added to kappa(step): >0 keeps more steps in the cloud")
+    threshold_offset: float = Field(0.0, ge=-1, le=1, description="added to every step's threshold: >0 keeps more steps "
+                                    "in the cloud")
     hot_prefix_discount: float = Field(0.0, ge=0, le=1, description="kappa is lowered by this times the share of the "
                                        "prompt already in the device's KV cache (a hot prefix makes the local step cheap)")
     draft_band: float | None = Field(None, ge=0, le=1, description="|P - kappa| below this: the SLM drafts the step, "

@@ -255,7 +255,7 @@ def test_hera_weighs_a_steps_threshold_by_its_expected_cloud_cost_as_the_runtime
             for target in (min(p + 0.01, 0.999), max(p - 0.01, 0.001)):
                 ratio = (1 - target) / (1 - predictor.kappa(0))
                 predictor.kappa = Kappa(predictor.kappa.base, predictor.kappa.per_step, predictor.kappa.max_steps,
-                                        CostWeight(1.0, (0.0,), float(tokens) / ratio, 0.0))
+                                        CostWeight(1.0, (0.0,), float(tokens) / ratio, 0.0, max_ratio=100.0))
                 assert ev.threshold(row, 0) == pytest.approx(target)
                 route = run(Hera(unfamiliar="trust").route(task, 0, msgs, ev))
                 assert route == ("local" if p >= target else "cloud")

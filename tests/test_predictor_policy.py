@@ -293,19 +293,30 @@ def test_the_policy_estimate_counts_a_step_the_slm_does_better():
 def test_the_cost_weight_scales_a_steps_allowed_miss_by_its_expected_cloud_cost(tmp_path):
     from hera_core.routing.predictor import CostWeight
 
-    w = CostWeight(gamma=1.0, out_tokens=(100.0, 10.0), ref_prompt_tokens=200.0, ref_out_tokens=50.0)
+    w = CostWeight(gamma=1.0, out_tokens=(100.0, 10.0), ref_prompt_tokens=200.0, ref_out_tokens=50.0,
+                   max_ratio=2.0, out_per_in=4.0)
     kappa = Kappa(0.9, 0.02, 5, w)
     # step 0: (200 + 4 * 100) / (200 + 4 * 50) = 1.5 times the average step's cost: misses 1.5x as often
-    assert kappa.at(0, 200, out_per_in=4.0) == pytest.approx(1 - 0.10 * 1.5)
+    assert kappa.at(0, 200) == pytest.approx(1 - 0.10 * 1.5)
     # step 3 takes the last index's expected output: (400 + 4 * 10) / 400 = 1.1
-    assert kappa.at(3, 400, out_per_in=4.0) == pytest.approx(1 - (1 - kappa(3)) * 1.1)
+    assert kappa.at(3, 400) == pytest.approx(1 - (1 - kappa(3)) * 1.1)
+    # a prompt far longer than any training step's is weighed as the costliest one, not extrapolated
+    assert kappa.at(0, 50_000) == pytest.approx(1 - 0.10 * 2.0)
     assert Kappa(0.9, 0.02, 5, CostWeight(0.0, (100.0,), 200.0, 50.0)).at(2, 5000) == pytest.approx(kappa(2))
-    assert Kappa(1.01).at(0, 10_000) > 1.0 and Kappa(1.01, 0.0, 5, w).at(0, 10_000) > 1.0  # all cloud stays so
+    free = CostWeight(1.0, (100.0, 10.0), 200.0, 50.0, out_per_in=None)  # a free cloud: no step costs more
+    assert Kappa(0.9, 0.02, 5, free).at(0, 5000) == pytest.approx(kappa(0))
+    assert Kappa(1.01, 0.0, 5, w).at(0, 10_000) > 1.0  # the all-cloud sentinel stays all cloud
     predictor = random_predictor(kappa=kappa)
     predictor.save(tmp_path / "p.json")
     assert Predictor.load(tmp_path / "p.json").kappa == kappa
-    d = json.loads((tmp_path / "p.json").read_text())
-    d["kappa"]["cost_weight"]["gamma"] = -1
+    good = (tmp_path / "p.json").read_text()
+    for field, bad in (("gamma", -1), ("ref_prompt_tokens", float("nan")), ("out_tokens", "12"), ("max_ratio", None)):
+        d = json.loads(good)
+        d["kappa"]["cost_weight"][field] = bad
+        (tmp_path / "p.json").write_text(json.dumps(d))
+        with pytest.raises(ConfigError, match="cost weight is unreadable"):
+            Predictor.load(tmp_path / "p.json")
+    d["kappa"]["cost_weight"] = "high"
     (tmp_path / "p.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match="cost weight is unreadable"):
         Predictor.load(tmp_path / "p.json")
@@ -348,5 +359,7 @@ def test_cost_aware_calibration_spends_the_cloud_budget_where_it_buys_most():
     assert cal["chosen"]["est_accuracy"] > cal["kappa_alone"]["est_accuracy"] + 0.02
     with pytest.raises(ValueError, match="cloud budget"):
         train(traces, num_rounds=5, cloud_budget=1.5)
+    strict, report = train(traces, max_drop=-0.5, num_rounds=5, cost_aware=True)  # nothing is that safe: all cloud
+    assert strict.kappa.base > 1.0 and report["cost_calibration"]["chosen"]["est_cost_ratio"] == 1.0
     plain, report = train(traces, max_drop=0.03, num_rounds=30)
     assert plain.kappa.cost is None and "cost_calibration" not in report

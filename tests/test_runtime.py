@@ -97,10 +97,11 @@ def test_a_cost_weighted_threshold_reaches_the_routing_decision(runtime):
     the SLM counted it, at the configured prices."""
     from hera_core.routing.predictor import CostWeight
 
-    runtime.predictor.kappa = kappa = Kappa(0.5, 0.0, 5, CostWeight(1.0, (200.0,), 50.0, 20.0))
+    runtime.predictor.kappa = kappa = Kappa(0.5, 0.0, 5, CostWeight(1.0, (200.0,), 50.0, 20.0, max_ratio=8.0))
     conv = [{"role": "user", "content": "Count the letters r in strawberry, then say the number."}]
     sc = run(runtime.score(conv, 0))
-    expected = kappa.at(0, sc.prefill.prompt_tokens, runtime.prices.cloud_output_per_input)
+    n = sc.prefill.prompt_tokens  # the prefill's own count is what weighs the step
+    expected = 1 - 0.5 * min((n + 4 * 200) / (50 + 4 * 20), 8.0)
     assert sc.threshold == pytest.approx(expected) and expected < kappa(0)  # a costly step: more often local
     result = run(runtime.complete(conv, session="cw", step=0, max_tokens=4))
     assert result.decision.threshold == pytest.approx(expected)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from hera_core.offline.profiling import load_traces
-from hera_core.offline.training import (auc, estimate, estimate_routes, train,
+from hera_core.offline.training import (auc, estimate, estimate_routes, threshold, train,
                                         two_stage_routes)
 from hera_core.routing.predictor import Predictor
 
@@ -72,7 +72,7 @@ def main() -> None:
     est1 = estimate(te, p1, pred.kappa)
     flags2 = two_stage_routes(te, p1, p2, pred.kappa, pred.draft.band, pred.draft.keep_threshold)
     est2 = estimate_routes(te, flags2, pred.kappa.base)
-    drafted = np.mean([abs(a - pred.kappa(s["step"])) < pred.draft.band for t, p in zip(te, p1)
+    drafted = np.mean([abs(a - threshold(pred.kappa, s)) < pred.draft.band for t, p in zip(te, p1)
                        for s, a in zip(t["steps"], p)])
     report["test_estimate"] = {
         "llm_accuracy": est1.llm_accuracy,

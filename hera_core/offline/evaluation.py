@@ -2,8 +2,9 @@
 
 Methods (a tiny base class and a registry, so lists of names come from here):
   all_slm, all_llm    every step on one model
-  hera                per step: P(SLM good enough) from the SLM prefill >= kappa(step); with a
-                      draft stage in the predictor, steps within its band of kappa are drafted
+  hera                per step: P(SLM good enough) from the SLM prefill >= kappa(step) (weighed
+                      by the step's expected cloud cost if the predictor is); with a draft
+                      stage in the predictor, steps within its band of kappa are drafted
                       by the SLM, checked, and kept or escalated (the draft's time is booked);
                       a step unlike the predictor's training tasks follows `unfamiliar`; with a
                       vote stage, a task's first step is drafted, checked and voted on by k SLM
@@ -99,8 +100,9 @@ class AllLLM(Method):
 
 
 class Hera(Method):
-    """HERA as the runtime routes: P(SLM good enough) >= kappa(step); with a draft stage in the
-    predictor, the steps within its band of kappa are drafted, checked, and kept or escalated."""
+    """HERA as the runtime routes: P(SLM good enough) >= kappa(step), weighed by the step's expected
+    cloud cost when the predictor has a cost weight; with a draft stage in the predictor, the steps
+    within its band of kappa are drafted, checked, and kept or escalated."""
 
     name = "hera"
     drafts = True
@@ -224,7 +226,7 @@ class Evaluator:
     def threshold(self, row: np.ndarray, step: int) -> float:
         """kappa at this step, as the runtime weighs it (by the step's expected cloud cost too, when
         the predictor has a cost weight); `row` is the step's feature row."""
-        return self.predictor.kappa.at(step, float(row[0, _PROMPT_TOKENS]), self.prices.cloud_output_per_input)
+        return self.predictor.kappa.at(step, float(row[0, _PROMPT_TOKENS]))
 
     def unfamiliar(self, messages: list[Message]) -> bool:
         fam = self.predictor.familiarity

@@ -58,14 +58,13 @@ class PolicyEstimate:
 _PROMPT_TOKENS = FEATURE_NAMES.index("prompt_tokens")
 
 
-def threshold(kappa: Kappa, s: dict[str, Any], prices: PriceSettings | None = None) -> float:
-    """A traced step's threshold, as the runtime computes it (at the default prices unless given)."""
-    return kappa.at(s["step"], s["features"][_PROMPT_TOKENS], (prices or PriceSettings()).cloud_output_per_input)
+def threshold(kappa: Kappa, s: dict[str, Any]) -> float:
+    """A traced step's threshold, as the runtime computes it."""
+    return kappa.at(s["step"], s["features"][_PROMPT_TOKENS])
 
 
 def kappa_routes(traces: list[dict[str, Any]], probs: list[np.ndarray], kappa: Kappa) -> list[list[bool]]:
-    prices = PriceSettings()
-    return [[bool(pk >= threshold(kappa, s, prices)) for s, pk in zip(t["steps"], p)] for t, p in zip(traces, probs)]
+    return [[bool(pk >= threshold(kappa, s)) for s, pk in zip(t["steps"], p)] for t, p in zip(traces, probs)]
 
 
 def estimate(traces: list[dict[str, Any]], probs: list[np.ndarray], kappa: Kappa) -> PolicyEstimate:
@@ -120,8 +119,11 @@ def step_cloud_tokens(s: dict[str, Any], cpt: float) -> tuple[int, int]:
     return int(s["prompt_tokens"]), int(round(len(s["llm_text"]) / cpt))
 
 
-def fit_cost_weight(traces: list[dict[str, Any]], gamma: float, max_steps: int = 5) -> CostWeight:
-    """The expected cloud output per step index and the average step, from (train) traces."""
+def fit_cost_weight(traces: list[dict[str, Any]], gamma: float, prices: PriceSettings | None = None,
+                    max_steps: int = 5) -> CostWeight:
+    """The expected cloud output per step index, the average step and the costliest one, from
+    (train) traces, at `prices` (the default ones unless given)."""
+    prices = prices or PriceSettings()
     cpt = chars_per_token(traces)
     steps = [s for t in traces for s in t["steps"]]
     if not steps:
@@ -133,8 +135,11 @@ def fit_cost_weight(traces: list[dict[str, Any]], gamma: float, max_steps: int =
     for i in range(max(by_index) + 1):  # an index no task reached takes the one before it
         last = float(np.mean(by_index[i])) if i in by_index else last
         out.append(round(last, 2))
-    return CostWeight(gamma, tuple(out), round(float(np.mean([s["prompt_tokens"] for s in steps])), 2),
-                      round(float(np.mean([step_cloud_tokens(s, cpt)[1] for s in steps])), 2))
+    weight = CostWeight(gamma, tuple(out), round(float(np.mean([s["prompt_tokens"] for s in steps])), 2),
+                        round(float(np.mean([step_cloud_tokens(s, cpt)[1] for s in steps])), 2), max_ratio=1e9,
+                        out_per_in=prices.cloud_output_per_input)
+    costliest = max(weight.ratio(s["step"], s["prompt_tokens"]) for s in steps)
+    return replace(weight, max_ratio=round(max(1.0, costliest), 3))
 
 
 def cost_ratio(traces: list[dict[str, Any]], local: list[list[bool]], cpt: float,
@@ -151,7 +156,7 @@ def cost_ratio(traces: list[dict[str, Any]], local: list[list[bool]], cpt: float
 
 
 def calibrate_cost(traces: list[dict[str, Any]], predictor: Predictor, weight: CostWeight, *,
-                   max_drop: float = 0.03, budget: float | None = None,
+                   max_drop: float = 0.03, budget: float | None = None, prices: PriceSettings | None = None,
                    gammas: tuple[float, ...] = COST_GAMMAS) -> tuple[Kappa, dict[str, Any]]:
     """Choose kappa's base and the cost weight's gamma together (one trade-off for every step):
     without a `budget`, the least estimated cloud cost whose accuracy stays within `max_drop` of
@@ -166,18 +171,20 @@ def calibrate_cost(traces: list[dict[str, Any]], predictor: Predictor, weight: C
             kappa = Kappa(float(base), per_step, max_steps, replace(weight, gamma=float(gamma)))
             local = kappa_routes(traces, probs, kappa)
             est = estimate_routes(traces, local, kappa.base)
-            candidates.append((kappa, est, cost_ratio(traces, local, cpt)))
+            candidates.append((kappa, est, cost_ratio(traces, local, cpt, prices)))
     llm = candidates[0][1].llm_accuracy
     if budget is not None and not any(c[2] <= budget + 1e-9 for c in candidates):
         raise ValueError(f"no threshold keeps the estimated cloud cost within {budget:g} of All-LLM's on the "
                          f"calibration tasks (the least is {min(c[2] for c in candidates):.3f}); raise --cloud-budget")
     if budget is None:
-        feasible = [c for c in candidates if c[1].accuracy >= llm - max_drop]
+        # base 1.01 (all cloud: All-LLM's accuracy, cost 1) is always feasible unless max_drop < 0
+        feasible = [c for c in candidates if c[1].accuracy >= llm - max_drop] or \
+            [c for c in candidates if c[0].base > 1.0]
         key = lambda c: (c[2], -c[1].accuracy)  # noqa: E731 - cheapest, then most accurate
     else:
         feasible = [c for c in candidates if c[2] <= budget + 1e-9]
         key = lambda c: (-c[1].accuracy, c[2])  # noqa: E731 - most accurate, then cheapest
-    kappa, est, cost = min(feasible, key=key)  # never empty: base 1.01 is All-LLM at cost 0 ... 1
+    kappa, est, cost = min(feasible, key=key)
     alone = min((c for c in feasible if c[0].cost.gamma == 0.0), key=key)
 
     def point(c):
@@ -256,16 +263,21 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
           dask_client=None, meta: dict[str, Any] | None = None,
           openings: dict[str, str] | None = None,
           votes: dict[str, FirstStepVote] | None = None, cost_aware: bool = False,
-          cloud_budget: float | None = None) -> tuple[Predictor, dict[str, Any]]:
+          cloud_budget: float | None = None, prices: PriceSettings | None = None) -> tuple[Predictor, dict[str, Any]]:
     """Fit the predictor on the train split, calibrate kappa on val; with draft features in the
     traces, the draft stage too; with `openings` (task id -> the task's opening user message),
     the familiarity check that tells the runtime when a step is unlike every training task; with
     `votes` (task id -> its first step's vote), the vote stage and kappa calibrated together.
     `cost_aware` weighs each step's threshold by its expected cloud cost too (one trade-off across
     a task's steps), calibrated for the least cloud cost within `max_drop`, or with `cloud_budget`
-    (a share of All-LLM's cloud cost) for the best accuracy within that budget."""
+    (a share of All-LLM's cloud cost) for the best accuracy within that budget, at `prices` (the
+    default ones unless given; the weight keeps their ratio). The draft and vote stages are
+    calibrated for the most steps local within `max_drop`, so a budget is not combined with them."""
     if cloud_budget is not None and not 0.0 < cloud_budget <= 1.0:
         raise ValueError(f"the cloud budget is a share of All-LLM's cloud cost, in (0, 1]; got {cloud_budget}")
+    if cloud_budget is not None and votes:
+        raise ValueError("a cloud budget and a vote stage cannot be calibrated together yet (the vote stage keeps "
+                         "the most steps local within --max-drop): drop --votes or --cloud-budget")
     import xgboost as xgb
 
     X, y = rows(traces, {"train"})
@@ -287,8 +299,9 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
     calib = [t for t in traces if t["split"] == "val"] or [t for t in traces if t["split"] == "train"]
     cost_report = None
     if cost_aware or cloud_budget is not None:
-        weight = fit_cost_weight([t for t in traces if t["split"] == "train"], gamma=0.0)
-        predictor.kappa, cost_report = calibrate_cost(calib, predictor, weight, max_drop=max_drop, budget=cloud_budget)
+        weight = fit_cost_weight([t for t in traces if t["split"] == "train"], gamma=0.0, prices=prices)
+        predictor.kappa, cost_report = calibrate_cost(calib, predictor, weight, max_drop=max_drop, budget=cloud_budget,
+                                                      prices=prices)
         est = estimate(calib, [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32))
                                for t in calib], predictor.kappa)
     else:
@@ -308,7 +321,10 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
         "feature_importance_gain": dict(sorted(importance.items(), key=lambda kv: -kv[1])),
     }
     predictor.meta = {**(meta or {}), **report}
-    if has_drafts([t for t in traces if t["split"] == "train"]):
+    if has_drafts([t for t in traces if t["split"] == "train"]) and cloud_budget is not None:
+        report["draft_stage"] = "not calibrated: a draft stage keeps the most steps local within --max-drop, " \
+                                "not within a cloud budget"
+    elif has_drafts([t for t in traces if t["split"] == "train"]):
         predictor.draft, report["draft_stage"] = train_draft_stage(traces, predictor, max_drop=max_drop)
     if openings:
         predictor.familiarity = fit_familiarity(
@@ -318,6 +334,8 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
             predictor.familiarity.families, (round(float(x), 4) for x in predictor.familiarity.thresholds)))}
     if votes:
         predictor.vote, predictor.kappa, report["vote_stage"] = calibrate_votes(traces, predictor, votes, max_drop)
+        if cost_report is not None:  # the vote stage re-chose kappa's base (gamma stays)
+            cost_report["kappa_base_with_vote_stage"] = predictor.kappa.base
         report["kappa"] = predictor.kappa.to_dict()  # with the votes
         predictor.meta.update(vote_stage=report["vote_stage"], kappa=report["kappa"])
     return predictor, report

@@ -1,4 +1,5 @@
-"""Routing policy: local when P(SLM good enough) >= kappa(step), unless the step is forced.
+"""Routing policy: local when P(SLM good enough) >= the step's threshold (kappa(step), weighed by its
+expected cloud cost when the predictor is), unless the step is forced.
 
 Local-only steps (confidential data) never leave the device, whatever the predictor says.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -73,34 +74,47 @@ class CostWeight:
     as often as kappa(step) alone allows: threshold = 1 - (1 - kappa(step)) * r**gamma. gamma = 0
     is kappa(step) itself; gamma = 1 weighs a step's risk fully by what escalating it costs.
     The expected cost is known before the step runs: its prompt, and the cloud's mean output at
-    that step index on the training tasks."""
+    that step index on the training tasks, at the prices it was calibrated at (`out_per_in`: kept
+    with the weight, so the runtime applies exactly what `hera train` calibrated)."""
 
     gamma: float
     out_tokens: tuple[float, ...]  # expected cloud output tokens at step 0, 1, ...; the last for later steps
     ref_prompt_tokens: float  # the average training step's prompt ...
     ref_out_tokens: float  # ... and output: the cost that r is measured against
+    max_ratio: float = 4.0  # r is capped here (the costliest training step's): no extrapolation past the data
+    out_per_in: float | None = 4.0  # the cloud's output over input price it was fitted at; None: a free cloud
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.gamma <= 4.0 or not self.out_tokens or min(self.out_tokens) < 0 or \
-                self.ref_prompt_tokens <= 0 or self.ref_out_tokens < 0:
-            raise ValueError(f"cost weight needs 0 <= gamma <= 4, expected output tokens >= 0 per step and a "
-                             f"positive reference prompt, got gamma={self.gamma}, out_tokens={self.out_tokens}, "
-                             f"ref=({self.ref_prompt_tokens}, {self.ref_out_tokens})")
+        values = (self.gamma, self.ref_prompt_tokens, self.ref_out_tokens, self.max_ratio, *self.out_tokens,
+                  *(() if self.out_per_in is None else (self.out_per_in,)))
+        if not all(math.isfinite(v) for v in values) or not 0.0 <= self.gamma <= 4.0 or not self.out_tokens or \
+                min(self.out_tokens) < 0 or self.ref_prompt_tokens <= 0 or self.ref_out_tokens < 0 or \
+                self.max_ratio < 1.0 or (self.out_per_in is not None and self.out_per_in < 0):
+            raise ValueError(f"cost weight needs finite values, 0 <= gamma <= 4, expected output tokens >= 0 per "
+                             f"step, a positive reference prompt, max_ratio >= 1 and a price ratio >= 0, got "
+                             f"gamma={self.gamma}, out_tokens={self.out_tokens}, ref=({self.ref_prompt_tokens}, "
+                             f"{self.ref_out_tokens}), max_ratio={self.max_ratio}, out_per_in={self.out_per_in}")
 
-    def ratio(self, step: int, prompt_tokens: float, out_per_in: float) -> float:
-        """The step's expected cloud cost over the average step's; `out_per_in` is the cloud's output
-        price over its input price (only the ratio matters)."""
+    def ratio(self, step: int, prompt_tokens: float) -> float:
+        """The step's expected cloud cost over the average training step's, at most max_ratio (1 for
+        a free cloud: no step costs more than another)."""
+        if self.out_per_in is None:
+            return 1.0
         out = self.out_tokens[min(max(step, 0), len(self.out_tokens) - 1)]
-        return (prompt_tokens + out_per_in * out) / (self.ref_prompt_tokens + out_per_in * self.ref_out_tokens)
+        r = (prompt_tokens + self.out_per_in * out) / (self.ref_prompt_tokens + self.out_per_in * self.ref_out_tokens)
+        return min(r, self.max_ratio)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"gamma": self.gamma, "out_tokens": list(self.out_tokens),
-                "ref_prompt_tokens": self.ref_prompt_tokens, "ref_out_tokens": self.ref_out_tokens}
+        return {"gamma": self.gamma, "out_tokens": list(self.out_tokens), "ref_prompt_tokens": self.ref_prompt_tokens,
+                "ref_out_tokens": self.ref_out_tokens, "max_ratio": self.max_ratio, "out_per_in": self.out_per_in}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CostWeight":
+        if not isinstance(d.get("out_tokens"), list):
+            raise TypeError(f"out_tokens must be a list, got {d.get('out_tokens')!r}")
+        opi = d["out_per_in"]
         return cls(float(d["gamma"]), tuple(float(x) for x in d["out_tokens"]), float(d["ref_prompt_tokens"]),
-                   float(d["ref_out_tokens"]))
+                   float(d["ref_out_tokens"]), float(d["max_ratio"]), None if opi is None else float(opi))
 
 
 @dataclass(frozen=True)
@@ -117,13 +131,13 @@ class Kappa:
         """The position-aware part alone."""
         return self.base + min(max(step, 0), self.max_steps) * self.per_step
 
-    def at(self, step: int, prompt_tokens: float, out_per_in: float = 4.0) -> float:
-        """The step's threshold: kappa(step), weighed by its expected cloud cost when this has a cost
-        weight. `out_per_in`: the cloud's output over input price (gpt-4o-mini's: 0.60 / 0.15)."""
+    def at(self, step: int, prompt_tokens: float) -> float:
+        """The step's threshold: kappa(step), weighed by its expected cloud cost (its prompt's tokens
+        and the step index's expected output) when this has a cost weight."""
         k = self(step)
         if self.cost is None or self.cost.gamma == 0.0:
             return k
-        return 1.0 - (1.0 - k) * self.cost.ratio(step, prompt_tokens, out_per_in) ** self.cost.gamma
+        return 1.0 - (1.0 - k) * self.cost.ratio(step, prompt_tokens) ** self.cost.gamma
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"base": self.base, "per_step": self.per_step, "max_steps": self.max_steps}
@@ -303,7 +317,7 @@ class Predictor:
         if k.get("cost_weight") is not None:
             try:
                 cost = CostWeight.from_dict(k["cost_weight"])
-            except (KeyError, TypeError, ValueError) as exc:
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"predictor file {path}: its cost weight is unreadable ({exc}); "
                                   "retrain it with `hera train --cost-aware`") from None
         return cls(model_json=base64.b64decode(d["model_b64"]), feature_names=names,

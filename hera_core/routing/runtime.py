@@ -166,7 +166,7 @@ class Runtime:
         pre = await self.local.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
         p, X = await self._scorer.score(pre.logits, structure_features(step, pre.prompt_tokens, messages, toolset))
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
-        kappa = self.predictor.kappa.at(step, pre.prompt_tokens, self.prices.cloud_output_per_input)
+        kappa = self.predictor.kappa.at(step, pre.prompt_tokens)
         return Score(p, kappa + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
 
     def is_unfamiliar(self, messages: list[Message]) -> bool:

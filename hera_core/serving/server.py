@@ -136,7 +136,7 @@ def _override_of(request: web.Request) -> Override:
 
 
 def _routed_threshold(model: str) -> tuple[bool, float | None]:
-    """('hera' -> routed, kappa(step)); ('hera:0.7' -> routed, fixed 0.7); other -> pass-through."""
+    """('hera' -> routed by the predictor's threshold); ('hera:0.7' -> routed, fixed 0.7); other -> pass-through."""
     if model == "hera":
         return True, None
     if model.startswith("hera:"):
