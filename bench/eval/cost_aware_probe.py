@@ -18,7 +18,7 @@ import numpy as np
 
 from hera_core.offline.profiling import load_traces
 from hera_core.offline.training import (COST_GAMMAS, chars_per_token, cost_ratio, estimate_routes, fit_cost_weight,
-                                        kappa_routes)
+                                        kappa_routes, step_probs)
 from hera_core.routing.predictor import Predictor
 
 HERE = Path(__file__).parent
@@ -32,7 +32,7 @@ def main() -> None:
     out = {"cost_weight": weight.to_dict(), "accuracy_at_cost": {}}
     for split in ("val", "test"):
         T, cpt = traces[split], chars_per_token(traces[split])
-        P = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in T]
+        P = step_probs(predictor, T)
         out["accuracy_at_cost"][split] = {}
         for gamma in COST_GAMMAS:
             points = []

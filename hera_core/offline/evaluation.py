@@ -46,11 +46,10 @@ from hera_core.config import PriceSettings
 from hera_core.backends.base import Engine, Message
 from hera_core.native.features import logit_features
 from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
-from hera_core.routing.predictor import FEATURE_NAMES, Predictor, feature_matrix, structure_features
+from hera_core.routing.predictor import PROMPT_TOKENS_COLUMN, Predictor, feature_matrix, structure_features
 from hera_core.offline.workloads import Task
 
 MAX_TOKENS = 384  # the profile's completion limit: the same requests hit the same cache entries
-_PROMPT_TOKENS = FEATURE_NAMES.index("prompt_tokens")  # a feature row's column the cost weight reads
 
 
 @dataclass
@@ -226,7 +225,7 @@ class Evaluator:
     def threshold(self, row: np.ndarray, step: int) -> float:
         """kappa at this step, as the runtime weighs it (by the step's expected cloud cost too, when
         the predictor has a cost weight); `row` is the step's feature row."""
-        return self.predictor.kappa.at(step, float(row[0, _PROMPT_TOKENS]))
+        return self.predictor.kappa.at(step, float(row[0, PROMPT_TOKENS_COLUMN]))
 
     def unfamiliar(self, messages: list[Message]) -> bool:
         fam = self.predictor.familiarity
@@ -462,9 +461,9 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0, progress=
 
 def estimated_curve(traces: list[dict[str, Any]], predictor: Predictor) -> list[dict[str, float]]:
     """HERA's cost/accuracy trade-off as the threshold sweeps, estimated from profiled labels."""
-    from hera_core.offline.training import estimate
+    from hera_core.offline.training import estimate, step_probs
 
-    probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in traces]
+    probs = step_probs(predictor, traces)
     points = []
     for base in np.round(np.arange(0.0, 1.0201, 0.02), 2):
         est = estimate(traces, probs, replace(predictor.kappa, base=float(base)))

@@ -16,8 +16,8 @@ import numpy as np
 from hera_core.checks.drafts import staged_agreement, votable
 from hera_core.config import PriceSettings
 from hera_core.routing.familiarity import fit_familiarity
-from hera_core.routing.predictor import (DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, CostWeight, DraftStage, Kappa,
-                                         Predictor, VoteStage)
+from hera_core.routing.predictor import (DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, PROMPT_TOKENS_COLUMN, CostWeight,
+                                         DraftStage, Kappa, Predictor, VoteStage)
 
 XGB_PARAMS = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.1, "subsample": 0.9,
               "min_child_weight": 1.0, "eval_metric": "auc", "nthread": 1, "seed": 0}
@@ -55,12 +55,15 @@ class PolicyEstimate:
     llm_accuracy: float
 
 
-_PROMPT_TOKENS = FEATURE_NAMES.index("prompt_tokens")
+def step_probs(predictor: Predictor, traces: list[dict[str, Any]]) -> list[np.ndarray]:
+    """The predictor's P for every traced step, one array per task."""
+    return [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)
+                              .reshape(-1, len(FEATURE_NAMES))) for t in traces]
 
 
 def threshold(kappa: Kappa, s: dict[str, Any]) -> float:
     """A traced step's threshold, as the runtime computes it."""
-    return kappa.at(s["step"], s["features"][_PROMPT_TOKENS])
+    return kappa.at(s["step"], s["features"][PROMPT_TOKENS_COLUMN])
 
 
 def kappa_routes(traces: list[dict[str, Any]], probs: list[np.ndarray], kappa: Kappa) -> list[list[bool]]:
@@ -91,8 +94,7 @@ def estimate_routes(traces: list[dict[str, Any]], local: list[list[bool]], thres
 
 def calibrate(traces: list[dict[str, Any]], predictor: Predictor, max_drop: float,
               per_step: float = 0.02, max_steps: int = 5) -> tuple[Kappa, PolicyEstimate]:
-    probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32).reshape(-1, len(FEATURE_NAMES)))
-             for t in traces]
+    probs = step_probs(predictor, traces)
     for base in np.round(np.arange(0.05, 1.0001, 0.01), 2):  # low to high: first feasible keeps most local
         kappa = Kappa(float(base), per_step, max_steps, predictor.kappa.cost)
         est = estimate(traces, probs, kappa)
@@ -128,15 +130,16 @@ def fit_cost_weight(traces: list[dict[str, Any]], gamma: float, prices: PriceSet
     steps = [s for t in traces for s in t["steps"]]
     if not steps:
         raise ValueError("no traced steps to weigh cloud costs by: profile some tasks first (`hera profile`)")
+    outs = [step_cloud_tokens(s, cpt)[1] for s in steps]
     by_index: dict[int, list[int]] = {}
-    for s in steps:
-        by_index.setdefault(min(s["step"], max_steps), []).append(step_cloud_tokens(s, cpt)[1])
+    for s, o in zip(steps, outs):
+        by_index.setdefault(min(s["step"], max_steps), []).append(o)
     out, last = [], 0.0
     for i in range(max(by_index) + 1):  # an index no task reached takes the one before it
         last = float(np.mean(by_index[i])) if i in by_index else last
         out.append(round(last, 2))
     weight = CostWeight(gamma, tuple(out), round(float(np.mean([s["prompt_tokens"] for s in steps])), 2),
-                        round(float(np.mean([step_cloud_tokens(s, cpt)[1] for s in steps])), 2), max_ratio=1e9,
+                        round(float(np.mean(outs)), 2), max_ratio=1e9,
                         out_per_in=prices.cloud_output_per_input)
     costliest = max(weight.ratio(s["step"], s["prompt_tokens"]) for s in steps)
     return replace(weight, max_ratio=round(max(1.0, costliest), 3))
@@ -157,12 +160,12 @@ def cost_ratio(traces: list[dict[str, Any]], local: list[list[bool]], cpt: float
 
 def calibrate_cost(traces: list[dict[str, Any]], predictor: Predictor, weight: CostWeight, *,
                    max_drop: float = 0.03, budget: float | None = None, prices: PriceSettings | None = None,
-                   gammas: tuple[float, ...] = COST_GAMMAS) -> tuple[Kappa, dict[str, Any]]:
+                   gammas: tuple[float, ...] = COST_GAMMAS) -> tuple[Kappa, PolicyEstimate, dict[str, Any]]:
     """Choose kappa's base and the cost weight's gamma together (one trade-off for every step):
     without a `budget`, the least estimated cloud cost whose accuracy stays within `max_drop` of
     All-LLM; with one (a share of All-LLM's cloud cost), the best estimated accuracy within it.
     gamma = 0 (kappa alone) is among the candidates, so the result is never worse on `traces`."""
-    probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in traces]
+    probs = step_probs(predictor, traces)
     cpt = chars_per_token(traces)
     per_step, max_steps = predictor.kappa.per_step, predictor.kappa.max_steps
     candidates = []
@@ -173,9 +176,6 @@ def calibrate_cost(traces: list[dict[str, Any]], predictor: Predictor, weight: C
             est = estimate_routes(traces, local, kappa.base)
             candidates.append((kappa, est, cost_ratio(traces, local, cpt, prices)))
     llm = candidates[0][1].llm_accuracy
-    if budget is not None and not any(c[2] <= budget + 1e-9 for c in candidates):
-        raise ValueError(f"no threshold keeps the estimated cloud cost within {budget:g} of All-LLM's on the "
-                         f"calibration tasks (the least is {min(c[2] for c in candidates):.3f}); raise --cloud-budget")
     if budget is None:
         # base 1.01 (all cloud: All-LLM's accuracy, cost 1) is always feasible unless max_drop < 0
         feasible = [c for c in candidates if c[1].accuracy >= llm - max_drop] or \
@@ -183,6 +183,10 @@ def calibrate_cost(traces: list[dict[str, Any]], predictor: Predictor, weight: C
         key = lambda c: (c[2], -c[1].accuracy)  # noqa: E731 - cheapest, then most accurate
     else:
         feasible = [c for c in candidates if c[2] <= budget + 1e-9]
+        if not feasible:
+            raise ValueError(f"no threshold keeps the estimated cloud cost within {budget:g} of All-LLM's on the "
+                             f"calibration tasks (the least is {min(c[2] for c in candidates):.3f}); "
+                             "raise --cloud-budget")
         key = lambda c: (-c[1].accuracy, c[2])  # noqa: E731 - most accurate, then cheapest
     kappa, est, cost = min(feasible, key=key)
     alone = min((c for c in feasible if c[0].cost.gamma == 0.0), key=key)
@@ -194,7 +198,7 @@ def calibrate_cost(traces: list[dict[str, Any]], predictor: Predictor, weight: C
     report = {"tasks": len(traces), "objective": "max accuracy within budget" if budget is not None else
               "min cloud cost within max_drop", "budget": budget, "max_drop": max_drop, "llm_accuracy": llm,
               "chars_per_token": round(cpt, 3), "chosen": point((kappa, est, cost)), "kappa_alone": point(alone)}
-    return kappa, report
+    return kappa, est, report
 
 
 @dataclass
@@ -237,7 +241,7 @@ def calibrate_votes(traces: list[dict[str, Any]], predictor: Predictor, votes: d
     calib = [t for t in traces if t["split"] == "val" and t["task_id"] in votes]
     if not calib:
         raise ValueError("no validation task has votes: sample its first steps with bench/eval/agreement_probe.py")
-    probs = [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in calib]
+    probs = step_probs(predictor, calib)
     # The bar to clear: kappa alone, scanned on the same tasks (so a re-tuned kappa is not taken for the votes' gain)
     alone_kappa, alone = calibrate(calib, predictor, max_drop)
     best = None
@@ -300,10 +304,8 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
     cost_report = None
     if cost_aware or cloud_budget is not None:
         weight = fit_cost_weight([t for t in traces if t["split"] == "train"], gamma=0.0, prices=prices)
-        predictor.kappa, cost_report = calibrate_cost(calib, predictor, weight, max_drop=max_drop, budget=cloud_budget,
-                                                      prices=prices)
-        est = estimate(calib, [predictor.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32))
-                               for t in calib], predictor.kappa)
+        predictor.kappa, est, cost_report = calibrate_cost(calib, predictor, weight, max_drop=max_drop,
+                                                           budget=cloud_budget, prices=prices)
     else:
         predictor.kappa, est = calibrate(calib, predictor, max_drop)
     kappa = predictor.kappa
@@ -321,10 +323,11 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
         "feature_importance_gain": dict(sorted(importance.items(), key=lambda kv: -kv[1])),
     }
     predictor.meta = {**(meta or {}), **report}
-    if has_drafts([t for t in traces if t["split"] == "train"]) and cloud_budget is not None:
+    drafted = has_drafts([t for t in traces if t["split"] == "train"])
+    if drafted and cloud_budget is not None:
         report["draft_stage"] = "not calibrated: a draft stage keeps the most steps local within --max-drop, " \
                                 "not within a cloud budget"
-    elif has_drafts([t for t in traces if t["split"] == "train"]):
+    elif drafted:
         predictor.draft, report["draft_stage"] = train_draft_stage(traces, predictor, max_drop=max_drop)
     if openings:
         predictor.familiarity = fit_familiarity(
@@ -412,7 +415,7 @@ def train_draft_stage(traces: list[dict[str, Any]], first: Predictor, *, max_dro
     booster = xgb.train(XGB_PARAMS, xgb.DMatrix(X, label=y), num_boost_round=num_rounds)
     stage = DraftStage(model_json=bytes(booster.save_raw("json")))
     calib = [t for t in traces if t["split"] == "val"] or [t for t in traces if t["split"] == "train"]
-    p1 = [first.predict(np.asarray([s["features"] for s in t["steps"]], dtype=np.float32)) for t in calib]
+    p1 = step_probs(first, calib)
     p2 = [stage.predict(np.asarray([s["features"] + s["draft_features"] for s in t["steps"]], dtype=np.float32))
           for t in calib]
     best = None

@@ -36,6 +36,7 @@ TOOL_FEATURE_NAMES = ("tools_offered", "tool_choice_forced", "tool_results", "af
 V1_FEATURE_NAMES = LOGIT_FEATURE_NAMES + ("step_index", "prompt_tokens", "n_messages", "last_message_chars")
 STRUCTURE_FEATURE_NAMES = V1_FEATURE_NAMES[len(LOGIT_FEATURE_NAMES):] + TOOL_FEATURE_NAMES
 FEATURE_NAMES = LOGIT_FEATURE_NAMES + STRUCTURE_FEATURE_NAMES
+PROMPT_TOKENS_COLUMN = FEATURE_NAMES.index("prompt_tokens")  # what a cost weight reads from a feature row
 DEFAULT_PREDICTOR = "default_predictor.json"
 _TOOL_ERROR = re.compile(r"\b(error|exception|traceback|failed|invalid|not found)\b", re.IGNORECASE)
 
