@@ -75,7 +75,8 @@ def cmd_doctor(args) -> int:
 
     checks = run_checks(Path(args.model) if args.model else None)
     for c in checks:
-        print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:16} {c.detail}")
+        print(f"{'FAIL' if not c.ok else 'WARN' if c.warning else 'ok  '}  {c.name:16} {c.detail}"
+              + (f" (fix: {c.fix})" if c.warning and c.fix else ""))
     failed = [c for c in checks if not c.ok]
     if failed:  # the first failure is the one to fix first: one line, naming the fix
         raise SelfTestFailed(f"{failed[0].name}: {failed[0].detail}; fix: {failed[0].fix}")

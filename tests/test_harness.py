@@ -63,7 +63,7 @@ def test_harness_runs_tool_then_final_step_with_a_scripted_model():
 
 def test_tool_has_no_network():
     ok, out = run_python("import socket; socket.create_connection(('127.0.0.1', 9))")
-    assert not ok and "network access is disabled" in out
+    assert not ok and "PermissionError" in out  # the sandbox's filter refuses an inet socket
     ok, out = run_python("x = (1,\n")
     assert not ok and "SyntaxError" in out  # reported with the program's own line numbers
 

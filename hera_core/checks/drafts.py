@@ -22,12 +22,13 @@ from __future__ import annotations
 import doctest
 import math
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from hera_core.checks.sandbox import run_python
+from hera_core.checks.sandbox import SandboxUnavailableError, default_sandbox, run_python
 
 CODE_RE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
 ANSWER_RE = re.compile(r"ANSWER:\s*(.+)", re.I)
@@ -69,7 +70,10 @@ def vote_key(text: str, timeout_s: float = 5.0) -> str:
     program prints (run in the sandbox), else its `ANSWER:` value, else its text, normalized."""
     code = extract_code(text)
     if code:
-        ok, out = run_python(code, timeout_s=timeout_s)
+        try:
+            ok, out = run_python(code, timeout_s=timeout_s, sandbox=default_sandbox())
+        except SandboxUnavailableError:
+            return f"unverified:{uuid.uuid4().hex}"  # no sandbox: an answer nothing can confirm agrees with none
         lines = [ln.strip() for ln in out.strip().splitlines() if ln.strip()]
         return f"out:{lines[-1] if ok and lines else '(failed)'}"
     answer = extract_answer(text)
@@ -165,7 +169,7 @@ def run_examples(code: str, examples: list[tuple[str, str]], prelude: str = "",
                  timeout_s: float = 10.0) -> tuple[bool, str]:
     """Run (call, expected) examples against `code` in the sandbox: (all passed, output or error)."""
     program = prelude + code + "\n\n_EXAMPLES = " + repr(examples) + EXAMPLE_RUNNER
-    return run_python(program, timeout_s=timeout_s)
+    return run_python(program, timeout_s=timeout_s, sandbox=default_sandbox())
 
 
 def _is_number(s: str) -> bool:
@@ -195,8 +199,12 @@ def check_draft(messages: list[dict[str, Any]], draft: str, *, completion_tokens
     failures: list[str] = []
 
     code_ran = printed_number = -1.0
+    if code is not None and not default_sandbox().status.available:
+        # Model code runs only in the sandbox: where there is none, the draft's program is not
+        # checked, and a draft that cannot be checked does not pass (the step is escalated).
+        return _unchecked_draft(draft, completion_tokens, token_logprobs, default_sandbox().status.detail)
     if code is not None:
-        ok, out = run_python(code, timeout_s=timeout_s)
+        ok, out = run_python(code, timeout_s=timeout_s, sandbox=default_sandbox())
         code_ran = 1.0 if ok else 0.0
         if ok:
             printed_number = 1.0 if _is_number(out.strip().splitlines()[-1] if out.strip() else "") else 0.0
@@ -232,3 +240,12 @@ def check_draft(messages: list[dict[str, Any]], draft: str, *, completion_tokens
              float(tagged is not None), answer_numeric, answer_letter, answer_in_prompt, examples_pass,
              *logprob_summary(token_logprobs)]
     return DraftCheck(np.asarray(feats, dtype=np.float32), not failures, failures[0] if failures else "ok")
+
+
+def _unchecked_draft(draft: str, completion_tokens: int | None, token_logprobs: list[float] | None,
+                     why: str) -> DraftCheck:
+    tokens = completion_tokens if completion_tokens is not None else max(1, len(draft) // 4)
+    feats = np.full(len(DRAFT_FEATURE_NAMES), np.nan, dtype=np.float32)
+    feats[0], feats[1] = float(tokens), 1.0
+    feats[-3:] = logprob_summary(token_logprobs)
+    return DraftCheck(feats, False, f"the draft's program was not run (no sandbox: {why})")

@@ -7,6 +7,7 @@ Checks, cheapest first:
 - native: hera_core._native loads and matches this source tree;
 - llama.cpp build: no AMX instructions in ggml's CPU library (objdump), and every instruction set
   it was compiled for is one this CPU has;
+- sandbox: model-written code can run isolated (a warning, not a failure, where it cannot);
 - decode: in a child process (a crash there cannot take the caller down), SmolLM2 loads and
   decodes a few greedy tokens, which must be the expected ones.
 """
@@ -58,6 +59,7 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""  # the command or setting that repairs a failure
+    warning: bool = False  # ok to run, but a part of HERA is off (shown as WARN, not a failure)
 
 
 def rebuild_hint() -> str:
@@ -210,8 +212,23 @@ def decode_self_test(model_path: Path, timeout_s: float = 120, *, child: list[st
                  + (f" [{' '.join(n for n, on in re.findall(r'([A-Z0-9_]+) = (1)', isa.group(1)))}]" if isa else ""))
 
 
+def check_sandbox() -> Check:
+    """Model-written code (draft checks, the harness's tool) runs only in the kernel sandbox. Where
+    none can be had HERA still serves, but escalates the steps whose check would run code: a
+    warning naming the fix, not a failed install."""
+    from hera_core.checks.sandbox import UNSAFE_ENV, default_sandbox
+
+    status = default_sandbox().status
+    if status.mechanism == "bubblewrap":
+        return Check("sandbox", True, f"model-written code runs isolated ({status.detail})")
+    if status.available:
+        return Check("sandbox", True, f"UNSAFE: {status.detail}", f"unset {UNSAFE_ENV}", warning=True)
+    return Check("sandbox", True, f"model-written code will not run, draft checks escalate: {status.detail}",
+                 "install Debian's bubblewrap or enable user namespaces", warning=True)
+
+
 def run_checks(model_path: Path | None) -> list[Check]:
-    checks = [check_versions(), check_native(), check_no_amx()]
+    checks = [check_versions(), check_native(), check_no_amx(), check_sandbox()]
     if model_path is None:
         from hera_core.install import models
 

@@ -9,6 +9,7 @@ and the tests talk to a real model over real HTTP.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
+from hera_core.checks.sandbox import default_sandbox
 from hera_core.config import HeraSettings
 from hera_core.backends.cloud import CircuitBreaker, CloudEngine
 from hera_core.backends.llamacpp import LlamaCppEngine
@@ -28,6 +30,8 @@ from hera_core.routing.ledger import Ledger
 from hera_core.install.models import model_path
 from hera_core.routing.predictor import Predictor
 from hera_core.routing.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -125,6 +129,15 @@ def open_ledger(settings: HeraSettings):
     return Ledger(settings.resolved_ledger_path())
 
 
+def _log_sandbox() -> None:
+    """Once at start: whether the drafts' programs can run isolated (probed now, not on the first step)."""
+    status = default_sandbox().status
+    if status.mechanism == "bubblewrap":
+        log.info("sandbox for model-written code: %s", status.detail)
+    else:
+        log.warning("sandbox for model-written code: %s; `hera doctor` says more", status.detail)
+
+
 @asynccontextmanager
 async def open_runtime(settings: HeraSettings, *, run: str = "default", predictor: Predictor | None = None,
                        use_cache: bool = False) -> AsyncIterator[Runtime]:
@@ -132,6 +145,7 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
     if settings.local.engine == "llamacpp":
         model_path(settings.local.model, settings.cache_dir)  # a missing model is the first thing to fix
     predictor = predictor or Predictor.load(settings.policy.predictor_path)
+    _log_sandbox()
     async with open_engines(settings, use_cache=use_cache) as (local, cloud):
         ledger = open_ledger(settings)
         try:
