@@ -45,3 +45,25 @@ def test_committed_rows_are_visible_to_another_connection_at_once(tmp_path):
     assert other.execute("SELECT COUNT(*) FROM subtasks").fetchone()[0] == 1
     other.close()
     led.close()
+
+
+def test_rows_name_the_predictor_version_and_old_ledgers_gain_the_column(tmp_path):
+    import sqlite3
+
+    from hera_core.routing.ledger import SCHEMA
+
+    path = tmp_path / "old.sqlite"
+    old_schema = "\n".join(line for line in SCHEMA.replace("DEFAULT 'ok',", "DEFAULT 'ok'").splitlines()
+                           if "predictor_version" not in line)
+    assert "predictor_version" not in old_schema
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO subtasks (ts, run, session, step, route, model, prompt_tokens, completion_tokens, "
+                   "cached_tokens, latency_s, cost_usd, cloud_cost_usd, reason) "
+                   "VALUES (1, 'r', 's', 0, 'cloud', 'm', 1, 1, 0, 0.1, 0.0, 0.0, 'old row')")
+    ledger = Ledger(path)
+    ledger.record(LedgerRow(run="r", session="s", step=1, route="local", model="m", prompt_tokens=1,
+                            completion_tokens=1, cached_tokens=0, latency_s=0.1, cost_usd=0.0, cloud_cost_usd=0.0,
+                            p_local=0.9, threshold=0.6, reason="predictor", predictor_version="v3"))
+    assert [r["predictor_version"] for r in ledger.rows("r")] == [None, "v3"]
+    ledger.close()

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS subtasks (
     p_local REAL,                     -- predictor's P(SLM good enough); NULL when not scored
     threshold REAL,                   -- kappa(step) used for the decision
     reason TEXT NOT NULL,             -- why this route (predictor, local-only, budget, fallback...)
-    status TEXT NOT NULL DEFAULT 'ok' -- 'ok', 'cancelled' (client left mid-answer) or an error class
+    status TEXT NOT NULL DEFAULT 'ok', -- 'ok', 'cancelled' (client left mid-answer) or an error class
+    predictor_version TEXT            -- the predictor version that routed it (NULL: not recorded)
 );
 CREATE INDEX IF NOT EXISTS subtasks_run ON subtasks(run);
 CREATE TABLE IF NOT EXISTS cloud_attempts (
@@ -70,6 +71,7 @@ class LedgerRow:
     reason: str
     status: str = "ok"
     ts: float = 0.0
+    predictor_version: str | None = None
 
 
 _COLUMNS = [f.name for f in fields(LedgerRow)]
@@ -86,6 +88,9 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(subtasks)")}
+        if "predictor_version" not in columns:  # a ledger written before versions were recorded
+            self._db.execute("ALTER TABLE subtasks ADD COLUMN predictor_version TEXT")
         self._lock = threading.Lock()
 
     def record(self, row: LedgerRow, attempts: list[tuple[str, float]] | None = None) -> int:

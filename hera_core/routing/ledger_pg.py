@@ -29,7 +29,7 @@ from typing import Any
 from hera_core.errors import ConfigError
 from hera_core.routing.ledger import _COLUMNS, LedgerRow
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIGRATIONS = {  # version -> DDL that brings a database from version - 1 to it
     1: """
 CREATE TABLE IF NOT EXISTS subtasks (
@@ -91,6 +91,9 @@ INSERT INTO cloud_spend (scope, usd)
     SELECT 'day:' || FLOOR(ts / 86400)::BIGINT, SUM(cost_usd) FROM subtasks WHERE route = 'cloud'
     GROUP BY FLOOR(ts / 86400)::BIGINT
 ON CONFLICT (scope) DO NOTHING;
+""",
+    4: """
+ALTER TABLE subtasks ADD COLUMN IF NOT EXISTS predictor_version TEXT;  -- the predictor version that routed it
 """,
 }
 
