@@ -118,6 +118,24 @@ class PolicySettings(_Strict):
         "'trust' routes it by the predictor anyway")
 
 
+class LearningSettings(_Strict):
+    """Learning the served agent from its own traffic (docs/learning.md)."""
+
+    shadow: bool = Field(False, description="while a step goes to the cloud, the SLM drafts it too when the device "
+                         "is idle (never ahead of a client's step); both answers go to the trace store and their "
+                         "agreement labels the step")
+    max_trace_rows: int = Field(50_000, ge=1, le=10_000_000, description="traced steps kept (oldest deleted first)")
+    audit_share: float = Field(0.05, ge=0, le=1, description="share of the steps kept local by a learned predictor "
+                               "that also go to the cloud, to measure live agreement (costs cloud tokens)")
+    target_agreement: float = Field(0.9, gt=0, lt=1, description="agreement with the cloud that the steps kept "
+                                    "local must reach, by a one-sided 95% confidence bound")
+    retrain_every: int = Field(0, ge=0, le=1_000_000, description="`hera serve` retrains after this many new labels "
+                               "and swaps the predictor between requests (0: only `hera learn` does)")
+    min_labels: int = Field(100, ge=10, le=10_000_000, description="labelled steps needed before a predictor is "
+                            "learned")
+    min_audits: int = Field(5, ge=1, le=10_000, description="audited steps of a version before it can be rolled back")
+
+
 class ServerSettings(_Strict):
     host: str = Field("127.0.0.1", description="address `hera serve` listens on")
     port: int = Field(8088, ge=0, le=65535, description="port of `hera serve` (0 = any free port)")
@@ -137,6 +155,7 @@ class HeraSettings(_Strict):
     prices: PriceSettings = PriceSettings()
     policy: PolicySettings = PolicySettings()
     server: ServerSettings = ServerSettings()
+    learning: LearningSettings = LearningSettings()
     cache_dir: Path = Field(default_factory=default_cache_dir, description="models, completion cache, ledger")
     ledger_path: Path | None = Field(None, description="SQLite ledger; default <cache_dir>/ledger.sqlite")
     ledger_url: SecretStr | None = Field(None, description="postgresql://... : one ledger shared by a fleet of nodes "

@@ -179,3 +179,54 @@ def test_audit_rolls_back_an_injected_regression_within_bounded_audits():
     steps = [mixed.record("v3", i % 2 == 0) for i in range(40)]  # 50% agreement
     assert any(steps) and steps.index(True) < 20
     assert monitor.summary()["v2"]["agreement"] == 0.0
+
+
+# -- the live loop ---------------------------------------------------------------------------------
+
+def live(tmp_path, **kw):
+    from hera_core.config import LearningSettings
+    from hera_core.routing.learning import LiveLearner
+
+    settings = LearningSettings(**{"min_labels": 30, **kw})
+    return LiveLearner(settings, tmp_path / "learn", Predictor.load())
+
+
+def feature_rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=(n, len(FEATURE_NAMES))).astype(np.float32)
+
+
+def test_live_loop_retrains_every_n_labels_and_swaps_in_the_new_version(tmp_path):
+    learner = live(tmp_path, retrain_every=150)
+    events = []
+    for feats in feature_rows(150):
+        agrees = feats[0] < 0.5
+        events.append(learner.add(row(features=feats, draft="ANSWER: 4" if agrees else "ANSWER: 5")))
+    assert events[:-1] == [None] * 149
+    assert events[-1] is not None and events[-1].version == "v1" and learner.versions.current == "v1"
+    assert events[-1].predictor.meta["version"] == "v1"
+    assert learner.status()["labelled_steps"] == 150 and learner.learned()
+
+
+def test_live_loop_rolls_back_when_audits_disagree(tmp_path):
+    learner = live(tmp_path, min_audits=5, target_agreement=0.9)
+    for feats in feature_rows(200):
+        learner.store.add(row(features=feats, draft="ANSWER: 4" if feats[0] < 0.5 else "ANSWER: 5"))
+    assert learner.learn_now().version == "v1"
+    # The cloud changed its answers: kept-local steps audited under v1 now disagree.
+    for i in range(20):
+        audit = row(store_kind="audit", cloud="ANSWER: 7", draft="ANSWER: 4")
+        audit.predictor_version = "v1"
+        event = learner.add(audit)
+        if event is not None:
+            break
+    assert i == 4 and event.version == "v0" and "below the target" in event.reason
+    assert learner.versions.current == "v0" and learner.status()["events"][-1]["event"] == "rolled back"
+
+
+def test_learn_now_says_when_labels_are_too_few(tmp_path):
+    learner = live(tmp_path)
+    learner.store.add(row())
+    with pytest.raises(NotEnoughLabels, match="1 labelled steps"):
+        learner.learn_now()
+    assert learner.versions.current == "v0"

@@ -232,3 +232,105 @@ def trace_row(kind: str, *, session: str, step: int, messages: list[dict[str, An
     return TraceRow(kind=kind, session=session, step=step, cluster=cluster, opening=opening, prompt=prompt,
                     features=[float(x) for x in features], predictor_version=version, cloud_text=cloud_text,
                     draft_text=draft_text, cloud_calls=cloud_calls, draft_calls=draft_calls)
+
+
+@dataclass
+class LearnEvent:
+    """What a label changed: a predictor to swap in (learned, or rolled back to), and why."""
+
+    predictor: Predictor
+    version: str
+    reason: str
+
+
+class LiveLearner:
+    """The learning loop of a running HERA: the trace store, the predictor versions and the audit,
+    from `LearningSettings`. Blocking methods (labelling runs programs in the sandbox; learning
+    fits XGBoost) are called from worker threads; `status()` is cheap."""
+
+    def __init__(self, settings, folder: str | Path, initial: Predictor, *, z: float = 1.645,
+                 rng: "random.Random | None" = None, sandbox: Sandbox | None = None) -> None:
+        import random
+        import threading
+
+        self.settings = settings
+        self.folder = Path(folder)
+        self.store = TraceStore(self.folder / "traces.sqlite", settings.max_trace_rows)
+        self.versions = PredictorVersions(self.folder / "predictors", initial)
+        self.monitor = AuditMonitor(settings.target_agreement, z, settings.min_audits)
+        self.z = z
+        self.sandbox = sandbox
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()  # one label/learn/rollback at a time
+        self.labels_since_learn = 0
+        self.events: list[dict[str, Any]] = []  # learned and rolled-back versions, newest last
+
+    def predictor(self) -> Predictor:
+        return self.versions.load()
+
+    def learned(self) -> bool:
+        """A learned version is in use (v0 is the predictor HERA started with)."""
+        return self.versions.current != "v0"
+
+    def should_audit(self) -> bool:
+        """Whether a step kept local by a learned predictor also goes to the cloud."""
+        return self.learned() and self._rng.random() < self.settings.audit_share
+
+    def add(self, row: TraceRow) -> LearnEvent | None:
+        """Store a traced step, label it, and act on the label: an audited step counts for (or
+        against) the version that kept it local; enough new labels retrain. Blocking."""
+        with self._lock:
+            row_id = self.store.add(row)
+            a = step_agreement(row.prompt, row.cloud_text, row.draft_text, cloud_calls=row.cloud_calls,
+                               draft_calls=row.draft_calls, sandbox=self.sandbox)
+            self.store.set_label(row_id, int(a.substitutable), a.rule)
+            self.labels_since_learn += 1
+            if row.kind == "audit" and self.monitor.record(row.predictor_version, a.substitutable):
+                return self._rollback(row.predictor_version)
+            every = self.settings.retrain_every
+            if every and self.labels_since_learn >= every:
+                return self._learn()
+        return None
+
+    def learn_now(self) -> LearnEvent:
+        """Label what is pending, learn, promote (`hera learn`). NotEnoughLabels when too few."""
+        with self._lock:
+            label_pending(self.store, sandbox=self.sandbox)
+            event = self._learn(raise_if_short=True)
+            assert event is not None
+            return event
+
+    def rollback_now(self) -> LearnEvent:
+        with self._lock:
+            return self._rollback(self.versions.current, reason="asked for")
+
+    def _learn(self, raise_if_short: bool = False) -> LearnEvent | None:
+        self.labels_since_learn = 0
+        version = self.versions.next_version()
+        try:
+            predictor, report = learn(self.store, self.versions.load("v0"), target=self.settings.target_agreement,
+                                      z=self.z, min_labels=self.settings.min_labels, version=version)
+        except NotEnoughLabels:
+            if raise_if_short:
+                raise
+            return None
+        self.versions.promote(predictor)
+        self.events.append({"event": "learned", "version": version, **{k: report[k] for k in (
+            "labelled_steps", "held_out_local_share", "agreement_lower_bound", "note")}})
+        return LearnEvent(self.versions.load(version), version, f"learned from {report['labelled_steps']} labels")
+
+    def _rollback(self, bad: str, reason: str | None = None) -> LearnEvent:
+        audit = self.monitor.summary().get(bad, {})
+        reason = reason or (f"audited agreement {audit.get('agreed')}/{audit.get('audited')} is below the target "
+                            f"{self.settings.target_agreement} (upper bound {audit.get('bounds', [None, None])[1]})")
+        now = self.versions.rollback() if self.versions.current == bad else self.versions.current
+        self.events.append({"event": "rolled back", "from": bad, "to": now, "reason": reason})
+        return LearnEvent(self.versions.load(now), now, f"rolled back from {bad}: {reason}")
+
+    def status(self) -> dict[str, Any]:
+        return {"current": self.versions.current, "versions": self.versions.versions(),
+                "traced_steps": self.store.count(), "labelled_steps": self.store.count(labelled=True),
+                "audit": self.monitor.summary(), "events": self.events[-20:]}
+
+    def close(self) -> None:
+        self.store.close()
