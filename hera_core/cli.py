@@ -453,6 +453,33 @@ def cmd_compare_labels(args) -> int:
     return 0
 
 
+def cmd_learn(args) -> int:
+    """The served agent's predictor, learned from its traffic (docs/learning.md): `hera learn`
+    labels what is pending and trains the next version; `status` and `rollback`."""
+    from hera_core.routing.learning import LiveLearner
+    from hera_core.routing.predictor import Predictor
+
+    settings = _settings(args)
+    folder = Path(args.folder) if args.folder else settings.cache_dir / "learning"
+    learner = LiveLearner(settings.learning, folder, Predictor.load(settings.policy.predictor_path))
+    try:
+        if args.action == "status":
+            status = learner.status()
+            status["learned"] = {v: learner.versions.load(v).meta.get("learned_from_traffic")
+                                 for v in status["versions"] if v != "v0"}
+            print(json.dumps(status, indent=1))
+            return 0
+        event = learner.rollback_now() if args.action == "rollback" else learner.learn_now()
+    finally:
+        learner.close()
+    print(f"now using predictor {event.version}: {event.reason}")
+    if args.action == "train":
+        report = event.predictor.meta.get("learned_from_traffic", {})
+        print(f"held-out steps kept local: {report.get('held_out_local_share', 0):.1%}, their agreement's lower bound "
+              f"{report.get('agreement_lower_bound')} (target {report.get('target_agreement')}); {report.get('note')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hera", description="Route AI-agent steps between a local SLM and a cloud LLM.")
     p.add_argument("--config", help="TOML settings file (see README: Configuration)")
@@ -481,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--n-ctx", type=int, default=4096)
     c.set_defaults(func=cmd_cloud_sim)
+
+    ln = sub.add_parser("learn", help="learn the served agent's predictor from its traffic (shadow drafts), "
+                        "show the versions, or roll back")
+    ln.add_argument("action", nargs="?", choices=["train", "status", "rollback"], default="train")
+    ln.add_argument("--folder", help="where the trace store and predictor versions live (default: "
+                    "<cache_dir>/learning)")
+    ln.set_defaults(func=cmd_learn)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible hybrid endpoint (model 'hera' is routed per step)")
     sv.add_argument("--host")

@@ -230,3 +230,24 @@ def test_learn_now_says_when_labels_are_too_few(tmp_path):
     with pytest.raises(NotEnoughLabels, match="1 labelled steps"):
         learner.learn_now()
     assert learner.versions.current == "v0"
+
+
+def test_hera_learn_command_trains_shows_and_rolls_back(tmp_path, capfd):
+    from hera_core.cli import main
+
+    folder = tmp_path / "learning"
+    store = TraceStore(folder / "traces.sqlite")
+    for feats in feature_rows(200, seed=3):
+        store.add(row(features=feats, draft="ANSWER: 4" if feats[0] < 0.5 else "ANSWER: 5"))
+    store.close()  # unlabelled: `hera learn` labels them first
+    assert main(["learn", "--folder", str(folder)]) == 0
+    assert "now using predictor v1" in capfd.readouterr().out
+    assert main(["learn", "status", "--folder", str(folder)]) == 0
+    status = json.loads(capfd.readouterr().out)
+    assert status["current"] == "v1" and status["labelled_steps"] == 200
+    assert status["learned"]["v1"]["ground_truth_labels_used"] == 0
+    assert main(["learn", "rollback", "--folder", str(folder)]) == 0
+    assert "now using predictor v0" in capfd.readouterr().out
+    assert main(["learn", "--folder", str(tmp_path / "empty")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "0 labelled steps" in err[0]

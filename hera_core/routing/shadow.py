@@ -1,0 +1,158 @@
+"""The learning loop beside a running Runtime: shadow drafts of cloud-routed steps and audits of
+steps kept local (docs/learning.md).
+
+- Shadow draft: when a step is routed to the cloud, the SLM drafts the same step on the device,
+  concurrently with the cloud call, only when no client step is using the SLM, and at most
+  `max_shadows` at once; a client step that needs the SLM cancels every running shadow first
+  (a shadow never keeps a client waiting longer than the engine's current decode chunk). Once
+  both answers are in, the pair goes to the trace store and is labelled, on a worker thread.
+- Audit: a step kept local by a learned predictor is, with probability `audit_share`, also sent to
+  the cloud after it was answered; the pair is labelled and counts for (or against) the version
+  that kept it local. The cloud call is booked in the ledger (status 'audit').
+- Whatever a label triggers (a retrained version, a rollback) is swapped into the runtime by
+  `on_swap`, on the event loop, between requests.
+
+No client request ever waits for any of this: every task runs in the background, and its failure
+is logged and counted, never raised to a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from hera_core.backends.base import Engine, Generation
+from hera_core.routing.learning import LearnEvent, LiveLearner, trace_row
+from hera_core.routing.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+class TrafficLearning:
+    def __init__(self, learner: LiveLearner, local: Engine, cloud: Engine,
+                 on_swap: Callable[[Predictor, str], None], *, max_shadows: int = 1,
+                 book_audit: Callable[..., Any] | None = None) -> None:
+        self.learner = learner
+        self.local, self.cloud = local, cloud
+        self.on_swap = on_swap  # (predictor, why) -> None: the runtime starts using it
+        self.book_audit = book_audit  # (session, step, generation, latency_s) -> None: the audit's ledger row
+        self.max_shadows = max_shadows
+        self._shadows: set[asyncio.Task] = set()  # shadow generations running on the SLM
+        self._background: set[asyncio.Task] = set()  # labelling and audit tasks
+        self._clients = 0  # client steps using the SLM now
+        self.stats: Counter[str] = Counter()
+
+    # -- client steps on the SLM come first ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def client_on_slm(self):
+        """Around a client step's use of the SLM (its answer, its draft): running shadows are
+        cancelled, and none starts until it is done."""
+        self._clients += 1
+        for task in list(self._shadows):
+            if task.cancel():
+                self.stats["shadow_cancelled"] += 1
+        try:
+            yield
+        finally:
+            self._clients -= 1
+
+    # -- shadow drafts -------------------------------------------------------------------------
+
+    def start_shadow(self, messages: list[dict[str, Any]], *, max_tokens: int, stop: list[str] | None,
+                     toolset: Any = None) -> asyncio.Task | None:
+        """The SLM's draft of a cloud-routed step, started now (None: the SLM is busy)."""
+        if self._clients or len(self._shadows) >= self.max_shadows:
+            self.stats["shadow_skipped_busy"] += 1
+            return None
+        kwargs = {"toolset": toolset} if toolset is not None else {}
+        task = asyncio.create_task(self.local.generate(messages, max_tokens=max_tokens, stop=stop, **kwargs))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+        self.stats["shadow_started"] += 1
+        return task
+
+    def finish_shadow(self, shadow: asyncio.Task, *, messages: list[dict[str, Any]], session: str, step: int,
+                      features: np.ndarray, version: str, cloud: Generation) -> None:
+        """The cloud answered: once the shadow is done too, trace and label the pair (background)."""
+        self._spawn(self._shadow_pair(shadow, messages, session, step, features, version, cloud))
+
+    async def _shadow_pair(self, shadow, messages, session, step, features, version, cloud: Generation) -> None:
+        try:
+            draft: Generation = await shadow
+        except asyncio.CancelledError:
+            if not shadow.cancelled():  # this task itself is being cancelled (shutdown)
+                raise
+            return
+        row = trace_row("shadow", session=session, step=step, messages=messages, features=features,
+                        version=version, cloud_text=cloud.text, draft_text=draft.text,
+                        cloud_calls=cloud.tool_calls or None, draft_calls=draft.tool_calls or None)
+        self.stats["shadow_done"] += 1
+        await self._add(row)
+
+    # -- audits --------------------------------------------------------------------------------
+
+    def maybe_audit(self, *, messages: list[dict[str, Any]], session: str, step: int, features: np.ndarray,
+                    version: str, local: Generation, max_tokens: int, stop: list[str] | None,
+                    toolset: Any = None) -> bool:
+        """After a step a learned predictor kept local: with the audit share, ask the cloud too."""
+        if not self.learner.should_audit():
+            return False
+        self.stats["audits_started"] += 1
+        self._spawn(self._audit(messages, session, step, features, version, local, max_tokens, stop, toolset))
+        return True
+
+    async def _audit(self, messages, session, step, features, version, local: Generation, max_tokens, stop,
+                     toolset) -> None:
+        kwargs = {"toolset": toolset} if toolset is not None else {}
+        t0 = time.perf_counter()
+        cloud = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, **kwargs)
+        if self.book_audit is not None:
+            self.book_audit(session, step, cloud, time.perf_counter() - t0)
+        row = trace_row("audit", session=session, step=step, messages=messages, features=features,
+                        version=version, cloud_text=cloud.text, draft_text=local.text,
+                        cloud_calls=cloud.tool_calls or None, draft_calls=local.tool_calls or None)
+        self.stats["audits_done"] += 1
+        await self._add(row)
+
+    # -- labels and what they trigger ------------------------------------------------------------
+
+    async def _add(self, row) -> None:
+        event: LearnEvent | None = await asyncio.to_thread(self.learner.add, row)
+        self.stats["labelled"] += 1
+        if event is not None:
+            log.warning("learning: now using predictor %s (%s)", event.version, event.reason)
+            self.stats["swaps"] += 1
+            self.on_swap(event.predictor, event.reason)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats["errors"] += 1
+            log.error("learning: a background task failed: %r", task.exception())
+
+    async def drain(self) -> None:
+        """Wait for every pending shadow pair and audit (tests, shutdown that keeps the labels)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._shadows) + list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._shadows, *self._background, return_exceptions=True)
+        self.learner.close()
+
+    def status(self) -> dict[str, Any]:
+        return {**self.learner.status(), "stats": dict(self.stats)}
