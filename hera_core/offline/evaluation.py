@@ -2,7 +2,8 @@
 
 Methods (a tiny base class and a registry, so lists of names come from here):
   all_slm, all_llm    every step on one model
-  hera                per step: P(SLM good enough) from the SLM prefill >= kappa(step) (weighed
+  hera                the runtime's own step plan (`hera_core.routing.plan`), replayed on each
+                      step: P(SLM good enough) from the SLM prefill >= kappa(step) (weighed
                       by the step's expected cloud cost if the predictor is); with a draft
                       stage in the predictor, steps within its band of kappa are drafted
                       by the SLM, checked, and kept or escalated (the draft's time is booked);
@@ -41,11 +42,15 @@ from typing import Any
 import numpy as np
 
 from hera_core.backends.caching import CompletionCache
-from hera_core.checks.drafts import Agreement, check_draft, staged_agreement, votable, vote_key
+from hera_core.backends.tools import ToolSet
+from hera_core.checks.drafts import Agreement, DraftCheck, check_draft, staged_agreement, votable, vote_key
 from hera_core.config import PriceSettings
-from hera_core.backends.base import Engine, Message
+from hera_core.backends.base import Engine, Generation, Message
 from hera_core.native.features import logit_features
 from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
+from hera_core.routing.plan import (Action, DraftOutcome, StepFacts, StepPlan, after_invalid_tool_call,
+                                    decide_after_draft, needs_score, plan_step, samples_wanted, vote_key_wanted)
+from hera_core.routing.policy import Decision, Route
 from hera_core.routing.predictor import PROMPT_TOKENS_COLUMN, Predictor, feature_matrix, structure_features
 from hera_core.offline.workloads import Task
 
@@ -99,9 +104,12 @@ class AllLLM(Method):
 
 
 class Hera(Method):
-    """HERA as the runtime routes: P(SLM good enough) >= kappa(step), weighed by the step's expected
-    cloud cost when the predictor has a cost weight; with a draft stage in the predictor, the steps
-    within its band of kappa are drafted, checked, and kept or escalated."""
+    """HERA as the runtime routes: the step plan (`hera_core.routing.plan`, the function the
+    runtime executes) made from the step's traced score and replayed: P(SLM good enough) >=
+    kappa(step), weighed by the step's expected cloud cost when the predictor has a cost weight;
+    with a draft stage in the predictor, the steps within its band of kappa are drafted, checked,
+    and kept or escalated; with a vote stage, a task's first steps are drafted and voted on; an
+    unfamiliar step follows `unfamiliar`."""
 
     name = "hera"
     drafts = True
@@ -111,32 +119,41 @@ class Hera(Method):
         self.offset = offset
         self.unfamiliar = unfamiliar  # the runtime's policy.unfamiliar: cloud | draft | trust
 
-    async def route(self, task, step, messages, ev):
-        if self.unfamiliar != "trust" and ev.unfamiliar(messages):
-            if self.unfamiliar == "cloud":
-                return "cloud"
-            return "local" if (await ev.draft_check(messages, task)).passed else "escalated"
-        vote = ev.predictor.vote if self.votes else None
-        if vote is not None and step < vote.steps and task_toolset(task, messages) is None:
-            # The vote stage, as the runtime takes it: a failed draft escalates without samples; a
-            # free-text answer is kept on the prefill's say; else the samples vote.
-            if not (await ev.draft_check(messages, task, with_logprobs=False)).passed:
-                return "escalated"
-            draft = await ev.slm.generate(messages, max_tokens=MAX_TOKENS)
-            draft_key = await asyncio.to_thread(vote_key, draft.text)
-            if not votable(draft_key):
-                row = await ev.feature_row(messages, step, task)
-                p = float(ev.predictor.predict(row)[0])
-                return "local" if p >= ev.threshold(row, step) + self.offset else "escalated"
-            return "local" if (await ev.vote(messages, vote.k, draft_key)).share >= vote.min_share else "escalated"
-        row = await ev.feature_row(messages, step, task)
-        p = float(ev.predictor.predict(row)[0])
-        kappa = ev.threshold(row, step) + self.offset
+    async def plan(self, step: int, messages: list[Message], ev: "Evaluator",
+                   toolset: ToolSet | None) -> tuple[StepPlan, np.ndarray | None]:
+        """The step plan as the runtime makes it with this method's settings (policy.vote "off"
+        for `votes = False`, no draft band for `drafts = False`), and the step's feature row (None
+        when the plan does not read the score: the row is then not looked up)."""
         stage = ev.predictor.draft if self.drafts else None
-        if stage is None or abs(p - kappa) >= stage.band:
-            return "local" if p >= kappa else "cloud"
-        keep, _ = ev.predictor.keep_draft(row, await ev.draft_check(messages, task))
-        return "local" if keep else "escalated"
+        facts = StepFacts(step=step, unfamiliar=self.unfamiliar != "trust" and ev.unfamiliar(messages),
+                          on_unfamiliar=self.unfamiliar, draft_band=stage.band if stage is not None else 0.0,
+                          vote=ev.predictor.vote if self.votes else None, tools=toolset is not None)
+        row = None
+        if needs_score(facts):
+            row = await ev.feature_row(messages, step, toolset=toolset)
+            facts = replace(facts, p_local=float(ev.predictor.predict(row)[0]),
+                            threshold=ev.threshold(row, step) + self.offset)
+        return plan_step(facts), row
+
+    async def route(self, task, step, messages, ev):
+        return await self.route_step(step, messages, ev, task_toolset(task, messages))
+
+    async def route_step(self, step: int, messages: list[Message], ev: "Evaluator", toolset: ToolSet | None) -> str:
+        """The route of one step (local, cloud, or escalated: drafted on the SLM, answered in the
+        cloud), as the runtime would take it."""
+        plan, row = await self.plan(step, messages, ev, toolset)
+        if plan.action is Action.CLOUD:
+            return "cloud"
+        if plan.action is Action.LOCAL:
+            if toolset is None:
+                return "local"
+            # as the runtime answers: a local answer with an invalid tool call is escalated (no budget here)
+            answer = await ev.slm.generate(messages, max_tokens=MAX_TOKENS, toolset=toolset)
+            decision = after_invalid_tool_call(plan, plan.decision, over_budget=False) if answer.tool_errors \
+                else plan.decision
+        else:
+            decision = await ev.after_draft(plan, messages, row, toolset)
+        return "local" if decision.route is Route.LOCAL else "escalated"
 
 
 class HeraPrefill(Hera):
@@ -207,11 +224,13 @@ class Evaluator:
         self.slm_name = slm_name
         self.step_overhead_s = 0.0  # device time a method spent deciding the current step (its samples)
 
-    async def feature_row(self, messages: list[Message], step: int, task: Task | None = None) -> np.ndarray:
+    async def feature_row(self, messages: list[Message], step: int, task: Task | None = None, *,
+                          toolset: ToolSet | None = None) -> np.ndarray:
         """The predictor's input row [1, F] for this step, from the feature cache or a live prefill
-        (with the task's tools rendered, as the runtime prefills a tool step)."""
+        (with the task's tools, or `toolset`, rendered, as the runtime prefills a tool step)."""
         feats = self.cache.get_features(self.slm_name, messages)
-        toolset = task_toolset(task, messages) if task is not None else None
+        if task is not None:
+            toolset = task_toolset(task, messages)
         if feats is None:
             if self.cache.read_only:
                 raise LookupError(f"feature cache miss for {self.slm_name} in offline mode; rerun without --offline")
@@ -234,11 +253,11 @@ class Evaluator:
     async def p_local(self, messages: list[Message], step: int, task: Task | None = None) -> float:
         return float(self.predictor.predict(await self.feature_row(messages, step, task))[0])
 
-    async def draft_check(self, messages: list[Message], task: Task | None = None, with_logprobs: bool = True):
-        """The checks of the SLM's (cached, greedy) draft of this step; its token log-probabilities
+    async def draft_and_check(self, messages: list[Message], toolset: ToolSet | None = None,
+                              with_logprobs: bool = True) -> tuple[Generation, DraftCheck]:
+        """The SLM's (cached, greedy) draft of this step and its checks; its token log-probabilities
         (`with_logprobs`: the draft stage reads them) come from the feature cache, else from the
         SLM teacher-forced (cached for replays)."""
-        toolset = task_toolset(task, messages) if task is not None else None
         draft = await self.slm.generate(messages, max_tokens=MAX_TOKENS,
                                         **({"toolset": toolset} if toolset is not None else {}))
         logprobs = draft.extra.get("token_logprobs")
@@ -251,8 +270,28 @@ class Evaluator:
                 hit = {"logprobs": [round(x, 4) for x in await self.slm.score_continuation(messages, draft.text)]}
                 self.cache.put_features(self.slm_name + ":draft", key, hit)
             logprobs = hit["logprobs"]
-        return await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
-                                       token_logprobs=logprobs)
+        return draft, await asyncio.to_thread(check_draft, messages, draft.text,
+                                              completion_tokens=draft.completion_tokens, token_logprobs=logprobs)
+
+    async def after_draft(self, plan: StepPlan, messages: list[Message], row: np.ndarray | None,
+                          toolset: ToolSet | None = None) -> Decision:
+        """A DRAFT or VOTE plan replayed: the SLM's cached draft, its checks, the draft stage's
+        verdict or the recorded samples' vote as the plan asks (`samples_wanted`), and the decision
+        the runtime would take (`decide_after_draft`). A vote plan's checks read no log-probs."""
+        draft, check = await self.draft_and_check(messages, toolset, with_logprobs=plan.action is Action.DRAFT)
+        outcome = DraftOutcome(check.passed, tool_calls=bool(draft.tool_calls), tool_errors=bool(draft.tool_errors),
+                               stage_keep=self.predictor.keep_draft(row, check)[0] if plan.draft_stage_decides
+                               else None)
+        draft_key = None
+        if vote_key_wanted(plan, outcome):
+            draft_key = await asyncio.to_thread(vote_key, draft.text)
+            outcome = replace(outcome, votable=votable(draft_key))
+        k = samples_wanted(plan, outcome)
+        if k:
+            if draft_key is None:
+                draft_key = await asyncio.to_thread(vote_key, draft.text)
+            outcome = replace(outcome, agreement=await self.vote(messages, k, draft_key))
+        return decide_after_draft(plan, outcome)
 
     async def vote(self, messages: list[Message], k: int, draft_key: str) -> Agreement:
         """How k samples of the SLM (temperature 0.7, one call sharing the prompt) vote on its greedy

@@ -1,5 +1,6 @@
 """Routing policy: local when P(SLM good enough) >= the step's threshold (kappa(step), weighed by its
-expected cloud cost when the predictor is), unless the step is forced.
+expected cloud cost when the predictor is), unless the step is forced. The first rule of the step
+plan (`hera_core.routing.plan`), which adds drafting, voting and the familiarity check around it.
 
 Local-only steps (confidential data) never leave the device, whatever the predictor says.
 """
@@ -27,7 +28,7 @@ class Override(str, Enum):
 class Decision:
     route: Route
     reason: str  # predictor | local-only | cloud-only | cannot-serve-locally | budget-* | draft-kept | escalated
-    #              | unfamiliar | fallback-local
+    #              | unfamiliar | fallback-local | invalid-tool-call | tool-call-dropped | drafting (cancelled)
     p_local: float | None
     threshold: float | None
 

@@ -4,11 +4,13 @@
         result = await rt.complete(messages, session="s1")
 
 Flow per subtask: SLM prefill (KV reused across steps) -> logit + structure features ->
-predictor -> policy -> local decode continuing from that prefill, or the cloud -> ledger row.
-Where the predictor is uncertain (|P - kappa| < draft_band) the SLM drafts the step first; the
-draft is checked on the device (its program runs, its answer parses, the prompt's examples pass;
-`hera_core.checks.drafts`) and the second stage keeps it or escalates the step to the cloud, booked
-as one row with the draft's time and energy added (reason `escalated`).
+predictor -> the step plan (`hera_core.routing.plan`, the decision `hera eval` replays too) ->
+local decode continuing from that prefill, or the cloud -> ledger row. Where the plan says so
+(|P - kappa| < draft_band, an unfamiliar step under policy.unfamiliar = "draft", a step the vote
+stage decides) the SLM drafts the step first; the draft is checked on the device (its program
+runs, its answer parses, the prompt's examples pass; `hera_core.checks.drafts`), voted on by
+samples where the plan asks, and kept or the step escalated to the cloud, booked as one row with
+the draft's time and energy added (reason `escalated`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from hera_core.errors import (BudgetExceededError, CannotServeLocallyError, Clou
                                InvalidRequestError)
 from hera_core.native.features import logit_features
 from hera_core.routing.ledger import Ledger, LedgerRow
-from hera_core.routing.policy import Decision, Override, Route, decide
+from hera_core.routing.plan import (Action, DraftOutcome, StepFacts, StepPlan, after_budget, after_cloud_failure,
+                                    after_invalid_tool_call, decide_after_draft, may_leave_device, plan_step,
+                                    samples_wanted, vote_key_wanted)
+from hera_core.routing.policy import Decision, Override, Route
 from hera_core.checks.drafts import FIRST_VOTES, DraftCheck, agreement, check_draft, votable, vote_key
 from hera_core.routing.predictor import Predictor, VoteStage, feature_matrix, structure_features
 
@@ -58,6 +63,30 @@ class Score:
     threshold: float  # kappa at this step (cost-weighted if the predictor is) + offset - hot-prefix discount
     prefill: Prefill
     features: np.ndarray  # float32 [1, len(FEATURE_NAMES)], the predictor's input row
+
+
+@dataclass
+class _StepRun:
+    """One subtask in flight: the request, its plan, and what deciding it has produced so far."""
+
+    messages: list[Message]
+    session: str
+    run: str | None  # ledger label (None: the runtime's)
+    step: int
+    max_tokens: int
+    stop: list[str] | None
+    toolset: ToolSet | None
+    samples: int
+    sampling: dict[str, Any] | None
+    on_text: Callable[[str], None] | None
+    cloud_extra: dict[str, Any] | None
+    t0: float  # time.perf_counter() when the step arrived
+    plan: StepPlan | None = None
+    decision: Decision | None = None  # the route as decided so far (what a cancellation books)
+    draft: Generation | None = None  # the SLM's draft of a drafted step (the answer if kept)
+    check: DraftCheck | None = None  # its checks
+    draft_s: float = 0.0  # time the SLM spent drafting and checking a step that was then escalated
+    hold: list = field(default_factory=list)  # the budget's hold on the step's cloud call, settled when booked
 
 
 def _budget_message(exceeded: str) -> str:
@@ -233,49 +262,69 @@ class Runtime:
             return vote, draft
         return vote, gens[vote.majority - 1]
 
-    async def _draft_and_check(self, messages, prefill_row, max_tokens, stop, checks_only: bool = False,
-                               toolset: ToolSet | None = None, stage: VoteStage | None = None,
-                               prefill_keep: bool = False):
-        """The SLM's draft of the step (decoding on from the prefill that scored it) and its checks:
-        (draft, check, keep?). `checks_only`: the checks decide, not the draft stage; `stage`: the
-        checks and the vote stage's samples decide, or, for an answer that samples cannot be
-        compared on (free text), the checks and the prefill (`prefill_keep`: P >= kappa). A draft
-        with an invalid tool call is never kept; one with valid calls only is kept on its calls."""
+    async def draft_step(self, messages: list[Message], plan: StepPlan, prefill_row: np.ndarray | None, *,
+                         max_tokens: int, stop: list[str] | None = None, toolset: ToolSet | None = None):
+        """Execute a DRAFT or VOTE plan: the SLM's draft of the step (decoding on from the prefill
+        that scored it), its checks, the draft stage's verdict or the samples' vote as the plan
+        asks, and the decision (`decide_after_draft`): (the draft or the samples' majority answer,
+        its checks, the decision). A vote plan's first samples decode alongside the draft."""
         samples = None  # the vote's first samples, drawn alongside the draft
-        if stage is not None and toolset is None and self.vote_concurrently:
-            draft, samples = await self._draft_with_samples(messages, max_tokens, stop, min(FIRST_VOTES, stage.k))
+        if plan.action is Action.VOTE and toolset is None and self.vote_concurrently:
+            draft, samples = await self._draft_with_samples(messages, max_tokens, stop, min(FIRST_VOTES, plan.votes_k))
         else:
             draft = await self._local_generate(messages, max_tokens, stop, None, toolset)
         try:
-            return await self._check_and_vote(messages, prefill_row, max_tokens, stop, draft, checks_only, toolset,
-                                              stage, prefill_keep, samples)
+            return await self._check_and_vote(messages, plan, prefill_row, max_tokens, stop, draft, samples)
         finally:
             if samples is not None and not samples.done():
                 samples.cancel()  # not voted on (the draft failed, or is free text): not waited for
 
-    async def _check_and_vote(self, messages, prefill_row, max_tokens, stop, draft: Generation, checks_only: bool,
-                              toolset: ToolSet | None, stage: VoteStage | None, prefill_keep: bool, samples):
+    async def _check_and_vote(self, messages, plan: StepPlan, prefill_row, max_tokens, stop, draft: Generation,
+                              samples) -> tuple[Generation, DraftCheck, Decision]:
         check = await asyncio.to_thread(check_draft, messages, draft.text, completion_tokens=draft.completion_tokens,
                                         token_logprobs=draft.extra.get("token_logprobs"),
                                         timeout_s=self.draft_check_timeout_s)
-        keep = check.passed if checks_only or stage is not None else self.predictor.keep_draft(prefill_row, check)[0]
-        k, min_share = (stage.k, stage.min_share) if stage is not None else (self.agreement_k, self.agreement_min)
+        outcome = DraftOutcome(check.passed, tool_calls=bool(draft.tool_calls), tool_errors=bool(draft.tool_errors),
+                               stage_keep=self.predictor.keep_draft(prefill_row, check)[0]
+                               if plan.draft_stage_decides else None)
         draft_key = None
-        if stage is not None and keep and toolset is None:
+        if vote_key_wanted(plan, outcome):
             draft_key = await asyncio.to_thread(vote_key, draft.text, self.draft_check_timeout_s)
-            if not votable(draft_key):
-                return draft, check, prefill_keep
-        if k > 0 and toolset is None and (keep or stage is None):  # a failed draft of a vote step: no samples
+            outcome = dataclasses.replace(outcome, votable=votable(draft_key))
+        k = samples_wanted(plan, outcome)
+        if k:
             first = await samples if samples is not None else None
             check.agreement, chosen = await self._vote(messages, draft, max_tokens, stop, k, draft_key, first)
             if check.agreement is not None:
-                keep = keep and check.agreement.share >= min_share
                 draft = chosen  # the majority answer (the draft itself unless others outvote it)
-            elif stage is not None:  # no samples to be had: the stage cannot vote, the prefill decides
-                keep = prefill_keep
-        if toolset is not None:
-            keep = not draft.tool_errors and (bool(draft.tool_calls) or keep)
-        return draft, check, keep
+            outcome = dataclasses.replace(outcome, agreement=check.agreement)
+        return draft, check, decide_after_draft(plan, outcome)
+
+    async def plan(self, messages: list[Message], *, step: int, override: Override = Override.AUTO,
+                   local_can_serve: bool = True, threshold: float | None = None, toolset: ToolSet | None = None,
+                   samples: int = 1) -> tuple[StepPlan, Score | None]:
+        """The step plan (`hera_core.routing.plan`) of one subtask with this runtime's settings and
+        its predictor's stages, and the score it was made from: the SLM prefill scores the step
+        unless it goes to the cloud whatever P is (cloud-only, non-text content). A prompt the SLM
+        cannot take (longer than its window, tools it cannot decode) is planned for the cloud."""
+        why_not_local = None if local_can_serve else "the request needs the cloud (non-text content)"
+        score = None
+        if override is not Override.CLOUD_ONLY and why_not_local is None:
+            try:
+                score = await self.score(messages, step, toolset)
+            except CannotServeLocallyError as exc:  # too long for its window, tools it cannot decode
+                why_not_local = str(exc)
+        band = self.draft_band if self.draft_band is not None else \
+            (self.predictor.draft.band if self.predictor.draft is not None else 0.0)
+        facts = StepFacts(
+            step=step, p_local=score.p_local if score else None,
+            threshold=(threshold if threshold is not None else score.threshold) if score else None,
+            override=override, why_not_local=why_not_local,
+            unfamiliar=override is Override.AUTO and why_not_local is None and self.is_unfamiliar(messages),
+            on_unfamiliar=self.unfamiliar, draft_band=band, vote=self.predictor.vote if self.vote == "auto" else None,
+            fixed_threshold=threshold is not None, tools=toolset is not None, samples=samples,
+            agreement_k=self.agreement_k, agreement_min=self.agreement_min)
+        return plan_step(facts), score
 
     async def complete(self, messages: list[Message], *, session: str, step: int | None = None,
                        max_tokens: int | None = None, stop: list[str] | None = None,
@@ -301,126 +350,126 @@ class Runtime:
         if samples > 1 and (on_text is not None or toolset is not None):
             raise InvalidRequestError("n > 1 is answered without streaming and without tools; send n = 1 for those")
         step = step_index(messages) if step is None else step
-        max_tokens = max_tokens or self.max_tokens
-        t0 = time.perf_counter()
-        fixed_threshold, p_local, threshold, prefill_row = threshold, None, None, None
-        why_not_local = None if local_can_serve else "the request needs the cloud (non-text content)"
-        if override is not Override.CLOUD_ONLY and why_not_local is None:
-            try:
-                scored = await self.score(messages, step, toolset)
-                p_local, threshold, prefill_row = scored.p_local, scored.threshold, scored.features
-                threshold = fixed_threshold if fixed_threshold is not None else threshold
-            except CannotServeLocallyError as exc:  # too long for its window, tools it cannot decode
-                why_not_local = str(exc)
-        if override is Override.LOCAL_ONLY and why_not_local is not None:
-            raise InvalidRequestError(f"local-only step cannot run on the SLM: {why_not_local}")
-        decision = decide(p_local, threshold, override, local_can_serve=why_not_local is None)
-        draft = check = None
-        draft_s = 0.0  # time the SLM spent drafting and checking a step that was then escalated
-        band = self.draft_band if self.draft_band is not None else \
-            (self.predictor.draft.band if self.predictor.draft is not None else 0.0)
-        unfamiliar = override is Override.AUTO and why_not_local is None and self.is_unfamiliar(messages)
-        if unfamiliar and self.unfamiliar == "cloud":
-            decision = Decision(Route.CLOUD, "unfamiliar", p_local, threshold)
-        elif override is Override.AUTO and why_not_local is None and samples == 1 and (
-                unfamiliar or (band > 0 and abs(p_local - threshold) < band) or
-                (toolset is None and fixed_threshold is None and self.vote_stage(step) is not None)):
-            try:
-                draft, check, keep = await self._draft_and_check(
-                    messages, prefill_row, max_tokens, stop, checks_only=unfamiliar, toolset=toolset,
-                    stage=None if unfamiliar or toolset is not None or fixed_threshold is not None
-                    else self.vote_stage(step), prefill_keep=p_local is not None and p_local >= threshold)
-            except asyncio.CancelledError:
-                self._record_cancelled(run, session, step, Decision(Route.LOCAL, "drafting", p_local, threshold),
-                                       time.perf_counter() - t0)
-                raise
-            if keep:
-                decision = Decision(Route.LOCAL, "draft-kept", p_local, threshold)
-            else:
-                decision = Decision(Route.CLOUD, "escalated", p_local, threshold)
-                draft_s = time.perf_counter() - t0
-        hold: list = []  # the budget's hold on this step's cloud call, settled once the step is booked
-        if decision.route is Route.CLOUD and self.budget is not None:
-            exceeded = await self._ledger_io(self._reserve, session, messages, max_tokens, hold)
-            if exceeded is not None:
-                if self.budget.action == "local" and why_not_local is None:
-                    decision = Decision(Route.LOCAL, f"budget-{exceeded}", p_local, threshold)
-                else:
-                    raise BudgetExceededError(_budget_message(exceeded) + "; the step was refused "
-                                              "(raise the cap, or set budget_action = 'local')")
+        st = _StepRun(messages, session, run, step, max_tokens or self.max_tokens, stop, toolset, samples, sampling,
+                      on_text, cloud_extra, time.perf_counter())
+        st.plan, score = await self.plan(messages, step=step, override=override, local_can_serve=local_can_serve,
+                                         threshold=threshold, toolset=toolset, samples=samples)
+        await self._decide(st, score)
+        await self._within_budget(st)
         # A local answer with tools offered is announced once its calls are known to be valid.
-        announce_later = toolset is not None and decision.route is Route.LOCAL and draft is None
-        if on_decision is not None and not announce_later:
-            await on_decision(decision)
+        announce = on_decision if toolset is not None and st.decision.route is Route.LOCAL and st.draft is None \
+            else None
+        if on_decision is not None and announce is None:
+            await on_decision(st.decision)
         try:
-            attempts: list[tuple[str, float]] = []
-            gen, gens = None, []
-            if decision.route is Route.LOCAL and samples > 1:
-                gen, gens = await _sampled(self.local, messages, samples, max_tokens, stop, sampling)
-            elif decision.route is Route.LOCAL:
-                gen = draft if draft is not None else \
-                    await self._local_generate(messages, max_tokens, stop, on_text, toolset)  # a kept draft: no second decode
-                if gen.tool_errors:  # the SLM's tool call is not valid: never returned as one
-                    if override is Override.LOCAL_ONLY or why_not_local is not None or \
-                            (self.budget is not None and
-                             await self._ledger_io(self._reserve, session, messages, max_tokens, hold)):
-                        decision = Decision(Route.LOCAL, "tool-call-dropped", p_local, threshold)
-                    else:
-                        draft_s, gen = time.perf_counter() - t0, None
-                        decision = Decision(Route.CLOUD, "invalid-tool-call", p_local, threshold)
-                if announce_later and on_decision is not None:
-                    await on_decision(decision)
-                if gen is not None and (draft is not None or toolset is not None) and on_text is not None and gen.text:
-                    on_text(gen.text)  # held back while it was decided
-            if decision.route is Route.CLOUD:
-                kwargs: dict[str, Any] = {"extra": cloud_extra} if cloud_extra else {}
-                if toolset is not None:
-                    kwargs["toolset"] = toolset
-                streamed: list[str] = []
-                relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
-                try:
-                    if samples > 1:
-                        gen, gens = await _sampled(self.cloud, messages, samples, max_tokens, stop, sampling)
-                    else:
-                        gen = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, on_text=relay,
-                                                        **kwargs)
-                except CloudError as exc:
-                    can_fall_back = (self.fallback == "local" and why_not_local is None and not streamed
-                                     and override is not Override.CLOUD_ONLY and not isinstance(exc, CloudRequestError))
-                    self._record_failure(run, session, step, decision, exc, time.perf_counter() - t0)
-                    if not can_fall_back:
-                        raise
-                    decision = Decision(Route.LOCAL, "fallback-local", p_local, threshold)
-                    if samples > 1:
-                        gen, gens = await _sampled(self.local, messages, samples, max_tokens, stop, sampling)
-                    else:
-                        gen = await self._local_generate(messages, max_tokens, stop, on_text, toolset)
-                    if gen.tool_errors:
-                        decision = Decision(Route.LOCAL, "tool-call-dropped", p_local, threshold)
-                    if toolset is not None and on_text is not None and gen.text:
-                        on_text(gen.text)
-                else:
-                    attempts = gen.extra.get("attempts", [])
-            if decision.route is Route.LOCAL:
-                elapsed = time.perf_counter() - t0  # scoring prefill included: it is the local prefill
-                cost = self.prices.local_cost(elapsed)
-                cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
-            else:
-                elapsed = time.perf_counter() - t0
-                cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
-                cost = cloud_cost + self.prices.local_cost(draft_s)  # an escalated step also paid for its draft
+            gen, gens, attempts = await self._answer(st, announce)
+            elapsed = time.perf_counter() - st.t0  # scoring prefill included: it is the local prefill
+            cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
+            # an escalated step also paid for its draft
+            cost = self.prices.local_cost(elapsed) if st.decision.route is Route.LOCAL else \
+                cloud_cost + self.prices.local_cost(st.draft_s)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):  # the client went away mid-answer: book what was spent
-                self._record_cancelled(run, session, step, decision, time.perf_counter() - t0)
-            for h in hold:  # nothing was spent on the cloud that the ledger knows of
+                self._record_cancelled(run, session, step, st.decision, time.perf_counter() - st.t0)
+            for h in st.hold:  # nothing was spent on the cloud that the ledger knows of
                 self.budget.settle(session, h, 0.0)
             raise
-        row_id = await self._ledger_io(self._book_and_settle, hold, run, session, step, decision, model=gen.model,
-                                       gen=gen, latency_s=max(elapsed, gen.latency_s), cost=cost,
+        row_id = await self._ledger_io(self._book_and_settle, st.hold, run, session, step, st.decision,
+                                       model=gen.model, gen=gen, latency_s=max(elapsed, gen.latency_s), cost=cost,
                                        cloud_cost=cloud_cost, attempts=attempts)
-        return SubtaskResult(text=gen.text, route=decision.route, decision=decision, generation=gen,
-                             cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id, draft=check,
+        return SubtaskResult(text=gen.text, route=st.decision.route, decision=st.decision, generation=gen,
+                             cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id, draft=st.check,
                              samples=gens)
+
+    async def _decide(self, st: "_StepRun", score: Score | None) -> None:
+        """The plan's decision; a drafted step's once its draft is checked (and voted on)."""
+        plan = st.plan
+        if plan.action not in (Action.DRAFT, Action.VOTE):
+            st.decision = plan.decision
+            return
+        try:
+            st.draft, st.check, st.decision = await self.draft_step(
+                st.messages, plan, score.features, max_tokens=st.max_tokens, stop=st.stop, toolset=st.toolset)
+        except asyncio.CancelledError:
+            self._record_cancelled(st.run, st.session, st.step, plan.drafting, time.perf_counter() - st.t0)
+            raise
+        if st.decision.route is Route.CLOUD:
+            st.draft_s = time.perf_counter() - st.t0
+
+    async def _within_budget(self, st: "_StepRun") -> None:
+        """A cloud step asks the budget for its price (held until booked): past a cap it moves to the
+        SLM or is refused, as the budget's action says."""
+        if st.decision.route is not Route.CLOUD or self.budget is None:
+            return
+        exceeded = await self._ledger_io(self._reserve, st.session, st.messages, st.max_tokens, st.hold)
+        moved = after_budget(st.plan, st.decision, exceeded, self.budget.action)
+        if moved is None:
+            raise BudgetExceededError(_budget_message(exceeded) + "; the step was refused "
+                                      "(raise the cap, or set budget_action = 'local')")
+        st.decision = moved
+
+    async def _answer(self, st: "_StepRun", announce) -> tuple[Generation, list[Generation], list]:
+        """The answer on the decided route, the decision updated on the way (an invalid tool call
+        escalated, a failed cloud call served locally): (answer, all samples, the cloud's attempts)."""
+        gen, gens, attempts = None, [], []
+        if st.decision.route is Route.LOCAL:
+            gen, gens = await self._answer_locally(st, announce)
+        if st.decision.route is Route.CLOUD:
+            gen, gens, attempts = await self._answer_in_cloud(st)
+        return gen, gens, attempts
+
+    async def _on_slm(self, st: "_StepRun", on_text) -> tuple[Generation, list[Generation]]:
+        if st.samples > 1:
+            return await _sampled(self.local, st.messages, st.samples, st.max_tokens, st.stop, st.sampling)
+        return await self._local_generate(st.messages, st.max_tokens, st.stop, on_text, st.toolset), []
+
+    async def _answer_locally(self, st: "_StepRun", announce) -> tuple[Generation | None, list[Generation]]:
+        """The SLM's answer (a kept draft is the answer: no second decode). An invalid tool call in
+        it is escalated (the answer is then None) or dropped, as `after_invalid_tool_call` decides."""
+        if st.samples > 1:
+            return await self._on_slm(st, None)
+        gen = st.draft if st.draft is not None else (await self._on_slm(st, st.on_text))[0]
+        if gen.tool_errors:  # the SLM's tool call is not valid: never returned as one
+            over_budget = may_leave_device(st.plan) and self.budget is not None and \
+                await self._ledger_io(self._reserve, st.session, st.messages, st.max_tokens, st.hold) is not None
+            st.decision = after_invalid_tool_call(st.plan, st.decision, over_budget)
+            if st.decision.route is Route.CLOUD:
+                st.draft_s, gen = time.perf_counter() - st.t0, None
+        if announce is not None:
+            await announce(st.decision)
+        if gen is not None and (st.draft is not None or st.toolset is not None) and st.on_text is not None \
+                and gen.text:
+            st.on_text(gen.text)  # held back while it was decided
+        return gen, []
+
+    async def _answer_in_cloud(self, st: "_StepRun") -> tuple[Generation, list[Generation], list]:
+        """The cloud's answer; if the call fails, the SLM's where `after_cloud_failure` allows it."""
+        kwargs: dict[str, Any] = {"extra": st.cloud_extra} if st.cloud_extra else {}
+        if st.toolset is not None:
+            kwargs["toolset"] = st.toolset
+        streamed: list[str] = []
+        on_text = st.on_text
+        relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
+        try:
+            if st.samples > 1:
+                gen, gens = await _sampled(self.cloud, st.messages, st.samples, st.max_tokens, st.stop, st.sampling)
+            else:
+                gen, gens = await self.cloud.generate(st.messages, max_tokens=st.max_tokens, stop=st.stop,
+                                                      on_text=relay, **kwargs), []
+        except CloudError as exc:
+            fallback = after_cloud_failure(st.plan, st.decision, fallback=self.fallback, streamed=bool(streamed),
+                                           request_error=isinstance(exc, CloudRequestError))
+            self._record_failure(st.run, st.session, st.step, st.decision, exc, time.perf_counter() - st.t0)
+            if fallback is None:
+                raise
+            st.decision = fallback
+            gen, gens = await self._on_slm(st, on_text)
+            if gen.tool_errors:
+                st.decision = dataclasses.replace(st.decision, reason="tool-call-dropped")
+            if st.toolset is not None and on_text is not None and gen.text:
+                on_text(gen.text)
+            return gen, gens, []
+        return gen, gens, gen.extra.get("attempts", [])
 
     async def _ledger_io(self, fn, *args, **kwargs):
         """Run a booking or budget call: inline for a local ledger (SQLite, microseconds), on a worker
