@@ -15,7 +15,8 @@ PIPC   := $(PIP) install -q -c constraints.txt
 LLAMA_CMAKE_ARGS := $(shell HERA_LLAMA_CMAKE_ARGS='$(HERA_LLAMA_CMAKE_ARGS)' $(PYTHON) hera_core/install/llama_build.py)
 LLAMA_STAMP      := $(VENV)/.llama-$(shell echo '$(LLAMA_CMAKE_ARGS)' | cksum | cut -d' ' -f1)
 
-.PHONY: install build llama rebuild-llama doctor lock models models-test run demo test test-all bench clean
+.PHONY: install build llama rebuild-llama doctor lock models models-test run demo test test-all bench bench-smoke \
+        bench-compare bench-baseline clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -96,8 +97,25 @@ test: build models-test doctor
 	.venv-litellm/bin/pip install -q -r bench/requirements-litellm.txt
 	touch $@
 
+# `make bench`: every benchmark, measured (docs/benchmarks.md). BENCH_ARGS: more pytest arguments (-k ...).
+BENCH_ARGS ?=
 bench: build models-test .venv-litellm/bin/litellm
-	$(PY) -m pytest bench --benchmark-only -q -s
+	$(PY) -m pytest bench --benchmark-only -q -s $(BENCH_ARGS)
+
+# CI's smoke: every benchmark's body once (--benchmark-disable) on a small workload (HERA_BENCH_SMOKE=1,
+# bench/support.py), so a benchmark that breaks fails the run; its numbers mean nothing.
+bench-smoke: build models-test .venv-litellm/bin/litellm
+	HERA_BENCH_SMOKE=1 $(PY) -m pytest bench --benchmark-disable -q $(BENCH_ARGS)
+
+# The ratios of HERA to its reference measured in one run, against bench/baseline.json: fails when one is
+# worse by more than the baseline's margin (bench/compare.py). bench-baseline rewrites the baseline
+# (the median of BASELINE_RUNS runs); commit it with the change that moved it.
+BASELINE_RUNS ?= 5
+bench-compare: build models-test .venv-litellm/bin/litellm
+	$(PY) -m bench.compare check -- $(BENCH_ARGS)
+
+bench-baseline: build models-test .venv-litellm/bin/litellm
+	$(PY) -m bench.compare baseline --runs $(BASELINE_RUNS) -- $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info hera_core/*.so $(VENV)

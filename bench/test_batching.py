@@ -11,6 +11,12 @@ package (the same llama.cpp as the engine), with the CPU flags HERA builds its o
 with, into <cache_dir>/peers/; nothing of it is committed. Without a compiler, or without the
 source package, the peer's cases skip with the reason.
 
+llama-server is a peer (bench/support.py): waited on until its model is loaded, restarted once if
+it dies or drops a connection, the case skipped with the reason and its log's tail if it does so
+again. Smoke mode (HERA_BENCH_SMOKE=1): SmolLM2-135M on 1 thread, 8 tokens, 2 sessions where 8
+were, short prompts, and the llama-server cases only where the peer is already built (building it
+takes minutes).
+
 extra_info: tokens_per_s (generated tokens of all sessions / wall time), ttft_p50_s, ttft_p99_s,
 generated_tokens, and `same_as_serial` (greedy outputs equal to one-sequence decoding).
 """
@@ -27,17 +33,19 @@ import sys
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from bench.support import Peer, PeerDied, sized, skip_in_smoke
 from hera_core.install.models import model_path
 
-MODEL = os.environ.get("HERA_BENCH_MODEL", "qwen2.5-coder-0.5b")
-THREADS = int(os.environ.get("HERA_BENCH_THREADS", "2"))
-TOKENS = 128
+MODEL = os.environ.get("HERA_BENCH_MODEL", sized("qwen2.5-coder-0.5b", "smollm2-135m"))
+THREADS = int(os.environ.get("HERA_BENCH_THREADS", sized("2", "1")))  # smoke: 1 (a busy CI machine)
+TOKENS = sized(128, 8)
+MANY = sized(8, 2)  # "8 sessions" (s8, the prefill and prompt-chunk cases)
+PROMPT_WORDS = sized(230, 30)  # a session's prompt: ~300 tokens with the template (smoke: ~60)
+LONG_REPEATS = sized(50, 4)  # the long prompt: ~1,900 tokens (smoke: ~200)
 N_CTX = 1024  # per session: the prompt and the answer
 LLAMA_CPP_PYTHON = "0.3.36"  # pinned in pyproject.toml: the peer is built from the same llama.cpp
 NOTES = ("agent tool plan step value result check list table file query answer model token cache route "
@@ -46,7 +54,7 @@ _serial_outputs: dict[int, list[str]] = {}
 
 
 def session_prompt(i: int) -> list[dict]:
-    words = " ".join(NOTES[(i * 7 + k) % len(NOTES)] for k in range(230))  # ~300 tokens with the template
+    words = " ".join(NOTES[(i * 7 + k) % len(NOTES)] for k in range(PROMPT_WORDS))
     return [{"role": "system", "content": f"You are session {i}. Notes: {words}"},
             {"role": "user", "content": f"List every integer from {i * 1000 + 1} to {i * 1000 + 300}, "
                                         "one per line, with no other text."}]
@@ -98,6 +106,7 @@ def llama_server() -> Path:
     out = load_settings().cache_dir / "peers" / f"llama-server-{LLAMA_CPP_PYTHON}"
     if out.exists():
         return out
+    skip_in_smoke(f"llama-server is not built yet ({out.name}; building it takes minutes)")
     if shutil.which("cmake") is None or shutil.which("c++") is None:
         pytest.skip("the llama-server peer needs cmake and a C++ compiler")
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,39 +131,32 @@ def llama_server() -> Path:
     return out
 
 
-def run_llama_server(sessions: int) -> dict:
+def _server_ready(status: int, body: bytes) -> bool:
+    """Its /health answers before the model is loaded ("Loading model", 503): ready at 200 and "ok"."""
+    try:
+        return status == 200 and json.loads(body).get("status") == "ok"
+    except ValueError:
+        return False
+
+
+def run_llama_server(sessions: int, log: Path) -> dict:
     import aiohttp
 
-    from hera_core.serving.assembly import free_port
-    from tests.processes import wait_for_http
-
     binary = llama_server()
-    port = free_port()
-    proc = subprocess.Popen([str(binary), "-m", str(model_path(MODEL)), "--port", str(port), "--host", "127.0.0.1",
-                             "--parallel", str(max(sessions, 1)), "-c", str(N_CTX * max(sessions, 1)),
-                             "--threads", str(THREADS), "--threads-batch", str(THREADS), "-fa", "on",
-                             "--cont-batching", "--no-webui"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=120)
-        ready_by = time.time() + 120
-        while True:  # its /health answers before the model is loaded ("Loading model", 503)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200 and json.loads(r.read()).get("status") == "ok":
-                        break
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
-            if time.time() > ready_by:
-                pytest.fail("llama-server did not load the model within 120 s")
-            time.sleep(0.5)
+    n = max(sessions, 1)
+    peer = Peer("llama-server", lambda port: [
+        str(binary), "-m", str(model_path(MODEL)), "--port", str(port), "--host", "127.0.0.1", "--parallel", str(n),
+        "-c", str(N_CTX * n), "--threads", str(THREADS), "--threads-batch", str(THREADS), "-fa", "on",
+        "--cont-batching", "--no-webui"], "/health", log, ready=_server_ready, timeout_s=120)
 
+    def measure(url: str):
         async def one(http, i: int):
             t0, first, n = time.perf_counter(), None, 0
             body = {"messages": session_prompt(i), "max_tokens": TOKENS, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}}
-            async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp:
-                assert resp.status == 200, (resp.status, await resp.text())
+            async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
+                if resp.status != 200:
+                    raise PeerDied(f"status {resp.status}: {(await resp.text())[:200]}")
                 async for raw in resp.content:
                     line = raw.strip()
                     if not line.startswith(b"data:") or line == b"data: [DONE]":
@@ -172,17 +174,21 @@ def run_llama_server(sessions: int) -> dict:
                 results = await asyncio.gather(*[one(http, i) for i in range(sessions)])
                 return results, time.perf_counter() - t0
 
-        results, wall = asyncio.run(go())
+        return asyncio.run(go())
+
+    try:
+        peer.start()
+        results, wall = peer.run(measure)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        peer.stop()
     generated = sum(n for n, _ in results)
     ttfts = [t for _, t in results]
     return {"tokens_per_s": generated / wall, "ttft_p50_s": statistics.median(ttfts),
-            "ttft_p99_s": percentile(ttfts, 0.99), "generated_tokens": generated, "wall_s": wall}
+            "ttft_p99_s": percentile(ttfts, 0.99), "generated_tokens": generated, "wall_s": wall,
+            "server_starts": peer.starts}
 
 
-SESSIONS = [pytest.param(1, id="s1"), pytest.param(8, id="s8")]
+SESSIONS = [pytest.param(1, id="s1"), pytest.param(MANY, id="s8")]  # smoke: "s8" is 2 sessions
 
 
 @pytest.fixture(autouse=True)
@@ -207,12 +213,13 @@ def test_sessions_batched(benchmark, sessions):
 def test_sessions_batched_prompt_chunk_s8(benchmark, chunk):
     """The batched engine at 8 sessions with other prompt chunks (0: each prompt evaluated whole
     in one step, as before chunking; the default, 256, is test_sessions_batched)."""
-    benchmark.extra_info.update(benchmark.pedantic(run_engine, args=(8, True, chunk), rounds=1, iterations=1))
+    benchmark.extra_info.update(benchmark.pedantic(run_engine, args=(MANY, True, chunk), rounds=1, iterations=1))
 
 
 @pytest.mark.parametrize("sessions", SESSIONS)
-def test_sessions_llama_server(benchmark, sessions):
-    benchmark.extra_info.update(benchmark.pedantic(run_llama_server, args=(sessions,), rounds=1, iterations=1))
+def test_sessions_llama_server(benchmark, sessions, tmp_path):
+    log = tmp_path / "llama-server.log"
+    benchmark.extra_info.update(benchmark.pedantic(run_llama_server, args=(sessions, log), rounds=1, iterations=1))
 
 
 # --- n samples of one step (the draft checks' sample agreement; OpenAI's n) ----------------------
@@ -286,12 +293,12 @@ def run_prefills(sessions: int, batching: bool) -> dict:
 
 @pytest.mark.parametrize("mode", ["batched", "serial"])
 def test_next_step_prefills_s8(benchmark, mode):
-    info = benchmark.pedantic(run_prefills, args=(8, mode == "batched"), rounds=1, iterations=1)
+    info = benchmark.pedantic(run_prefills, args=(MANY, mode == "batched"), rounds=1, iterations=1)
     benchmark.extra_info.update(info)
 
 
 # --- a long prompt arriving while other sessions decode --------------------------------------------
-def run_long_prompt(prefill_chunk: int, running: int = 4) -> dict:
+def run_long_prompt(prefill_chunk: int, running: int = sized(4, 2)) -> dict:
     """`running` sessions decode 128 tokens each; once they are under way a ~1,900-token prompt
     arrives. extra_info: the longest gap between two tokens of a running session (how long the
     long prompt stalled them), the long prompt's time to first token, and the running sessions'
@@ -301,7 +308,7 @@ def run_long_prompt(prefill_chunk: int, running: int = 4) -> dict:
     engine = LlamaCppEngine(model_path(MODEL), name=MODEL, n_ctx=2 * N_CTX, n_slots=running + 1, n_threads=THREADS,
                             prefill_chunk=prefill_chunk)
     long_prompt = session_prompt(99)
-    long_prompt[0] = {"role": "system", "content": long_prompt[0]["content"] + " " + " ".join(NOTES * 50)}
+    long_prompt[0] = {"role": "system", "content": long_prompt[0]["content"] + " " + " ".join(NOTES * LONG_REPEATS)}
 
     async def go():
         stamps: list[list[float]] = [[] for _ in range(running)]
@@ -326,7 +333,7 @@ def run_long_prompt(prefill_chunk: int, running: int = 4) -> dict:
         wall = time.perf_counter() - t0
         await engine.close()
         gaps = [b - a for st in stamps for a, b in zip(st, st[1:]) if b > t_long]
-        return {"max_gap_s": max(gaps), "long_prompt_tokens": long.prompt_tokens,
+        return {"max_gap_s": max(gaps, default=0.0), "long_prompt_tokens": long.prompt_tokens,
                 "long_ttft_s": first[0] if first else long.latency_s,
                 "running_tokens_per_s": sum(g.completion_tokens for g in gens) / wall}
 

@@ -11,6 +11,7 @@ Each round uses a new turn for B. Two engines in one run:
 
 extra_info: prefill_wait_s (median over rounds of B's prefill, sent to done), answer_latency_s
 (median of A's whole answer), a_tokens, and whether A's answer is the same in every round.
+Smoke mode (HERA_BENCH_SMOKE=1): 2 rounds, 24 tokens, short turns.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import time
 
 import pytest
 
+from bench.support import sized
 from hera_core.install.models import model_path
 
 THREADS = int(os.environ.get("HERA_BENCH_THREADS", "1"))
 MODEL = os.environ.get("HERA_BENCH_MODEL", "smollm2-135m")
-ROUNDS, A_TOKENS = 6, 128
+ROUNDS, A_TOKENS = sized((6, 128), (2, 24))
+HISTORY_WORDS, TURN_WORDS = sized((250, 140), (40, 20))
 WORDS = "agent tool plan step value result check list table file query answer model token cache".split()
 LONG = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
 
@@ -38,7 +41,8 @@ def run_rounds(chunk: int, with_answer: bool = True) -> dict:
     rng = random.Random(3)
     eng = LlamaCppEngine(model_path(MODEL), n_ctx=2048, n_threads=THREADS, n_slots=4,
                          decode_chunk=chunk)
-    history = [{"role": "system", "content": "You are agent B. " + " ".join(rng.choice(WORDS) for _ in range(250))}]
+    history = [{"role": "system",
+                "content": "You are agent B. " + " ".join(rng.choice(WORDS) for _ in range(HISTORY_WORDS))}]
     waits, latencies, answers = [], [], set()
 
     async def one_round(turn: str) -> None:
@@ -60,7 +64,7 @@ def run_rounds(chunk: int, with_answer: bool = True) -> dict:
     async def go() -> None:
         await eng.prefill(history + [{"role": "user", "content": "start"}])  # B's history is cached
         for _ in range(ROUNDS):
-            await one_round(" ".join(rng.choice(WORDS) for _ in range(140)))
+            await one_round(" ".join(rng.choice(WORDS) for _ in range(TURN_WORDS)))
         await eng.close()
 
     asyncio.run(go())

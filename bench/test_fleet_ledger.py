@@ -2,20 +2,25 @@
 on a private PostgreSQL server (on this machine, over 127.0.0.1), against the single node's SQLite
 file and in-memory caps, in one run.
 
-extra_info: us_per_step (mean over the rounds).
+extra_info: us_per_step (mean over the rounds); the PostgreSQL case also runs SQLite in alternating
+blocks and reports ratio_vs_sqlite, which `make bench-compare` checks (bench/compare.py).
+Smoke mode (HERA_BENCH_SMOKE=1): 30 steps (not 1,000), and 100 cloud steps from 20 clients
+through 1 and 2 nodes.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
 
+from bench.support import sized, skip_in_smoke
 from hera_core.routing.budget import Budget
 from hera_core.routing.ledger import Ledger, LedgerRow
 from tests.pg import PgCluster
 
-ROUNDS = 300
+ROUNDS = sized(1000, 30)
 
 
 def cloud_row(i: int) -> LedgerRow:
@@ -34,14 +39,15 @@ def pg_url():
     cluster.close()
 
 
-def steps(ledger, budget) -> float:
+def steps(ledger, budget, rounds: int = ROUNDS, first: int = 0) -> float:
+    """Mean microseconds per step over `rounds` steps (numbered from `first`)."""
     t0 = time.perf_counter()
-    for i in range(ROUNDS):
+    for i in range(first, first + rounds):
         over, hold = budget.reserve(f"s{i % 50}", 2e-4)
         assert over is None
         ledger.record(cloud_row(i), [("ok", 0.5)])
         budget.settle(f"s{i % 50}", hold, 1e-4)
-    return (time.perf_counter() - t0) / ROUNDS * 1e6
+    return (time.perf_counter() - t0) / rounds * 1e6
 
 
 def test_step_bookkeeping_sqlite_node(benchmark, tmp_path):
@@ -52,18 +58,37 @@ def test_step_bookkeeping_sqlite_node(benchmark, tmp_path):
     ledger.close()
 
 
+BLOCK = sized(50, 10)  # steps per block of the paired measurement
+
+
 def test_step_bookkeeping_postgresql_fleet(benchmark, pg_url, tmp_path):
+    """The PostgreSQL ledger and budget, in blocks of BLOCK steps alternating with blocks on a
+    SQLite ledger (the same machine load on both sides). extra_info: us_per_step (PostgreSQL),
+    sqlite_us_per_step, ratio_vs_sqlite (median block time over median block time)."""
     from hera_core.routing.ledger_pg import PgBudget, PgLedger
 
     ledger = PgLedger(pg_url, node="bench", spool_path=tmp_path / "spool.jsonl")
     budget = PgBudget(ledger, per_day_usd=1e6, per_session_usd=1e6)
-    us = benchmark.pedantic(steps, args=(ledger, budget), rounds=1, iterations=1)
-    benchmark.extra_info["us_per_step"] = us
+    local = Ledger(tmp_path / "l.sqlite")
+    local_budget = Budget(per_day_usd=1e6, per_session_usd=1e6, ledger=local)
+    blocks: dict[str, list[float]] = {"pg": [], "sqlite": []}
+
+    def paired() -> None:
+        for first in range(0, ROUNDS, BLOCK):
+            blocks["sqlite"].append(steps(local, local_budget, BLOCK, first))
+            blocks["pg"].append(steps(ledger, budget, BLOCK, first))
+
+    benchmark.pedantic(paired, rounds=1, iterations=1)
+    pg, lite = statistics.median(blocks["pg"]), statistics.median(blocks["sqlite"])
+    benchmark.extra_info.update(us_per_step=statistics.mean(blocks["pg"]),
+                                sqlite_us_per_step=statistics.mean(blocks["sqlite"]),
+                                ratio_vs_sqlite=round(pg / lite, 3))
     ledger.close()
+    local.close()
 
 
 # --- fleet throughput: cloud steps per second through `hera serve` nodes -----------------------
-CLIENTS, REQUESTS = 100, 1500
+CLIENTS, REQUESTS = sized((100, 1500), (20, 100))
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +140,9 @@ def test_fleet_throughput(benchmark, ledger, nodes, pg_url, upstream, tmp_path):
     from hera_core.install.models import model_path
     from tests.conftest import TINY
     from tests.fleet import start_fleet
+
+    if nodes > 2:
+        skip_in_smoke("4 nodes are 2 more `hera serve` processes than the 2-node case, nothing else")
 
     model = model_path(TINY)
     fleet = start_fleet(nodes, tmp_path, model, upstream, ledger_url=pg_url if ledger == "postgresql" else None,

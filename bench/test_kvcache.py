@@ -13,7 +13,8 @@ extra_info: prefill_tokens (evaluated), ideal_prefill_tokens (new tokens only), 
 (mean time to first token of steps 3 and later), rss_growth_mb (RSS after minus before, engine
 creation included), outputs_sha (to check that greedy outputs are token-identical). All three
 use the same threads and the same attention kernel (flash attention on; llama-cpp-python's Llama
-defaults to off, which alone changes greedy outputs).
+defaults to off, which alone changes greedy outputs). Smoke mode (HERA_BENCH_SMOKE=1): 2 sessions
+x 3 steps, short turns, 8 tokens.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import time
 
 import pytest
 
+from bench.support import sized
 from hera_core.install.models import model_path
 
-SESSIONS, STEPS, MAX_NEW = 8, 6, 32
+SESSIONS, STEPS, MAX_NEW = sized((8, 6, 32), (2, 3, 8))  # steps 3+ are timed: at least 3
+SYSTEM_WORDS, TURN_WORDS = sized((280, 140), (40, 20))
 THREADS = int(os.environ.get("HERA_BENCH_THREADS", "1"))
 N_CTX = 2048  # per session: the longest conversation here is about 1,600 tokens
 WORDS = ("agent tool plan step value result check list table file query answer model token cache prefix "
@@ -47,8 +50,8 @@ def text(rng: random.Random, n_words: int) -> str:
 def workload():
     """Per session: a system prompt (~300 tokens) and 6 user turns (~150 tokens each)."""
     rng = random.Random(7)
-    return [(f"Session {s}. You are agent {s}. " + text(rng, 280), [text(rng, 140) for _ in range(STEPS)])
-            for s in range(SESSIONS)]
+    return [(f"Session {s}. You are agent {s}. " + text(rng, SYSTEM_WORDS),
+             [text(rng, TURN_WORDS) for _ in range(STEPS)]) for s in range(SESSIONS)]
 
 
 class _Ours:

@@ -8,7 +8,12 @@ request) and the metrics are included; the SLM prefill that scores predictor-rou
 (it is measured in bench/test_kvcache.py). LiteLLM runs from its own virtualenv (.venv-litellm,
 made by `make bench`) with telemetry off; its test is skipped when that is missing.
 
-extra_info: p50_ms, p99_ms, rps.
+The scripted upstream and LiteLLM are peers (bench/support.py): waited on until ready, restarted
+once if they die, skipped with the reason if they die again. `hera serve` is not: its failure fails
+the benchmark. The sides of one client count run back to back (INTERLEAVE_PAIRS).
+
+extra_info: p50_ms, p99_ms, rps. `make bench-compare` checks hera's p50 at 1 client and its rps at
+64 clients against direct's in the same run (bench/compare.py).
 """
 
 from __future__ import annotations
@@ -22,25 +27,28 @@ from pathlib import Path
 
 import pytest
 
+from bench.support import Peer, PeerDied, sized
 from hera_core.serving.assembly import free_port
 from tests.processes import wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
-REQUESTS = {1: 400, 64: 64 * 40}
+REQUESTS = sized({1: 1000, 64: 64 * 40}, {1: 20, 64: 64 * 2})  # 1 client: 1,000 for a steady p50
+WARMUP = sized(20, 5)
+INTERLEAVE_PAIRS = True  # bench/conftest.py: direct[c1], hera[c1], litellm[c1], then the c64 cases
 KEY = "sk-bench-0123456789abcdef"  # both proxies check a client key, as deployed
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BODY = {"model": "fake-model", "max_tokens": 8, "messages": [{"role": "user", "content": "ping"}]}
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fake_upstream", "--port", str(port)], cwd=ROOT)
-    wait_for_http(f"http://127.0.0.1:{port}/v1/chat/completions", proc)
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait()
+def upstream(tmp_path_factory):
+    """The scripted upstream (a peer; it answers POSTs only, so any HTTP answer means ready)."""
+    log = tmp_path_factory.mktemp("upstream") / "upstream.log"
+    peer = Peer("scripted upstream", lambda port: [sys.executable, "-m", "tests.fake_upstream", "--port", str(port)],
+                "/v1/chat/completions", log, ready=lambda status, _: status > 0, cwd=ROOT, timeout_s=60).start()
+    yield peer
+    peer.stop()
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +57,11 @@ def hera(upstream, tmp_path_factory):
     port = free_port()
     cfg = tmp / "hera.toml"
     cfg.write_text(f'ledger_path = "{tmp / "ledger.sqlite"}"\n[local]\nmodel = "smollm2-135m"\nn_ctx = 1024\n'
-                   f'[cloud]\nbase_url = "{upstream}"\nmodel = "fake-model"\n'
+                   f'[cloud]\nbase_url = "{upstream.url}/v1"\nmodel = "fake-model"\n'
                    f'[server]\nport = {port}\nmax_concurrency = 4096\napi_keys = ["{KEY}"]\n')
     proc = subprocess.Popen([sys.executable, "-m", "hera_core.cli", "--config", str(cfg), "serve"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL)
-    wait_for_http(f"http://127.0.0.1:{port}/healthz", proc)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_http(f"http://127.0.0.1:{port}/healthz", proc)  # raises with its stderr if it dies: a failure
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait()
@@ -64,19 +72,17 @@ def litellm(upstream, tmp_path_factory):
     if not LITELLM.exists():
         pytest.skip("LiteLLM is not installed (make bench creates .venv-litellm)")
     tmp = tmp_path_factory.mktemp("litellm")
-    port = free_port()
     cfg = tmp / "litellm.yaml"
     cfg.write_text("model_list:\n  - model_name: fake-model\n    litellm_params:\n      model: openai/fake-model\n"
-                   f"      api_base: {upstream}\n      api_key: sk-fake\n"
+                   f"      api_base: {upstream.url}/v1\n      api_key: sk-fake\n"
                    "litellm_settings:\n  telemetry: false\n  drop_params: true\n")
-    env = {**os.environ, "LITELLM_MASTER_KEY": KEY, "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([str(LITELLM), "--config", str(cfg), "--port", str(port), "--num_workers", "1"],
-                            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_http(f"http://127.0.0.1:{port}/health/liveliness", proc, timeout_s=180)
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait()
+    env = {**os.environ, "LITELLM_MASTER_KEY": KEY, "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    peer = Peer("LiteLLM proxy", lambda port: [str(LITELLM), "--config", str(cfg), "--port", str(port),
+                                               "--num_workers", "1"],
+                "/health/liveliness", tmp / "litellm.log", env=env, cwd=tmp, timeout_s=180).start()
+    yield peer
+    peer.stop()
 
 
 def load(url: str, clients: int, body: dict, headers: dict) -> dict:
@@ -98,7 +104,7 @@ def load(url: str, clients: int, body: dict, headers: dict) -> dict:
 
     async def go() -> float:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-            for _ in range(20):  # warm-up: connections, caches, lazy imports
+            for _ in range(WARMUP):  # warm-up: connections, caches, lazy imports
                 async with http.post(url + "/chat/completions", json=body, headers=headers) as r:
                     await r.read()
             t0 = time.perf_counter()
@@ -120,10 +126,25 @@ def _bench(benchmark, url, clients, body, headers=None):
     assert result["failures"] == 0
 
 
+def _bench_peer(benchmark, peer: Peer, clients, body, headers=None):
+    """A peer's side: a peer that dies or answers errors under the load is restarted and measured
+    again, once (bench/support.py)."""
+    def measure(url: str) -> dict:
+        result = load(url + "/v1", clients, body, headers or {})
+        if result["failures"]:
+            raise PeerDied(f"{result['failures']} of {result['requests']} requests failed")
+        return result
+
+    result = {}
+    benchmark.pedantic(lambda: result.update(peer.run(measure)), rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    print(result)
+
+
 @pytest.mark.parametrize("clients", [1, 64], ids=["c1", "c64"])
 def test_proxy_direct(benchmark, upstream, clients):
     """The client calls the upstream itself: the baseline."""
-    _bench(benchmark, upstream, clients, BODY)
+    _bench_peer(benchmark, upstream, clients, BODY)
 
 
 @pytest.mark.parametrize("clients", [1, 64], ids=["c1", "c64"])
@@ -135,4 +156,4 @@ def test_proxy_hera(benchmark, hera, clients):
 @pytest.mark.parametrize("clients", [1, 64], ids=["c1", "c64"])
 def test_proxy_litellm(benchmark, litellm, clients):
     """Through LiteLLM's proxy (one worker, telemetry off)."""
-    _bench(benchmark, litellm, clients, BODY, AUTH)
+    _bench_peer(benchmark, litellm, clients, BODY, AUTH)

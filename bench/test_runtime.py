@@ -6,16 +6,30 @@ of one 151,936-token row, the structure features, the shipped predictor, the dec
 ledger row committed to SQLite (WAL, synchronous=NORMAL) before the call returns.
 
 - test_engine_direct: `await local.generate(messages)`, what an application does without HERA
-- test_runtime_complete_local / _cloud: `await runtime.complete(messages, session=...)`, the
+- test_runtime_complete[local] / [cloud]: `await runtime.complete(messages, session=...)`, the
   threshold forcing each route (the cloud route skips nothing: scoring runs first either way)
+
+The messages are the first step of a gsm_symbolic task as the harness writes it: a step the shipped
+predictor's familiarity check finds familiar, so both routes take the default path (familiarity
+check included) and the predictor's P against the threshold decides, as in production. (A step it
+finds unfamiliar goes to the cloud whatever the threshold: `unfamiliar="cloud"`, the default.)
+
+extra_info: calls (subtasks run, each with its ledger row), and ratio_vs_engine: after the timed
+rounds, PAIRS calls of the bare engine and of `complete` alternate (the same machine load on both
+sides) and the ratio of their medians is what `make bench-compare` checks (bench/compare.py);
+engine_median_us and complete_median_us beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 
 import numpy as np
 import pytest
+
+from bench.support import sized
 
 from hera_core.config import PriceSettings
 from hera_core.backends.base import Engine, Generation, Prefill
@@ -24,11 +38,18 @@ from hera_core.routing.predictor import Predictor
 from hera_core.routing.runtime import Runtime
 
 VOCAB = 151_936
-MESSAGES = [{"role": "system", "content": "You are a careful coding agent."},
-            {"role": "user", "content": "Compute 17 * 23 with Python and give the result."}]
+PAIRS = sized(3000, 20)  # alternating (engine, complete) calls behind ratio_vs_engine
+MESSAGES = [{"role": "system", "content": "You are a careful problem solver with a Python tool. Keep answers short. "
+                                          "When asked for code, reply with one ```python code block that prints the "
+                                          "answer."},
+            {"role": "user", "content": "A building is made out of 4 orange blocks, 2 times as many green blocks, and "
+                                        "an unknown number of white blocks. If there are 31 blocks in the building in "
+                                        "total, how many white blocks are there? Give the result as your final answer. "
+                                        "Do not include units.\n\nWrite a short Python program that computes and "
+                                        "prints the answer."}]
 
 
-class _Instant(Engine):
+class InstantEngine(Engine):
     """Answers at once: isolates the router's own cost (a benchmark fixture, not a model)."""
 
     def __init__(self, name: str, is_local: bool) -> None:
@@ -54,9 +75,13 @@ def loop():
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    rt = Runtime(_Instant("slm", True), _Instant("llm", False), Predictor.load(),
-                 Ledger(tmp_path_factory.mktemp("ledger") / "ledger.sqlite"), PriceSettings())
-    yield rt
+    predictor = Predictor.load()
+    if predictor.familiarity is not None and not predictor.familiarity.familiar(MESSAGES):
+        pytest.fail("the shipped predictor finds MESSAGES unfamiliar (it was retrained?): every step would go to "
+                    "the cloud; take the first step of a task of one of its training families instead")
+    ledger = Ledger(tmp_path_factory.mktemp("ledger") / "ledger.sqlite")
+    yield Runtime(InstantEngine("slm", True), InstantEngine("llm", False), predictor, ledger, PriceSettings())
+    ledger.close()
 
 
 def test_engine_direct(benchmark, loop, runtime) -> None:
@@ -69,10 +94,33 @@ def test_engine_direct(benchmark, loop, runtime) -> None:
 def test_runtime_complete(benchmark, loop, runtime, route: str, threshold: float) -> None:
     benchmark.group = "one subtask"
     before = runtime.ledger.totals()["subtasks"]
-    result = benchmark(lambda: loop.run_until_complete(
-        runtime.complete(MESSAGES, session="bench", threshold=threshold)))
-    assert result.route.value == route and result.ledger_id > 0
-    assert runtime.ledger.totals()["subtasks"] - before >= benchmark.stats.stats.rounds  # a row per call
+    calls = 0
+
+    def one():
+        nonlocal calls
+        calls += 1
+        return loop.run_until_complete(runtime.complete(MESSAGES, session="bench", threshold=threshold))
+
+    result = benchmark(one)
+    assert (result.route.value, result.decision.reason) == (route, "predictor") and result.ledger_id > 0
+    assert runtime.ledger.totals()["subtasks"] - before == calls  # a row per call
+    benchmark.extra_info["calls"] = calls
+    engine, complete = paired_medians(lambda: loop.run_until_complete(runtime.local.generate(MESSAGES)), one)
+    benchmark.extra_info.update(engine_median_us=round(engine * 1e6, 2), complete_median_us=round(complete * 1e6, 2),
+                                ratio_vs_engine=round(complete / engine, 3))
+
+
+def paired_medians(a, b, pairs: int = PAIRS) -> tuple[float, float]:
+    """Medians (s) of a() and b() called in turn `pairs` times: both sides under the same load."""
+    ta, tb = [], []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        ta.append(t1 - t0)
+        tb.append(time.perf_counter() - t1)
+    return statistics.median(ta), statistics.median(tb)
 
 
 @pytest.mark.parametrize("mode", ["together", "one-by-one"])
@@ -93,4 +141,5 @@ def test_scoring_8_concurrent_steps(benchmark, loop, runtime, mode: str) -> None
     calls = runtime._scorer.stats["batches"] - before["batches"]
     assert len(scores) == 8 and len({round(s.p_local, 6) for s in scores}) == 1
     assert calls * (8 if mode == "together" else 1) == runtime._scorer.stats["rows"] - before["rows"]
-    benchmark.extra_info["us_per_step"] = benchmark.stats.stats.mean / 8 * 1e6
+    if benchmark.stats is not None:  # None in a smoke run (--benchmark-disable)
+        benchmark.extra_info["us_per_step"] = benchmark.stats.stats.mean / 8 * 1e6

@@ -11,6 +11,7 @@ invalid_share (requests with a call that fails its schema or does not parse: wha
 escalates; an unfinished call counts here too), no_call_share, seconds_per_request,
 tokens_per_request. A measurement, not a test: that an invalid call is never returned is tested in
 tests/test_tools.py. HERA_BENCH_MODEL=smollm2-135m shows a model that cannot call tools by itself.
+Smoke mode (HERA_BENCH_SMOKE=1): SmolLM2-135M, one request (the nested schema), at most 64 tokens.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import time
 
 import pytest
 
+from bench.support import sized
 from hera_core.backends.tools import ToolSet
 from hera_core.install.models import model_path
 
-MODEL = os.environ.get("HERA_BENCH_MODEL", "qwen2.5-coder-0.5b")
+MODEL = os.environ.get("HERA_BENCH_MODEL", sized("qwen2.5-coder-0.5b", "smollm2-135m"))
 THREADS = int(os.environ.get("HERA_BENCH_THREADS", "1"))
 ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
@@ -49,6 +51,10 @@ REQUESTS = ["What is 1234 plus 4321?", "Add 17 and 25 for me.", "Sum of 908 and 
             "Get me from Madrid to Lisbon in business, passenger 11."]
 
 
+REQUESTS = sized(REQUESTS, REQUESTS[-1:])  # smoke: one (the nested schema)
+MAX_TOKENS = sized(160, 64)
+
+
 def run_requests(grammar: bool | str, choice: str) -> dict:
     from hera_core.backends.llamacpp import LlamaCppEngine
 
@@ -60,7 +66,7 @@ def run_requests(grammar: bool | str, choice: str) -> dict:
     async def go():
         for text in REQUESTS:
             t0 = time.perf_counter()
-            gen = await engine.generate([{"role": "user", "content": text}], max_tokens=160, toolset=ts)
+            gen = await engine.generate([{"role": "user", "content": text}], max_tokens=MAX_TOKENS, toolset=ts)
             seconds.append(time.perf_counter() - t0)
             tokens.append(gen.completion_tokens)
             outcomes.append("invalid" if gen.tool_errors else "valid" if gen.tool_calls else "none")

@@ -9,6 +9,7 @@ default (HERA_BENCH_MODEL names another manifest model), HERA_BENCH_THREADS thre
 extra_info: vote_step_s (mean wall time of one drafted, checked and voted step), samples_drawn
 (mean; 2 when the first two agree with the draft), draft_only_s (the greedy draft alone, for
 scale), and, on the concurrent case, ratio_vs_in_turn (its vote_step_s over the other's).
+Smoke mode (HERA_BENCH_SMOKE=1): SmolLM2-135M on 1 thread, one gsm_symbolic prompt, 48 tokens.
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ from pathlib import Path
 
 import pytest
 
+from bench.support import sized
 from hera_core.install.models import model_path
 from hera_core.offline.harness import first_messages
 from hera_core.offline.workloads import make_tasks
 
-MODEL = os.environ.get("HERA_BENCH_MODEL", "qwen2.5-coder-0.5b")
-THREADS = int(os.environ.get("HERA_BENCH_THREADS", "2"))
-MAX_TOKENS = 384
+MODEL = os.environ.get("HERA_BENCH_MODEL", sized("qwen2.5-coder-0.5b", "smollm2-135m"))
+THREADS = int(os.environ.get("HERA_BENCH_THREADS", sized("2", "1")))
+MAX_TOKENS = sized(384, 48)
+FAMILIES, PER_FAMILY = sized((["basic_arithmetic", "gsm_symbolic"], 2), (["gsm_symbolic"], 1))
 _results: dict[str, float] = {}
 
 
 def prompts() -> list[list[dict]]:
-    tasks = make_tasks(["basic_arithmetic", "gsm_symbolic"], per_family=2, seed=0, split="test")
+    tasks = make_tasks(FAMILIES, per_family=PER_FAMILY, seed=0, split="test")
     return [first_messages(t) for t in tasks]
 
 
@@ -41,6 +44,7 @@ def run_votes(concurrently: bool) -> dict:
     from hera_core.backends.llamacpp import LlamaCppEngine
     from hera_core.config import load_settings
     from hera_core.routing.ledger import Ledger
+    from hera_core.routing.plan import Action
     from hera_core.routing.predictor import Predictor, VoteStage
     from hera_core.routing.runtime import Runtime
 
@@ -49,17 +53,20 @@ def run_votes(concurrently: bool) -> dict:
         predictor = Predictor.load()
         predictor.vote = VoteStage(steps=1, k=4, min_share=0.5)
         ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.sqlite")
-        rt = Runtime(engine, engine, predictor, ledger, load_settings(env={}).prices)  # the cloud is never called
+        # The cloud is never called; unfamiliar="trust": the vote stage decides the step whatever the
+        # familiarity check says of these prompts.
+        rt = Runtime(engine, engine, predictor, ledger, load_settings(env={}).prices, unfamiliar="trust")
         rt.vote_concurrently = concurrently
-        stage = rt.vote_stage(0)
         times, drawn, drafts = [], [], []
         try:
             for msgs in prompts():
                 t0 = time.perf_counter()
                 await engine.generate(msgs, max_tokens=MAX_TOKENS)
                 drafts.append(time.perf_counter() - t0)
+                plan, score = await rt.plan(msgs, step=0)  # the prefill (cached by the draft above) scores it
+                assert plan.action is Action.VOTE, plan
                 t0 = time.perf_counter()
-                _, check, _ = await rt._draft_and_check(msgs, None, MAX_TOKENS, None, stage=stage, prefill_keep=True)
+                _, check, _ = await rt.draft_step(msgs, plan, score.features, max_tokens=MAX_TOKENS)
                 times.append(time.perf_counter() - t0)
                 drawn.append(check.agreement.samples if check.agreement is not None else 0)
         finally:
