@@ -29,6 +29,27 @@ class ModelNotFoundError(HeraError):
     """A model file is not installed; the message names the package and command."""
 
 
+class UsageError(HeraError, ValueError):
+    """A command-line value, or a file it names (tasks, traces, votes), cannot be used; the
+    message says which one and what to do. The CLI prints it as one line."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class MissingExtraError(HeraError):
+    """A command needs a library or data package that this install leaves out (an extra of
+    pyproject's optional-dependencies, or a package `make install` adds); the message names it."""
+
+
+class CacheMissError(HeraError, LookupError):
+    """An offline replay asked the completion cache for something it does not hold."""
+
+
+class SelfTestFailed(HeraError):
+    """`hera doctor` found a broken install; the message names the fix."""
+
+
 class CannotServeLocallyError(InvalidRequestError):
     """The local engine cannot serve this step (the runtime sends it to the cloud instead)."""
 

