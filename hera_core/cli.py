@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from hera_core.errors import HeraError
+from hera_core.errors import CacheMissError, HeraError, MissingExtraError, SelfTestFailed, UsageError
 
 COMMITTED_EVAL = Path("bench") / "eval"  # the committed evaluation run, relative to the repository root
 
@@ -83,14 +83,6 @@ def cmd_doctor(args) -> int:
     if failed:  # the first failure is the one to fix first: one line, naming the fix
         raise SelfTestFailed(f"{failed[0].name}: {failed[0].detail}; fix: {failed[0].fix}")
     return 0
-
-
-class SelfTestFailed(Exception):
-    """`hera doctor` found a broken install; the message names the fix."""
-
-
-class MissingExtraError(HeraError):
-    """A command needs an extra of hera-core (pyproject's optional-dependencies) not installed here."""
 
 
 # The commands that run the offline tools and the extras of pyproject.toml they need; checked before
@@ -190,7 +182,7 @@ def _openings(args, traces) -> dict[str, str]:
     for split in sorted({t["split"] for t in traces if t["task_id"] in missing}):
         try:
             tasks = _tasks(args, families, split=split)
-        except ValueError:  # e.g. a user family without --tasks-file: no familiarity for those
+        except UsageError:  # e.g. a user family without --tasks-file: no familiarity for those
             continue
         out.update({t.task_id: opening_text(first_messages(t)) for t in tasks if t.task_id in missing})
     return out
@@ -208,9 +200,9 @@ def _votes(args, traces) -> dict:
         try:
             lines = Path(path).read_text().splitlines()
         except FileNotFoundError:
-            raise ValueError(f"--votes file {path} does not exist") from None
+            raise UsageError(f"--votes file {path} does not exist") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"--votes file {path} cannot be read ({exc})") from None
+            raise UsageError(f"--votes file {path} cannot be read ({exc})") from None
         for n, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
@@ -218,14 +210,14 @@ def _votes(args, traces) -> dict:
                 if not isinstance(key, str) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
                     raise TypeError("greedy must be a string and keys a list of strings")
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"--votes file {path}, line {n}: not a vote row ({exc}); "
+                raise UsageError(f"--votes file {path}, line {n}: not a vote row ({exc}); "
                                  "make it with bench/eval/agreement_probe.py") from None
             rows[row["task_id"]] = (key, keys)
     if not rows:
         return {}
     by_id = {t["task_id"]: t for t in traces if t["task_id"] in rows}
     if not by_id:
-        raise ValueError("no task of --votes is in the traces: sample the first steps of the traced validation "
+        raise UsageError("no task of --votes is in the traces: sample the first steps of the traced validation "
                          "tasks (bench/eval/agreement_probe.py --traces traces-val.jsonl)")
     out = {}
     for split in sorted({t["split"] for t in by_id.values()}):
@@ -263,7 +255,7 @@ def cmd_drafts(args) -> int:
     settings = _settings(args)
     src, out = Path(args.traces), Path(args.out)
     if src.resolve() == out.resolve():
-        raise ValueError("--out must be another file than the traces (it is appended to, and resumable)")
+        raise UsageError("--out must be another file than the traces (it is appended to, and resumable)")
     traces = load_traces(src)
     split = traces[0]["split"] if traces else args.split
     tasks = {t.task_id: t for t in _tasks(args, sorted({t["family"] for t in traces}), split=split)}
@@ -317,7 +309,7 @@ def cmd_eval(args) -> int:
 
     settings = _settings(args)
     if args.offline and not (args.traces or args.tasks_file) and not COMMITTED_EVAL.is_dir():
-        raise ValueError(f"--offline replays the committed run in {COMMITTED_EVAL}/: run it from the repository "
+        raise UsageError(f"--offline replays the committed run in {COMMITTED_EVAL}/: run it from the repository "
                          "root, or pass --traces and --cache")
     if args.offline:  # with no other flag, replay the committed evaluation
         args.traces = args.traces or str(COMMITTED_EVAL / "traces-test.jsonl")
@@ -334,12 +326,12 @@ def cmd_eval(args) -> int:
         ids = {t["task_id"] for t in traces}
         tasks = [t for t in tasks if t.task_id in ids]
     if not tasks:
-        raise ValueError(f"no task of {args.traces or args.tasks_file} is in the {args.split} split; profile it "
+        raise UsageError(f"no task of {args.traces or args.tasks_file} is in the {args.split} split; profile it "
                          f"with `hera profile --split {args.split}` or pass --split all")
     predictor = Predictor.load(args.predictor or settings.policy.predictor_path)
     cache_path = Path(args.cache) if args.cache else settings.cache_dir / "completions.sqlite"
     if args.offline and not cache_path.exists():
-        raise ValueError(f"completion cache {cache_path} does not exist; pass --cache with the committed one")
+        raise UsageError(f"completion cache {cache_path} does not exist; pass --cache with the committed one")
     if cache_path.suffix == ".xz":  # the committed cache is compressed: replay from a private copy
         import lzma
         import shutil
@@ -386,6 +378,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _sweep(text: str) -> tuple[float, ...]:
+    """--sweep: comma-separated threshold offsets ('' for none)."""
+    try:
+        return tuple(float(x) for x in text.split(",")) if text else ()
+    except ValueError:
+        raise UsageError(f"--sweep takes comma-separated numbers (threshold offsets), got {text!r}") from None
+
+
 async def _run_eval(tasks, ev, args):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -393,7 +393,7 @@ async def _run_eval(tasks, ev, args):
 
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), disable=args.json) as bar:
-        sweep = tuple(float(x) for x in args.sweep.split(",")) if args.sweep else ()
+        sweep = _sweep(args.sweep)
         job = bar.add_task("eval", total=(8 + 2 * len(sweep)) * len(tasks))
         return await evaluate(tasks, ev, seed=args.seed, progress=lambda: bar.advance(job), sweep=sweep,
                               unfamiliar=args.unfamiliar or _settings(args).policy.unfamiliar)
@@ -408,10 +408,10 @@ class _Offline:
         self.name = name
 
     async def generate(self, *a, **k):
-        raise LookupError(f"completion cache miss for {self.name} in offline mode; rerun without --offline")
+        raise CacheMissError(f"completion cache miss for {self.name} in offline mode; rerun without --offline")
 
     async def prefill(self, *a, **k):
-        raise LookupError(f"feature cache miss for {self.name} in offline mode; rerun without --offline")
+        raise CacheMissError(f"feature cache miss for {self.name} in offline mode; rerun without --offline")
 
     async def close(self) -> None:
         return None
@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MissingExtraError(f"`hera {args.command}` needs libraries that this install leaves out: "
                                     f"pip install 'hera-core[{','.join(missing)}]'")
         return args.func(args)
-    except (HeraError, ValueError, LookupError, SelfTestFailed) as exc:
+    except HeraError as exc:  # a user's error, one line; anything else is a bug: its traceback shows
         print(f"hera: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -106,3 +106,50 @@ def test_train_cost_aware_writes_a_cost_weight_and_a_bad_budget_is_a_one_line_er
     assert d["kappa"]["cost_weight"]["gamma"] == cal["chosen"]["gamma"] and cal["chosen"]["est_cost_ratio"] <= 0.5
     assert "cloud budget" in one_line_error(hera("train", str(root / "traces-val.jsonl"), "--cloud-budget", "2",
                                                  "--out", str(out)))
+
+
+def test_only_hera_errors_are_one_line_errors_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """`main` turns a HeraError into one line (exit 2); any other exception, a ValueError or a
+    LookupError included, is a bug and propagates with its traceback."""
+    import pytest
+
+    from hera_core import cli
+    from hera_core.errors import CacheMissError, SelfTestFailed, UsageError
+
+    monkeypatch.setattr("faulthandler.enable", lambda *a, **k: None)  # pytest's captured stderr has no fd
+    for exc in (UsageError("bad --flag"), CacheMissError("cache miss"), SelfTestFailed("broken; fix: this")):
+        def fail(args, exc=exc):
+            raise exc
+        monkeypatch.setattr(cli, "cmd_ledger", fail)
+        assert cli.main(["ledger"]) == 2
+        assert capsys.readouterr().err == f"hera: error: {exc}\n"
+    for bug in (ValueError("a bug"), LookupError("another bug"), KeyError("k")):
+        def fail(args, bug=bug):
+            raise bug
+        monkeypatch.setattr(cli, "cmd_ledger", fail)
+        with pytest.raises(type(bug)):
+            cli.main(["ledger"])
+
+
+def test_user_mistakes_in_offline_commands_are_hera_errors(tmp_path):
+    """What a user gets wrong raises a HeraError subclass (the CLI's one-line error), in process."""
+    import pytest
+
+    from hera_core.cli import _sweep
+    from hera_core.errors import UsageError
+    from hera_core.offline.profiling import load_traces
+    from hera_core.offline.workloads import load_jsonl_tasks, make_tasks
+
+    with pytest.raises(UsageError, match="does not exist"):
+        load_traces(tmp_path / "nope.jsonl")
+    with pytest.raises(UsageError, match="does not exist"):
+        load_jsonl_tasks(str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "tasks.jsonl"
+    bad.write_text('{"id": "t1", "question": "q"}\n')
+    with pytest.raises(UsageError, match="line 1"):
+        load_jsonl_tasks(str(bad))
+    with pytest.raises(UsageError, match="unknown task family"):
+        make_tasks(["no-such-family"])
+    with pytest.raises(UsageError, match="--sweep"):
+        _sweep("0.1,x")
+    assert _sweep("") == () and _sweep("-0.1,0.2") == (-0.1, 0.2)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hera_core.backends.base import Engine, Generation
+from hera_core.errors import CacheMissError
 
 
 def cache_key(model: str, request: dict[str, Any]) -> str:
@@ -95,7 +96,7 @@ class CachingEngine(Engine):
                 on_text(hit.text)
             return hit
         if self.cache.read_only:
-            raise LookupError(f"completion cache miss for {self.name} in offline mode")
+            raise CacheMissError(f"completion cache miss for {self.name} in offline mode")
         gen = await self.inner.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text, **kwargs)
         self.cache.put(self.name, request, gen)
         return gen

@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from hera_core.errors import SelfTestFailed
 from hera_core.install import llama_build
 
 # SmolLM2-135M-Instruct, greedy, no chat template: the top-1 token leads the runner-up by at least
@@ -74,7 +75,7 @@ def pinned_llama_version() -> str:
         m = re.match(r"llama[-_]cpp[-_]python\s*==\s*([\w.]+)", req)
         if m:
             return m.group(1)
-    raise LookupError("hera-core's metadata pins no llama-cpp-python version; reinstall hera-core")
+    raise SelfTestFailed("hera-core's metadata pins no llama-cpp-python version; reinstall hera-core")
 
 
 def check_versions() -> Check:

@@ -45,6 +45,7 @@ from hera_core.backends.caching import CompletionCache
 from hera_core.backends.tools import ToolSet
 from hera_core.checks.drafts import Agreement, DraftCheck, check_draft, staged_agreement, votable, vote_key
 from hera_core.config import PriceSettings
+from hera_core.errors import CacheMissError
 from hera_core.backends.base import Engine, Generation, Message
 from hera_core.native.features import logit_features
 from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
@@ -233,7 +234,7 @@ class Evaluator:
             toolset = task_toolset(task, messages)
         if feats is None:
             if self.cache.read_only:
-                raise LookupError(f"feature cache miss for {self.slm_name} in offline mode; rerun without --offline")
+                raise CacheMissError(f"feature cache miss for {self.slm_name} in offline mode; rerun without --offline")
             pre = await self.slm.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
             feats = {"logit": [float(x) for x in logit_features(pre.logits[None, :])[0]],
                      "prompt_tokens": pre.prompt_tokens}
@@ -266,7 +267,7 @@ class Evaluator:
             hit = self.cache.get_features(self.slm_name + ":draft", key)
             if hit is None:
                 if self.cache.read_only:
-                    raise LookupError(f"draft log-prob cache miss for {self.slm_name} in offline mode")
+                    raise CacheMissError(f"draft log-prob cache miss for {self.slm_name} in offline mode")
                 hit = {"logprobs": [round(x, 4) for x in await self.slm.score_continuation(messages, draft.text)]}
                 self.cache.put_features(self.slm_name + ":draft", key, hit)
             logprobs = hit["logprobs"]
@@ -301,7 +302,7 @@ class Evaluator:
         hit = self.cache.get_features(f"{self.slm_name}:votes{k}", messages)
         if hit is None:
             if self.cache.read_only:
-                raise LookupError(f"vote cache miss for {self.slm_name} in offline mode; rerun without --offline")
+                raise CacheMissError(f"vote cache miss for {self.slm_name} in offline mode; rerun without --offline")
             t0 = time.perf_counter()
             gens = await self.slm.generate_samples(messages, k, max_tokens=MAX_TOKENS, temperature=0.7, seed=0)  # as bench/eval/agreement_probe.py
             hit = {"keys": [await asyncio.to_thread(vote_key, g.text) for g in gens],

@@ -15,6 +15,7 @@ import numpy as np
 
 from hera_core.checks.drafts import staged_agreement, votable
 from hera_core.config import PriceSettings
+from hera_core.errors import UsageError
 from hera_core.routing.familiarity import fit_familiarity
 from hera_core.routing.predictor import (DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, PROMPT_TOKENS_COLUMN, CostWeight,
                                          DraftStage, Kappa, Predictor, VoteStage)
@@ -129,7 +130,7 @@ def fit_cost_weight(traces: list[dict[str, Any]], gamma: float, prices: PriceSet
     cpt = chars_per_token(traces)
     steps = [s for t in traces for s in t["steps"]]
     if not steps:
-        raise ValueError("no traced steps to weigh cloud costs by: profile some tasks first (`hera profile`)")
+        raise UsageError("no traced steps to weigh cloud costs by: profile some tasks first (`hera profile`)")
     outs = [step_cloud_tokens(s, cpt)[1] for s in steps]
     by_index: dict[int, list[int]] = {}
     for s, o in zip(steps, outs):
@@ -184,7 +185,7 @@ def calibrate_cost(traces: list[dict[str, Any]], predictor: Predictor, weight: C
     else:
         feasible = [c for c in candidates if c[2] <= budget + 1e-9]
         if not feasible:
-            raise ValueError(f"no threshold keeps the estimated cloud cost within {budget:g} of All-LLM's on the "
+            raise UsageError(f"no threshold keeps the estimated cloud cost within {budget:g} of All-LLM's on the "
                              f"calibration tasks (the least is {min(c[2] for c in candidates):.3f}); "
                              "raise --cloud-budget")
         key = lambda c: (-c[1].accuracy, c[2])  # noqa: E731 - most accurate, then cheapest
@@ -240,7 +241,7 @@ def calibrate_votes(traces: list[dict[str, Any]], predictor: Predictor, votes: d
     All-LLM. None when voting keeps no more steps local than the first stage alone."""
     calib = [t for t in traces if t["split"] == "val" and t["task_id"] in votes]
     if not calib:
-        raise ValueError("no validation task has votes: sample its first steps with bench/eval/agreement_probe.py")
+        raise UsageError("no validation task has votes: sample its first steps with bench/eval/agreement_probe.py")
     probs = step_probs(predictor, calib)
     # The bar to clear: kappa alone, scanned on the same tasks (so a re-tuned kappa is not taken for the votes' gain)
     alone_kappa, alone = calibrate(calib, predictor, max_drop)
@@ -278,16 +279,16 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
     default ones unless given; the weight keeps their ratio). The draft and vote stages are
     calibrated for the most steps local within `max_drop`, so a budget is not combined with them."""
     if cloud_budget is not None and not 0.0 < cloud_budget <= 1.0:
-        raise ValueError(f"the cloud budget is a share of All-LLM's cloud cost, in (0, 1]; got {cloud_budget}")
+        raise UsageError(f"the cloud budget is a share of All-LLM's cloud cost, in (0, 1]; got {cloud_budget}")
     if cloud_budget is not None and votes:
-        raise ValueError("a cloud budget and a vote stage cannot be calibrated together yet (the vote stage keeps "
+        raise UsageError("a cloud budget and a vote stage cannot be calibrated together yet (the vote stage keeps "
                          "the most steps local within --max-drop): drop --votes or --cloud-budget")
     import xgboost as xgb
 
     X, y = rows(traces, {"train"})
     Xv, yv = rows(traces, {"val"})
     if len(y) == 0:
-        raise ValueError("no training rows: profile some tasks of the train split first (`hera profile`)")
+        raise UsageError("no training rows: profile some tasks of the train split first (`hera profile`)")
     if dask_client is not None:
         import dask.array as da
         from xgboost import dask as dxgb
@@ -411,7 +412,7 @@ def train_draft_stage(traces: list[dict[str, Any]], first: Predictor, *, max_dro
 
     X, y = draft_rows(traces, {"train"})
     if len(y) == 0:
-        raise ValueError("no draft features in the train split: run `hera profile` (it records them)")
+        raise UsageError("no draft features in the train split: run `hera profile` (it records them)")
     booster = xgb.train(XGB_PARAMS, xgb.DMatrix(X, label=y), num_boost_round=num_rounds)
     stage = DraftStage(model_json=bytes(booster.save_raw("json")))
     calib = [t for t in traces if t["split"] == "val"] or [t for t in traces if t["split"] == "train"]
