@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from hera_core.errors import CacheMissError, HeraError, MissingExtraError, SelfTestFailed, UsageError
+from hera_core.progress import progress_bar
 
 COMMITTED_EVAL = Path("bench") / "eval"  # the committed evaluation run, relative to the repository root
 
@@ -245,8 +246,6 @@ def cmd_profile(args) -> int:
 
 
 def cmd_drafts(args) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from hera_core.backends.llamacpp import LlamaCppEngine
     from hera_core.install.models import model_path
     from hera_core.offline.drafts import draft_features_file
@@ -264,10 +263,8 @@ def cmd_drafts(args) -> int:
         engine = LlamaCppEngine(model_path(settings.local.model, settings.cache_dir), name=settings.local.model,
                                 n_ctx=settings.local.n_ctx, n_threads=settings.local.n_threads, n_slots=2)
         try:
-            with Progress(TextColumn("draft checks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          TextColumn("ETA"), TimeRemainingColumn()) as bar:
-                job = bar.add_task("drafts", total=len(traces))
-                return await draft_features_file(src, out, tasks, engine, progress=lambda: bar.advance(job))
+            with progress_bar("draft checks", len(traces)) as bar:
+                return await draft_features_file(src, out, tasks, engine, progress=bar.advance)
         finally:
             await engine.close()
 
@@ -387,15 +384,11 @@ def _sweep(text: str) -> tuple[float, ...]:
 
 
 async def _run_eval(tasks, ev, args):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from hera_core.offline.evaluation import evaluate
 
-    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), disable=args.json) as bar:
-        sweep = _sweep(args.sweep)
-        job = bar.add_task("eval", total=(8 + 2 * len(sweep)) * len(tasks))
-        return await evaluate(tasks, ev, seed=args.seed, progress=lambda: bar.advance(job), sweep=sweep,
+    sweep = _sweep(args.sweep)
+    with progress_bar("evaluating", (8 + 2 * len(sweep)) * len(tasks), enabled=not args.json) as bar:
+        return await evaluate(tasks, ev, seed=args.seed, progress=bar.advance, sweep=sweep,
                               unfamiliar=args.unfamiliar or _settings(args).policy.unfamiliar)
 
 
@@ -418,8 +411,6 @@ class _Offline:
 
 
 def cmd_check_harness(args) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from hera_core.offline.harness import compare_with_direct
     from hera_core.serving.assembly import open_engines
 
@@ -428,10 +419,8 @@ def cmd_check_harness(args) -> int:
 
     async def go():
         async with open_engines(settings, use_cache=True) as (local, cloud):
-            with Progress(TextColumn("harness vs direct"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          TextColumn("ETA"), TimeRemainingColumn()) as bar:
-                job = bar.add_task("check", total=len(tasks))
-                return await compare_with_direct(tasks, {"slm": local, "llm": cloud}, progress=lambda: bar.advance(job))
+            with progress_bar("harness vs direct", len(tasks)) as bar:
+                return await compare_with_direct(tasks, {"slm": local, "llm": cloud}, progress=bar.advance)
 
     report = asyncio.run(go())
     text = json.dumps(report, indent=1)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hera_core.errors import ModelNotFoundError
+from hera_core.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -182,23 +183,18 @@ def ensure(name: str, cache_dir: Path | None = None, progress: bool = True) -> P
     if is_installed(spec, cache_dir):
         return target
 
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
-
     digest = hashlib.sha256()
     written = 0
     partial = models_dir / (spec.filename + ".partial")
     with tempfile.TemporaryDirectory(prefix="hera-model-") as scratch, open(partial, "wb") as out, \
-            Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                     TransferSpeedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
-        task = bar.add_task(f"assembling {spec.name}", total=spec.size)
+            progress_bar(f"assembling {spec.name}", spec.size, unit="bytes", enabled=progress) as bar:
         for part in spec.parts:
             with _open_part(part, Path(scratch)) as src:
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
                     written += len(chunk)
-                    bar.update(task, completed=written)
+                    bar.update(completed=written)
     if written != spec.size or digest.hexdigest() != spec.sha256:
         partial.unlink(missing_ok=True)
         raise ModelNotFoundError(

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from hera_core.config import HeraSettings
+from hera_core.progress import progress_bar
 from hera_core.offline.harness import run_task
 from hera_core.routing.policy import Override
 from hera_core.serving.assembly import open_ledger, open_runtime
@@ -15,19 +16,15 @@ from hera_core.offline.workloads import REASONING_GYM, make_tasks
 
 async def run_demo(settings: HeraSettings, n_tasks: int = 16, *, seed: int = 0, progress: bool = True,
                    use_cache: bool = True) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     families = list(REASONING_GYM)  # the quick families: HumanEval and MMLU are in `hera eval`
     tasks = make_tasks(families, per_family=math.ceil(n_tasks / len(families)), seed=seed, split="test")[:n_tasks]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = {"hera": f"demo-{stamp}-hera", "all_cloud": f"demo-{stamp}-all-cloud"}
     correct = {"hera": 0.0, "all_cloud": 0.0}
     async with open_runtime(settings, run=runs["hera"], use_cache=use_cache) as rt:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("ETA"), TimeRemainingColumn(), disable=not progress) as bar:
-            job = bar.add_task("demo", total=2 * len(tasks))
+        with progress_bar("demo", 2 * len(tasks), enabled=progress) as bar:
             for arm, override in (("all_cloud", Override.CLOUD_ONLY), ("hera", Override.AUTO)):
-                bar.update(job, description=f"{arm.replace('_', '-')} runs")
+                bar.update(description=f"{arm.replace('_', '-')} runs")
                 for task in tasks:
                     async def step(messages, step_no, task=task, arm=arm, override=override):
                         r = await rt.complete(messages, session=f"{runs[arm]}:{task.task_id}", step=step_no,
@@ -35,7 +32,7 @@ async def run_demo(settings: HeraSettings, n_tasks: int = 16, *, seed: int = 0, 
                         return r.text, r.route.value
                     traj = await run_task(task, step)
                     correct[arm] += traj.correct
-                    bar.advance(job)
+                    bar.advance()
     ledger = open_ledger(settings)
     try:
         hera, cloud = ledger.totals(runs["hera"]), ledger.totals(runs["all_cloud"])

@@ -20,6 +20,7 @@ from hera_core.backends.base import Engine, Message
 from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, check_draft
 from hera_core.errors import UsageError
 from hera_core.native.features import logit_features
+from hera_core.progress import progress_bar
 from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
 from hera_core.routing.familiarity import opening_text
 from hera_core.routing.predictor import (FEATURE_NAMES, FEATURE_SCHEMA, TOOL_FEATURE_NAMES, V1_SCHEMA, feature_matrix,
@@ -130,18 +131,14 @@ def _bfcl_task(family: str, task_id: str) -> Task | None:
 
 async def profile(tasks: list[Task], slm: Engine, llm: Engine, out: Path, seed: int = 0,
                   progress: bool = True) -> Path:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     out.parent.mkdir(parents=True, exist_ok=True)
     done = done_task_ids(out)
     todo = [t for t in tasks if t.task_id not in done]
-    with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), disable=not progress) as bar:
-        job = bar.add_task("profile", total=len(tasks), completed=len(tasks) - len(todo))
+    with progress_bar("profiling", len(tasks), completed=len(tasks) - len(todo), enabled=progress) as bar:
         for task in todo:
             record = await profile_task(task, slm, llm, seed)
             with open(out, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
-            bar.advance(job)
+            bar.advance()
     return out
