@@ -177,6 +177,7 @@ _ENV = {
     "HERA_LEDGER_PATH": (None, "ledger_path"),
     "HERA_LEDGER_URL": (None, "ledger_url"),
     "HERA_NODE_ID": (None, "node_id"),
+    "HERA_LEARNING_SHADOW": ("learning", "shadow"),
 }
 
 

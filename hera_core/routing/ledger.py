@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS subtasks (
     p_local REAL,                     -- predictor's P(SLM good enough); NULL when not scored
     threshold REAL,                   -- kappa(step) used for the decision
     reason TEXT NOT NULL,             -- why this route (predictor, local-only, budget, fallback...)
-    status TEXT NOT NULL DEFAULT 'ok', -- 'ok', 'cancelled' (client left mid-answer) or an error class
+    status TEXT NOT NULL DEFAULT 'ok', -- 'ok', 'cancelled' (client left mid-answer), 'shadow' or 'audit'
+                                       -- (the learning loop's own calls), or an error class
     predictor_version TEXT            -- the predictor version that routed it (NULL: not recorded)
 );
 CREATE INDEX IF NOT EXISTS subtasks_run ON subtasks(run);
@@ -75,6 +76,10 @@ class LedgerRow:
 
 
 _COLUMNS = [f.name for f in fields(LedgerRow)]
+# Rows of the learning loop (hera_core.routing.shadow): a shadow draft's device time, an audit's cloud
+# call. Real spend (in learning_cost_usd, and off the saving), never a served subtask nor a failure.
+LEARNING = "('shadow','audit')"
+NOT_FAILED = "('ok','cancelled','shadow','audit')"
 
 
 class Ledger:
@@ -138,13 +143,15 @@ class Ledger:
              f"COALESCE(SUM(completion_tokens),0), COALESCE(SUM(cached_tokens),0) FROM subtasks{where}")
         with self._lock:
             n, local, cost, cloud_cost, all_cloud, pt, ct, cached = self._db.execute(q, (run,) if run else ()).fetchone()
-            failed, cancelled = self._db.execute(
-                "SELECT COALESCE(SUM(status NOT IN ('ok','cancelled')),0), COALESCE(SUM(status='cancelled'),0) "
+            failed, cancelled, learning = self._db.execute(
+                f"SELECT COALESCE(SUM(status NOT IN {NOT_FAILED}),0), COALESCE(SUM(status='cancelled'),0), "
+                f"COALESCE(SUM(CASE WHEN status IN {LEARNING} THEN cost_usd ELSE 0 END),0) "
                 "FROM subtasks" + (" WHERE run=?" if run else ""), (run,) if run else ()).fetchone()
         return {"subtasks": n, "failed_calls": failed, "cancelled": cancelled,
                 "local_subtasks": local, "local_share": local / n if n else 0.0,
                 "cost_usd": cost, "cloud_cost_usd": cloud_cost, "all_cloud_cost_usd": all_cloud,
-                "saving_usd": all_cloud - cost, "prompt_tokens": pt, "completion_tokens": ct,
+                "learning_cost_usd": learning, "saving_usd": all_cloud - cost - learning,
+                "prompt_tokens": pt, "completion_tokens": ct,
                 "cached_tokens": cached}
 
     def cloud_spend(self, since: float) -> list[tuple[str, float, float]]:

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from typing import Any
 
 from hera_core.errors import ConfigError
-from hera_core.routing.ledger import _COLUMNS, LedgerRow
+from hera_core.routing.ledger import _COLUMNS, LEARNING, NOT_FAILED, LedgerRow
 
 SCHEMA_VERSION = 4
 MIGRATIONS = {  # version -> DDL that brings a database from version - 1 to it
@@ -326,14 +326,16 @@ class PgLedger:
                 "COALESCE(SUM(CASE WHEN route='cloud' THEN cost_usd ELSE 0 END),0), COALESCE(SUM(cloud_cost_usd),0), "
                 "COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), COALESCE(SUM(cached_tokens),0) "
                 f"FROM subtasks{where}", args).fetchone()
-            failed, cancelled = conn.execute(
-                "SELECT COALESCE(SUM((status NOT IN ('ok','cancelled'))::int),0), "
-                "COALESCE(SUM((status='cancelled')::int),0) FROM subtasks" + (" WHERE run=%s" if run else ""),
-                args).fetchone()
+            failed, cancelled, learning = conn.execute(
+                f"SELECT COALESCE(SUM((status NOT IN {NOT_FAILED})::int),0), "
+                f"COALESCE(SUM((status='cancelled')::int),0), "
+                f"COALESCE(SUM(CASE WHEN status IN {LEARNING} THEN cost_usd ELSE 0 END),0) "
+                "FROM subtasks" + (" WHERE run=%s" if run else ""), args).fetchone()
         return {"subtasks": n, "failed_calls": failed, "cancelled": cancelled,
                 "local_subtasks": local, "local_share": local / n if n else 0.0,
                 "cost_usd": cost, "cloud_cost_usd": cloud_cost, "all_cloud_cost_usd": all_cloud,
-                "saving_usd": all_cloud - cost, "prompt_tokens": pt, "completion_tokens": ct,
+                "learning_cost_usd": learning, "saving_usd": all_cloud - cost - learning,
+                "prompt_tokens": pt, "completion_tokens": ct,
                 "cached_tokens": cached}
 
     def per_node(self, run: str | None = None) -> list[dict[str, Any]]:

@@ -16,14 +16,16 @@ the draft's time and energy added (reason `escalated`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +43,9 @@ from hera_core.routing.plan import (Action, DraftOutcome, StepFacts, StepPlan, a
 from hera_core.routing.policy import Decision, Override, Route
 from hera_core.checks.drafts import FIRST_VOTES, DraftCheck, agreement, check_draft, votable, vote_key
 from hera_core.routing.predictor import Predictor, VoteStage, feature_matrix, structure_features
+
+if TYPE_CHECKING:
+    from hera_core.routing.shadow import TrafficLearning
 
 
 @dataclass
@@ -81,6 +86,8 @@ class _StepRun:
     on_text: Callable[[str], None] | None
     cloud_extra: dict[str, Any] | None
     t0: float  # time.perf_counter() when the step arrived
+    learning: "TrafficLearning | None" = None  # the learning loop, unless off (or off for this request)
+    features: np.ndarray | None = None  # the predictor's input row [k] (None: not scored)
     plan: StepPlan | None = None
     decision: Decision | None = None  # the route as decided so far (what a cancellation books)
     draft: Generation | None = None  # the SLM's draft of a drafted step (the answer if kept)
@@ -108,6 +115,15 @@ async def _sampled(engine: Engine, messages: list[Message], n: int, max_tokens: 
 def step_index(messages: list[Message]) -> int:
     """A subtask's position in its session: the number of assistant turns so far."""
     return sum(1 for m in messages if m.get("role") == "assistant")
+
+
+def predictor_version(predictor: Predictor) -> str:
+    """The name of a predictor on ledger rows: its version in a learning folder (v0, v1, ...), else
+    a short hash of its model, so rows of different predictors never share a name."""
+    version = predictor.meta.get("version")
+    if version:
+        return str(version)
+    return "sha-" + hashlib.sha256(predictor.model_json).hexdigest()[:10]
 
 
 class ScoreBatcher:
@@ -161,6 +177,8 @@ class Runtime:
         self.predictor = predictor
         self.ledger = ledger
         self._scorer = ScoreBatcher(lambda X: self.predictor.predict(X))  # the predictor of the moment
+        # Learning from served traffic (shadow drafts, audits, swaps; hera_core.routing.shadow), or None.
+        self.learning: "TrafficLearning | None" = None
         self._ledger_remote = getattr(ledger, "remote", False)  # a database over the network (PgLedger)
         self.prices = prices
         self.run = run  # ledger label of this runtime's rows
@@ -183,6 +201,17 @@ class Runtime:
         # "auto": the predictor's vote stage (if it has one) decides a task's first steps; "off": kappa does.
         self.vote = vote
         self.vote_concurrently = True  # a vote step's draft and first samples decode together (False: in turn)
+
+    @property
+    def predictor(self) -> Predictor:
+        return self._predictor
+
+    @predictor.setter
+    def predictor(self, predictor: Predictor) -> None:
+        """Swapped between requests (a learned version, a rollback): a step in flight keeps the
+        version that scored it, and every ledger row names the version that decided it."""
+        self._predictor = predictor
+        self.predictor_version = predictor_version(predictor)
 
     def vote_stage(self, step: int) -> VoteStage | None:
         """The predictor's vote stage when it decides this step."""
@@ -333,7 +362,7 @@ class Runtime:
                        cloud_extra: dict[str, Any] | None = None, threshold: float | None = None,
                        on_decision: Callable[[Decision], Awaitable[None]] | None = None,
                        toolset: ToolSet | None = None, samples: int = 1,
-                       sampling: dict[str, Any] | None = None) -> SubtaskResult:
+                       sampling: dict[str, Any] | None = None, trace: bool = True) -> SubtaskResult:
         """Route and run one subtask, book it, return the answer with its route and cost.
 
         local_can_serve=False (images) sends the step to the cloud; a prompt longer than the
@@ -346,15 +375,18 @@ class Runtime:
         `threshold` replaces kappa(step) for this call. `samples` > 1 (OpenAI's `n`): that many
         completions sampled with `sampling` (temperature, top_p, seed) on the route taken, the
         prompt paid once (locally its KV is shared by the samples); not streamed, no tools, no draft.
+        `trace=False` keeps the step out of the learning loop (no shadow draft, no audit, no trace).
         """
         if samples > 1 and (on_text is not None or toolset is not None):
             raise InvalidRequestError("n > 1 is answered without streaming and without tools; send n = 1 for those")
         step = step_index(messages) if step is None else step
         st = _StepRun(messages, session, run, step, max_tokens or self.max_tokens, stop, toolset, samples, sampling,
-                      on_text, cloud_extra, time.perf_counter())
-        st.plan, score = await self.plan(messages, step=step, override=override, local_can_serve=local_can_serve,
-                                         threshold=threshold, toolset=toolset, samples=samples)
-        await self._decide(st, score)
+                      on_text, cloud_extra, time.perf_counter(), learning=self.learning if trace else None)
+        with self._client_on_slm():  # scoring and drafting use the SLM: no shadow draft meanwhile
+            st.plan, score = await self.plan(messages, step=step, override=override, local_can_serve=local_can_serve,
+                                             threshold=threshold, toolset=toolset, samples=samples)
+            st.features = score.features[0] if score is not None else None
+            await self._decide(st, score)
         await self._within_budget(st)
         # A local answer with tools offered is announced once its calls are known to be valid.
         announce = on_decision if toolset is not None and st.decision.route is Route.LOCAL and st.draft is None \
@@ -377,6 +409,8 @@ class Runtime:
         row_id = await self._ledger_io(self._book_and_settle, st.hold, run, session, step, st.decision,
                                        model=gen.model, gen=gen, latency_s=max(elapsed, gen.latency_s), cost=cost,
                                        cloud_cost=cloud_cost, attempts=attempts)
+        if st.learning is not None and st.decision.route is Route.LOCAL:
+            self._maybe_audit(st, gen)
         return SubtaskResult(text=gen.text, route=st.decision.route, decision=st.decision, generation=gen,
                              cost_usd=cost, cloud_cost_usd=cloud_cost, step=step, ledger_id=row_id, draft=st.check,
                              samples=gens)
@@ -413,7 +447,8 @@ class Runtime:
         escalated, a failed cloud call served locally): (answer, all samples, the cloud's attempts)."""
         gen, gens, attempts = None, [], []
         if st.decision.route is Route.LOCAL:
-            gen, gens = await self._answer_locally(st, announce)
+            with self._client_on_slm():
+                gen, gens = await self._answer_locally(st, announce)
         if st.decision.route is Route.CLOUD:
             gen, gens, attempts = await self._answer_in_cloud(st)
         return gen, gens, attempts
@@ -450,6 +485,7 @@ class Runtime:
         streamed: list[str] = []
         on_text = st.on_text
         relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
+        shadow = self._start_shadow(st)
         try:
             if st.samples > 1:
                 gen, gens = await _sampled(self.cloud, st.messages, st.samples, st.max_tokens, st.stop, st.sampling)
@@ -457,19 +493,68 @@ class Runtime:
                 gen, gens = await self.cloud.generate(st.messages, max_tokens=st.max_tokens, stop=st.stop,
                                                       on_text=relay, **kwargs), []
         except CloudError as exc:
+            if shadow is not None:
+                shadow.cancel()  # no cloud answer to compare it with
             fallback = after_cloud_failure(st.plan, st.decision, fallback=self.fallback, streamed=bool(streamed),
                                            request_error=isinstance(exc, CloudRequestError))
             self._record_failure(st.run, st.session, st.step, st.decision, exc, time.perf_counter() - st.t0)
             if fallback is None:
                 raise
             st.decision = fallback
-            gen, gens = await self._on_slm(st, on_text)
+            with self._client_on_slm():
+                gen, gens = await self._on_slm(st, on_text)
             if gen.tool_errors:
                 st.decision = dataclasses.replace(st.decision, reason="tool-call-dropped")
             if st.toolset is not None and on_text is not None and gen.text:
                 on_text(gen.text)
             return gen, gens, []
+        except BaseException:
+            if shadow is not None:
+                shadow.cancel()
+            raise
+        if shadow is not None:
+            st.learning.finish_shadow(shadow, messages=st.messages, session=st.session, step=st.step,
+                                      features=st.features, version=self.predictor_version, cloud=gen)
         return gen, gens, gen.extra.get("attempts", [])
+
+    # --- learning from served traffic (hera_core.routing.shadow) ------------------------------------
+    def _client_on_slm(self):
+        """Around a client step's use of the SLM: running shadow drafts give way to it."""
+        return self.learning.client_on_slm() if self.learning is not None else contextlib.nullcontext()
+
+    def _start_shadow(self, st: "_StepRun") -> "asyncio.Future | None":
+        """The SLM's draft of a cloud-routed step, for the trace store: started now beside the cloud
+        call when the device is idle; an escalated step's own draft is used as it is. None: not
+        traced (learning off for it, not scored, n > 1, or a step that may not leave the device)."""
+        if st.learning is None or st.features is None or st.samples > 1 or not may_leave_device(st.plan):
+            return None
+        if st.draft is not None:  # drafted, checked and escalated: the pair is already half made
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(st.draft)
+            return done
+        return st.learning.start_shadow(st.messages, max_tokens=st.max_tokens, stop=st.stop, toolset=st.toolset)
+
+    def _maybe_audit(self, st: "_StepRun", gen: Generation) -> None:
+        """A step the predictor kept local is, with the audit share, also sent to the cloud (after the
+        client has its answer) to measure live agreement; never a step that may not leave the
+        device, nor one the SLM took for want of the cloud (a budget, a failure)."""
+        if st.features is None or st.samples > 1 or not st.plan.facts.automatic or gen.tool_errors or \
+                st.decision.reason.startswith(("budget", "fallback", "tool-call-dropped")):
+            return
+        if self.budget is not None and self.budget.exceeded(st.session) is not None:
+            return
+        st.learning.maybe_audit(messages=st.messages, session=st.session, step=st.step, features=st.features,
+                                version=self.predictor_version, local=gen, max_tokens=st.max_tokens, stop=st.stop,
+                                toolset=st.toolset)
+
+    def book_learning(self, kind: str, session: str, step: int, gen: Generation, latency_s: float) -> None:
+        """The ledger row of a learning-loop call (status 'shadow': the SLM's device time on a shadow
+        draft; 'audit': the cloud call of an audited local step): real spend, never a client's step."""
+        route = Route.CLOUD if kind == "audit" else Route.LOCAL
+        cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens) if kind == "audit" else \
+            self.prices.local_cost(latency_s)
+        self._book(None, session, step, None, model=gen.model, gen=gen, latency_s=latency_s, cost=cost,
+                   cloud_cost=cost if kind == "audit" else 0.0, status=kind, reason=kind, route=route.value)
 
     async def _ledger_io(self, fn, *args, **kwargs):
         """Run a booking or budget call: inline for a local ledger (SQLite, microseconds), on a worker
@@ -506,7 +591,8 @@ class Runtime:
             cached_tokens=gen.cached_tokens if gen else 0, latency_s=latency_s, cost_usd=cost,
             cloud_cost_usd=cloud_cost, p_local=decision.p_local if decision else None,
             threshold=decision.threshold if decision else None,
-            reason=reason or (decision.reason if decision else ""), status=status), attempts)
+            reason=reason or (decision.reason if decision else ""), status=status,
+            predictor_version=self.predictor_version if decision else None), attempts)
 
     def _record_cancelled(self, run, session, step, decision: Decision, elapsed: float) -> None:
         """A subtask cancelled while generating (its client disconnected) is a row with status

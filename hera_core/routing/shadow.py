@@ -38,11 +38,13 @@ log = logging.getLogger(__name__)
 class TrafficLearning:
     def __init__(self, learner: LiveLearner, local: Engine, cloud: Engine,
                  on_swap: Callable[[Predictor, str], None], *, max_shadows: int = 1,
-                 book_audit: Callable[..., Any] | None = None) -> None:
+                 book: Callable[..., Any] | None = None) -> None:
         self.learner = learner
         self.local, self.cloud = local, cloud
         self.on_swap = on_swap  # (predictor, why) -> None: the runtime starts using it
-        self.book_audit = book_audit  # (session, step, generation, latency_s) -> None: the audit's ledger row
+        # (kind, session, step, generation, latency_s) -> None: the ledger row of a shadow draft's device
+        # time (kind "shadow") or of an audit's cloud call ("audit")
+        self.book = book
         self.max_shadows = max_shadows
         self._shadows: set[asyncio.Task] = set()  # shadow generations running on the SLM
         self._background: set[asyncio.Task] = set()  # labelling and audit tasks
@@ -79,9 +81,11 @@ class TrafficLearning:
         self.stats["shadow_started"] += 1
         return task
 
-    def finish_shadow(self, shadow: asyncio.Task, *, messages: list[dict[str, Any]], session: str, step: int,
+    def finish_shadow(self, shadow: asyncio.Future, *, messages: list[dict[str, Any]], session: str, step: int,
                       features: np.ndarray, version: str, cloud: Generation) -> None:
-        """The cloud answered: once the shadow is done too, trace and label the pair (background)."""
+        """The cloud answered: once the shadow is done too, trace and label the pair (background).
+        `shadow` is a task of `start_shadow` (its device time is booked here) or a finished future
+        holding a draft the step already made and booked (drafted, then escalated)."""
         self._spawn(self._shadow_pair(shadow, messages, session, step, features, version, cloud))
 
     async def _shadow_pair(self, shadow, messages, session, step, features, version, cloud: Generation) -> None:
@@ -91,6 +95,8 @@ class TrafficLearning:
             if not shadow.cancelled():  # this task itself is being cancelled (shutdown)
                 raise
             return
+        if isinstance(shadow, asyncio.Task) and self.book is not None:
+            self.book("shadow", session, step, draft, draft.latency_s)
         row = trace_row("shadow", session=session, step=step, messages=messages, features=features,
                         version=version, cloud_text=cloud.text, draft_text=draft.text,
                         cloud_calls=cloud.tool_calls or None, draft_calls=draft.tool_calls or None)
@@ -114,8 +120,8 @@ class TrafficLearning:
         kwargs = {"toolset": toolset} if toolset is not None else {}
         t0 = time.perf_counter()
         cloud = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, **kwargs)
-        if self.book_audit is not None:
-            self.book_audit(session, step, cloud, time.perf_counter() - t0)
+        if self.book is not None:
+            self.book("audit", session, step, cloud, time.perf_counter() - t0)
         row = trace_row("audit", session=session, step=step, messages=messages, features=features,
                         version=version, cloud_text=cloud.text, draft_text=local.text,
                         cloud_calls=cloud.tool_calls or None, draft_calls=local.tool_calls or None)

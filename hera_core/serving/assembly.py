@@ -9,6 +9,7 @@ and the tests talk to a real model over real HTTP.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from hera_core.checks.sandbox import default_sandbox
 from hera_core.config import HeraSettings
 from hera_core.backends.cloud import CircuitBreaker, CloudEngine
 from hera_core.backends.llamacpp import LlamaCppEngine
-from hera_core.errors import CloudUnavailableError
+from hera_core.errors import CloudUnavailableError, ConfigError
 from hera_core.routing.budget import Budget
 from hera_core.routing.ledger import Ledger
 from hera_core.install.models import model_path
@@ -145,19 +146,63 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
     if settings.local.engine == "llamacpp":
         model_path(settings.local.model, settings.cache_dir)  # a missing model is the first thing to fix
     predictor = predictor or Predictor.load(settings.policy.predictor_path)
+    learner = open_learner(settings, predictor)
+    if learner is not None:
+        predictor = learner.predictor()  # the version in use (v0: the one configured)
     _log_sandbox()
     async with open_engines(settings, use_cache=use_cache) as (local, cloud):
         ledger = open_ledger(settings)
         try:
-            yield Runtime(local, cloud, predictor, ledger, settings.prices, run=run,
-                          threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens,
-                          fallback=settings.cloud.fallback, hot_prefix_discount=settings.policy.hot_prefix_discount,
-                          budget=budget_from(settings, ledger), draft_band=settings.policy.draft_band,
-                          draft_check_timeout_s=settings.policy.draft_check_timeout_s,
-                          unfamiliar=settings.policy.unfamiliar, agreement_k=settings.policy.agreement_k,
-                          agreement_min=settings.policy.agreement_min, vote=settings.policy.vote)
+            rt = Runtime(local, cloud, predictor, ledger, settings.prices, run=run,
+                         threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens,
+                         fallback=settings.cloud.fallback, hot_prefix_discount=settings.policy.hot_prefix_discount,
+                         budget=budget_from(settings, ledger), draft_band=settings.policy.draft_band,
+                         draft_check_timeout_s=settings.policy.draft_check_timeout_s,
+                         unfamiliar=settings.policy.unfamiliar, agreement_k=settings.policy.agreement_k,
+                         agreement_min=settings.policy.agreement_min, vote=settings.policy.vote)
+            if learner is not None:
+                attach_learning(rt, learner)
+            try:
+                yield rt
+            finally:
+                if rt.learning is not None:
+                    await rt.learning.close()
         finally:
+            if learner is not None:
+                learner.close()
             ledger.close()
+
+
+def learning_folder(settings: HeraSettings) -> Path:
+    """Where the learning loop keeps its trace store and predictor versions (`hera learn --folder`)."""
+    return settings.cache_dir / "learning"
+
+
+def open_learner(settings: HeraSettings, initial: Predictor):
+    """The learning loop's state (docs/learning.md) when the settings turn it on (learning.shadow, or
+    learning.retrain_every > 0), else None. Retraining in the server needs XGBoost (the [learn]
+    extra): without it this fails at start, not at the first retrain."""
+    ls = settings.learning
+    if not ls.shadow and not ls.retrain_every:
+        return None
+    if ls.retrain_every and importlib.util.find_spec("xgboost") is None:
+        raise ConfigError("learning.retrain_every needs XGBoost, which this install leaves out: "
+                          "pip install 'hera-core[learn]' (or set learning.retrain_every = 0)")
+    from hera_core.routing.learning import LiveLearner
+
+    return LiveLearner(ls, learning_folder(settings), initial, sandbox=default_sandbox())
+
+
+def attach_learning(rt: Runtime, learner) -> None:
+    """Shadow drafts, audits and predictor swaps beside the runtime (hera_core.routing.shadow)."""
+    from hera_core.routing.shadow import TrafficLearning
+
+    def swap(predictor: Predictor, why: str) -> None:
+        rt.predictor = predictor  # between requests: a step in flight keeps the version that scored it
+
+    rt.learning = TrafficLearning(learner, rt.local, rt.cloud, swap, book=rt.book_learning)
+    log.info("learning from served traffic: predictor %s, trace store %s (%d steps)",
+             learner.versions.current, learner.store.path, learner.store.count())
 
 
 def budget_from(settings: HeraSettings, ledger: Ledger) -> Budget | None:

@@ -23,6 +23,12 @@ class Metrics:
         self.cache_hit_rate = Gauge("hera_kv_cache_hit_rate", "Share of local prompt tokens reused from the KV cache",
                                     registry=self.registry)
         self.in_flight = Gauge("hera_requests_in_flight", "Requests being served", registry=self.registry)
+        self.learning = Gauge("hera_learning_steps", "Learning loop counts: shadow drafts, audits, labels, swaps",
+                              ["kind"], registry=self.registry)
+        self.audit_agreement = Gauge("hera_learning_audit_agreement", "Audited agreement of local steps per "
+                                     "predictor version", ["version"], registry=self.registry)
+        self.predictor = Gauge("hera_predictor_in_use", "1 for the predictor version routing now", ["version"],
+                               registry=self.registry)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -34,3 +40,15 @@ class Metrics:
         if stats:
             seen = stats["prefill_tokens"] + stats["reused_tokens"]
             self.cache_hit_rate.set(stats["reused_tokens"] / seen if seen else 0.0)
+
+    def observe_learning(self, status: dict) -> None:
+        """The learning loop's status (TrafficLearning.status()) -> gauges."""
+        for kind, n in status.get("stats", {}).items():
+            self.learning.labels(kind).set(n)
+        self.learning.labels("traced_steps").set(status.get("traced_steps", 0))
+        self.learning.labels("labelled_steps").set(status.get("labelled_steps", 0))
+        for version, audit in status.get("audit", {}).items():
+            if audit.get("agreement") is not None:
+                self.audit_agreement.labels(version).set(audit["agreement"])
+        self.predictor.clear()
+        self.predictor.labels(status.get("current", "v0")).set(1)

@@ -135,6 +135,14 @@ def _override_of(request: web.Request) -> Override:
                                   f"got {value!r}") from None
 
 
+def _trace_of(request: web.Request) -> bool:
+    """X-Hera-Trace: off keeps a request out of the learning loop (no shadow draft, audit or trace)."""
+    value = request.headers.get("X-Hera-Trace", "on").strip().lower()
+    if value not in ("on", "off"):
+        raise InvalidRequestError(f"X-Hera-Trace must be 'on' or 'off', got {value!r}")
+    return value == "on"
+
+
 def _routed_threshold(model: str) -> tuple[bool, float | None]:
     """('hera' -> routed by the predictor's threshold); ('hera:0.7' -> routed, fixed 0.7); other -> pass-through."""
     if model == "hera":
@@ -202,7 +210,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     t0 = time.perf_counter()
     kwargs = dict(session=session, step=step_index(messages), max_tokens=max_tokens, stop=req.stop_list(),
                   override=override, local_can_serve=local_can_serve, cloud_extra=cloud_extra or None,
-                  threshold=fixed_threshold, toolset=toolset)
+                  threshold=fixed_threshold, toolset=toolset, trace=_trace_of(request))
     if req.n > 1:  # n choices sampled on the route taken, the prompt paid once
         kwargs.update(samples=req.n, sampling=req.sampling())
     if needs_slm:
@@ -235,7 +243,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         more_choices=[(g.text, g.finish_reason) for g in result.samples[1:]],
         extra={"hera": {"route": route, "reason": result.decision.reason, "p_local": result.decision.p_local,
                         "threshold": result.decision.threshold, "step": result.step, "session": session,
-                        "cost_usd": result.cost_usd, "cloud_cost_usd": result.cloud_cost_usd}})
+                        "cost_usd": result.cost_usd, "cloud_cost_usd": result.cloud_cost_usd,
+                        "predictor_version": rt.predictor_version}})
     headers = _decision_headers(result.decision)
     headers["x-hera-cost-usd"] = f"{result.cost_usd:.8f}"
     headers["x-hera-session"] = session
@@ -356,7 +365,21 @@ async def health(request: web.Request) -> web.Response:
 async def metrics_endpoint(request: web.Request) -> web.Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
+    rt = request.app[RUNTIME]
+    if rt.learning is not None:
+        request.app[METRICS].observe_learning(rt.learning.status())
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def learning_endpoint(request: web.Request) -> web.Response:
+    """The learning loop (docs/learning.md): versions, labels, audited agreement, events; what
+    `hera learn status` prints for a folder."""
+    rt = request.app[RUNTIME]
+    if rt.learning is None:
+        return web.json_response({"enabled": False, "predictor_version": rt.predictor_version,
+                                  "hint": "set learning.shadow = true (or HERA_LEARNING_SHADOW=true) to learn from traffic"})
+    return web.json_response({"enabled": True, "predictor_version": rt.predictor_version,
+                              **await asyncio.to_thread(rt.learning.status)})
 
 
 async def ledger_endpoint(request: web.Request) -> web.Response:
@@ -395,6 +418,7 @@ def create_app(settings: HeraSettings, *, runtime: Runtime | None = None) -> web
     app.router.add_get("/healthz", health)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/v1/hera/ledger", ledger_endpoint)
+    app.router.add_get("/v1/hera/learning", learning_endpoint)
     return app
 
 
