@@ -17,7 +17,10 @@ def test_file_is_private_and_in_wal_mode(tmp_path):
     path = tmp_path / "ledger.sqlite"
     led = Ledger(path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert led._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    led.record(row())
+    other = sqlite3.connect(path)  # WAL is a property of the file: any connection reports it
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other.close()
     led.close()
 
 

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Literal
 
-from hera_core.routing.ledger import Ledger
+from hera_core.routing.ledger import CostLedger
 
 
 def _utc_day(ts: float | None = None) -> str:
@@ -21,7 +21,7 @@ def _utc_day(ts: float | None = None) -> str:
 
 class Budget:
     def __init__(self, *, per_session_usd: float | None = None, per_day_usd: float | None = None,
-                 action: Literal["local", "refuse"] = "local", ledger: Ledger | None = None) -> None:
+                 action: Literal["local", "refuse"] = "local", ledger: CostLedger | None = None) -> None:
         if action not in ("local", "refuse"):
             raise ValueError(f"budget action must be 'local' or 'refuse', got {action!r}")
         self.per_session_usd = per_session_usd
@@ -34,7 +34,7 @@ class Budget:
         if ledger is not None:
             self._seed(ledger)
 
-    def _seed(self, ledger: Ledger) -> None:
+    def _seed(self, ledger: CostLedger) -> None:
         day_start = calendar.timegm(time.strptime(self._day, "%Y-%m-%d"))
         for session, total, today in ledger.cloud_spend(since=day_start):
             self._session_spend[session] = total

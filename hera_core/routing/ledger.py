@@ -5,6 +5,10 @@ the caller answers the client. A committed row survives a killed process (kill -
 the OS page cache and is replayed on the next open; only a power loss can drop the last
 transactions. A row is never half-written (SQLite transactions are atomic). The file is created
 with mode 0600: it holds session ids and costs.
+
+`CostLedger` is what every ledger offers (the runtime, the budget, the server and `hera ledger` use
+nothing else): this SQLite `Ledger` and the PostgreSQL `PgLedger` of a fleet (ledger_pg.py)
+implement it, and tests/test_ledger_contract.py runs one suite against both.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS subtasks (
@@ -82,7 +86,50 @@ LEARNING = "('shadow','audit')"
 NOT_FAILED = "('ok','cancelled','shadow','audit')"
 
 
-class Ledger:
+@runtime_checkable
+class CostLedger(Protocol):
+    """A cost ledger: one row per subtask, booked before the client is answered."""
+
+    remote: bool  # bookings go over the network: the runtime makes them on a worker thread, off its event loop
+
+    def record(self, row: LedgerRow, attempts: list[tuple[str, float]] | None = None) -> int:
+        """Book one subtask and its cloud attempts ((outcome, seconds) per try) in one transaction,
+        committed on return; the row's id. A row with `ts` 0 is stamped with the time now."""
+        ...
+
+    def rows(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Every row (of one run label), oldest first: the LedgerRow fields and its `id`."""
+        ...
+
+    def attempts(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Every cloud attempt (of one run label) in booking order, `attempt` counting from 1."""
+        ...
+
+    def totals(self, run: str | None = None) -> dict[str, Any]:
+        """Sums over served subtasks (status ok); failed calls and cancelled steps counted apart."""
+        ...
+
+    def sessions(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Per session, in order of its first row: subtasks, local_subtasks, cost_usd, all_cloud_cost_usd."""
+        ...
+
+    def per_node(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Per node that booked rows: node, subtasks, local_subtasks, cost_usd, all_cloud_cost_usd."""
+        ...
+
+    def cloud_spend(self, since: float) -> list[tuple[str, float, float]]:
+        """Per session: (session, cloud USD all time, cloud USD since the unix time `since`)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class Ledger(CostLedger):
+    """The cost ledger of one node, in a SQLite file (see the module doc for its durability)."""
+
+    remote = False  # a local file: a booking takes microseconds, inline on the event loop
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

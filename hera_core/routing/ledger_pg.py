@@ -1,8 +1,8 @@
 """The cost ledger on PostgreSQL: one ledger for a fleet of HERA nodes.
 
-Same interface and the same rows as the SQLite `Ledger` (`ledger.url = "postgresql://..."` picks
-this one), plus, per row, the node that booked it and an idempotent row id, so a row delivered
-twice (a retry after a lost acknowledgement) is stored once. psycopg 3 with a connection pool;
+The same `CostLedger` interface and the same rows as the SQLite `Ledger` (`ledger.url =
+"postgresql://..."` picks this one), plus, per row, the node that booked it and an idempotent row
+id, so a row delivered twice (a retry after a lost acknowledgement) is stored once. psycopg 3 with a connection pool;
 one transaction per subtask, committed before `record` returns, so a response is sent only after
 its row is in the database, or, while the database cannot be reached, in the node's spool file
 (appended and fsynced): a node that loses the database keeps serving, and delivers the spooled rows,
@@ -27,7 +27,7 @@ from dataclasses import asdict
 from typing import Any
 
 from hera_core.errors import ConfigError
-from hera_core.routing.ledger import _COLUMNS, LEARNING, NOT_FAILED, LedgerRow
+from hera_core.routing.ledger import _COLUMNS, LEARNING, NOT_FAILED, CostLedger, LedgerRow
 
 SCHEMA_VERSION = 4
 MIGRATIONS = {  # version -> DDL that brings a database from version - 1 to it
@@ -114,8 +114,11 @@ def default_node_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class PgLedger:
+class PgLedger(CostLedger):
+    """The cost ledger a fleet of nodes shares, in PostgreSQL (see the module doc)."""
+
     remote = True  # bookings go over the network: the runtime makes them off its event loop
+
     def __init__(self, url: str, *, node: str | None = None, pool_size: int = 4, connect_timeout_s: float = 5.0,
                  spool_path: str | Path | None = None, retry_after_s: float = 2.0) -> None:
         from psycopg_pool import ConnectionPool

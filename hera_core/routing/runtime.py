@@ -179,7 +179,9 @@ class Runtime:
         self._scorer = ScoreBatcher(lambda X: self.predictor.predict(X))  # the predictor of the moment
         # Learning from served traffic (shadow drafts, audits, swaps; hera_core.routing.shadow), or None.
         self.learning: "TrafficLearning | None" = None
-        self._ledger_remote = getattr(ledger, "remote", False)  # a database over the network (PgLedger)
+        # A database over the network (CostLedger.remote, PgLedger): bookings off the event loop. No
+        # ledger: a runtime that only plans steps (tests/test_plan.py).
+        self._ledger_remote = ledger is not None and ledger.remote
         self.prices = prices
         self.run = run  # ledger label of this runtime's rows
         self.threshold_offset = threshold_offset
