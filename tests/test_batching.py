@@ -40,17 +40,22 @@ def test_a_generation_joins_a_running_batch_and_a_cancelled_one_leaves_it(engine
     engine = engines["batched"]
 
     async def scenario():
-        long = asyncio.create_task(engine.generate(PROMPTS[0], max_tokens=60))
-        doomed = asyncio.create_task(engine.generate(PROMPTS[1], max_tokens=200))
-        await asyncio.sleep(0.3)
-        late = asyncio.create_task(engine.generate(PROMPTS[2], max_tokens=40))  # joins mid-way
-        await asyncio.sleep(0.2)
+        decoding = {name: asyncio.Event() for name in ("long", "doomed", "late")}  # its first text arrived
+        long = asyncio.create_task(engine.generate(PROMPTS[0], max_tokens=60,
+                                                   on_text=lambda _: decoding["long"].set()))
+        doomed = asyncio.create_task(engine.generate(PROMPTS[1], max_tokens=200,
+                                                     on_text=lambda _: decoding["doomed"].set()))
+        await decoding["long"].wait()
+        late = asyncio.create_task(engine.generate(PROMPTS[2], max_tokens=40,  # joins mid-way
+                                                   on_text=lambda _: decoding["late"].set()))
+        await decoding["late"].wait()
+        assert decoding["doomed"].is_set() and not long.done() and not doomed.done()  # all three in the batch
         doomed.cancel()
         with pytest.raises(asyncio.CancelledError):
             await doomed
         return (await long).text, (await late).text
 
-    long_text, late_text = run(scenario())
+    long_text, late_text = run(asyncio.wait_for(scenario(), 300))
     assert long_text == run(engine.generate(PROMPTS[0], max_tokens=60)).text
     assert late_text == run(engine.generate(PROMPTS[2], max_tokens=40)).text
     # every slot is free again: as many generations as slots run at once
@@ -108,15 +113,18 @@ def test_bad_sampling_requests_are_refused_and_a_cancelled_one_frees_its_slots(e
             run(engine.generate_samples(prompt, **kwargs))
 
     async def cancel_midway():
+        steps = engine.stats["decode_steps"]
         task = asyncio.create_task(engine.generate_samples(prompt, 6, max_tokens=200, seed=3))
-        await asyncio.sleep(0.5)
+        while engine.stats["decode_steps"] < steps + 2:  # the samples are decoding (not streamed: no text to wait on)
+            await asyncio.sleep(0.001)
+        assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         # every slot is free again: 8 at once still fit
         return await asyncio.wait_for(engine.generate_samples(prompt, 8, max_tokens=4, seed=3), 120)
 
-    assert len(run(cancel_midway())) == 8
+    assert len(run(asyncio.wait_for(cancel_midway(), 300))) == 8
     assert not any(s.busy for s in engine._slots)
 
 

@@ -233,14 +233,17 @@ def test_a_session_cap_holds_across_nodes_and_a_dead_nodes_hold_expires(db):
 
     from hera_core.routing.ledger_pg import PgBudget
 
+    now = [time.time()]  # one clock for both nodes, moved by the test
     a, b = PgLedger(db, node="a"), PgLedger(db, node="b")
     try:
-        ba, bb = PgBudget(a, per_session_usd=0.05, hold_ttl_s=0.5), PgBudget(b, per_session_usd=0.05, hold_ttl_s=0.5)
+        ba, bb = (PgBudget(led, per_session_usd=0.05, hold_ttl_s=600, clock=lambda: now[0]) for led in (a, b))
         over, hold = ba.reserve("s", 0.05)  # node a holds the whole session cap, then dies
         assert over is None
         assert bb.reserve("s", 0.01)[0] == "session"  # node b sees a's hold
         assert bb.reserve("other", 0.01)[0] is None  # another session is not affected
-        time.sleep(0.6)
+        now[0] += 599
+        assert bb.reserve("s", 0.01)[0] == "session"  # a's hold still counts
+        now[0] += 1
         over, hold2 = bb.reserve("s", 0.01)  # a's hold has expired
         assert over is None
         b.record(cloud_row("s", 0.05))

@@ -99,28 +99,67 @@ def test_stream_cut_midway_is_an_error_not_a_silent_short_answer(upstream):
         ask(cloud_engine(upstream), on_text=lambda d: None)
 
 
+class FakeClock:
+    """Seconds that move only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_circuit_opens_fails_fast_then_probes_and_closes(upstream):
     upstream.default = "503"
-    engine = cloud_engine(upstream, max_retries=0, breaker=CircuitBreaker(failure_threshold=3, reset_timeout_s=0.3))
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout_s=10.0, clock=clock)
+    engine = cloud_engine(upstream, max_retries=0, breaker=breaker)
+
+    async def ask_once():
+        try:
+            return await engine.generate([{"role": "user", "content": "x"}], max_tokens=2)
+        except CloudError as exc:
+            return exc
 
     async def go():
-        errors = []
-        for _ in range(5):
-            try:
-                await engine.generate([{"role": "user", "content": "x"}], max_tokens=2)
-            except CloudError as exc:
-                errors.append(exc)
+        errors = [await ask_once() for _ in range(5)]
         sent_while_open = len(upstream.seen)
         upstream.default = "ok"
-        await asyncio.sleep(0.35)
-        gen = await engine.generate([{"role": "user", "content": "x"}], max_tokens=2)
+        clock.now += 9.9  # not yet: still open, still not sent
+        early = await ask_once()
+        sent_early = len(upstream.seen)
+        clock.now += 0.1  # the reset timeout has passed: one probe goes through
+        state_before_probe = breaker.state
+        gen = await ask_once()
         await engine.close()
-        return errors, sent_while_open, gen
+        return errors, sent_while_open, early, sent_early, state_before_probe, gen
 
-    errors, sent, gen = run(go())
+    errors, sent, early, sent_early, before_probe, gen = run(go())
     assert sent == 3  # the 4th and 5th never reached the upstream
     assert "circuit open" in str(errors[-1]) and isinstance(errors[-1], CloudUnavailableError)
-    assert gen.text == "ok from upstream" and engine.breaker.state == "closed"
+    assert isinstance(early, CloudUnavailableError) and sent_early == 3
+    assert before_probe == "half-open"
+    assert gen.text == "ok from upstream" and breaker.state == "closed"
+
+
+def test_a_failed_probe_opens_the_circuit_again_and_one_probe_at_a_time():
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout_s=5.0, clock=clock)
+    breaker.failure()
+    assert breaker.state == "closed" and breaker.allow()
+    breaker.failure()
+    assert breaker.state == "open" and not breaker.allow() and breaker.retry_in() == 5.0
+    clock.now += 2.0
+    assert breaker.retry_in() == 3.0 and not breaker.allow()
+    clock.now += 3.0
+    assert breaker.state == "half-open" and breaker.allow()
+    assert not breaker.allow()  # the probe is in flight: nobody else
+    breaker.failure()  # the probe failed: open again, for a full timeout from now
+    assert breaker.state == "open" and breaker.retry_in() == 5.0
+    clock.now += 5.0
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.allow() and breaker.retry_in() == 0.0
 
 
 # --- the server under cloud faults -------------------------------------------------------------

@@ -275,7 +275,7 @@ def test_a_streaming_client_that_leaves_stops_its_local_answer(server):
         assert time.monotonic() < deadline, "no cancelled row in the ledger"
         time.sleep(0.05)
     row = [r for r in server.ledger.rows("serve") if r["status"] == "cancelled"][0]
-    assert row["route"] == "local" and row["cost_usd"] >= 0
+    assert row["route"] == "local" and row["cost_usd"] > 0  # the energy of the time it ran
     assert server.ledger.totals("serve")["cancelled"] == 1
     while any(slot.busy for slot in engine._slots):  # the slot is handed back after the chunk in flight
         assert time.monotonic() < deadline

@@ -28,11 +28,14 @@ RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 class CircuitBreaker:
     """closed -> (failure_threshold consecutive failures) -> open -> (reset_timeout_s) -> half-open:
-    one probe; its success closes the circuit, its failure opens it again."""
+    one probe; its success closes the circuit, its failure opens it again. `clock` gives seconds
+    (monotonic; tests pass a fake one to move time without sleeping)."""
 
-    def __init__(self, failure_threshold: int = 5, reset_timeout_s: float = 10.0) -> None:
+    def __init__(self, failure_threshold: int = 5, reset_timeout_s: float = 10.0, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.failure_threshold = failure_threshold
         self.reset_timeout_s = reset_timeout_s
+        self._clock = clock
         self._failures = 0  # consecutive failed requests
         self._opened_at: float | None = None  # monotonic time the circuit opened; None = closed
         self._probing = False  # a half-open probe is in flight
@@ -42,13 +45,13 @@ class CircuitBreaker:
     def state(self) -> str:
         if self._opened_at is None:
             return "closed"
-        return "half-open" if time.monotonic() - self._opened_at >= self.reset_timeout_s else "open"
+        return "half-open" if self._clock() - self._opened_at >= self.reset_timeout_s else "open"
 
     def allow(self) -> bool:
         with self._lock:
             if self._opened_at is None:
                 return True
-            if time.monotonic() - self._opened_at < self.reset_timeout_s or self._probing:
+            if self._clock() - self._opened_at < self.reset_timeout_s or self._probing:
                 return False
             self._probing = True
             return True
@@ -56,7 +59,7 @@ class CircuitBreaker:
     def retry_in(self) -> float:
         if self._opened_at is None:
             return 0.0
-        return max(0.0, self.reset_timeout_s - (time.monotonic() - self._opened_at))
+        return max(0.0, self.reset_timeout_s - (self._clock() - self._opened_at))
 
     def success(self) -> None:
         with self._lock:
@@ -66,7 +69,7 @@ class CircuitBreaker:
         with self._lock:
             self._failures += 1
             if self._probing or self._failures >= self.failure_threshold:
-                self._opened_at = time.monotonic()
+                self._opened_at = self._clock()
             self._probing = False
 
 

@@ -2,7 +2,8 @@
 
 Spend is kept in memory for the hot path and seeded from the ledger at start, so a restart does
 not reset a day's cap. A cap applies once the spend has reached it: the step that crosses it still
-completes (its cost is only known afterwards).
+completes (its cost is only known afterwards). The day is the UTC day of `clock` (unix seconds;
+tests pass a fake one to cross midnight without waiting).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import calendar
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from hera_core.routing.ledger import CostLedger
@@ -21,14 +23,16 @@ def _utc_day(ts: float | None = None) -> str:
 
 class Budget:
     def __init__(self, *, per_session_usd: float | None = None, per_day_usd: float | None = None,
-                 action: Literal["local", "refuse"] = "local", ledger: CostLedger | None = None) -> None:
+                 action: Literal["local", "refuse"] = "local", ledger: CostLedger | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         if action not in ("local", "refuse"):
             raise ValueError(f"budget action must be 'local' or 'refuse', got {action!r}")
         self.per_session_usd = per_session_usd
         self.per_day_usd = per_day_usd
         self.action = action  # past a cap: run the step on the SLM, or refuse it (HTTP 429)
         self._lock = threading.Lock()
-        self._day = _utc_day()
+        self._clock = clock
+        self._day = _utc_day(clock())
         self._day_spend = 0.0  # USD spent on the cloud today (UTC)
         self._session_spend: dict[str, float] = {}  # USD spent on the cloud per session, all time
         if ledger is not None:
@@ -67,6 +71,6 @@ class Budget:
             self._session_spend[session] = self._session_spend.get(session, 0.0) + usd
 
     def _roll(self) -> None:
-        day = _utc_day()
+        day = _utc_day(self._clock())
         if day != self._day:
             self._day, self._day_spend = day, 0.0

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from dataclasses import asdict
 from typing import Any
@@ -376,15 +377,18 @@ class PgBudget:
     lock serializes the check and the insert across the fleet), unless a cap is already reached;
     after the step's row is committed the hold is dropped. So concurrent nodes overspend a cap by at
     most what the calls admitted last cost beyond their holds, and never by the calls still in
-    flight. A hold whose node died stops counting after `hold_ttl_s`.
+    flight. A hold whose node died stops counting after `hold_ttl_s`. `clock` gives unix seconds
+    for the day and the holds' expiry (every node of a test passes the same fake one).
     """
 
     def __init__(self, ledger: PgLedger, *, per_session_usd: float | None = None, per_day_usd: float | None = None,
-                 action: str = "local", hold_ttl_s: float = 600.0, when_unreachable: str = "refuse") -> None:
+                 action: str = "local", hold_ttl_s: float = 600.0, when_unreachable: str = "refuse",
+                 clock: Callable[[], float] = time.time) -> None:
         if action not in ("local", "refuse"):
             raise ValueError(f"budget action must be 'local' or 'refuse', got {action!r}")
         self.ledger, self.per_session_usd, self.per_day_usd = ledger, per_session_usd, per_day_usd
         self.action, self.hold_ttl_s = action, hold_ttl_s
+        self._clock = clock
         # The database is away and the caps cannot be checked: "refuse" cloud steps (they run on
         # the SLM with budget_action local, else 429), or "allow" them unchecked.
         self.when_unreachable = when_unreachable
@@ -414,7 +418,7 @@ class PgBudget:
             return self._unchecked()
         try:
             with self.ledger.connection() as conn:
-                return self._over(*self._spent(conn, session, time.time()))
+                return self._over(*self._spent(conn, session, self._clock()))
         except _unreachable_errors():
             self.ledger.mark_down()
             return self._unchecked()
@@ -429,7 +433,7 @@ class PgBudget:
             return self._unchecked(), None
 
     def _reserve(self, session: str, usd: float) -> tuple[str | None, object]:
-        now = time.time()
+        now = self._clock()
         with self.ledger.connection() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(727275)")  # the fleet's check-and-hold, one at a time
             over = self._over(*self._spent(conn, session, now))
@@ -445,7 +449,7 @@ class PgBudget:
         if hold is not None and not self.ledger.is_down():
             try:
                 with self.ledger.connection() as conn:  # this hold, and any that expired (their nodes died)
-                    conn.execute("DELETE FROM budget_holds WHERE id = %s OR expires <= %s", (hold, time.time()))
+                    conn.execute("DELETE FROM budget_holds WHERE id = %s OR expires <= %s", (hold, self._clock()))
             except _unreachable_errors():
                 self.ledger.mark_down()  # the hold expires by itself
 
