@@ -218,18 +218,22 @@ class Predictor:
             np.asarray([self.input_names.index(n) for n in self.feature_names], dtype=np.intp)
 
     def _evaluator(self):
-        """The native forest when built, else XGBoost itself (one thread: small batches)."""
+        """The native forest when built, else XGBoost where installed (one thread: small batches),
+        else the forest's numpy twin (a lean install has no XGBoost); all give the same numbers."""
         if self._impl is None:
+            from hera_core.native.forest import Forest
+
             try:
-                from hera_core.native.forest import Forest
-
                 self._impl = Forest.from_json_bytes(self.model_json).predict
-            except ImportError:
-                import xgboost as xgb
-
-                booster = xgb.Booster(model_file=bytearray(self.model_json))
-                booster.set_param({"nthread": 1})
-                self._impl = lambda X: booster.inplace_predict(X).astype(np.float32)
+            except ImportError:  # the native extension is not built (or is stale)
+                try:
+                    import xgboost as xgb
+                except ImportError:
+                    self._impl = Forest.from_json_bytes(self.model_json, native=False).predict
+                else:
+                    booster = xgb.Booster(model_file=bytearray(self.model_json))
+                    booster.set_param({"nthread": 1})
+                    self._impl = lambda X: booster.inplace_predict(X).astype(np.float32)
         return self._impl
 
     def predict(self, X: np.ndarray) -> np.ndarray:
