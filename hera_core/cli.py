@@ -471,7 +471,7 @@ def cmd_learn(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hera", description="Route AI-agent steps between a local SLM and a cloud LLM.")
-    p.add_argument("--config", help="TOML settings file (see README: Configuration)")
+    p.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="traces.jsonl")
     pr.add_argument("--tasks-per-family", type=int, default=8)
     pr.add_argument("--families", help="comma-separated (default: all)")
-    pr.add_argument("--tasks-file", help="your own tasks, JSONL (see README: Your own tasks)")
+    pr.add_argument("--tasks-file", help="your own tasks, JSONL (see docs/workloads.md: Your own tasks)")
     pr.add_argument("--split", default="train", choices=["train", "val", "test"])
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--local-model")

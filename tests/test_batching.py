@@ -30,7 +30,7 @@ def test_concurrent_generations_share_decodes_and_match_serial_outputs(engines):
     batched = run(all_at_once(engines["batched"]))
     steps = engines["batched"].stats["decode_steps"] - before["decode_steps"]
     seqs = engines["batched"].stats["batched_sequences"] - before["batched_sequences"]
-    assert batched == serial  # greedy, the same tokens (llama.cpp's arithmetic allowing: see README)
+    assert batched == serial  # greedy, the same tokens (llama.cpp's arithmetic allowing: docs/performance.md, Continuous batching)
     assert seqs / steps > 3  # most decodes carried several sequences
     alone = [run(engines["batched"].generate(p, max_tokens=40)).text for p in PROMPTS[:2]]
     assert alone == serial[:2]

@@ -31,7 +31,7 @@ def fam():
 def test_held_out_tasks_of_the_training_families_are_familiar(fam):
     test = openings("test", 10)
     share = np.mean([fam.familiar([{"role": "user", "content": t}]) for _, t in test])
-    assert share >= 0.8, share  # 94% with the shipped predictor's larger sets (README)
+    assert share >= 0.8, share  # 94% with the shipped predictor's larger sets (docs/familiarity.md)
 
 
 def test_other_families_are_unfamiliar(fam):

@@ -5,7 +5,7 @@ traces. A task stays correct when every local step has a positive substitution l
 step local: the outcome profiled for exactly that); costs are the traced prompts and the cloud's
 traced answers at the default prices; the expected outputs per step index come from the train
 split. The live, end-to-end figures are `hera eval --offline` (the shipped predictor is cost-weighted)
-and README's *One cloud budget across a task's steps*.
+and docs/cost-budget.md.
 
     .venv/bin/python bench/eval/cost_aware_probe.py   # writes bench/eval/cost_aware.json
 """

@@ -65,7 +65,7 @@ class Check:
 
 def rebuild_hint() -> str:
     return (f"rebuild llama.cpp for this CPU: `{REBUILD}` in the checkout (flags: "
-            f"{llama_build.OVERRIDE_ENV}, see README), or `CMAKE_ARGS=\"$(python -m hera_core.install.llama_build)\" "
+            f"{llama_build.OVERRIDE_ENV}, see docs/cpu-build.md), or `CMAKE_ARGS=\"$(python -m hera_core.install.llama_build)\" "
             f"pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python=={pinned_llama_version()}`")
 
 

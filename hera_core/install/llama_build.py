@@ -7,7 +7,7 @@ passed on AMD. So the build names each instruction set from the CPU's own flags,
 GGML_NATIVE=OFF and the three GGML_AMX_* options always OFF.
 
 `HERA_LLAMA_CMAKE_ARGS` replaces the whole choice (a CUDA build for Jetson, a baseline build for a
-fleet of mixed CPUs; see the README). Standard library only: the Makefile runs this file with the
+fleet of mixed CPUs; see docs/cpu-build.md). Standard library only: the Makefile runs this file with the
 system Python before anything is installed.
 
     python3 hera_core/install/llama_build.py            # the CMake args for this CPU

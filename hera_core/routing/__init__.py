@@ -1,10 +1,15 @@
 """Layer 3, routing: the live decision for one agent step, with no HTTP and no offline code.
 
-- `runtime`: `Runtime.complete()` (prefill -> features -> predictor -> policy -> local decode or
+- `runtime`: `Runtime.complete()` (prefill -> features -> predictor -> step plan -> local decode or
   cloud -> ledger row) and `Runtime.passthrough()` for requests that bypass routing.
+- `plan`: the step plan, one pure function of what is known about a step (local, cloud, draft and
+  check, vote, each with its reason); the runtime executes it and `hera eval` replays it.
 - `predictor`: the feature schema and the predictor file; kappa(step).
 - `policy`: the pure routing rule and overrides (local-only, cloud-only).
-- `budget`: cloud spend caps. `ledger`: the SQLite cost ledger.
+- `familiarity`: is this step like the predictor's training tasks?
+- `budget`: cloud spend caps. `ledger`: the `CostLedger` protocol and the SQLite ledger;
+  `ledger_pg`: the PostgreSQL ledger and budget a fleet shares.
+- `traces`, `learning`, `shadow`: learning the served agent from its traffic.
 
 Sees model backends only through `hera_core.backends.base.Engine` (a contract the tests check).
 """
