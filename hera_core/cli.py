@@ -183,7 +183,8 @@ def _openings(args, traces) -> dict[str, str]:
     for split in sorted({t["split"] for t in traces if t["task_id"] in missing}):
         try:
             tasks = _tasks(args, families, split=split)
-        except UsageError:  # e.g. a user family without --tasks-file: no familiarity for those
+        except (UsageError, MissingExtraError):  # a user family without --tasks-file, a data package not
+            # installed: no familiarity for those
             continue
         out.update({t.task_id: opening_text(first_messages(t)) for t in tasks if t.task_id in missing})
     return out
