@@ -124,6 +124,7 @@ class LearningSettings(_Strict):
     shadow: bool = Field(False, description="while a step goes to the cloud, the SLM drafts it too when the device "
                          "is idle (never ahead of a client's step); both answers go to the trace store and their "
                          "agreement labels the step")
+    folder: Path | None = Field(None, description="trace store and predictor versions; default <cache_dir>/learning")
     max_trace_rows: int = Field(50_000, ge=1, le=10_000_000, description="traced steps kept (oldest deleted first)")
     audit_share: float = Field(0.05, ge=0, le=1, description="share of the steps kept local by a learned predictor "
                                "that also go to the cloud, to measure live agreement (costs cloud tokens)")

@@ -10,7 +10,7 @@ import stat
 import numpy as np
 import pytest
 
-from hera_core.checks.agreement import normalize_value, step_agreement, token_f1
+from hera_core.checks.agreement import normalize_value, step_agreement, token_f1, values_agree
 from hera_core.routing.learning import (NO_LOCAL, AuditMonitor, NotEnoughLabels, PredictorVersions,
                                         calibrate_on_labels, label_pending, learn, trace_row, wilson_bounds)
 from hera_core.routing.predictor import FEATURE_NAMES, Kappa, Predictor
@@ -57,6 +57,19 @@ def test_values_agree_after_normalising():
     assert not step_agreement("", "ANSWER: 19", "Let me think about this problem step by step first.").substitutable
     assert normalize_value(" $1,000. ") == "1000"
     assert normalize_value("a, b,  c") == "a,b,c"
+
+
+def test_a_result_stated_in_a_sentence_or_another_format_agrees():
+    assert values_agree("13", "The number of 1 bits in the binary representation of 1120951905 is 13.")
+    assert values_agree("decline, work, codes", "['decline', 'work', 'codes']")
+    assert values_agree('["he","mr","silent"]', "he,mr,silent")
+    assert not values_agree("3", "The count is 13")  # a token, not a substring
+    assert not values_agree("-5", "The result is 5")  # the sign is part of the value
+    assert not values_agree("not,of,date,so", "['so','of','date','not']")  # another order is another answer
+    assert not values_agree("b, c", "a, b, c")  # a list missing an item is another answer
+    assert not values_agree(None, "13")
+    code = "```python\nprint(f'The number of 1 bits is {bin(1120951905).count(\"1\")}.')\n```"
+    assert step_agreement("", "```python\nprint(bin(1120951905).count('1'))\n```", code).substitutable
 
 
 def test_free_text_agrees_by_token_overlap():
@@ -150,6 +163,21 @@ def test_learn_needs_labels_then_keeps_only_agreeing_steps_local(tmp_path):
     messages = [{"role": "system", "content": "agent A"}, {"role": "user", "content": "What is 2 + 2?"}]
     assert predictor.familiarity.familiar(messages)  # the served agent is now familiar
     assert not predictor.familiarity.familiar([{"role": "user", "content": "Translate this poem into French"}])
+
+
+def test_out_of_fold_calibration_uses_every_label(tmp_path):
+    """With few labels, calibrating on the held-out share alone cannot reach the bound; scoring every
+    labelled row out of fold can, and what it keeps local still agrees."""
+    base = Predictor.load()
+    store = synthetic_store(tmp_path, 120)
+    _, held = learn(store, base, target=0.9, folds=0)
+    predictor, oof = learn(store, base, target=0.9, folds=5)
+    assert held["held_out_steps"] == 36 and oof["held_out_steps"] == 120
+    assert held["held_out_local_share"] < oof["held_out_local_share"]
+    assert oof["agreement_lower_bound"] >= 0.9 and oof["note"] == "ok"
+    X = np.random.default_rng(2).uniform(size=(300, len(FEATURE_NAMES))).astype(np.float32)
+    kept = predictor.predict(X) >= predictor.kappa(0)
+    assert kept.any() and (X[kept, 0] < 0.5).mean() >= 0.9
 
 
 def test_versions_promote_and_roll_back(tmp_path):

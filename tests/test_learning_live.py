@@ -73,7 +73,7 @@ def test_cloud_steps_get_shadow_drafts_traced_labelled_and_booked(learning_runti
     served = [r for r in ledger_rows if r["status"] == "ok"]
     shadows = [r for r in ledger_rows if r["status"] == "shadow"]
     assert len(served) == 3 and {r["route"] for r in served} == {"cloud"}
-    assert {r["predictor_version"] for r in served} == {"v0"}
+    assert {r["predictor_version"] for r in served} == {"v0"} == {r["predictor_version"] for r in shadows}
     assert len(shadows) == 3 and all(r["route"] == "local" and r["cost_usd"] > 0 and r["cloud_cost_usd"] == 0
                                      for r in shadows)
     totals = rt.ledger.totals("t")
@@ -113,29 +113,31 @@ def test_shadows_never_fail_a_client_under_load_and_give_way_to_client_steps(lea
 
     results = run(go())
     assert len(results) == 16 and all(r.text is not None for r in results)
-    stats = {k: 0 for k in ("shadow_started", "shadow_skipped_busy", "shadow_done", "shadow_cancelled", "errors")}
+    stats = {k: 0 for k in ("shadow_started", "shadow_skipped_busy", "shadow_done", "shadow_given_up", "errors")}
     stats.update(rt.learning.status()["stats"])
     cloud_steps = sum(r.route is Route.CLOUD for r in results)
     assert cloud_steps == 8
     assert stats["shadow_started"] + stats["shadow_skipped_busy"] == cloud_steps
-    assert stats["shadow_done"] + stats["shadow_cancelled"] == stats["shadow_started"]
-    assert stats["errors"] == 0
+    assert stats["shadow_done"] + stats["shadow_given_up"] == stats["shadow_started"]
+    assert stats["shadow_done"] > 0 and stats["errors"] == 0  # the SLM's idle moments between steps are used
     assert rt.learning.status()["traced_steps"] == stats["shadow_done"]
 
 
-def test_a_client_step_on_the_slm_cancels_a_running_shadow(learning_runtime):
+def test_a_client_step_on_the_slm_cancels_a_decoding_shadow_which_starts_over_when_idle(learning_runtime):
     rt = learning_runtime()
 
     async def go():
-        shadow = rt.learning.start_shadow(question(5), max_tokens=256, stop=None)
-        await asyncio.sleep(0.05)  # let it start decoding (if it has not, cancelling it is as sure)
+        shadow = rt.learning.start_shadow(question(5), max_tokens=64, stop=None)
+        while not rt.learning.status()["stats"].get("shadow_decodes"):
+            await asyncio.sleep(0.001)  # until it decodes on the SLM
         client = await rt.complete(question(6), session="c", step=0, override=Override.LOCAL_ONLY)
-        await asyncio.gather(shadow, return_exceptions=True)
-        return shadow, client
+        return await shadow, client
 
-    shadow, client = run(go())
-    assert shadow.cancelled() and client.route is Route.LOCAL and client.text
-    assert rt.learning.status()["stats"]["shadow_cancelled"] == 1
+    draft, client = run(go())
+    assert client.route is Route.LOCAL and client.text
+    stats = rt.learning.status()["stats"]
+    assert stats["shadow_cancelled"] == 1 and stats["shadow_decodes"] == 2  # cancelled once, then decoded again
+    assert draft is not None and draft.text
 
 
 def test_a_swapped_predictor_names_the_rows_it_decides(learning_runtime):
@@ -151,7 +153,7 @@ def test_a_swapped_predictor_names_the_rows_it_decides(learning_runtime):
 
     r = run(go())
     assert r.route is Route.LOCAL and rt.predictor_version == "v1"
-    assert rt.ledger.rows("t")[-1]["predictor_version"] == "v1"
+    assert [r["predictor_version"] for r in rt.ledger.rows("t") if r["status"] == "ok"][-1] == "v1"
 
 
 def test_an_injected_regression_is_rolled_back_by_the_audit(learning_runtime):
@@ -171,7 +173,8 @@ def test_an_injected_regression_is_rolled_back_by_the_audit(learning_runtime):
             routes = []
             for i in range(8):
                 r = await rt.complete(question(i), session=f"r{i}", step=0)
-                routes.append((r.route, rt.ledger.rows("t")[-1]["predictor_version"]))
+                routes.append((r.route, [row for row in rt.ledger.rows("t") if row["status"] == "ok"][-1][
+                    "predictor_version"]))
                 await rt.learning.drain()  # the audit is labelled before the next step (bounded: it counts)
             return routes
 
@@ -183,7 +186,8 @@ def test_an_injected_regression_is_rolled_back_by_the_audit(learning_runtime):
     assert routes[5:] == [(Route.CLOUD, "v0")] * 3  # v0 (kappa 1.01) sends them to the cloud again
     assert learner.status()["events"][-1]["event"] == "rolled back"
     audits = [r for r in rt.ledger.rows("t") if r["status"] == "audit"]
-    assert len(audits) == 5 and all(r["route"] == "cloud" and r["cost_usd"] > 0 for r in audits)
+    assert len(audits) == 5 and all(r["route"] == "cloud" and r["cost_usd"] > 0 and r["predictor_version"] == "v1"
+                                    for r in audits)
 
 
 def test_server_honours_the_trace_header_and_reports_learning(learning_runtime, tmp_path):

@@ -6,11 +6,13 @@ when the two agree on what the step does, by the first rule that applies:
 
 1. `tool_calls`: either answer calls tools: the same calls (names, JSON-equal arguments), in order.
 2. `program`: both answers hold a Python program: the same behaviour in the sandbox, i.e. the same
-   last printed line, and where the prompt carries docstring examples of a function, the same
-   results of those calls (a program that only defines a function prints nothing).
+   last printed line (or one printing a single value the other's last line ends with: "13" and
+   "... is 13."), and where the prompt carries docstring examples of a function, the same results
+   of those calls (a program that only defines a function prints nothing).
 3. `value`: both answers reduce to a short value: an `ANSWER:` value, a program's printed result,
    a choice letter ("the answer is C"), or a short reply as a whole; equal after normalising
-   (case, spaces, commas in numbers, a trailing period, `$`/`%`).
+   (case, spaces, commas in numbers, a trailing period, `$`/`%`), the same tokens in another
+   format, or one a single value the other ends with.
 4. `text`: otherwise free text: token-set F1 of the two answers at least TEXT_F1 (validated against
    the ground-truth substitution labels of the committed traces; see docs/learning.md).
 
@@ -110,6 +112,26 @@ def short_value(text: str, printed: str | None) -> str | None:
     return None
 
 
+VALUE_TOKEN_RE = re.compile(r"-?[a-z0-9]+(?:\.[0-9]+)?")
+
+
+def values_agree(a: str | None, b: str | None) -> bool:
+    """Two results (printed lines, answer values) agree: equal after normalising, the same words and
+    numbers in the same order in another format ("a, b" and "['a', 'b']"), or one is a single number
+    or word that the other ends with ("13" and "The number of 1 bits in 1120951905 is 13."): the same
+    result, one side stating it in a sentence. (Not a longer value: "b, c" is not "a, b, c".)"""
+    if a is None or b is None:
+        return False
+    a, b = normalize_value(a), normalize_value(b)
+    if a == b:
+        return True
+    ta, tb = VALUE_TOKEN_RE.findall(a), VALUE_TOKEN_RE.findall(b)
+    if ta and ta == tb:  # the same words and numbers in the same order: only the format differs ("a, b", ['a','b'])
+        return True
+    short, long_ = sorted((ta, tb), key=len)
+    return len(short) == 1 and long_[-1:] == short
+
+
 def token_f1(a: str, b: str) -> float:
     ta, tb = set(TOKEN_RE.findall(a.lower())), set(TOKEN_RE.findall(b.lower()))
     if not ta or not tb:
@@ -135,7 +157,7 @@ def step_agreement(prompt: str, cloud_text: str, draft_text: str, *,
             return StepAgreement(False, "program", "not run: no sandbox")
         a_out = program_behaviour(a_code, prompt, sandbox, timeout_s)
         b_out = program_behaviour(b_code, prompt, sandbox, timeout_s)
-        same = a_out is not None and b_out is not None and normalize_value(a_out) == normalize_value(b_out)
+        same = values_agree(a_out, b_out)
         return StepAgreement(same, "program", f"{str(a_out)[:60]!r} vs {str(b_out)[:60]!r}")
     printed = {}
     for side, code in (("cloud", a_code), ("draft", b_code)):
@@ -145,6 +167,6 @@ def step_agreement(prompt: str, cloud_text: str, draft_text: str, *,
     a_val = short_value(cloud_text, printed.get("cloud"))
     b_val = short_value(draft_text, printed.get("draft"))
     if a_val is not None or b_val is not None:
-        return StepAgreement(a_val is not None and a_val == b_val, "value", f"{a_val!r} vs {b_val!r}")
+        return StepAgreement(values_agree(a_val, b_val), "value", f"{a_val!r} vs {b_val!r}")
     f1 = token_f1(cloud_text, draft_text)
     return StepAgreement(f1 >= text_f1, "text", f"token F1 {f1:.2f}")

@@ -97,14 +97,42 @@ def calibrate_on_labels(p: np.ndarray, steps: np.ndarray, labels: np.ndarray, ka
     return best
 
 
+def _fit(rows: list[TraceRow], num_rounds: int):
+    import xgboost as xgb
+
+    X = np.asarray([r.features for r in rows], dtype=np.float32)
+    y = np.asarray([r.label for r in rows], dtype=np.float32)
+    return Predictor(model_json=bytes(xgb.train(XGB_PARAMS, xgb.DMatrix(X, label=y),
+                                                num_boost_round=num_rounds).save_raw("json")))
+
+
+def out_of_fold(rows: list[TraceRow], folds: int, num_rounds: int) -> np.ndarray:
+    """P(agree) of every row from a model that did not see it: the rows cut into `folds` contiguous
+    blocks of traffic, each scored by a model fitted on the others (a block whose complement has one
+    label only is scored by the complement's rate)."""
+    p = np.zeros(len(rows), dtype=np.float64)
+    edges = np.linspace(0, len(rows), folds + 1).astype(int)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        rest = rows[:lo] + rows[hi:]
+        labels = {r.label for r in rest}
+        if len(labels) < 2:
+            p[lo:hi] = float(next(iter(labels))) if labels else 0.0
+            continue
+        p[lo:hi] = _fit(rest, num_rounds).predict(np.asarray([r.features for r in rows[lo:hi]], dtype=np.float32))
+    return p
+
+
 def learn(store: TraceStore, base: Predictor, *, target: float = 0.9, z: float = 1.645, holdout_share: float = 0.3,
-          min_labels: int = 30, num_rounds: int = 100, version: str = "") -> tuple[Predictor, dict[str, Any]]:
-    """A predictor for the served agent from the trace store's labelled rows (see the module doc)."""
+          min_labels: int = 30, num_rounds: int = 100, version: str = "",
+          folds: int = 5) -> tuple[Predictor, dict[str, Any]]:
+    """A predictor for the served agent from the trace store's labelled rows (see the module doc).
+    `folds` > 1: the threshold is calibrated on every labelled row, each scored out of fold (so the
+    confidence bound has all the labels behind it, not only the held-out share); the model that
+    ships is fitted on all of them. `folds` = 0: calibrated on the most recent `holdout_share`."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"target agreement must be in (0, 1), got {target}")
     if not 0.0 < holdout_share < 1.0:
         raise ValueError(f"holdout_share must be in (0, 1), got {holdout_share}")
-    import xgboost as xgb
 
     rows = store.rows(labelled=True)
     if len(rows) < min_labels:
@@ -112,24 +140,26 @@ def learn(store: TraceStore, base: Predictor, *, target: float = 0.9, z: float =
                               "serve more traffic with shadow drafts on")
     cut = max(1, int(round(len(rows) * (1 - holdout_share))))
     train, held = rows[:cut], rows[cut:]
-    X = np.asarray([r.features for r in train], dtype=np.float32)
-    y = np.asarray([r.label for r in train], dtype=np.float32)
-    if len(set(y.tolist())) < 2:
-        raise NotEnoughLabels(f"the {len(train)} training steps are all labelled {int(y[0])}: both kinds are needed")
-    booster = xgb.train(XGB_PARAMS, xgb.DMatrix(X, label=y), num_boost_round=num_rounds)
-    predictor = Predictor(model_json=bytes(booster.save_raw("json")))
-    p = predictor.predict(np.asarray([r.features for r in held], dtype=np.float32))
-    steps = np.asarray([r.step for r in held])
-    labels = np.asarray([r.label for r in held], dtype=np.float32)
+    fitted = rows if folds > 1 else train
+    if len({r.label for r in fitted}) < 2:
+        raise NotEnoughLabels(f"the {len(fitted)} training steps are all labelled {fitted[0].label}: both kinds "
+                              "are needed")
+    predictor = _fit(fitted, num_rounds)
+    calib = rows if folds > 1 else held
+    p = out_of_fold(rows, folds, num_rounds) if folds > 1 else \
+        predictor.predict(np.asarray([r.features for r in held], dtype=np.float32))
+    steps = np.asarray([r.step for r in calib])
+    labels = np.asarray([r.label for r in calib], dtype=np.float32)
     cal = calibrate_on_labels(p, steps, labels, base.kappa, target, z)
     predictor.kappa = replace(base.kappa, base=cal.base, cost=None)
     predictor.familiarity = fit_familiarity([(r.cluster, r.opening) for r in train],
                                             [(r.cluster, r.opening) for r in held])
     report = {
-        "version": version, "labelled_steps": len(rows), "train_steps": len(train), "held_out_steps": len(held),
-        "train_agreement_rate": round(float(y.mean()), 4), "target_agreement": target, "z": z,
+        "version": version, "labelled_steps": len(rows), "train_steps": len(fitted), "held_out_steps": len(calib),
+        "calibration": f"{folds}-fold out of fold" if folds > 1 else f"the most recent {holdout_share:.0%}",
+        "train_agreement_rate": round(float(np.mean([r.label for r in fitted])), 4), "target_agreement": target, "z": z,
         "kappa": predictor.kappa.to_dict(), "held_out_local": cal.local, "held_out_local_agree": cal.agree,
-        "held_out_local_share": round(cal.local / len(held), 4) if held else 0.0,
+        "held_out_local_share": round(cal.local / len(calib), 4) if calib else 0.0,
         "agreement_lower_bound": round(cal.lower_bound, 4), "ground_truth_labels_used": 0,
         "clusters": sorted({r.cluster for r in rows}),
         "note": ("no threshold keeps a step local with agreement above the target's lower bound yet: "

@@ -549,14 +549,16 @@ class Runtime:
                                 version=self.predictor_version, local=gen, max_tokens=st.max_tokens, stop=st.stop,
                                 toolset=st.toolset)
 
-    def book_learning(self, kind: str, session: str, step: int, gen: Generation, latency_s: float) -> None:
+    def book_learning(self, kind: str, session: str, step: int, gen: Generation, latency_s: float,
+                      version: str | None = None) -> None:
         """The ledger row of a learning-loop call (status 'shadow': the SLM's device time on a shadow
         draft; 'audit': the cloud call of an audited local step): real spend, never a client's step."""
         route = Route.CLOUD if kind == "audit" else Route.LOCAL
         cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens) if kind == "audit" else \
             self.prices.local_cost(latency_s)
         self._book(None, session, step, None, model=gen.model, gen=gen, latency_s=latency_s, cost=cost,
-                   cloud_cost=cost if kind == "audit" else 0.0, status=kind, reason=kind, route=route.value)
+                   cloud_cost=cost if kind == "audit" else 0.0, status=kind, reason=kind, route=route.value,
+                   version=version)
 
     async def _ledger_io(self, fn, *args, **kwargs):
         """Run a booking or budget call: inline for a local ledger (SQLite, microseconds), on a worker
@@ -584,7 +586,7 @@ class Runtime:
     def _book(self, run: str | None, session: str, step: int, decision: Decision | None, *, model: str,
               gen: Generation | None = None, latency_s: float, cost: float = 0.0, cloud_cost: float = 0.0,
               status: str = "ok", reason: str | None = None, route: str | None = None,
-              attempts: list[tuple[str, float]] | tuple = ()) -> int:
+              attempts: list[tuple[str, float]] | tuple = (), version: str | None = None) -> int:
         """The one place a ledger row is built: a routed step, a failure, a cancellation, a pass-through."""
         return self.ledger.record(LedgerRow(
             run=run or self.run, session=session, step=step,
@@ -594,7 +596,7 @@ class Runtime:
             cloud_cost_usd=cloud_cost, p_local=decision.p_local if decision else None,
             threshold=decision.threshold if decision else None,
             reason=reason or (decision.reason if decision else ""), status=status,
-            predictor_version=self.predictor_version if decision else None), attempts)
+            predictor_version=version or (self.predictor_version if decision else None)), attempts)
 
     def _record_cancelled(self, run, session, step, decision: Decision, elapsed: float) -> None:
         """A subtask cancelled while generating (its client disconnected) is a row with status

@@ -2,10 +2,11 @@
 steps kept local (docs/learning.md).
 
 - Shadow draft: when a step is routed to the cloud, the SLM drafts the same step on the device,
-  concurrently with the cloud call, only when no client step is using the SLM, and at most
-  `max_shadows` at once; a client step that needs the SLM cancels every running shadow first
-  (a shadow never keeps a client waiting longer than the engine's current decode chunk). Once
-  both answers are in, the pair goes to the trace store and is labelled, on a worker thread.
+  beside the cloud call, whenever no client step is using the SLM (one shadow decodes at a time,
+  at most `max_pending` wait); a client step that needs the SLM cancels the decoding shadow first
+  (a shadow never keeps a client waiting longer than the engine's current decode chunk), which
+  starts over once the SLM is idle again. Once both answers are in, the pair goes to the trace
+  store and is labelled, on a worker thread.
 - Audit: a step kept local by a learned predictor is, with probability `audit_share`, also sent to
   the cloud after it was answered; the pair is labelled and counts for (or against) the version
   that kept it local. The cloud call is booked in the ledger (status 'audit').
@@ -33,20 +34,24 @@ from hera_core.routing.learning import LearnEvent, LiveLearner, trace_row
 from hera_core.routing.predictor import Predictor
 
 log = logging.getLogger(__name__)
+IDLE_POLL_S = 0.01  # how often a waiting shadow looks whether the SLM is idle
 
 
 class TrafficLearning:
     def __init__(self, learner: LiveLearner, local: Engine, cloud: Engine,
-                 on_swap: Callable[[Predictor, str], None], *, max_shadows: int = 1,
+                 on_swap: Callable[[Predictor, str], None], *, max_pending: int = 8, retries: int = 2,
                  book: Callable[..., Any] | None = None) -> None:
         self.learner = learner
         self.local, self.cloud = local, cloud
         self.on_swap = on_swap  # (predictor, why) -> None: the runtime starts using it
-        # (kind, session, step, generation, latency_s) -> None: the ledger row of a shadow draft's device
-        # time (kind "shadow") or of an audit's cloud call ("audit")
+        # (kind, session, step, generation, latency_s, version) -> None: the ledger row of a shadow
+        # draft's device time (kind "shadow") or of an audit's cloud call ("audit"), naming the version
+        # that routed the step
         self.book = book
-        self.max_shadows = max_shadows
-        self._shadows: set[asyncio.Task] = set()  # shadow generations running on the SLM
+        self.max_pending = max_pending  # shadows waiting or decoding; past it a cloud step gets none
+        self.retries = retries  # times a shadow cancelled by a client step starts over once the SLM is idle
+        self._shadows: set[asyncio.Task] = set()  # shadows not finished (waiting for the SLM, or decoding)
+        self._decoding: set[asyncio.Task] = set()  # the SLM generation of the one shadow decoding now
         self._background: set[asyncio.Task] = set()  # labelling and audit tasks
         self._clients = 0  # client steps using the SLM now
         self.stats: Counter[str] = Counter()
@@ -55,10 +60,11 @@ class TrafficLearning:
 
     @contextlib.contextmanager
     def client_on_slm(self):
-        """Around a client step's use of the SLM (its answer, its draft): running shadows are
-        cancelled, and none starts until it is done."""
+        """Around a client step's use of the SLM (its prefill, draft or answer): a shadow decoding
+        now is cancelled (it starts over once the SLM is idle again), and none starts until the
+        client step is done."""
         self._clients += 1
-        for task in list(self._shadows):
+        for task in list(self._decoding):
             if task.cancel():
                 self.stats["shadow_cancelled"] += 1
         try:
@@ -70,16 +76,36 @@ class TrafficLearning:
 
     def start_shadow(self, messages: list[dict[str, Any]], *, max_tokens: int, stop: list[str] | None,
                      toolset: Any = None) -> asyncio.Task | None:
-        """The SLM's draft of a cloud-routed step, started now (None: the SLM is busy)."""
-        if self._clients or len(self._shadows) >= self.max_shadows:
+        """The SLM's draft of a cloud-routed step: decoded as soon as no client step uses the SLM
+        (one shadow at a time); None when `max_pending` shadows are already waiting."""
+        if len(self._shadows) >= self.max_pending:
             self.stats["shadow_skipped_busy"] += 1
             return None
         kwargs = {"toolset": toolset} if toolset is not None else {}
-        task = asyncio.create_task(self.local.generate(messages, max_tokens=max_tokens, stop=stop, **kwargs))
+        task = asyncio.create_task(self._shadow(messages, max_tokens, stop, kwargs))
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
         self.stats["shadow_started"] += 1
         return task
+
+    async def _shadow(self, messages, max_tokens, stop, kwargs) -> Generation | None:
+        """Wait until the SLM is idle, decode; when a client step cancels the decode, wait and start
+        over (at most `retries` times). None: given up."""
+        for _ in range(1 + self.retries):
+            while self._clients or self._decoding:
+                await asyncio.sleep(IDLE_POLL_S)
+            decode = asyncio.create_task(self.local.generate(messages, max_tokens=max_tokens, stop=stop, **kwargs))
+            self._decoding.add(decode)
+            decode.add_done_callback(self._decoding.discard)
+            self.stats["shadow_decodes"] += 1
+            try:
+                return await decode
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # this shadow itself is cancelled (shutdown)
+                    decode.cancel()
+                    raise
+        self.stats["shadow_given_up"] += 1
+        return None
 
     def finish_shadow(self, shadow: asyncio.Future, *, messages: list[dict[str, Any]], session: str, step: int,
                       features: np.ndarray, version: str, cloud: Generation) -> None:
@@ -90,13 +116,15 @@ class TrafficLearning:
 
     async def _shadow_pair(self, shadow, messages, session, step, features, version, cloud: Generation) -> None:
         try:
-            draft: Generation = await shadow
+            draft: Generation | None = await shadow
         except asyncio.CancelledError:
             if not shadow.cancelled():  # this task itself is being cancelled (shutdown)
                 raise
             return
+        if draft is None:
+            return
         if isinstance(shadow, asyncio.Task) and self.book is not None:
-            self.book("shadow", session, step, draft, draft.latency_s)
+            self.book("shadow", session, step, draft, draft.latency_s, version)
         row = trace_row("shadow", session=session, step=step, messages=messages, features=features,
                         version=version, cloud_text=cloud.text, draft_text=draft.text,
                         cloud_calls=cloud.tool_calls or None, draft_calls=draft.tool_calls or None)
@@ -121,7 +149,7 @@ class TrafficLearning:
         t0 = time.perf_counter()
         cloud = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, **kwargs)
         if self.book is not None:
-            self.book("audit", session, step, cloud, time.perf_counter() - t0)
+            self.book("audit", session, step, cloud, time.perf_counter() - t0, version)
         row = trace_row("audit", session=session, step=step, messages=messages, features=features,
                         version=version, cloud_text=cloud.text, draft_text=local.text,
                         cloud_calls=cloud.tool_calls or None, draft_calls=local.tool_calls or None)

@@ -175,7 +175,7 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
 
 def learning_folder(settings: HeraSettings) -> Path:
     """Where the learning loop keeps its trace store and predictor versions (`hera learn --folder`)."""
-    return settings.cache_dir / "learning"
+    return settings.learning.folder or settings.cache_dir / "learning"
 
 
 def open_learner(settings: HeraSettings, initial: Predictor):
