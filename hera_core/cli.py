@@ -132,7 +132,7 @@ def cmd_cloud_sim(args) -> int:
 def cmd_serve(args) -> int:
     from aiohttp import web
 
-    from hera_core.serving.server import RUNNER_OPTIONS, create_app
+    from hera_core.serving.server import RUNNER_OPTIONS, create_app, raise_open_files_limit
 
     overrides = {}
     if args.host:
@@ -143,6 +143,7 @@ def cmd_serve(args) -> int:
 
     settings = load_settings(args.config, overrides)
     s = settings.server
+    raise_open_files_limit(4 * s.max_concurrency + 256)  # a client and a cloud socket per request, and more
     print(f"hera serve: http://{s.host}:{s.port}/v1 (model 'hera' is routed; others pass through)", flush=True)
     web.run_app(create_app(settings), host=s.host, port=s.port, print=None, access_log=None, **RUNNER_OPTIONS)
     return 0

