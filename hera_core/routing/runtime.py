@@ -120,10 +120,11 @@ def step_index(messages: list[Message]) -> int:
 def predictor_version(predictor: Predictor) -> str:
     """The name of a predictor on ledger rows: its version in a learning folder (v0, v1, ...), else
     a short hash of its model, so rows of different predictors never share a name."""
-    version = predictor.meta.get("version")
+    version = getattr(predictor, "meta", {}).get("version")
     if version:
         return str(version)
-    return "sha-" + hashlib.sha256(predictor.model_json).hexdigest()[:10]
+    model = getattr(predictor, "model_json", None)
+    return "sha-" + hashlib.sha256(model).hexdigest()[:10] if model else type(predictor).__name__
 
 
 class ScoreBatcher:
