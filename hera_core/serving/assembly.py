@@ -120,9 +120,20 @@ async def open_engines(settings: HeraSettings, *, use_cache: bool = False):
                 cache.close()
 
 
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported here (an extra of hera-core may leave it out)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
 def open_ledger(settings: HeraSettings):
     """The ledger the settings name: PostgreSQL (`ledger_url`, shared by a fleet) or the SQLite file."""
     if settings.ledger_url is not None:
+        if not (_installed("psycopg") and _installed("psycopg_pool")):
+            raise ConfigError("ledger_url names a PostgreSQL ledger, whose driver this install leaves out: "
+                              "pip install 'hera-core[fleet]'")
         from hera_core.routing.ledger_pg import PgLedger
 
         return PgLedger(settings.ledger_url.get_secret_value(), node=settings.node_id,
@@ -185,7 +196,7 @@ def open_learner(settings: HeraSettings, initial: Predictor):
     ls = settings.learning
     if not ls.shadow and not ls.retrain_every:
         return None
-    if ls.retrain_every and importlib.util.find_spec("xgboost") is None:
+    if ls.retrain_every and not _installed("xgboost"):
         raise ConfigError("learning.retrain_every needs XGBoost, which this install leaves out: "
                           "pip install 'hera-core[learn]' (or set learning.retrain_every = 0)")
     from hera_core.routing.learning import LiveLearner
