@@ -1,0 +1,59 @@
+"""Stage-level profile of workflow tasks (#33): both models on every stage given the true upstream
+outputs. Resumable: appends one JSON line per task to the output and skips tasks already there.
+
+    nice -n 19 .venv/bin/python bench/eval/workflows/stage_profile.py --tasks 16 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from hera_core.backends.llamacpp import LlamaCppEngine
+from hera_core.install.models import model_path
+from hera_core.offline.workflows import STAGES, entries, profile_stages, score_stage, stage_answer
+
+MODELS = {"slm": "qwen2.5-coder-0.5b", "llm": "qwen2.5-coder-1.5b"}
+
+
+def summary(path: Path) -> dict:
+    """Per-stage accuracy of each model, rescored from the recorded replies with today's scorer."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_id = {e["task_id"]: e for e in entries("workflow_quote")}
+    acc: dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for k, s in enumerate(r["stages"]):
+            for m in MODELS:
+                acc[m][s["stage"]].append(score_stage(by_id[r["task_id"]], k, stage_answer(by_id[r["task_id"]], k, s[m]["text"])[0]))
+    return {"tasks": len(rows), **{m: {st: round(sum(v) / len(v), 3) for st, v in acc[m].items()} for m in acc}}
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/eval/workflows/stage_profile.jsonl")
+    ap.add_argument("--summary", action="store_true", help="only print the per-stage accuracy of what is there")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.summary:
+        print(json.dumps(summary(out)))
+        return
+    done = {json.loads(x)["task_id"] for x in out.read_text().splitlines() if x.strip()} if out.exists() else set()
+    engines = {k: LlamaCppEngine(model_path(v), name=v, n_ctx=4096, n_threads=args.threads) for k, v in MODELS.items()}
+    for e in entries("workflow_quote")[:args.tasks]:
+        if e["task_id"] in done:
+            continue
+        row = await profile_stages(e, engines)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(e["task_id"], [(s["stage"], s["slm"]["correct"], s["llm"]["correct"]) for s in row["stages"]], flush=True)
+    print(json.dumps(summary(out)))
+    assert len(STAGES) == 4
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
