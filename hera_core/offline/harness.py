@@ -13,6 +13,9 @@ By the task's kind:
   talking through the OpenAI tools API as today's agent frameworks do: it calls a `run_python`
   tool (HumanEval: `run_examples`, which runs the docstring's examples against a function), the
   harness runs it and sends back a `tool` message, up to two calls; then it answers.
+- workflow (#33, hera_core.offline.workflows): one step per stage of a four-stage order-to-quote
+  task (extract, compute with the sandbox, choose a policy rule, confirm); each stage's prompt
+  follows the last reply (with the program's output), the confirmation is the task's answer.
 The conversation grows step by step, so every step resends the whole prefix (what the KV cache
 reuses).
 """
@@ -30,7 +33,7 @@ from hera_core.backends.tools import CLOSE, OPEN, ToolSet, parse_calls
 from hera_core.checks.drafts import docstring_examples as examples_in
 from hera_core.checks.drafts import extract_answer, extract_code, run_examples
 from hera_core.checks.sandbox import run_python
-from hera_core.offline import bfcl
+from hera_core.offline import bfcl, workflows
 from hera_core.offline.workloads import Task, humaneval_program
 
 SYSTEM = ("You are a careful problem solver with a Python tool. Keep answers short. "
@@ -52,6 +55,7 @@ class Trajectory:
     routes: list[str] = field(default_factory=list)  # route of each step
     answer: str | None = None
     correct: float = 0.0
+    stages: list[dict[str, Any]] = field(default_factory=list)  # a workflow's stages: answer, correct
 
 
 AGENT_SYSTEM = ("You are a careful problem solver with tools. Keep answers short. Use the tool to compute or "
@@ -82,6 +86,8 @@ CHOICE_FINAL = "Reply with only the letter of the correct option, as: ANSWER: <l
 
 def first_messages(task: Task) -> list[Message]:
     """The conversation a task starts from: the prompt of its first step."""
+    if task.kind == "workflow":
+        return workflows.first_messages(task.entry)
     if task.kind == "tool":
         return [{"role": "system", "content": bfcl.SYSTEM}, *[dict(m) for m in task.entry["messages"]]]
     if task.kind in AGENT_TOOL_KINDS:
@@ -151,6 +157,11 @@ async def run_task(task: Task, step_fn: StepFn, max_code_attempts: int = 2) -> T
 
     if task.kind in AGENT_TOOL_KINDS:
         return await _run_tool_agent(traj, step)
+    if task.kind == "workflow":  # one step per stage; the last stage's answer is the task's
+        traj.stages = await workflows.run_stages(task.entry, traj.messages, step)
+        traj.answer = traj.stages[-1]["answer"]
+        traj.correct = task.score(traj.answer)
+        return traj
     if task.kind == "tool":
         text = await step()
         _, calls, errors = parse_calls(text, task_toolset(task))
@@ -256,7 +267,7 @@ async def run_direct(task: Task, step_fn: StepFn) -> Trajectory:
     """Baseline: one direct call, to check the harness does not make a model worse. For code
     tasks the one call is the harness's first step, scored as it is (no example check, no fix);
     a tool task is one call either way."""
-    if task.kind in ("tool", *AGENT_TOOL_KINDS):
+    if task.kind in ("tool", "workflow", *AGENT_TOOL_KINDS):
         return await run_task(task, step_fn)
     if task.kind == "code":
         traj = Trajectory(task, messages=first_messages(task))

@@ -23,7 +23,7 @@ from typing import Any
 from hera_core.checks.drafts import extract_code
 from hera_core.checks import sandbox
 from hera_core.errors import UsageError
-from hera_core.offline import bfcl
+from hera_core.offline import bfcl, workflows
 from hera_core.offline.package_data import package_file
 
 # name -> reasoning-gym dataset and the settings used here (easier than the defaults).
@@ -44,8 +44,10 @@ TOOL_FAMILIES: tuple[str, ...] = ("bfcl_simple", "bfcl_multiple", "bfcl_parallel
 # tool for the reasoning-gym families, a run_examples tool for HumanEval. A task keeps its
 # family's id (with "@tools") and split.
 AGENT_TOOL_FAMILIES: tuple[str, ...] = tuple(f"{f}_tools" for f in (*REASONING_GYM, "humaneval"))
+# Multi-stage workflows (hera_core.offline.workflows, #33): four chained stages, kind "workflow".
+WORKFLOW_FAMILIES: tuple[str, ...] = workflows.WORKFLOW_FAMILIES
 
-SCORERS = ("reasoning_gym", "humaneval", "exact", "number", "contains", "choice", "bfcl")
+SCORERS = ("reasoning_gym", "humaneval", "exact", "number", "contains", "choice", "bfcl", "workflow")
 USER_SCORERS = ("exact", "number", "contains", "choice")  # those a JSONL task may name
 CHOICE_RE = re.compile(r"\b([A-D])\b")
 
@@ -81,6 +83,8 @@ class Task:
             return float(humaneval_passes(self.entry, answer))
         if self.scorer == "bfcl":  # the answer is the step's tool calls, as JSON
             return bfcl.score(self.entry, json.loads(answer))
+        if self.scorer == "workflow":  # the answer is the last stage's (the confirmation)
+            return workflows.score_final(self.entry, answer)
         dataset = _dataset(self.family.removesuffix("_tools"), 1, 0)  # an agent variant scores as its family
         return max(1.0 if dataset.score_answer(answer=a, entry=self.entry) >= 1.0 else 0.0
                    for a in {answer, normalize_answer(answer)})
@@ -131,6 +135,9 @@ def _fixed_pool(family: str, seed: int) -> list[Task]:
     tasks: list[Task] = []
     if family in TOOL_FAMILIES:
         tasks = tool_tasks(family)
+    elif family in WORKFLOW_FAMILIES:
+        tasks = [Task(e["task_id"], family, e["message"], e["answers"][-1], e, scorer="workflow", kind="workflow")
+                 for e in workflows.entries(family, seed)]
     elif family == "humaneval":
         import gzip
 
@@ -182,7 +189,7 @@ def make_tasks(families: list[str] | None = None, per_family: int = 4, seed: int
                split: str | None = None) -> list[Task]:
     """`per_family` tasks of each family (of `split` only, when given), interleaved by family."""
     families = families or list(FAMILIES)
-    known = FAMILIES + TOOL_FAMILIES + AGENT_TOOL_FAMILIES
+    known = FAMILIES + TOOL_FAMILIES + AGENT_TOOL_FAMILIES + WORKFLOW_FAMILIES
     unknown = [f for f in families if f not in known]
     if unknown:
         raise UsageError(f"unknown task family {unknown[0]!r}; known: {', '.join(known)}")
