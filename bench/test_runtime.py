@@ -136,10 +136,10 @@ def test_scoring_8_concurrent_steps(benchmark, loop, runtime, mode: str) -> None
         return [await runtime.score(MESSAGES, 0) for _ in range(8)]
 
     fn = together if mode == "together" else one_by_one
-    before = dict(runtime._scorer.stats)
+    before = runtime.score_stats
     scores = benchmark(lambda: loop.run_until_complete(fn()))
-    calls = runtime._scorer.stats["batches"] - before["batches"]
+    calls = runtime.score_stats["batches"] - before["batches"]
     assert len(scores) == 8 and len({round(s.p_local, 6) for s in scores}) == 1
-    assert calls * (8 if mode == "together" else 1) == runtime._scorer.stats["rows"] - before["rows"]
+    assert calls * (8 if mode == "together" else 1) == runtime.score_stats["rows"] - before["rows"]
     if benchmark.stats is not None:  # None in a smoke run (--benchmark-disable)
         benchmark.extra_info["us_per_step"] = benchmark.stats.stats.mean / 8 * 1e6

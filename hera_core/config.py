@@ -163,6 +163,10 @@ class HeraSettings(_Strict):
                                          "(instead of the SQLite file); never logged")
     node_id: str | None = Field(None, max_length=200, description="this node's name in a shared ledger; "
                                 "default host:pid")
+    ledger_durability: Literal["async", "commit"] = Field(
+        "async", description="SQLite ledger: 'async' books rows on a writer thread that commits them in groups "
+        "(a clean shutdown loses none; kill -9 can lose the last few milliseconds of rows); 'commit' answers "
+        "a step only after its row is committed")
     max_tokens: int = Field(512, ge=1, le=32768, description="default completion limit per subtask")
 
     def resolved_ledger_path(self) -> Path:

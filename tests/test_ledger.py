@@ -41,13 +41,58 @@ def test_totals_sessions_and_saving(tmp_path):
 
 
 def test_committed_rows_are_visible_to_another_connection_at_once(tmp_path):
+    """Answer-after-commit: the row is in the file when record returns; the default: once flushed."""
     path = tmp_path / "l.sqlite"
-    led = Ledger(path)
+    led = Ledger(path, durability="commit")
     led.record(row())
     other = sqlite3.connect(path)
     assert other.execute("SELECT COUNT(*) FROM subtasks").fetchone()[0] == 1
+    led.close()
+    led = Ledger(path)
+    led.record(row())
+    led.flush()
+    assert other.execute("SELECT COUNT(*) FROM subtasks").fetchone()[0] == 2
     other.close()
     led.close()
+
+
+def test_a_clean_shutdown_loses_no_queued_row_and_ids_are_the_rows_ids(tmp_path):
+    """The writer's queue is drained by close(): every id record returned is a row in the file,
+    and a reopened ledger goes on numbering after them."""
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path)
+    ids = [led.record(row(step=i), [("ok", 0.1)] if i % 2 else None) for i in range(500)]
+    led.close()
+    led = Ledger(path)
+    assert [r["id"] for r in led.rows()] == ids == list(range(1, 501))
+    assert [r["step"] for r in led.rows()] == list(range(500)) and len(led.attempts()) == 250
+    assert led.record(row()) == 501
+    led.close()
+    other = sqlite3.connect(path)
+    assert other.execute("SELECT COUNT(*) FROM subtasks").fetchone()[0] == 501
+    other.close()
+
+
+def test_a_ledger_nobody_closed_is_drained_at_interpreter_exit(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "l.sqlite"
+    code = ("from hera_core.routing.ledger import Ledger, LedgerRow\n"
+            f"led = Ledger({str(path)!r})\n"
+            "for i in range(200):\n"
+            "    led.record(LedgerRow('r', 's', i, 'cloud', 'm', 1, 1, 0, 0.1, 0.0, 0.0, None, None, 'x'))\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    other = sqlite3.connect(path)
+    assert other.execute("SELECT COUNT(*) FROM subtasks").fetchone()[0] == 200
+    other.close()
+
+
+def test_an_unknown_durability_is_refused(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="durability"):
+        Ledger(tmp_path / "l.sqlite", durability="sometimes")
 
 
 def test_rows_name_the_predictor_version_and_old_ledgers_gain_the_column(tmp_path):

@@ -30,10 +30,10 @@ def cluster(request):
         holder[0].close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.fleet)])
+@pytest.fixture(params=["sqlite", "sqlite-commit", pytest.param("postgresql", marks=pytest.mark.fleet)])
 def ledger(request, tmp_path, cluster):
-    if request.param == "sqlite":
-        led = Ledger(tmp_path / "ledger.sqlite")
+    if request.param.startswith("sqlite"):  # the default durability (a writer thread), and answer-after-commit
+        led = Ledger(tmp_path / "ledger.sqlite", durability="commit" if request.param == "sqlite-commit" else "async")
     else:
         from hera_core.routing.ledger_pg import PgLedger
 

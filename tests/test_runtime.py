@@ -183,10 +183,10 @@ def test_steps_whose_prefills_come_back_together_are_scored_in_one_call(runtime)
         await busy
         return scores
 
-    before = dict(runtime._scorer.stats)
+    before = runtime.score_stats
     scores = run(together())
-    batches = runtime._scorer.stats["batches"] - before["batches"]
-    rows = runtime._scorer.stats["rows"] - before["rows"]
+    batches = runtime.score_stats["batches"] - before["batches"]
+    rows = runtime.score_stats["rows"] - before["rows"]
     assert rows == 6 and batches < rows  # several steps per predictor call
     for sc in scores:
         assert sc.p_local == pytest.approx(float(runtime.predictor.predict(sc.features)[0]), abs=1e-6)

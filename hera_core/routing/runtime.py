@@ -35,14 +35,14 @@ from hera_core.backends.base import Engine, Generation, Message, Prefill
 from hera_core.backends.tools import ToolSet
 from hera_core.errors import (BudgetExceededError, CannotServeLocallyError, CloudError, CloudRequestError,
                                InvalidRequestError)
-from hera_core.native.features import logit_features
 from hera_core.routing.ledger import Ledger, LedgerRow
 from hera_core.routing.plan import (Action, DraftOutcome, StepFacts, StepPlan, after_budget, after_cloud_failure,
                                     after_invalid_tool_call, decide_after_draft, may_leave_device, plan_step,
                                     samples_wanted, vote_key_wanted)
 from hera_core.routing.policy import Decision, Override, Route
 from hera_core.checks.drafts import FIRST_VOTES, DraftCheck, agreement, check_draft, votable, vote_key
-from hera_core.routing.predictor import Predictor, VoteStage, feature_matrix, structure_features
+from hera_core.routing.predictor import Predictor, VoteStage, structure_features
+from hera_core.routing.scoring import ScoreBatcher
 
 if TYPE_CHECKING:
     from hera_core.routing.shadow import TrafficLearning
@@ -127,45 +127,6 @@ def predictor_version(predictor: Predictor) -> str:
     return "sha-" + hashlib.sha256(model).hexdigest()[:10] if model else type(predictor).__name__
 
 
-class ScoreBatcher:
-    """Features and predictor over the prefills that come back together: steps whose prefills
-    the engine evaluated in one batch resume in the same event-loop turn, and their logits rows
-    are scored in one feature call and one predictor call at the next turn, so the per-step
-    overhead shrinks with load instead of growing."""
-
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray]) -> None:
-        self.predict = predict  # feature rows [n, k] -> P(local) [n]
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[np.ndarray, list[float], asyncio.Future]]] = {}
-        self.stats = {"batches": 0, "rows": 0}
-
-    async def score(self, logits: np.ndarray, structure: list[float]) -> tuple[float, np.ndarray]:
-        """(P(local), the feature row [1, n]) of one step."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        pending = self._pending.setdefault(loop, [])
-        if not pending:
-            loop.call_soon(self._flush, loop)
-        pending.append((logits, structure, fut))
-        return await fut
-
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch = self._pending.pop(loop, [])
-        live = [b for b in batch if not b[2].done()]  # a cancelled step needs no score
-        if not live:
-            return
-        try:
-            X = feature_matrix(logit_features(np.stack([lg for lg, _, _ in live])), [st for _, st, _ in live])
-            P = self.predict(X)
-        except Exception as exc:  # noqa: BLE001 - every step of the batch hears why
-            for _, _, fut in live:
-                fut.set_exception(exc)
-            return
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(live)
-        for i, (_, _, fut) in enumerate(live):
-            fut.set_result((float(P[i]), X[i:i + 1]))
-
-
 class Runtime:
     def __init__(self, local: Engine, cloud: Engine, predictor: Predictor, ledger: Ledger,
                  prices: PriceSettings, *, run: str = "default", threshold_offset: float = 0.0,
@@ -215,6 +176,12 @@ class Runtime:
         version that scored it, and every ledger row names the version that decided it."""
         self._predictor = predictor
         self.predictor_version = predictor_version(predictor)
+
+    @property
+    def score_stats(self) -> dict[str, int]:
+        """Score batching so far: {"batches": flushes that scored steps, "rows": steps scored}
+        (rows / batches is the mean batch; a copy)."""
+        return self._scorer.stats
 
     def vote_stage(self, step: int) -> VoteStage | None:
         """The predictor's vote stage when it decides this step."""

@@ -138,7 +138,7 @@ def open_ledger(settings: HeraSettings):
 
         return PgLedger(settings.ledger_url.get_secret_value(), node=settings.node_id,
                         spool_path=settings.cache_dir / "ledger-spool.jsonl")
-    return Ledger(settings.resolved_ledger_path())
+    return Ledger(settings.resolved_ledger_path(), durability=settings.ledger_durability)
 
 
 def _log_sandbox() -> None:
