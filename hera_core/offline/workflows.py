@@ -16,7 +16,7 @@ Its stages, each one chat step, each answer feeding the next:
    output is the stage's answer and is sent back with the next prompt. A reply with no code but
    an `ANSWER:` line answers directly. Scored: within half a cent of the reference.
 3. policy: which of four lettered rules applies (the first that matches, in the listed order:
-   total over a threshold, furniture in the order, three or more distinct items, otherwise).
+   total over a threshold, furniture in the order, four or more distinct items, otherwise).
    Scored by the letter, or the right rule's code (MGR, FRT, FREE, STD) named instead.
 4. confirm: the confirmation to the customer, stating the total as $<total> and the rule's code
    in brackets. Scored: contains both. The task is right when this final answer is right.
@@ -24,6 +24,7 @@ Its stages, each one chat step, each answer feeding the next:
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -52,7 +53,7 @@ WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 12: "a 
 RULES = {  # code: (condition text with {threshold}, action)
     "MGR": ("the total is over ${threshold}", "needs a manager's approval before it ships"),
     "FRT": ("the order includes furniture (office chair, desk, bookshelf, filing cabinet)", "ships by freight"),
-    "FREE": ("the order has three or more different items", "ships with free delivery"),
+    "FREE": ("the order has four or more different items", "ships with free delivery"),
 }
 SYSTEM = ("You are the order assistant of Acme Office Supply. You work through an order in steps; keep each "
           "reply short and in the format the step asks for.")
@@ -82,14 +83,15 @@ def make_entry(family: str, seed: int, i: int) -> dict[str, Any]:
 
     total = round(sum(prices[n] * q * (1 - DISCOUNT if q >= DISCOUNT_QTY else 1) for n, q in items.items())
                   * (1 + TAX) + 1e-9, 2)
-    threshold = rng.choice([300, 500, 1000, 1500, 2500, 4000])
+    threshold = rng.choice([500, 1000, 2000, 3000, 5000, 8000])
     matches = {"MGR": total > threshold, "FRT": any(CATEGORY[n] == "furniture" for n in items),
-               "FREE": len(items) >= 3}
-    # The listed order decides which rule is first to match; it is drawn so that the right letter
-    # is spread over A-D (where the order allows), not mostly A.
-    target = rng.choice("ABCD")
-    orders = [rng.sample(list(RULES), 3) for _ in range(12)]
-    order = next((o for o in orders if _letter(o, matches) == target), orders[0])
+               "FREE": len(items) >= 4}
+    # The listed order decides which rule is first to match; the right letter is drawn uniformly
+    # among those some order gives (else A would be right for most tasks: measured, the 0.5B
+    # answering "A" every time scored 67% on an earlier draft).
+    orders = [list(o) for o in itertools.permutations(RULES)]
+    target = rng.choice(sorted({_letter(o, matches) for o in orders}))
+    order = rng.choice([o for o in orders if _letter(o, matches) == target])
     code = next((c for c in order if matches[c]), "STD")
     letter = "ABCD"[order.index(code)] if code != "STD" else "D"
     rules = [f"{'ABC'[k]}. If {RULES[c][0].format(threshold=threshold)}: the order {RULES[c][1]} (code {c})."
@@ -106,7 +108,7 @@ def make_entry(family: str, seed: int, i: int) -> dict[str, Any]:
         ("Step 3: which policy rule applies? Apply the first rule, in the order listed, whose condition holds.\n"
          + "\n".join(rules) + "\nReply with only the letter, as: ANSWER: <letter>"),
         ("Step 4: write the order confirmation to the customer in two or three sentences. State the total exactly "
-         "as $<total with two decimals> and the rule's code in square brackets, like [STD]."),
+         "as $<total with two decimals> and the rule's code in square brackets, like [CODE]."),
     ]
     return {"task_id": f"{family}-{seed}-{i}", "message": message, "prices": prices, "items": items,
             "total": total, "threshold": threshold, "rule_order": order, "code": code, "letter": letter,

@@ -1,7 +1,10 @@
 """Stage-level profile of workflow tasks (#33): both models on every stage given the true upstream
 outputs. Resumable: appends one JSON line per task to the output and skips tasks already there.
+With --chained, each model runs whole tasks through the harness instead (its own upstream
+outputs), the per-stage and per-task accuracy of an all-SLM or all-LLM agent.
 
-    nice -n 19 .venv/bin/python bench/eval/workflows/stage_profile.py --tasks 16 --threads 2
+    nice -n 19 .venv/bin/python bench/eval/workflows/stage_profile.py --tasks 12 --threads 2
+    nice -n 19 .venv/bin/python bench/eval/workflows/stage_profile.py --chained --tasks 12 --threads 2
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 
 from hera_core.backends.llamacpp import LlamaCppEngine
 from hera_core.install.models import model_path
+from hera_core.offline.harness import generate_step, run_task
+from hera_core.offline.workloads import make_tasks
 from hera_core.offline.workflows import STAGES, entries, profile_stages, score_stage, stage_answer
 
 MODELS = {"slm": "qwen2.5-coder-0.5b", "llm": "qwen2.5-coder-1.5b"}
@@ -31,19 +36,47 @@ def summary(path: Path) -> dict:
     return {"tasks": len(rows), **{m: {st: round(sum(v) / len(v), 3) for st, v in acc[m].items()} for m in acc}}
 
 
+def chained_summary(path: Path) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    res: dict = {"tasks": len(rows)}
+    for m in MODELS:
+        res[m] = {st: round(sum(r[m]["stages"][k]["correct"] for r in rows) / max(len(rows), 1), 3)
+                  for k, st in enumerate(STAGES)}
+        res[m]["task"] = round(sum(r[m]["correct"] for r in rows) / max(len(rows), 1), 3)
+    return res
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/eval/workflows/stage_profile.jsonl")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--chained", action="store_true", help="whole tasks through the harness, per model")
     ap.add_argument("--summary", action="store_true", help="only print the per-stage accuracy of what is there")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or f"bench/eval/workflows/{'chained' if args.chained else 'stage_profile'}.jsonl")
     if args.summary:
-        print(json.dumps(summary(out)))
+        print(json.dumps(chained_summary(out) if args.chained else summary(out)))
         return
     done = {json.loads(x)["task_id"] for x in out.read_text().splitlines() if x.strip()} if out.exists() else set()
     engines = {k: LlamaCppEngine(model_path(v), name=v, n_ctx=4096, n_threads=args.threads) for k, v in MODELS.items()}
+    if args.chained:
+        for task in sorted(make_tasks(["workflow_quote"], per_family=10**6),
+                           key=lambda t: int(t.task_id.rsplit("-", 1)[1]))[:args.tasks]:
+            if task.task_id in done:
+                continue
+            row = {"task_id": task.task_id}
+            for m, engine in engines.items():
+                async def step(messages, k, engine=engine, task=task):
+                    return await generate_step(engine, task, messages, 256), m
+                traj = await run_task(task, step)
+                row[m] = {"correct": traj.correct, "stages": traj.stages,
+                          "replies": [x["content"] for x in traj.messages if x["role"] == "assistant"]}
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(task.task_id, {m: [s["correct"] for s in row[m]["stages"]] for m in MODELS}, flush=True)
+        print(json.dumps(chained_summary(out)))
+        return
     for e in entries("workflow_quote")[:args.tasks]:
         if e["task_id"] in done:
             continue
