@@ -34,6 +34,7 @@ from hera_core.routing import familiarity as familiarity_mod
 from hera_core.routing import ledger as ledger_mod
 from hera_core.routing import predictor as predictor_mod
 from hera_core.routing import runtime as runtime_mod
+from hera_core.routing import scoring as scoring_mod
 from hera_core.routing.ledger import Ledger
 from hera_core.routing.predictor import Predictor
 from hera_core.routing.runtime import Runtime
@@ -47,11 +48,11 @@ PARTS = [
     ("  plan: score + familiarity + plan_step", runtime_mod.Runtime, "plan"),
     ("    score: prefill + features + predictor + kappa", runtime_mod.Runtime, "score"),
     ("      engine prefill (instant: returns a stored row)", InstantEngine, "prefill"),
-    ("      ScoreBatcher.score (await: one loop turn + flush)", runtime_mod.ScoreBatcher, "score"),
-    ("        flush: features + matrix + predict", runtime_mod.ScoreBatcher, "_flush"),
-    ("          np.stack (copies the logits row into a batch)", np, "stack"),
-    ("          logit_features (151,936-token row)", runtime_mod, "logit_features"),
-    ("          feature_matrix", runtime_mod, "feature_matrix"),
+    ("      ScoreBatcher.score (await: one loop turn + flush)", scoring_mod.ScoreBatcher, "score"),
+    ("        flush: features + matrix + predict", scoring_mod.ScoreBatcher, "_flush"),
+    ("          np.stack (copies the logits rows into a batch; not for one)", np, "stack"),
+    ("          logit_features (151,936-token row)", scoring_mod, "logit_features"),
+    ("          feature_matrix", scoring_mod, "feature_matrix"),
     ("          Predictor.predict", predictor_mod.Predictor, "predict"),
     ("      structure_features", runtime_mod, "structure_features"),
     ("      kappa.at (cost-weighted threshold)", predictor_mod.Kappa, "at"),
@@ -63,14 +64,14 @@ PARTS = [
     ("  _answer (route's engine call, instant)", runtime_mod.Runtime, "_answer"),
     ("  prices.cloud_cost", PriceSettings, "cloud_cost"),
     ("  _book_and_settle (ledger row)", runtime_mod.Runtime, "_book_and_settle"),
-    ("    Ledger.record (INSERT + COMMIT, WAL)", ledger_mod.Ledger, "record"),
+    ("    Ledger.record (queued for the writer; 'commit': INSERT + COMMIT)", ledger_mod.Ledger, "record"),
     ("      dataclasses.asdict(row)", ledger_mod, "asdict"),
 ]
 
 
-def make_runtime(tmp: Path) -> Runtime:
+def make_runtime(tmp: Path, durability: str = "async") -> Runtime:
     return Runtime(InstantEngine("slm", True), InstantEngine("llm", False), Predictor.load(),
-                   Ledger(tmp / "ledger.sqlite"), PriceSettings())
+                   Ledger(tmp / f"ledger-{durability}.sqlite", durability=durability), PriceSettings())
 
 
 def call_times(loop, fn, calls: int) -> list[float]:
@@ -115,26 +116,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--durability", choices=ledger_mod.DURABILITY, default="async",
+                    help="the ledger of parts 2 and 3 (part 1 measures both)")
     args = ap.parse_args()
     loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory() as tmp:
-        rt = make_runtime(Path(tmp))
+        rts = {d: make_runtime(Path(tmp), d) for d in ledger_mod.DURABILITY}
+        rt = rts[args.durability]
+        row = loop.run_until_complete(rt.local.prefill(MESSAGES)).logits.reshape(1, -1)
+
         fns = {"engine direct": lambda: rt.local.generate(MESSAGES)}
         for route, thr in ROUTES.items():
             # looked up at each call: the timers of part 2 wrap Runtime.complete too
             fns[route] = functools.partial(lambda t: rt.complete(MESSAGES, session="profile", threshold=t), thr)
+        both = {f"{route} ({d})": functools.partial(
+            lambda r, t: r.complete(MESSAGES, session="profile", threshold=t), rts[d], thr)
+            for route, thr in ROUTES.items() for d in ledger_mod.DURABILITY}
         for route in ROUTES:
             result = loop.run_until_complete(fns[route]())
             assert (result.route.value, result.decision.reason) == (route, "predictor"), result.decision
-        for fn in fns.values():
+        for fn in [*fns.values(), *both.values()]:
             call_times(loop, fn, 300)  # warm-up
 
-        print(f"1. medians over {args.calls} calls (us)")
-        medians = {}
-        for name, fn in fns.items():
-            xs = call_times(loop, fn, args.calls)
-            medians[name] = statistics.median(xs) * 1e6
-            print(f"   {name:14s} median {medians[name]:7.1f}  p90 {statistics.quantiles(xs, n=10)[-1] * 1e6:7.1f}")
+        print(f"1. medians over {args.calls} calls, interleaved in rounds of 100 (us); overhead = complete "
+              "- features - the engine call")
+        samples: dict[str, list[float]] = defaultdict(list)
+        names = {"engine direct": fns["engine direct"], **both}
+        for _ in range(max(1, args.calls // 100)):
+            for name, fn in names.items():
+                samples[name] += call_times(loop, fn, 100)
+            for _ in range(100):  # the features, the part of `complete` the target leaves out besides the prefill
+                t0 = time.perf_counter()
+                scoring_mod.logit_features(row)
+                samples["features"].append(time.perf_counter() - t0)
+        medians = {name: statistics.median(xs) * 1e6 for name, xs in samples.items()}
+        for name, xs in samples.items():
+            extra = ""
+            if name in both:
+                extra = f"  overhead {medians[name] - medians['features'] - medians['engine direct']:7.1f}"
+            print(f"   {name:16s} median {medians[name]:7.1f}  p90 {statistics.quantiles(xs, n=10)[-1] * 1e6:7.1f}{extra}")
 
         print(f"\n2. inclusive time of the parts, median per call (us), {args.calls} calls per route")
         per_route: dict[str, dict[str, list[float]]] = {}
@@ -174,7 +194,8 @@ def main() -> None:
                 where = f"{Path(file).parent.name}/{Path(file).name}:{line}" if line else file
                 print(f"     {tottime / args.calls * 1e6:7.1f} own {cumtime / args.calls * 1e6:7.1f} cum "
                       f"{ncalls / args.calls:5.1f}x  {func}  ({where})")
-        rt.ledger.close()
+        for r in rts.values():
+            r.ledger.close()
     loop.close()
 
 

@@ -308,7 +308,9 @@ def test_kill_9_loses_no_answered_subtask_and_leaves_no_half_row(tiny_model_path
     port = free_port()
     ledger_path = tmp_path / "ledger.sqlite"
     cfg = tmp_path / "hera.toml"
-    cfg.write_text(f'max_tokens = 4\nledger_path = "{ledger_path}"\n[local]\nmodel = "{TINY}"\nn_ctx = 1024\n'
+    # answer-after-commit: the promise under test (the default, "async", can lose the last writer
+    # turn's rows to a kill -9: routing/ledger.py)
+    cfg.write_text(f'max_tokens = 4\nledger_path = "{ledger_path}"\nledger_durability = "commit"\n[local]\nmodel = "{TINY}"\nn_ctx = 1024\n'
                    f'[cloud]\nbase_url = "{upstream.url}"\nmodel = "fake-model"\n[server]\nport = {port}\n')
     env = {**os.environ, "HERA_CLOUD_API_KEY": UPSTREAM_KEY}
     proc = subprocess.Popen([sys.executable, "-m", "hera_core.cli", "--config", str(cfg), "serve"], env=env,
