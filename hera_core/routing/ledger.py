@@ -6,7 +6,8 @@ Durability (the `durability` setting, `ledger_durability` in the settings):
   request path never waits for SQLite. Every read of this ledger (rows, totals, cloud_spend, ...)
   first waits for the rows recorded before it, and `close()` (and interpreter exit) drains the
   queue: a clean shutdown loses nothing. A killed process (kill -9) loses the rows recorded but
-  not yet committed: those of the last writer turn, i.e. the last few milliseconds of bookings.
+  not yet committed: those of the last writer turn, i.e. the last few milliseconds of bookings
+  (the writer gathers rows for LINGER_S, 5 ms, then commits them in one transaction).
   The budget never waits for the ledger: it keeps spend in memory (budget.py) and reads the ledger
   only at start. One writing process per file: ids are allocated by this process.
 - "commit": answer after commit, one transaction per row, committed before `record` returns.
@@ -98,6 +99,7 @@ _INSERT_WITH_ID = f"INSERT INTO subtasks (id,{','.join(_COLUMNS)}) VALUES ({','.
 _INSERT_ATTEMPT = ("INSERT INTO cloud_attempts (ts, run, session, step, attempt, outcome, latency_s) "
                    "VALUES (?,?,?,?,?,?,?)")
 DURABILITY = ("async", "commit")  # see the module doc
+LINGER_S = 0.005  # "async": the writer gathers rows this long before a commit (unless a reader waits)
 _NULLABLE = {"p_local", "threshold", "predictor_version"}
 _REQUIRED = [i for i, c in enumerate(_COLUMNS) if c not in _NULLABLE]  # NOT NULL columns, by position
 log = logging.getLogger(__name__)
@@ -180,6 +182,7 @@ class Ledger(CostLedger):
             self._next_id = max(seq[0] if seq else 0, top or 0) + 1  # the id the next row gets
             self._written = self._next_id - 1  # every id up to this one is committed
             self._closing = False
+            self._hurry = False  # a reader waits in flush(): commit now, without lingering
             self._writer = threading.Thread(target=self._write_loop, name="hera-ledger-writer", daemon=True)
             self._writer.start()
             ref = weakref.ref(self)  # a ledger nobody closed is still drained at interpreter exit
@@ -226,9 +229,13 @@ class Ledger(CostLedger):
             with self._queued:
                 while not self._queue and not self._closing:
                     self._queued.wait()
+                if self._queue and not self._closing and not self._hurry:
+                    # Let a group form: one commit (and one hand-over of the GIL to this thread)
+                    # per LINGER_S instead of per row. flush() and close() cut the wait short.
+                    self._queued.wait(LINGER_S)
                 if not self._queue:
                     return
-                batch, self._queue = self._queue, []
+                batch, self._queue, self._hurry = self._queue, [], False
             try:
                 with self._lock:
                     self._db.execute("BEGIN")
@@ -257,6 +264,9 @@ class Ledger(CostLedger):
             return
         with self._queued:
             target = self._next_id - 1
+            if self._written < target:
+                self._hurry = True
+                self._queued.notify_all()
             while self._written < target and self._writer.is_alive():
                 self._queued.wait()
 
