@@ -25,6 +25,15 @@ class InvalidRequestError(HeraError, ValueError):
     error_type = "invalid_request_error"
 
 
+class FieldError(InvalidRequestError):
+    """A request field HERA refuses, or a field's value it cannot take; `param` names the field
+    (the OpenAI error body's `param`)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class ModelNotFoundError(HeraError):
     """A model file is not installed; the message names the package and command."""
 
@@ -78,6 +87,11 @@ class CloudRequestError(CloudError):
 
     http_status = 400
     error_type = "invalid_request_error"
+
+
+class StructuredOutputError(CloudError):
+    """The cloud's answer did not parse or validate against the request's response_format, again
+    after one retry: returned as this error, never as an answer that breaks the client's parser."""
 
 
 class CloudUnavailableError(CloudError):

@@ -167,11 +167,13 @@ class CloudEngine(Engine):
                        stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
                        extra: dict[str, Any] | None = None, toolset: ToolSet | None = None) -> Generation:
         """One chat completion. `extra` carries request fields passed through as they are
-        (response_format, ...); `on_text` streams text deltas as the upstream sends them; the
+        (response_format, logprobs, a sampled answer's temperature, ...; greedy, temperature 0,
+        unless it says otherwise); `on_text` streams text deltas as the upstream sends them; the
         calls of a `toolset` request come back in `tool_calls`, each checked against its schema
-        (one that fails is left out and named in `tool_errors`)."""
-        payload: dict[str, Any] = {**(extra or {}), "model": self.name, "messages": messages,
-                                   "max_tokens": max_tokens, "temperature": 0}
+        (one that fails is left out and named in `tool_errors`). The choice's `logprobs`, when the
+        upstream sends them, come back in extra["logprobs"] (streamed: their content joined)."""
+        payload: dict[str, Any] = {"temperature": 0, **(extra or {}), "model": self.name, "messages": messages,
+                                   "max_tokens": max_tokens}
         if stop:
             payload["stop"] = stop
         if toolset is not None:
@@ -185,6 +187,8 @@ class CloudEngine(Engine):
         extra_out: dict[str, Any] = {"attempts": attempts}
         if set(message) - {"role", "content", "tool_calls"}:
             extra_out["message"] = message
+        if choice.get("logprobs"):
+            extra_out["logprobs"] = choice["logprobs"]
         return _checked(Generation(text=message.get("content") or "",
                                    prompt_tokens=int(usage.get("prompt_tokens", 0)),
                                    completion_tokens=int(usage.get("completion_tokens", 0)),
@@ -280,6 +284,7 @@ class CloudEngine(Engine):
         calls: dict[int, dict[str, Any]] = {}  # tool-call deltas by index, reassembled
         usage: dict[str, Any] = {}
         finish = "stop"
+        logprobs: list[dict[str, Any]] = []  # the choice's logprobs.content, over all chunks
         async for chunk in self.stream(payload):
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or []:
@@ -290,6 +295,7 @@ class CloudEngine(Engine):
                     fn = tc.get("function") or {}
                     call["function"]["name"] += fn.get("name") or ""
                     call["function"]["arguments"] += fn.get("arguments") or ""
+                logprobs += (choice.get("logprobs") or {}).get("content") or []
                 delta = (choice.get("delta") or {}).get("content")
                 if delta:
                     if ttft is None:
@@ -301,7 +307,8 @@ class CloudEngine(Engine):
         return Generation(text="".join(parts), prompt_tokens=int(usage.get("prompt_tokens", 0)),
                           completion_tokens=int(usage.get("completion_tokens", 0)), latency_s=latency,
                           ttft_s=ttft if ttft is not None else latency, finish_reason=finish, model=self.name,
-                          extra={"attempts": [("ok", latency)]}, tool_calls=[calls[i] for i in sorted(calls)])
+                          extra={"attempts": [("ok", latency)], **({"logprobs": {"content": logprobs}} if logprobs else {})},
+                          tool_calls=[calls[i] for i in sorted(calls)])
 
     async def close(self) -> None:
         if self._session is not None:

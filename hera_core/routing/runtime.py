@@ -32,9 +32,10 @@ import numpy as np
 from hera_core.config import PriceSettings
 from hera_core.routing.budget import Budget
 from hera_core.backends.base import Engine, Generation, Message, Prefill
+from hera_core.backends.structured import ResponseFormat
 from hera_core.backends.tools import ToolSet
 from hera_core.errors import (BudgetExceededError, CannotServeLocallyError, CloudError, CloudRequestError,
-                               InvalidRequestError)
+                               InvalidRequestError, StructuredOutputError)
 from hera_core.routing.ledger import Ledger, LedgerRow
 from hera_core.routing.plan import (Action, DraftOutcome, StepFacts, StepPlan, after_budget, after_cloud_failure,
                                     after_invalid_tool_call, decide_after_draft, may_leave_device, plan_step,
@@ -94,6 +95,8 @@ class _StepRun:
     check: DraftCheck | None = None  # its checks
     draft_s: float = 0.0  # time the SLM spent drafting and checking a step that was then escalated
     hold: list = field(default_factory=list)  # the budget's hold on the step's cloud call, settled when booked
+    response_format: ResponseFormat | None = None  # structured output asked for (None: free text)
+    logprobs: bool = False  # the answer must carry the tokens' log-probabilities
 
 
 def _budget_message(exceeded: str) -> str:
@@ -301,12 +304,14 @@ class Runtime:
 
     async def plan(self, messages: list[Message], *, step: int, override: Override = Override.AUTO,
                    local_can_serve: bool = True, threshold: float | None = None, toolset: ToolSet | None = None,
-                   samples: int = 1) -> tuple[StepPlan, Score | None]:
+                   samples: int = 1, cloud_reason: str | None = None) -> tuple[StepPlan, Score | None]:
         """The step plan (`hera_core.routing.plan`) of one subtask with this runtime's settings and
         its predictor's stages, and the score it was made from: the SLM prefill scores the step
         unless it goes to the cloud whatever P is (cloud-only, non-text content). A prompt the SLM
         cannot take (longer than its window, tools it cannot decode) is planned for the cloud."""
         why_not_local = None if local_can_serve else "the request needs the cloud (non-text content)"
+        if cloud_reason is not None:
+            why_not_local = f"the request asks for {cloud_reason}, which only the cloud serves"
         score = None
         if override is not Override.CLOUD_ONLY and why_not_local is None:
             try:
@@ -332,7 +337,9 @@ class Runtime:
                        cloud_extra: dict[str, Any] | None = None, threshold: float | None = None,
                        on_decision: Callable[[Decision], Awaitable[None]] | None = None,
                        toolset: ToolSet | None = None, samples: int = 1,
-                       sampling: dict[str, Any] | None = None, trace: bool = True) -> SubtaskResult:
+                       sampling: dict[str, Any] | None = None, trace: bool = True,
+                       response_format: ResponseFormat | None = None, logprobs: bool = False,
+                       cloud_reason: str | None = None) -> SubtaskResult:
         """Route and run one subtask, book it, return the answer with its route and cost.
 
         local_can_serve=False (images) sends the step to the cloud; a prompt longer than the
@@ -346,17 +353,32 @@ class Runtime:
         completions sampled with `sampling` (temperature, top_p, seed) on the route taken, the
         prompt paid once (locally its KV is shared by the samples); not streamed, no tools, no draft.
         `trace=False` keeps the step out of the learning loop (no shadow draft, no audit, no trace).
+        With samples = 1, `sampling` asks for one sampled answer (not streamed token by token: the
+        SLM's arrives whole; with tools the SLM still decodes greedily under the call grammar).
+        `response_format` (structured output): a cloud answer is validated, retried once, else a
+        StructuredOutputError; the step goes to the cloud (reason `structured`) unless the local
+        engine constrains decoding to the schema (`structured_outputs`). `logprobs`: the answer must
+        carry them (Generation.extra["logprobs"], OpenAI's shape). `cloud_reason`: the request asks
+        for something only the cloud serves (a field's name): the step goes there with that reason.
         """
         if samples > 1 and (on_text is not None or toolset is not None):
             raise InvalidRequestError("n > 1 is answered without streaming and without tools; send n = 1 for those")
         step = step_index(messages) if step is None else step
         st = _StepRun(messages, session, run, step, max_tokens or self.max_tokens, stop, toolset, samples, sampling,
-                      on_text, cloud_extra, time.perf_counter(), learning=self.learning if trace else None)
+                      on_text, cloud_extra, time.perf_counter(), learning=self.learning if trace else None,
+                      response_format=response_format, logprobs=logprobs)
+        if cloud_reason is None and response_format is not None and not getattr(self.local, "structured_outputs", False):
+            cloud_reason = "structured"  # the SLM cannot constrain its decoding to the schema
+        if cloud_reason is None and logprobs and not getattr(self.local, "top_logprobs", False):
+            cloud_reason = "logprobs"  # the SLM does not report its tokens' log-probabilities
         with self._client_on_slm():  # scoring and drafting use the SLM: no shadow draft meanwhile
             st.plan, score = await self.plan(messages, step=step, override=override, local_can_serve=local_can_serve,
-                                             threshold=threshold, toolset=toolset, samples=samples)
+                                             threshold=threshold, toolset=toolset, samples=samples,
+                                             cloud_reason=cloud_reason)
             st.features = score.features[0] if score is not None else None
             await self._decide(st, score)
+            if cloud_reason is not None and st.decision.reason == "cannot-serve-locally":
+                st.decision = dataclasses.replace(st.decision, reason=cloud_reason)
         await self._within_budget(st)
         # A local answer with tools offered is announced once its calls are known to be valid.
         announce = on_decision if toolset is not None and st.decision.route is Route.LOCAL and st.draft is None \
@@ -426,6 +448,11 @@ class Runtime:
     async def _on_slm(self, st: "_StepRun", on_text) -> tuple[Generation, list[Generation]]:
         if st.samples > 1:
             return await _sampled(self.local, st.messages, st.samples, st.max_tokens, st.stop, st.sampling)
+        if st.sampling is not None and st.toolset is None:  # one sampled answer (temperature > 0), whole
+            gen, _ = await _sampled(self.local, st.messages, 1, st.max_tokens, st.stop, st.sampling)
+            if on_text is not None and gen.text:
+                on_text(gen.text)
+            return gen, []
         return await self._local_generate(st.messages, st.max_tokens, st.stop, on_text, st.toolset), []
 
     async def _answer_locally(self, st: "_StepRun", announce) -> tuple[Generation | None, list[Generation]]:
@@ -449,12 +476,18 @@ class Runtime:
 
     async def _answer_in_cloud(self, st: "_StepRun") -> tuple[Generation, list[Generation], list]:
         """The cloud's answer; if the call fails, the SLM's where `after_cloud_failure` allows it."""
-        kwargs: dict[str, Any] = {"extra": st.cloud_extra} if st.cloud_extra else {}
+        kwargs: dict[str, Any] = {"extra": dict(st.cloud_extra or {})}
+        if st.response_format is not None:
+            kwargs["extra"]["response_format"] = st.response_format.request_field()
+        if not kwargs["extra"]:
+            del kwargs["extra"]
         if st.toolset is not None:
             kwargs["toolset"] = st.toolset
         streamed: list[str] = []
         on_text = st.on_text
-        relay = None if on_text is None else (lambda d: (streamed.append(d), on_text(d)))
+        # A structured answer is held back until it has validated: the client never sees one that did not.
+        relay = None if on_text is None or st.response_format is not None else \
+            (lambda d: (streamed.append(d), on_text(d)))
         shadow = self._start_shadow(st)
         try:
             if st.samples > 1:
@@ -482,10 +515,52 @@ class Runtime:
             if shadow is not None:
                 shadow.cancel()
             raise
+        if st.response_format is not None or st.logprobs:
+            gen = await self._checked_cloud_answer(st, gen, kwargs)
         if shadow is not None:
             st.learning.finish_shadow(shadow, messages=st.messages, session=st.session, step=st.step,
                                       features=st.features, version=self.predictor_version, cloud=gen)
         return gen, gens, gen.extra.get("attempts", [])
+
+    @staticmethod
+    def _answer_problem(st: "_StepRun", gen: Generation) -> str | None:
+        """Why a cloud answer is not in the format the request asked for, or None. An answer that
+        calls tools is not held to the format."""
+        if st.response_format is not None and not gen.tool_calls:
+            return st.response_format.validate(gen.text)
+        return None
+
+    async def _checked_cloud_answer(self, st: "_StepRun", gen: Generation, kwargs: dict[str, Any]) -> Generation:
+        """The cloud's answer checked against what was asked for: logprobs missing is a CloudError; a
+        structured answer that does not validate is asked for once more (its tokens booked with the
+        first's), then a StructuredOutputError (booked as a failed call) that says why."""
+        if st.logprobs and not gen.extra.get("logprobs"):  # asking again would not bring them
+            exc = CloudError("the cloud answered without the logprobs that were asked for (its API may not "
+                             "offer them); send logprobs only to a cloud that does", gen.extra.get("attempts", []))
+            self._record_failure(st.run, st.session, st.step, st.decision, exc, time.perf_counter() - st.t0)
+            raise exc
+        why = self._answer_problem(st, gen)
+        if why is not None:
+            try:
+                again = await self.cloud.generate(st.messages, max_tokens=st.max_tokens, stop=st.stop, **kwargs)
+            except CloudError as exc:
+                self._record_failure(st.run, st.session, st.step, st.decision, exc, time.perf_counter() - st.t0)
+                raise
+            attempts = gen.extra.get("attempts", []) + again.extra.get("attempts", [])
+            again.prompt_tokens += gen.prompt_tokens
+            again.completion_tokens += gen.completion_tokens
+            again.latency_s += gen.latency_s
+            again.extra["attempts"] = attempts
+            gen, first_why = again, why
+            why = self._answer_problem(st, gen)
+            if why is not None:
+                exc = StructuredOutputError(f"the cloud's answer is not what the request asked for, twice: "
+                                            f"{first_why}; then {why}", attempts)
+                self._record_failure(st.run, st.session, st.step, st.decision, exc, time.perf_counter() - st.t0)
+                raise exc
+        if st.on_text is not None and st.response_format is not None and gen.text:
+            st.on_text(gen.text)  # held back until it validated
+        return gen
 
     # --- learning from served traffic (hera_core.routing.shadow) ------------------------------------
     def _client_on_slm(self):

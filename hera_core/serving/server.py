@@ -18,18 +18,18 @@ import hmac
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from hera_core.config import HeraSettings
-from hera_core.errors import HeraError, InvalidRequestError
+from hera_core.errors import FieldError, HeraError, InvalidRequestError
 from hera_core.serving.metrics import Metrics
-from hera_core.serving.openai_api import (ChatCompletionRequest, completion_response, error_body, error_from_exception,
-                                          tool_call_deltas,
-                         parse_request)
+from hera_core.serving.openai_api import (FIELDS, ChatCompletionRequest, Handling, completion_response, error_body,
+                                          error_from_exception, parse_request, tool_call_deltas)
 from hera_core.routing.policy import Decision, Override, Route
-from hera_core.routing.runtime import Runtime, ToolSet, step_index
+from hera_core.routing.runtime import ResponseFormat, Runtime, SubtaskResult, ToolSet, step_index
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,13 @@ RUNTIME = web.AppKey("runtime", Runtime)
 STATE = web.AppKey("state", dict)
 METRICS = web.AppKey("metrics", object)
 
-# Request fields HERA handles itself; everything else is passed to the cloud untouched.
-_OWN_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stop", "stream",
-               "stream_options", "n", "user", "tools", "tool_choice", "parallel_tool_calls", "seed", "top_p"}
+
+
+class LocalQueueFull(HeraError):
+    """More steps wait for the SLM than server.max_local_queue allows."""
+
+    http_status = 429
+    error_type = "rate_limit_error"
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -190,53 +194,85 @@ def _decision_headers(decision: Decision) -> dict[str, str]:
 
 
 # --- handlers ----------------------------------------------------------------------------------------
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    settings, rt = request.app[SETTINGS], request.app[RUNTIME]
-    raw = await request.read()
+@dataclass
+class RoutedCall:
+    """A validated request to model `hera`, ready for Runtime.complete (chat completions and the
+    Responses API both end here)."""
+
+    req: ChatCompletionRequest
+    messages: list[dict[str, Any]]  # text-only messages
+    kwargs: dict[str, Any]  # Runtime.complete's keywords
+    needs_slm: bool  # the step may use the SLM (it takes a place in the local queue)
+
+
+def _decoded_json(raw: bytes) -> Any:
     try:
-        payload = json.loads(raw)
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequestError("request body is not valid JSON") from None
-    req = parse_request(payload)
+
+
+def prepare_routed(request: web.Request, payload: dict[str, Any], req: ChatCompletionRequest,
+                   fixed_threshold: float | None) -> RoutedCall:
+    """A routed request's fields, as the field table (openai_api.FIELDS) says, turned into the
+    runtime's keywords: honoured fields become parameters, cloud-only ones send the step to the
+    cloud (the first one named as the reason), forwarded ones travel with a cloud step."""
+    settings = request.app[SETTINGS]
     max_tokens = req.token_limit(settings.max_tokens)
     if max_tokens > settings.server.max_tokens_cap:
-        raise InvalidRequestError(f"max_tokens {max_tokens} exceeds this server's cap of "
-                                  f"{settings.server.max_tokens_cap}")
-    routed, fixed_threshold = _routed_threshold(req.model)
-    if not routed:
-        return await _passthrough(request, payload, req)
-    if req.n > 1 and (req.stream or payload.get("tools")):  # never fewer choices than asked for, silently
-        raise InvalidRequestError(f"n = {req.n}: model 'hera' samples several choices without streaming and "
-                                  "without tools; send stream = false and no tools, or n = 1")
-
+        raise FieldError(f"max_tokens {max_tokens} exceeds this server's cap of {settings.server.max_tokens_cap}",
+                         "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+    fmt = ResponseFormat.parse(req.response_format)
+    if req.n > 1 and (req.stream or req.tools):  # never fewer choices than asked for, silently
+        raise FieldError(f"n = {req.n}: model 'hera' samples several choices without streaming and "
+                         "without tools; send stream = false and no tools, or n = 1", "n")
+    if req.n > 1 and (fmt is not None or req.logprobs):
+        raise FieldError(f"n = {req.n}: model 'hera' answers response_format and logprobs with one choice; "
+                         "send n = 1", "n")
+    if req.top_logprobs and not req.logprobs:
+        raise FieldError("top_logprobs needs logprobs: true", "top_logprobs")
     messages = _text_messages(req)
-    session = _session_of(request, messages)
-    override = _override_of(request)
-    toolset = ToolSet.parse(payload.get("tools"), payload.get("tool_choice"), payload.get("parallel_tool_calls"))
+    try:
+        toolset = ToolSet.parse(req.tools, req.tool_choice, req.parallel_tool_calls)
+    except FieldError:
+        raise
+    except InvalidRequestError as exc:
+        raise FieldError(str(exc), "tools") from None
     local_can_serve = not req.has_non_text_content()
-    cloud_extra = {k: v for k, v in payload.items() if k not in _OWN_FIELDS}
-    state = request.app[STATE]
-    needs_slm = override is not Override.CLOUD_ONLY and local_can_serve
-    if needs_slm and state["slm_waiting"] >= settings.server.max_local_queue:
-        return _json_error(429, f"the local SLM queue is full ({settings.server.max_local_queue} waiting); retry shortly",
-                           code="local_queue_full", headers={"Retry-After": "1"})
-    metrics = request.app[METRICS]
-    t0 = time.perf_counter()
-    kwargs = dict(session=session, step=step_index(messages), max_tokens=max_tokens, stop=req.stop_list(),
-                  override=override, local_can_serve=local_can_serve, cloud_extra=cloud_extra or None,
-                  threshold=fixed_threshold, toolset=toolset, trace=_trace_of(request))
+    cloud_extra = {k: v for k, v in payload.items()
+                   if FIELDS[k].handling in (Handling.CLOUD, Handling.FORWARDED) and v is not None}
+    # logprobs is the runtime's to route: the cloud's reason only while the SLM does not report them
+    cloud_only = [f for f in req.cloud_only_fields() if f not in ("logprobs", "top_logprobs")]
+    override = _override_of(request)
+    kwargs = dict(session=_session_of(request, messages), step=step_index(messages), max_tokens=max_tokens,
+                  stop=req.stop_list(), override=override, local_can_serve=local_can_serve,
+                  threshold=fixed_threshold, toolset=toolset, trace=_trace_of(request),
+                  response_format=fmt, logprobs=bool(req.logprobs),
+                  cloud_reason=cloud_only[0] if cloud_only else None)
     if req.n > 1:  # n choices sampled on the route taken, the prompt paid once
         kwargs.update(samples=req.n, sampling=req.sampling())
-    if needs_slm:
+    elif req.sampled():  # one sampled answer: the cloud gets the parameters, the SLM samples with them
+        kwargs["sampling"] = req.sampling()
+        cloud_extra.update({k: v for k, v in kwargs["sampling"].items() if v is not None})
+    kwargs["cloud_extra"] = cloud_extra or None
+    needs_slm = override is not Override.CLOUD_ONLY and local_can_serve and not cloud_only
+    return RoutedCall(req, messages, kwargs, needs_slm)
+
+
+async def run_routed(request: web.Request, call: RoutedCall, **callbacks) -> "SubtaskResult":
+    """Runtime.complete for a prepared call, with the local queue's bound and the metrics;
+    `callbacks`: on_text, on_decision (a streamed answer)."""
+    settings, rt, state = request.app[SETTINGS], request.app[RUNTIME], request.app[STATE]
+    if call.needs_slm and state["slm_waiting"] >= settings.server.max_local_queue:
+        raise LocalQueueFull(f"the local SLM queue is full ({settings.server.max_local_queue} waiting); retry shortly")
+    metrics = request.app[METRICS]
+    t0 = time.perf_counter()
+    if call.needs_slm:
         state["slm_waiting"] += 1
     try:
-        if req.stream:
-            result, response = await _stream_routed(request, rt, messages, kwargs)
-        else:
-            result = await rt.complete(messages, **kwargs)
-            response = None
+        result = await rt.complete(call.messages, **call.kwargs, **callbacks)
     finally:
-        if needs_slm:
+        if call.needs_slm:
             state["slm_waiting"] -= 1
     gen, route = result.generation, result.route.value
     metrics.requests.labels(route, "ok").inc()
@@ -246,41 +282,77 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     metrics.cost.labels(route).inc(result.cost_usd)
     metrics.all_cloud_cost.inc(result.cloud_cost_usd)
     metrics.observe_cache(rt.cache_stats())
-    if response is not None:
-        return response
+    return result
+
+
+def hera_fields(rt: Runtime, result: "SubtaskResult", session: str) -> dict[str, Any]:
+    """The `hera` object of a routed response: how the step was routed and what it cost."""
+    return {"route": result.route.value, "reason": result.decision.reason, "p_local": result.decision.p_local,
+            "threshold": result.decision.threshold, "step": result.step, "session": session,
+            "cost_usd": result.cost_usd, "cloud_cost_usd": result.cloud_cost_usd,
+            "predictor_version": rt.predictor_version}
+
+
+def routed_headers(result: "SubtaskResult", session: str) -> dict[str, str]:
+    headers = _decision_headers(result.decision)
+    headers["x-hera-cost-usd"] = f"{result.cost_usd:.8f}"
+    headers["x-hera-session"] = session
+    return headers
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    payload = _decoded_json(await request.read())
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    model = payload.get("model")
+    routed, fixed_threshold = _routed_threshold(model) if isinstance(model, str) else (True, None)
+    req = parse_request(payload, routed=routed)
+    if not routed:
+        max_tokens = req.token_limit(request.app[SETTINGS].max_tokens)
+        if max_tokens > request.app[SETTINGS].server.max_tokens_cap:
+            raise InvalidRequestError(f"max_tokens {max_tokens} exceeds this server's cap of "
+                                      f"{request.app[SETTINGS].server.max_tokens_cap}")
+        return await _passthrough(request, payload, req)
+    call = prepare_routed(request, payload, req, fixed_threshold)
+    if req.stream:
+        return await _stream_routed(request, rt, call)
+    result = await run_routed(request, call)
+    gen, session = result.generation, call.kwargs["session"]
     message_fields = {k: v for k, v in (gen.extra.get("message") or {}).items()
                       if k not in ("role", "content", "tool_calls")}
     body = completion_response(
         model=gen.model, text=gen.text, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
         finish_reason=gen.finish_reason, tool_calls=gen.tool_calls,
         id=f"chatcmpl-hera-{result.ledger_id}", message_fields=message_fields,
+        logprobs=gen.extra.get("logprobs") if req.logprobs else None,
         more_choices=[(g.text, g.finish_reason) for g in result.samples[1:]],
-        extra={"hera": {"route": route, "reason": result.decision.reason, "p_local": result.decision.p_local,
-                        "threshold": result.decision.threshold, "step": result.step, "session": session,
-                        "cost_usd": result.cost_usd, "cloud_cost_usd": result.cloud_cost_usd,
-                        "predictor_version": rt.predictor_version}})
-    headers = _decision_headers(result.decision)
-    headers["x-hera-cost-usd"] = f"{result.cost_usd:.8f}"
-    headers["x-hera-session"] = session
-    return web.json_response(body, headers=headers)
+        extra={"hera": hera_fields(rt, result, session)})
+    return web.json_response(body, headers=routed_headers(result, session))
 
 
-async def _stream_routed(request: web.Request, rt: Runtime, messages, kwargs):
-    """Server-sent events in OpenAI's chunk format; headers go out once the route is decided."""
+async def _stream_routed(request: web.Request, rt: Runtime, call: RoutedCall) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format; headers go out once the route is decided.
+    Logprobs (a cloud answer's) follow the text in one chunk; stream_options.include_usage adds
+    OpenAI's last chunk with empty choices and the usage."""
     cid, created = f"chatcmpl-hera-{time.time_ns()}", int(time.time())
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     queue: asyncio.Queue[str | None] = asyncio.Queue()
     model_name = {"name": ""}
+    session = call.kwargs["session"]
 
-    def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+    def chunk(delta: dict, finish: str | None = None, logprobs: Any = None, **extra) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name["name"],
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+                "choices": [choice], **extra}
         return f"data: {json.dumps(body)}\n\n".encode()
 
     async def on_decision(decision: Decision) -> None:
         model_name["name"] = rt.model_name(decision.route)
         response.headers.update(_decision_headers(decision))
-        response.headers["x-hera-session"] = kwargs["session"]
+        response.headers["x-hera-session"] = session
         await response.prepare(request)
         await response.write(chunk({"role": "assistant", "content": ""}))
 
@@ -289,7 +361,7 @@ async def _stream_routed(request: web.Request, rt: Runtime, messages, kwargs):
             await response.write(chunk({"content": delta}))
 
     writer_task = asyncio.create_task(writer())
-    work = asyncio.create_task(rt.complete(messages, on_text=queue.put_nowait, on_decision=on_decision, **kwargs))
+    work = asyncio.create_task(run_routed(request, call, on_text=queue.put_nowait, on_decision=on_decision))
 
     def client_gone(task: asyncio.Task) -> None:
         # A write failed: the client disconnected. Stop the answer (a local one stops at its next
@@ -317,6 +389,8 @@ async def _stream_routed(request: web.Request, rt: Runtime, messages, kwargs):
     queue.put_nowait(None)
     await writer_task
     gen = result.generation
+    if call.req.logprobs and gen.extra.get("logprobs"):
+        await response.write(chunk({}, logprobs=gen.extra["logprobs"]))
     for delta in tool_call_deltas(gen.tool_calls):
         await response.write(chunk(delta))
     usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
@@ -324,9 +398,13 @@ async def _stream_routed(request: web.Request, rt: Runtime, messages, kwargs):
     await response.write(chunk({}, "tool_calls" if gen.tool_calls else gen.finish_reason, usage=usage,
                                hera={"route": result.route.value, "cost_usd": result.cost_usd,
                                      "p_local": result.decision.p_local}))
+    if call.req.stream_options is not None and call.req.stream_options.include_usage:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name["name"],
+                "choices": [], "usage": usage}
+        await response.write(f"data: {json.dumps(body)}\n\n".encode())
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
-    return result, response
+    return response
 
 
 # aiohttp lets a handler run to its end after its client disconnected; with this a disconnect

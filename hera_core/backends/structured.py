@@ -1,0 +1,133 @@
+"""Structured outputs: a request's `response_format`, checked once, and the check of an answer.
+
+    fmt = ResponseFormat.parse({"type": "json_schema", "json_schema": {"name": "plan", "schema": {...}}})
+    fmt.validate(text)  # None, or why the answer is not what was asked for
+
+`json_object` asks for any JSON object; `json_schema` for an instance of its schema (`strict`
+as OpenAI defines it: every property listed in `required`, no additional properties; the schema
+is checked to be valid JSON Schema, and, with strict, to follow those rules). Both routes use
+it: the cloud's answer is validated before it is returned; a local engine that can constrain
+its decoding compiles `schema()` into a grammar, so its answer always validates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from hera_core.errors import FieldError
+
+_OBJECT = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    type: str  # "json_object" | "json_schema"
+    json_schema: dict[str, Any] | None = None  # the schema of a json_schema format (None: json_object)
+    name: str = ""  # json_schema.name
+    strict: bool = False
+
+    @classmethod
+    def parse(cls, value: Any) -> "ResponseFormat | None":
+        """The request's response_format, checked (a FieldError naming it otherwise); None for
+        absent or {"type": "text"} (free text: nothing to constrain or validate)."""
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+            raise FieldError('response_format must be an object with a "type": "text", "json_object" or '
+                             '"json_schema"', "response_format")
+        kind = value["type"]
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls("json_object")
+        if kind != "json_schema":
+            raise FieldError(f"response_format.type {kind!r} is not one of 'text', 'json_object', 'json_schema'",
+                             "response_format")
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise FieldError("response_format.json_schema must be an object with a name and a schema",
+                             "response_format")
+        name, schema, strict = spec.get("name"), spec.get("schema", _OBJECT), spec.get("strict")
+        if not isinstance(name, str) or not 1 <= len(name) <= 64 or \
+                not all(c.isalnum() or c in "_-" for c in name):
+            raise FieldError("response_format.json_schema.name must be 1-64 letters, digits, _ or -",
+                             "response_format")
+        if not isinstance(schema, dict):
+            raise FieldError("response_format.json_schema.schema must be a JSON Schema object", "response_format")
+        if strict is not None and not isinstance(strict, bool):
+            raise FieldError("response_format.json_schema.strict must be true or false", "response_format")
+        _check_schema(schema)
+        if strict:
+            _check_strict(schema, "schema")
+        return cls("json_schema", schema, name, bool(strict))
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema an answer must satisfy (json_object: any object)."""
+        return self.json_schema if self.json_schema is not None else _OBJECT
+
+    def request_field(self) -> dict[str, Any]:
+        """The field as a cloud request carries it."""
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.json_schema,
+                                                        "strict": self.strict}}
+
+    def validate(self, text: str) -> str | None:
+        """Why `text` is not an answer in this format (not JSON, not an object, not valid against
+        the schema), or None. The whole text must be the JSON value: no fences, no prose."""
+        import jsonschema
+
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            return f"the answer is not JSON ({getattr(exc, 'msg', exc)})"
+        if self.type == "json_object":
+            return None if isinstance(value, dict) else "the answer is JSON but not an object"
+        try:
+            jsonschema.validate(value, self.json_schema)
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path)
+            return f"the answer does not match the schema{f' at {where}' if where else ''}: {exc.message}"
+        return None
+
+    def size(self) -> int:
+        """The schema's size in characters of JSON (a routing feature: bigger schemas are harder)."""
+        return len(json.dumps(self.schema(), separators=(",", ":")))
+
+
+def _check_schema(schema: dict[str, Any]) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise FieldError(f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}",
+                         "response_format") from None
+
+
+def _check_strict(schema: Any, where: str) -> None:
+    """OpenAI's strict mode: every object lists all its properties in `required` and sets
+    additionalProperties false (so the shape is fully determined)."""
+    if isinstance(schema, list):
+        for i, s in enumerate(schema):
+            _check_strict(s, f"{where}[{i}]")
+        return
+    if not isinstance(schema, dict):
+        return
+    if schema.get("type") == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        if schema.get("additionalProperties", True) is not False:
+            raise FieldError(f"response_format: strict schemas need additionalProperties: false at {where}",
+                             "response_format")
+        missing = sorted(set(props) - set(schema.get("required", [])))
+        if missing:
+            raise FieldError(f"response_format: strict schemas list every property in required; {where} "
+                             f"leaves out {', '.join(missing)}", "response_format")
+    for key in ("properties", "$defs", "definitions"):
+        for k, sub in (schema.get(key) or {}).items():
+            _check_strict(sub, f"{where}.{key}.{k}")
+    for key in ("items", "anyOf", "allOf", "oneOf"):
+        if key in schema:
+            _check_strict(schema[key], f"{where}.{key}")

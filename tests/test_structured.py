@@ -1,0 +1,167 @@
+"""Structured outputs (#32 item 1): response_format json_object and json_schema through `hera
+serve`. A cloud answer is validated before it is returned (one retry, then an error that says
+so); a local one decodes under a grammar of the schema where the engine can constrain it, else
+the step goes to the cloud with reason `structured`."""
+
+import json
+
+import jsonschema
+import pytest
+
+from hera_core.backends.cloud import CloudEngine
+from hera_core.backends.structured import ResponseFormat
+from hera_core.errors import FieldError
+from tests.conftest import ServerThread, free_port
+from tests.fake_upstream import FakeUpstream
+from tests.test_openai_fields import LOCAL, Q, events, make_server, post, stop
+
+PLAN = {"type": "object", "additionalProperties": False, "required": ["steps", "done"],
+        "properties": {"steps": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                       "done": {"type": "boolean"}}}
+
+
+def schema_format(schema=PLAN, strict=True, name="plan"):
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}
+
+
+# --- the request's response_format ------------------------------------------------------------------
+@pytest.mark.parametrize("value,fragment", [
+    ("json", "must be an object"),
+    ({"type": "xml"}, "not one of"),
+    ({"type": "json_schema"}, "json_schema must be an object"),
+    ({"type": "json_schema", "json_schema": {"schema": PLAN}}, "name"),
+    ({"type": "json_schema", "json_schema": {"name": "a b", "schema": PLAN}}, "name"),
+    ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "bogus"}}}, "not a valid JSON Schema"),
+    (schema_format({"type": "object", "properties": {"a": {"type": "string"}}}), "additionalProperties"),
+    (schema_format({"type": "object", "additionalProperties": False, "properties": {"a": {"type": "string"}}}),
+     "leaves out a"),
+    ({"type": "json_schema", "json_schema": {"name": "p", "schema": PLAN, "strict": "yes"}}, "strict"),
+])
+def test_a_bad_response_format_is_refused_by_name(value, fragment):
+    with pytest.raises(FieldError, match=fragment) as err:
+        ResponseFormat.parse(value)
+    assert err.value.param == "response_format"
+
+
+def test_validation_of_answers():
+    fmt = ResponseFormat.parse(schema_format())
+    assert fmt.validate('{"steps": ["a"], "done": false}') is None
+    assert "not JSON" in fmt.validate('```json\n{"steps": ["a"], "done": false}\n```')  # a fenced block is not JSON
+    assert "steps" in fmt.validate('{"steps": [], "done": false}')
+    assert "done" in fmt.validate('{"steps": ["a"]}')
+    obj = ResponseFormat.parse({"type": "json_object"})
+    assert obj.validate('{"a": 1}') is None and "not an object" in obj.validate("[1]")
+    assert ResponseFormat.parse({"type": "text"}) is None and ResponseFormat.parse(None) is None
+    assert fmt.request_field() == schema_format() and fmt.size() > 50
+
+
+# --- the cloud's answer, validated --------------------------------------------------------------------
+class ScriptedAnswers(FakeUpstream):
+    """The fault-injection upstream, answering each request with the next of `answers`."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = list(answers)
+
+    def _reply(self, body):
+        reply = super()._reply(body)
+        reply["choices"][0]["message"]["content"] = self.answers.pop(0)
+        return reply
+
+
+@pytest.fixture
+def scripted(tiny_engine, tmp_path):
+    made = []
+
+    def start(answers):
+        up = ScriptedAnswers(answers)
+        upstream = ServerThread(up.app)
+        srv = make_server(tiny_engine, None, tmp_path, cloud=CloudEngine(upstream.url + "/v1", "fake"))
+        made.append((srv, upstream))
+        return srv, up
+
+    yield start
+    for srv, upstream in made:
+        stop(srv)
+        upstream.close()
+
+
+def ask_structured(srv, fmt, **more):
+    return post(srv, {"model": "hera", "messages": Q, "max_tokens": 32, "response_format": fmt, **more})
+
+
+def test_a_valid_cloud_answer_is_returned_and_the_format_reached_the_cloud(scripted):
+    srv, up = scripted(['{"steps": ["buy milk"], "done": false}'])
+    status, h, body = ask_structured(srv, schema_format())
+    assert status == 200 and h["x-hera-route"] == "cloud" and h["x-hera-reason"] == "structured"
+    assert json.loads(body["choices"][0]["message"]["content"]) == {"steps": ["buy milk"], "done": False}
+    assert up.seen[0]["body"]["response_format"] == schema_format()
+    assert srv.ledger.rows("serve")[-1]["reason"] == "structured"
+
+
+def test_an_invalid_cloud_answer_is_retried_once(scripted):
+    srv, up = scripted(['```json\n{"steps": ["a"]}\n```', '{"steps": ["a"], "done": true}'])
+    status, _, body = ask_structured(srv, schema_format())
+    assert status == 200 and json.loads(body["choices"][0]["message"]["content"])["done"] is True
+    assert len(up.seen) == 2
+    row = srv.ledger.rows("serve")[-1]
+    assert row["status"] == "ok" and row["prompt_tokens"] == 22  # both calls' tokens booked (11 + 11)
+
+
+def test_twice_invalid_is_an_error_that_says_so_never_a_bad_answer(scripted):
+    srv, up = scripted(["not json", '{"steps": "a", "done": 1}'])
+    status, _, body = ask_structured(srv, schema_format())
+    assert status == 502 and body["error"]["code"] == "StructuredOutputError"
+    assert "not JSON" in body["error"]["message"] and "does not match the schema" in body["error"]["message"]
+    assert srv.ledger.rows("serve")[-1]["status"] == "StructuredOutputError"
+
+
+def test_json_object_rejects_an_array(scripted):
+    srv, _ = scripted(["[1, 2]", "[3]"])
+    status, _, body = ask_structured(srv, {"type": "json_object"})
+    assert status == 502 and "not an object" in body["error"]["message"]
+
+
+def test_a_streamed_structured_answer_is_sent_only_once_valid(scripted):
+    srv, up = scripted(["Sure! here it is", '{"steps": ["x"], "done": false}', "nope", "nope"])
+    status, _, text = ask_structured(srv, schema_format(), stream=True)
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in events(text) if c.get("choices"))
+    assert status == 200 and json.loads(content) == {"steps": ["x"], "done": False}
+    assert "Sure" not in text  # the invalid first answer never reached the client
+    status, _, text = ask_structured(srv, schema_format(), stream=True)
+    errors = [c for c in events(text) if "error" in c]
+    assert errors and errors[0]["error"]["code"] == "StructuredOutputError"
+
+
+# --- through the real models ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def srv(tiny_engine, cloud_url, tmp_path_factory):
+    s = make_server(tiny_engine, cloud_url, tmp_path_factory.mktemp("structured"), max_tokens=64)
+    yield s
+    stop(s)
+
+
+def test_structured_steps_never_return_an_invalid_answer(srv):
+    """Whatever the route: a 200 carries an answer that validates, anything else is an error that
+    says so. A step the local engine cannot constrain goes to the cloud with reason `structured`."""
+    fmt = schema_format()
+    for messages in (Q, Q + [{"role": "assistant", "content": "Blue."}, {"role": "user", "content": "A plan?"}]):
+        status, h, body = post(srv, {"model": "hera", "messages": messages, "max_tokens": 64, "response_format": fmt})
+        if status == 200:
+            jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), PLAN)
+        else:
+            assert status == 502 and body["error"]["code"] == "StructuredOutputError"
+        if not getattr(srv.rt.local, "structured_outputs", False):
+            assert h.get("x-hera-reason") == "structured" or status == 502
+    if not getattr(srv.rt.local, "structured_outputs", False):
+        status, _, body = post(srv, {"model": "hera", "messages": Q, "response_format": fmt}, LOCAL)
+        assert status == 400 and "structured" in body["error"]["message"]
+
+
+def test_n_with_a_format_is_refused_by_name(srv):
+    status, _, body = post(srv, {"model": "hera", "messages": Q, "n": 2, "response_format": {"type": "json_object"}})
+    assert status == 400 and body["error"]["param"] == "n"
+
+
+def test_unused_free_port_helper_is_importable():
+    assert free_port() > 0
