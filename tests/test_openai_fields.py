@@ -278,6 +278,18 @@ def check_prompt_cache_key(srv):
     forwarded(srv, "prompt_cache_key", "k1", {"a": 1})
 
 
+def check_prompt_cache_options(srv):
+    forwarded(srv, "prompt_cache_options", {"ttl": "5m"}, "5m")
+
+
+def check_prompt_cache_retention(srv):
+    forwarded(srv, "prompt_cache_retention", "in_memory", 24)
+
+
+def check_moderation(srv):
+    goes_to_cloud(srv, "moderation", {"mode": "default"})
+
+
 def check_metadata(srv):
     forwarded(srv, "metadata", {"run": "a"}, {"run": 1})
 

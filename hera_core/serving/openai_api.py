@@ -108,6 +108,10 @@ FIELDS: dict[str, Field_] = {
     "safety_identifier": Field_(Handling.FORWARDED, "as user"),
     "prompt_cache_key": Field_(Handling.FORWARDED, "the provider's cache hint: sent with a cloud step (the SLM "
                                                    "reuses cached prefixes whatever it says)"),
+    "prompt_cache_options": Field_(Handling.FORWARDED, "as prompt_cache_key"),
+    "prompt_cache_retention": Field_(Handling.FORWARDED, "as prompt_cache_key"),
+    "moderation": Field_(Handling.CLOUD, "the provider's moderation of input and output: the step goes to the "
+                                         "cloud"),
     "metadata": Field_(Handling.FORWARDED, "tags: sent with a cloud step"),
     "service_tier": Field_(Handling.FORWARDED, "auto or default: sent with a cloud step; other tiers are refused "
                                                "(the ledger prices one tier)", refuse=_refuse_tier),
@@ -164,6 +168,9 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     safety_identifier: str | None = Field(default=None, max_length=256)
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    moderation: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     store: bool | None = None

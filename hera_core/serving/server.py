@@ -506,6 +506,9 @@ def create_app(settings: HeraSettings, *, runtime: Runtime | None = None) -> web
     else:
         app.cleanup_ctx.append(_runtime_context)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    from hera_core.serving import responses  # (it builds on this module's handlers)
+
+    responses.add_routes(app)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", health)
     app.router.add_get("/metrics", metrics_endpoint)
