@@ -211,6 +211,8 @@ def check_parallel_tool_calls(srv):
 def check_response_format(srv):
     # The text format asks for nothing; json formats are validated (tests/test_structured.py shows both outcomes).
     assert ask(srv, LOCAL, response_format={"type": "text"})[0] == 200
+    status, _, body = ask(srv, LOCAL, response_format={"type": "json_object"}, max_tokens=64)
+    assert status == 200 and isinstance(json.loads(body["choices"][0]["message"]["content"]), dict)
     status, h, body = ask(srv, response_format={"type": "json_object"})
     if status == 200:
         assert isinstance(json.loads(body["choices"][0]["message"]["content"]), dict)

@@ -11,9 +11,10 @@ import pytest
 from hera_core.backends.cloud import CloudEngine
 from hera_core.backends.structured import ResponseFormat
 from hera_core.errors import FieldError
-from tests.conftest import ServerThread, free_port
+from tests.conftest import ServerThread
 from tests.fake_upstream import FakeUpstream
 from tests.test_openai_fields import LOCAL, Q, events, make_server, post, stop
+from tests.test_tools import WEATHER
 
 PLAN = {"type": "object", "additionalProperties": False, "required": ["steps", "done"],
         "properties": {"steps": {"type": "array", "items": {"type": "string"}, "minItems": 1},
@@ -93,10 +94,10 @@ def ask_structured(srv, fmt, **more):
 def test_a_valid_cloud_answer_is_returned_and_the_format_reached_the_cloud(scripted):
     srv, up = scripted(['{"steps": ["buy milk"], "done": false}'])
     status, h, body = ask_structured(srv, schema_format())
-    assert status == 200 and h["x-hera-route"] == "cloud" and h["x-hera-reason"] == "structured"
+    assert status == 200 and h["x-hera-route"] == "cloud" and h["x-hera-reason"] == "predictor"  # step 0
     assert json.loads(body["choices"][0]["message"]["content"]) == {"steps": ["buy milk"], "done": False}
     assert up.seen[0]["body"]["response_format"] == schema_format()
-    assert srv.ledger.rows("serve")[-1]["reason"] == "structured"
+    assert "tools" not in up.seen[0]["body"]  # the SLM's way to a structured answer is its own
 
 
 def test_an_invalid_cloud_answer_is_retried_once(scripted):
@@ -141,27 +142,62 @@ def srv(tiny_engine, cloud_url, tmp_path_factory):
     stop(s)
 
 
+BOUNDED = {"type": "object", "additionalProperties": False, "required": ["steps", "done"],
+           "properties": {"steps": {"type": "array", "items": {"type": "string", "maxLength": 30}, "minItems": 1,
+                                    "maxItems": 3},
+                          "done": {"type": "boolean"}}}
+
+
+def test_a_local_structured_answer_decodes_under_the_schema(srv):
+    """SmolLM2-135M writes no JSON by itself; under the grammar its answer is an instance of the schema."""
+    ask = [{"role": "user", "content": "Plan a trip to Paris."}]
+    for fmt in (schema_format(BOUNDED), {"type": "json_object"}):
+        status, h, body = post(srv, {"model": "hera", "messages": ask, "max_tokens": 160, "response_format": fmt},
+                               LOCAL)
+        assert status == 200 and h["x-hera-route"] == "local", body
+        answer = json.loads(body["choices"][0]["message"]["content"])
+        jsonschema.validate(answer, fmt.get("json_schema", {}).get("schema", {"type": "object"}))
+        assert body["choices"][0]["finish_reason"] == "stop" and not body["choices"][0]["message"].get("tool_calls")
+    status, _, text = post(srv, {"model": "hera", "messages": ask, "max_tokens": 160, "stream": True,
+                                 "response_format": schema_format(BOUNDED)}, LOCAL)
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in events(text) if c.get("choices"))
+    jsonschema.validate(json.loads(content), BOUNDED)
+
+
+def test_a_cut_local_answer_is_never_returned(srv):
+    """An unbounded array the tiny model repeats until max_tokens: no valid answer, so none is sent."""
+    status, _, body = post(srv, {"model": "hera", "messages": [{"role": "user", "content": "Plan a trip to Paris."}],
+                                 "max_tokens": 24, "response_format": schema_format(PLAN)}, LOCAL)
+    if status == 200:
+        jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), PLAN)
+    else:
+        assert status == 502 and body["error"]["code"] == "StructuredOutputError"
+        assert srv.ledger.rows("serve")[-1]["status"] == "StructuredOutputError"
+
+
+@pytest.mark.parametrize("extra", [
+    {"response_format": schema_format({"type": "array", "items": {"type": "integer"}}, strict=False)},
+    {"response_format": {"type": "json_object"}, "tools": [WEATHER]},
+])
+def test_what_the_slm_cannot_constrain_goes_to_the_cloud(srv, extra):
+    messages = Q + [{"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}]  # step 1
+    status, h, body = post(srv, {"model": "hera", "messages": messages, "max_tokens": 24, **extra})
+    assert h.get("x-hera-reason") == "structured" or (status == 502 and "StructuredOutputError" in str(body))
+    status, _, body = post(srv, {"model": "hera", "messages": messages, **extra}, LOCAL)
+    assert status == 400 and "structured" in body["error"]["message"]
+
+
 def test_structured_steps_never_return_an_invalid_answer(srv):
-    """Whatever the route: a 200 carries an answer that validates, anything else is an error that
-    says so. A step the local engine cannot constrain goes to the cloud with reason `structured`."""
-    fmt = schema_format()
+    """Whatever the route: a 200 carries an answer that validates, anything else is an error that says so."""
     for messages in (Q, Q + [{"role": "assistant", "content": "Blue."}, {"role": "user", "content": "A plan?"}]):
-        status, h, body = post(srv, {"model": "hera", "messages": messages, "max_tokens": 64, "response_format": fmt})
+        status, h, body = post(srv, {"model": "hera", "messages": messages, "max_tokens": 96,
+                                     "response_format": schema_format(BOUNDED)})
         if status == 200:
-            jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), PLAN)
+            jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), BOUNDED)
         else:
             assert status == 502 and body["error"]["code"] == "StructuredOutputError"
-        if not getattr(srv.rt.local, "structured_outputs", False):
-            assert h.get("x-hera-reason") == "structured" or status == 502
-    if not getattr(srv.rt.local, "structured_outputs", False):
-        status, _, body = post(srv, {"model": "hera", "messages": Q, "response_format": fmt}, LOCAL)
-        assert status == 400 and "structured" in body["error"]["message"]
 
 
 def test_n_with_a_format_is_refused_by_name(srv):
     status, _, body = post(srv, {"model": "hera", "messages": Q, "n": 2, "response_format": {"type": "json_object"}})
     assert status == 400 and body["error"]["param"] == "n"
-
-
-def test_unused_free_port_helper_is_importable():
-    assert free_port() > 0

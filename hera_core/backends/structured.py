@@ -131,3 +131,40 @@ def _check_strict(schema: Any, where: str) -> None:
     for key in ("items", "anyOf", "allOf", "oneOf"):
         if key in schema:
             _check_strict(schema[key], f"{where}.{key}")
+
+
+# --- the SLM's structured answer under the tool-call grammar ----------------------------------------
+# Until the local engine compiles a response_format into a grammar of its own, a structured step on
+# the SLM decodes as a forced call of one function whose parameters are the schema: the tool-call
+# grammar (built from that schema by json_schema_to_gbnf) constrains every token, the arguments are
+# validated with jsonschema, and they are the answer. The prompt then offers that one function.
+ANSWER_TOOL = "hera_structured_answer"
+
+
+def answer_toolset(fmt: ResponseFormat):
+    """The forced one-function ToolSet whose call is `fmt`'s answer; None where the schema's root is
+    not an object (a function's arguments are one)."""
+    from hera_core.backends.tools import ToolSet
+
+    schema = fmt.schema()
+    if schema.get("type") != "object":
+        return None
+    what = f" ({fmt.name})" if fmt.name else ""
+    tool = {"type": "function", "function": {"name": ANSWER_TOOL, "parameters": schema,
+                                             "description": f"Give your answer{what} as this function's arguments."}}
+    return ToolSet.parse([tool], {"type": "function", "function": {"name": ANSWER_TOOL}})
+
+
+def is_answer_toolset(toolset: Any) -> bool:
+    return toolset is not None and toolset.only == ANSWER_TOOL and len(toolset.tools) == 1
+
+
+def answer_from_call(gen):
+    """A generation under `answer_toolset` as the structured answer: the call's arguments are the
+    text (none if the call was not valid: its tool_errors say why, and the step is escalated)."""
+    import dataclasses
+
+    if gen.tool_calls:
+        return dataclasses.replace(gen, text=gen.tool_calls[0]["function"]["arguments"], tool_calls=[],
+                                   finish_reason="stop" if gen.finish_reason == "tool_calls" else gen.finish_reason)
+    return dataclasses.replace(gen, text="", tool_errors=gen.tool_errors or ["the SLM gave no structured answer"])

@@ -32,7 +32,7 @@ import numpy as np
 from hera_core.config import PriceSettings
 from hera_core.routing.budget import Budget
 from hera_core.backends.base import Engine, Generation, Message, Prefill
-from hera_core.backends.structured import ResponseFormat
+from hera_core.backends.structured import ResponseFormat, answer_from_call, answer_toolset, is_answer_toolset
 from hera_core.backends.tools import ToolSet
 from hera_core.errors import (BudgetExceededError, CannotServeLocallyError, CloudError, CloudRequestError,
                                InvalidRequestError, StructuredOutputError)
@@ -210,7 +210,8 @@ class Runtime:
         turns out invalid must be escalable without the client having seen any of it."""
         if toolset is None:
             return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
-        return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset)
+        gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset)
+        return answer_from_call(gen) if is_answer_toolset(toolset) else gen
 
     @staticmethod
     def _vote_seed(messages) -> int:
@@ -368,7 +369,13 @@ class Runtime:
                       on_text, cloud_extra, time.perf_counter(), learning=self.learning if trace else None,
                       response_format=response_format, logprobs=logprobs)
         if cloud_reason is None and response_format is not None and not getattr(self.local, "structured_outputs", False):
-            cloud_reason = "structured"  # the SLM cannot constrain its decoding to the schema
+            # The SLM answers as a forced call whose arguments are the schema's instance (under the
+            # tool-call grammar); a schema whose root is not an object, or tools offered as well: the cloud.
+            answer_tools = answer_toolset(response_format) if toolset is None and samples == 1 else None
+            if answer_tools is None:
+                cloud_reason = "structured"
+            else:
+                toolset = st.toolset = answer_tools
         if cloud_reason is None and logprobs and not getattr(self.local, "top_logprobs", False):
             cloud_reason = "logprobs"  # the SLM does not report its tokens' log-probabilities
         with self._client_on_slm():  # scoring and drafting use the SLM: no shadow draft meanwhile
@@ -387,6 +394,14 @@ class Runtime:
             await on_decision(st.decision)
         try:
             gen, gens, attempts = await self._answer(st, announce)
+            if response_format is not None and st.decision.route is Route.LOCAL and not gen.tool_calls:
+                why = response_format.validate(gen.text)
+                if why is not None:  # (a local-only step whose constrained answer failed: never returned)
+                    elapsed = time.perf_counter() - st.t0
+                    self._book(run, session, step, st.decision, model=gen.model, gen=gen, latency_s=elapsed,
+                               cost=self.prices.local_cost(elapsed), status="StructuredOutputError")
+                    raise StructuredOutputError(f"the SLM's structured answer is not valid: {why}; "
+                                                f"{'; '.join(gen.tool_errors)}".rstrip("; "))
             elapsed = time.perf_counter() - st.t0  # scoring prefill included: it is the local prefill
             cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
             # an escalated step also paid for its draft
@@ -481,7 +496,7 @@ class Runtime:
             kwargs["extra"]["response_format"] = st.response_format.request_field()
         if not kwargs["extra"]:
             del kwargs["extra"]
-        if st.toolset is not None:
+        if st.toolset is not None and not is_answer_toolset(st.toolset):  # (the SLM's way to a structured answer)
             kwargs["toolset"] = st.toolset
         streamed: list[str] = []
         on_text = st.on_text
@@ -590,7 +605,7 @@ class Runtime:
             return
         st.learning.maybe_audit(messages=st.messages, session=st.session, step=st.step, features=st.features,
                                 version=self.predictor_version, local=gen, max_tokens=st.max_tokens, stop=st.stop,
-                                toolset=st.toolset)
+                                toolset=None if is_answer_toolset(st.toolset) else st.toolset)
 
     def book_learning(self, kind: str, session: str, step: int, gen: Generation, latency_s: float,
                       version: str | None = None) -> None:
