@@ -13,11 +13,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (JetPack 6's stock Python)
     import tomli as tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from hera_core.errors import ConfigError
+from hera_core.errors import ConfigError, InvalidRequestError
 from hera_core.install.models import default_cache_dir
 
 
@@ -25,23 +25,109 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Bounds of the local engines' options, each written (and checked) once: the [local] settings and
+# the engines' own options below (what their constructors take) are built from these types.
+NCtx = Annotated[int, Field(ge=256, le=131072, description="context window of the local SLM, tokens: the longest "
+                            "prompt + completion of one subtask (also each slot's size)")]
+Threads = Annotated[int, Field(ge=1, le=256, description="llama.cpp decode threads (1 is fastest on 2 shared cores)")]
+ThreadsBatch = Annotated[int | None, Field(ge=1, le=256, description="llama.cpp prefill threads; default n_threads")]
+GpuLayers = Annotated[int, Field(ge=-1, le=1024, description="llama.cpp layers on the GPU; -1 all; ignored by a "
+                                 "CPU build")]
+Slots = Annotated[int, Field(ge=1, le=64, description="agent sessions whose KV stays cached at once (sequences)")]
+KvBlock = Annotated[int, Field(ge=1, le=4096, description="block size of the KV radix index, tokens")]
+KvBudgetTokens = Annotated[int | None, Field(ge=1, description="cap on cached KV, tokens (default: all slots' cells)")]
+KvUnified = Annotated[bool, Field(description="one KV pool for all slots: shared prefixes stored once, slower "
+                                  "attention")]
+FlashAttn = Annotated[bool, Field(description="llama.cpp fused attention (faster prefill on CPU). Set explicitly "
+                                  "because llama.cpp's 'auto' depends on the build, and it changes greedy outputs")]
+DecodeChunk = Annotated[int, Field(ge=0, le=4096, description="tokens a local answer decodes before other waiting "
+                                   "requests (another session's routing prefill) get the engine; 0 = none")]
+PrefillChunk = Annotated[int, Field(ge=0, le=65536, description="prompt tokens evaluated per decode step alongside "
+                                    "the running answers' next tokens (a long prompt delays them by one chunk); "
+                                    "0 = whole")]
+
+
+class _Options(_Strict):
+    """An engine's own options: what its constructor takes as keywords, checked here."""
+
+    @classmethod
+    def of(cls, **kwargs: Any):
+        """The options from keyword arguments; InvalidRequestError naming the first bad one."""
+        try:
+            return cls.model_validate(kwargs)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or cls.__name__
+            raise InvalidRequestError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+class LlamaCppOptions(_Options):
+    """hera_core.backends.llamacpp.LlamaCppEngine's options (`LocalSettings.llamacpp_options`
+    fills them from the settings)."""
+
+    n_ctx: NCtx = 4096
+    n_threads: Threads = 1
+    n_threads_batch: ThreadsBatch = None
+    n_batch: int = Field(512, ge=1, le=65536, description="tokens per llama_decode call (llama.cpp's n_batch)")
+    n_slots: Slots = 8
+    block_size: KvBlock = 16
+    kv_budget_bytes: int | None = Field(None, ge=1, description="cap on the KV bytes the index keeps cached, "
+                                        "counting a shared prefix block once (default: all slots' cells)")
+    kv_budget_tokens: KvBudgetTokens = None
+    kv_unified: KvUnified = False
+    n_gpu_layers: GpuLayers = -1
+    flash_attn: FlashAttn = True
+    decode_chunk: DecodeChunk = 8
+    prefill_chunk: PrefillChunk = 256
+    tool_grammar: Literal["llama.cpp", "llguidance", False] = Field(
+        "llama.cpp", description="what runs the tools' grammar ('llama.cpp' or True, 'llguidance'); False only "
+        "to measure what it buys (bench/test_tool_calls.py)")
+    batching: bool = Field(True, description="concurrent generations and prompts share each llama_decode; False "
+                           "decodes one sequence per call, in turns of decode_chunk tokens")
+
+    @field_validator("tool_grammar", mode="before")
+    @classmethod
+    def _true_is_llama_cpp(cls, value: Any) -> Any:
+        return "llama.cpp" if value is True else value
+
+
+class TensorRTOptions(_Options):
+    """hera_core.backends.tensorrt.TensorRTLLMEngine's options."""
+
+    n_ctx: NCtx = 4096
+    max_batch_size: int = Field(64, ge=1, le=65536, description="requests TensorRT-LLM batches at once")
+    free_gpu_memory_fraction: float = Field(0.5, gt=0, le=1, description="share of the GPU memory left after the "
+                                            "weights that the KV cache takes")
+    tokens_per_block: int = Field(32, ge=1, le=4096, description="KV block size of TensorRT-LLM's block reuse")
+    logits_source: Literal["generation", "context"] = Field("generation", description="where the last-position "
+                                                            "logits come from")
+    token_logprobs: bool = Field(False, description="return each generated token's log-probability")
+    hot_prefix_tokens: int = Field(1 << 17, ge=1, description="budget of the index mirroring block reuse, tokens")
+    backend: Literal["pytorch", "tensorrt"] = Field("pytorch", description="TensorRT-LLM's LLM class to use")
+
+    @model_validator(mode="after")
+    def _hot_prefix_holds_a_block(self) -> "TensorRTOptions":
+        if self.hot_prefix_tokens < self.tokens_per_block:
+            raise ValueError(f"hot_prefix_tokens ({self.hot_prefix_tokens}) is smaller than one block "
+                             f"(tokens_per_block = {self.tokens_per_block})")
+        return self
+
+
 class LocalSettings(_Strict):
     engine: Literal["llamacpp", "tensorrt"] = Field("llamacpp", description="local SLM engine: llama.cpp (CPU or CUDA build) or TensorRT-LLM")
     model: str = Field("qwen2.5-coder-0.5b", description="manifest name (see `hera models list`) or path to a .gguf; "
                                                       "for tensorrt, a Hugging Face checkpoint folder")
-    n_gpu_layers: int = Field(-1, ge=-1, le=1024, description="llama.cpp layers on the GPU; -1 all; ignored by a CPU build")
-    n_ctx: int = Field(4096, ge=256, le=131072, description="context window of the local SLM, tokens")
-    n_threads: int = Field(1, ge=1, le=256, description="llama.cpp decode threads (1 is fastest on 2 shared cores)")
-    n_threads_batch: int | None = Field(None, ge=1, le=256, description="llama.cpp prefill threads; default n_threads")
-    n_slots: int = Field(8, ge=1, le=64, description="agent sessions whose KV stays cached at once (sequences)")
-    kv_block_tokens: int = Field(16, ge=1, le=4096, description="block size of the KV radix index, tokens")
-    kv_budget_tokens: int | None = Field(None, ge=1, description="cap on cached KV, tokens (default: all slots' cells)")
-    kv_unified: bool = Field(False, description="one KV pool for all slots: shared prefixes stored once, slower attention")
-    flash_attn: bool = Field(True, description="llama.cpp fused attention (faster prefill on CPU)")
-    decode_chunk: int = Field(8, ge=0, le=4096, description="tokens a local answer decodes before other waiting "
-                              "requests (another session's routing prefill) get the engine; 0 = none")
-    prefill_chunk: int = Field(256, ge=0, le=65536, description="prompt tokens evaluated per decode step alongside "
-                               "the running answers' next tokens (a long prompt delays them by one chunk); 0 = whole")
+    n_gpu_layers: GpuLayers = -1
+    n_ctx: NCtx = 4096
+    n_threads: Threads = 1
+    n_threads_batch: ThreadsBatch = None
+    n_slots: Slots = 8
+    kv_block_tokens: KvBlock = 16
+    kv_budget_tokens: KvBudgetTokens = None
+    kv_unified: KvUnified = False
+    flash_attn: FlashAttn = True
+    decode_chunk: DecodeChunk = 8
+    prefill_chunk: PrefillChunk = 256
     tool_grammar: Literal["llama.cpp", "llguidance"] = Field(
         "llama.cpp", description="what runs the tools' grammar when the SLM writes a tool call: llama.cpp's grammar "
         "sampler (checks the likeliest tokens first) or llguidance (a mask over the whole vocabulary)")
@@ -52,6 +138,18 @@ class LocalSettings(_Strict):
             raise ValueError(f"kv_budget_tokens ({self.kv_budget_tokens}) is smaller than one block "
                              f"(kv_block_tokens = {self.kv_block_tokens})")
         return self
+
+    def llamacpp_options(self) -> LlamaCppOptions:
+        """The llama.cpp engine's options from these settings (validated already: the same types)."""
+        return LlamaCppOptions.model_construct(
+            n_ctx=self.n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch, n_slots=self.n_slots,
+            block_size=self.kv_block_tokens, kv_budget_tokens=self.kv_budget_tokens, kv_unified=self.kv_unified,
+            n_gpu_layers=self.n_gpu_layers, flash_attn=self.flash_attn, decode_chunk=self.decode_chunk,
+            prefill_chunk=self.prefill_chunk, tool_grammar=self.tool_grammar)
+
+    def tensorrt_options(self) -> TensorRTOptions:
+        """The TensorRT-LLM engine's options from these settings (its other options keep their defaults)."""
+        return TensorRTOptions.model_construct(n_ctx=self.n_ctx)
 
 
 class CloudSettings(_Strict):

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from hera_core.backends.llamacpp import LlamaCppEngine
+from hera_core.backends.llamacpp import LlamaCppEngine, Occupancy
 from tests.conftest import run
 
 PROMPTS = [[{"role": "user", "content": f"Write two sentences about a {w}."}]
@@ -64,7 +64,7 @@ def test_a_generation_joins_a_running_batch_and_a_cancelled_one_leaves_it(engine
                                                        for i in range(8)]), 120)
 
     outs = run(fill())
-    assert len(outs) == 8 and not any(s.busy for s in engine._slots)
+    assert len(outs) == 8 and engine.occupancy().busy == 0
 
 
 def test_streaming_deltas_of_batched_generations_reassemble_each_answer(engines):
@@ -125,7 +125,7 @@ def test_bad_sampling_requests_are_refused_and_a_cancelled_one_frees_its_slots(e
         return await asyncio.wait_for(engine.generate_samples(prompt, 8, max_tokens=4, seed=3), 120)
 
     assert len(run(asyncio.wait_for(cancel_midway(), 300))) == 8
-    assert not any(s.busy for s in engine._slots)
+    assert engine.occupancy().busy == 0
 
 
 def test_serial_engine_samples_too(engines):
@@ -213,8 +213,8 @@ def test_a_long_prompt_is_evaluated_in_chunks_alongside_running_generations(engi
         chunks = eng.stats["prompts_with_decodes"] - before["prompts_with_decodes"]
         assert b.prompt_tokens > 300 and a.completion_tokens == 120
         assert chunks == -(-(b.prompt_tokens - b.cached_tokens) // 16)  # each chunk of B's prompt shared a step with A
-        assert not any(s.busy or s.placing for s in eng._slots)
-        eng._index.check_invariants()
+        assert eng.occupancy() == Occupancy(busy=0, placing=0, waiting_prompts=0)
+        eng.check_invariants()
     finally:
         run(eng.close())
     serial = engines["serial"]
@@ -230,7 +230,7 @@ def test_a_generation_cancelled_while_its_prompt_is_evaluated_frees_its_slot(tin
         a = asyncio.create_task(eng.generate(COUNTING, max_tokens=60, on_text=lambda _: decoding.set()))
         await decoding.wait()
         b = asyncio.create_task(eng.generate(LONG_PROMPT, max_tokens=8))
-        while not eng._prompts:  # B's prompt is being evaluated, 8 tokens a step
+        while not eng.occupancy().waiting_prompts:  # B's prompt is being evaluated, 8 tokens a step
             await asyncio.sleep(0.001)
         b.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -241,8 +241,8 @@ def test_a_generation_cancelled_while_its_prompt_is_evaluated_frees_its_slot(tin
 
     try:
         again, other = run(go())
-        assert not any(s.busy or s.placing for s in eng._slots) and not eng._prompts
-        eng._index.check_invariants()
+        assert eng.occupancy() == Occupancy(busy=0, placing=0, waiting_prompts=0)
+        eng.check_invariants()
     finally:
         run(eng.close())
     ref = LlamaCppEngine(tiny_model_path, n_ctx=1024, n_slots=2, n_threads=1, batching=False)

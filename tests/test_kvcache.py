@@ -197,8 +197,8 @@ def test_a_cancelled_generation_stops_and_frees_its_slot(tiny_model_path):
     try:
         other = run(go())
         assert eng.stats["generated_tokens"] - other.completion_tokens < 200  # it stopped early
-        assert not any(slot.busy for slot in eng._slots)
-        eng._index.check_invariants()
+        assert eng.occupancy().busy == 0
+        eng.check_invariants()
     finally:
         run(eng.close())
     assert other.text == solo(tiny_model_path, OTHER, 12)
@@ -226,15 +226,15 @@ def test_a_generation_cancelled_while_it_starts_does_not_keep_its_slot(tiny_mode
 
     eng = engine(tiny_model_path, n_slots=1, batching=batching)
     running, proceed = threading.Event(), threading.Event()
-    name = "_begin" if batching else "_start"
-    start = getattr(eng, name)
+    name = "begin" if batching else "start"  # what generate runs on the engine thread first
+    start = getattr(eng.scheduler, name)
 
     def held_start(*args):
         running.set()
         proceed.wait(30)
         return start(*args)
 
-    setattr(eng, name, held_start)
+    setattr(eng.scheduler, name, held_start)
 
     async def go():
         task = asyncio.create_task(eng.generate(OTHER, max_tokens=8))
@@ -244,7 +244,7 @@ def test_a_generation_cancelled_while_it_starts_does_not_keep_its_slot(tiny_mode
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.wait_for(eng.prefill(LONG), timeout=60)  # runs once the slot is handed back
-        assert not any(slot.busy for slot in eng._slots)
+        assert eng.occupancy().busy == 0
         return await asyncio.wait_for(eng.generate(OTHER, max_tokens=8), timeout=60)
 
     try:
@@ -259,16 +259,17 @@ def test_a_late_second_release_does_not_free_a_slot_claimed_since(tiny_model_pat
     slot."""
     eng = engine(tiny_model_path, n_slots=1, decode_chunk=4)
     try:
-        a = eng._start(LONG, 8, [], None)
-        while not eng._step(a):
+        sched = eng.scheduler  # driven directly, as the engine thread does
+        a = sched.start(LONG, 8, [], None)
+        while not sched.step(a):
             pass
-        b = eng._start(OTHER, 8, [], None)  # takes the one slot A just handed back
-        assert b.slot == a.slot and eng._slots[b.slot].busy
-        eng._release(a)  # the late one
-        assert eng._slots[b.slot].busy
-        while not eng._step(b):
+        b = sched.start(OTHER, 8, [], None)  # takes the one slot A just handed back
+        assert b.slot == a.slot and eng.cache.slot(b.slot).busy
+        sched.release(a)  # the late one
+        assert eng.cache.slot(b.slot).busy
+        while not sched.step(b):
             pass
-        assert not eng._slots[b.slot].busy
-        eng._index.check_invariants()
+        assert not eng.cache.slot(b.slot).busy
+        eng.check_invariants()
     finally:
         run(eng.close())
