@@ -15,13 +15,16 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from hera_core.errors import CloudError, CloudRequestError, CloudUnavailableError
+from hera_core.errors import CloudError, CloudRequestError, CloudUnavailableError, ConfigError
 from hera_core.backends.tools import ToolSet
 from hera_core.backends.base import Engine, Generation, Message
+
+if TYPE_CHECKING:
+    from hera_core.config import HeraSettings
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -85,6 +88,17 @@ class CloudEngine(Engine):
         self.max_retries = max_retries
         self.breaker = breaker or CircuitBreaker()
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_settings(cls, settings: "HeraSettings", *, base_url: str | None = None) -> "CloudEngine":
+        """The engine the settings' [cloud] section describes (validated there); `base_url`
+        overrides cloud.base_url (the address of a `hera cloud-sim` started for these settings)."""
+        c = settings.cloud
+        url = base_url or c.base_url
+        if not url:
+            raise ConfigError("cloud.base_url is not set and no cloud-sim address was given")
+        return cls(url, c.model, api_key=c.api_key.get_secret_value() if c.api_key else None, timeout_s=c.timeout_s,
+                   max_retries=c.max_retries, breaker=CircuitBreaker(c.breaker_failures, c.breaker_reset_s))
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}

@@ -61,13 +61,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hera_core.errors import ConfigError, HeraError, InvalidRequestError
 from hera_core.native.radix import HotPrefixTracker
 from hera_core.backends.base import Engine, Generation, Message, Prefill, check_context
+from hera_core.config import TensorRTOptions
+
+if TYPE_CHECKING:
+    from hera_core.config import HeraSettings
 
 INSTALL_HINT = (
     "install it with `pip install tensorrt-llm` (Linux x86_64 or aarch64 with an NVIDIA GPU and a "
@@ -100,6 +104,40 @@ def _first_stop(text: str, stop: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def _load_tokenizer(source: str) -> Any:
+    """The Hugging Face tokenizer (and chat template) of `source`, or a one-line ConfigError."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConfigError("the TensorRT-LLM engine formats chats with the model's tokenizer and needs the "
+                          "transformers package; install it with `pip install transformers`") from None
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a tokenizer from {source} ({_one_line(exc)}); pass tokenizer= "
+                          "the Hugging Face checkpoint folder of the model") from None
+
+
+def _llm_args(model: str | Path, tokenizer: str | Path | None, opts: TensorRTOptions) -> dict[str, Any]:
+    """The `LLM(...)` arguments of the options."""
+    from tensorrt_llm.llmapi import KvCacheConfig
+
+    kv_fields: dict[str, Any] = {"enable_block_reuse": True, "free_gpu_memory_fraction": opts.free_gpu_memory_fraction}
+    if "tokens_per_block" in getattr(KvCacheConfig, "model_fields", {}):
+        kv_fields["tokens_per_block"] = opts.tokens_per_block  # a KvCacheConfig field in 1.x (PyTorch backend)
+    args: dict[str, Any] = {"model": str(model), "kv_cache_config": KvCacheConfig(**kv_fields),
+                            "max_seq_len": opts.n_ctx, "max_batch_size": opts.max_batch_size}
+    if tokenizer is not None:
+        args["tokenizer"] = str(tokenizer)
+    if opts.n_ctx > 8192:  # max_num_tokens (tokens per iteration, default 8192) must hold a whole prompt
+        args["max_num_tokens"] = opts.n_ctx
+    if opts.logits_source == "generation" and opts.backend == "tensorrt":
+        # A TensorRT engine keeps generation logits only when built to; the PyTorch backend
+        # returns them without it (and the flag would pull its worker into this process).
+        args["gather_generation_logits"] = True
+    return args
+
+
 @dataclass
 class DevicePrefillBatch:
     """The last-position logits of a batch of prompts, in GPU memory."""
@@ -115,59 +153,35 @@ class TensorRTLLMEngine(Engine):
     is_local = True
 
     def __init__(self, model: str | Path, *, name: str | None = None, tokenizer: str | Path | None = None,
-                 n_ctx: int = 4096, max_batch_size: int = 64, free_gpu_memory_fraction: float = 0.5,
-                 tokens_per_block: int = 32, logits_source: Literal["generation", "context"] = "generation",
-                 token_logprobs: bool = False, hot_prefix_tokens: int = 1 << 17,
-                 backend: Literal["pytorch", "tensorrt"] = "pytorch",
-                 llm_kwargs: Mapping[str, Any] | None = None) -> None:
+                 llm_kwargs: Mapping[str, Any] | None = None, options: TensorRTOptions | None = None,
+                 **kwargs: Any) -> None:
         """model: a Hugging Face checkpoint folder (or hub name); with backend="tensorrt", a
         TensorRT engine folder (then `tokenizer` must name the checkpoint whose tokenizer and chat
-        template to use). backend: "pytorch" (TensorRT-LLM's default LLM) or "tensorrt" (its
-        TensorRT-engine LLM, which also takes `build_config` in llm_kwargs).
-        n_ctx: longest prompt + completion of one subtask, tokens (TensorRT-LLM's max_seq_len).
-        free_gpu_memory_fraction: share of the GPU memory left after loading the weights that the
-        KV cache takes (on Jetson the GPU shares the system memory: keep it well under 1).
-        token_logprobs: also return each generated token's log-probability in Generation.extra.
-        hot_prefix_tokens: budget of the radix index that mirrors what block reuse probably still
-        holds (size it like the device KV cache, in tokens): the routing signal of hot prefixes.
-        llm_kwargs: further `LLM(...)` arguments, passed as they are (they win over the above)."""
-        if n_ctx < 16:
-            raise InvalidRequestError(f"n_ctx must be >= 16, got {n_ctx}")
-        if max_batch_size < 1:
-            raise InvalidRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if not 0.0 < free_gpu_memory_fraction <= 1.0:
-            raise InvalidRequestError(f"free_gpu_memory_fraction must be in (0, 1], got {free_gpu_memory_fraction}")
-        if tokens_per_block < 1:
-            raise InvalidRequestError(f"tokens_per_block must be >= 1, got {tokens_per_block}")
-        if hot_prefix_tokens < tokens_per_block:
-            raise InvalidRequestError(f"hot_prefix_tokens ({hot_prefix_tokens}) is smaller than one block "
-                                      f"(tokens_per_block = {tokens_per_block})")
-        if logits_source not in ("generation", "context"):
-            raise InvalidRequestError(f"logits_source must be 'generation' or 'context', got {logits_source!r}")
-        if backend not in ("pytorch", "tensorrt"):
-            raise InvalidRequestError(f"backend must be 'pytorch' or 'tensorrt', got {backend!r}")
-
+        template to use). llm_kwargs: further `LLM(...)` arguments, passed as they are (they win
+        over the options). The options, as `options` or as keywords (hera_core.config.
+        TensorRTOptions, checked there first; a bad one is an InvalidRequestError naming it):
+        backend: "pytorch" (TensorRT-LLM's default LLM) or "tensorrt" (its TensorRT-engine LLM,
+        which also takes `build_config` in llm_kwargs). n_ctx: longest prompt + completion of one
+        subtask, tokens (TensorRT-LLM's max_seq_len). free_gpu_memory_fraction: share of the GPU
+        memory left after loading the weights that the KV cache takes (on Jetson the GPU shares
+        the system memory: keep it well under 1). token_logprobs: also return each generated
+        token's log-probability in Generation.extra. hot_prefix_tokens: budget of the radix index
+        that mirrors what block reuse probably still holds (size it like the device KV cache, in
+        tokens): the routing signal of hot prefixes."""
+        if options is not None and kwargs:
+            raise TypeError("pass options= or the options as keywords, not both")
+        opts = options if options is not None else TensorRTOptions.of(**kwargs)
         _import_tensorrt_llm()
         import torch
         from tensorrt_llm import SamplingParams
-        from tensorrt_llm.llmapi import KvCacheConfig
 
-        if backend == "tensorrt":
+        if opts.backend == "tensorrt":
             from tensorrt_llm._tensorrt_engine import LLM
         else:
             from tensorrt_llm import LLM
 
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:
-            raise ConfigError("the TensorRT-LLM engine formats chats with the model's tokenizer and needs the "
-                              "transformers package; install it with `pip install transformers`") from None
         source = str(tokenizer or model)
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load a tokenizer from {source} ({_one_line(exc)}); pass tokenizer= "
-                              "the Hugging Face checkpoint folder of the model") from None
+        self._tokenizer = _load_tokenizer(source)
         self.name = name or Path(str(model)).name
         if not getattr(self._tokenizer, "chat_template", None):
             raise ConfigError(f"model {self.name} has no chat template; use an instruct model")
@@ -179,23 +193,11 @@ class TensorRTLLMEngine(Engine):
         # TensorRT-LLM ends on the tokenizer's EOS only; instruct models whose turn-end token is
         # another one (Llama 3's <|eot_id|>) list it in generation_config.json: stop on those too.
         self._stop_token_ids = _generation_eos_ids(source)
-        self.n_ctx = n_ctx
-        self.tokens_per_block = tokens_per_block  # KV block size; converts reused blocks to tokens
-        self.logits_source = logits_source
-        self.token_logprobs = token_logprobs
-        kv_fields: dict[str, Any] = {"enable_block_reuse": True, "free_gpu_memory_fraction": free_gpu_memory_fraction}
-        if "tokens_per_block" in getattr(KvCacheConfig, "model_fields", {}):
-            kv_fields["tokens_per_block"] = tokens_per_block  # a KvCacheConfig field in 1.x (PyTorch backend)
-        args: dict[str, Any] = {"model": str(model), "kv_cache_config": KvCacheConfig(**kv_fields),
-                                "max_seq_len": n_ctx, "max_batch_size": max_batch_size}
-        if tokenizer is not None:
-            args["tokenizer"] = str(tokenizer)
-        if n_ctx > 8192:  # max_num_tokens (tokens per iteration, default 8192) must hold a whole prompt
-            args["max_num_tokens"] = n_ctx
-        if logits_source == "generation" and backend == "tensorrt":
-            # A TensorRT engine keeps generation logits only when built to; the PyTorch backend
-            # returns them without it (and the flag would pull its worker into this process).
-            args["gather_generation_logits"] = True
+        self.n_ctx = opts.n_ctx
+        self.tokens_per_block = opts.tokens_per_block  # KV block size; converts reused blocks to tokens
+        self.logits_source = opts.logits_source
+        self.token_logprobs = opts.token_logprobs
+        args = _llm_args(model, tokenizer, opts)
         args.update(llm_kwargs or {})
         try:
             self._llm = LLM(**args)
@@ -204,7 +206,12 @@ class TensorRTLLMEngine(Engine):
         self._device = torch.device("cuda", torch.cuda.current_device())  # where device batches go
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "logits_rows_uploaded": 0}
         # Storage is TensorRT-LLM's; the radix index only tracks which prefixes are hot, for routing.
-        self._hot = HotPrefixTracker(tokens_per_block, hot_prefix_tokens)
+        self._hot = HotPrefixTracker(opts.tokens_per_block, opts.hot_prefix_tokens)
+
+    @classmethod
+    def from_settings(cls, settings: "HeraSettings") -> "TensorRTLLMEngine":
+        """The engine the settings' [local] section describes (local.model: a checkpoint folder)."""
+        return cls(settings.local.model, options=settings.local.tensorrt_options())
 
     # --- tokens -------------------------------------------------------------------------------
     def tokenize_messages(self, messages: list[Message]) -> list[int]:

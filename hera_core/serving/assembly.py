@@ -23,7 +23,7 @@ import aiohttp
 
 from hera_core.checks.sandbox import default_sandbox
 from hera_core.config import HeraSettings
-from hera_core.backends.cloud import CircuitBreaker, CloudEngine
+from hera_core.backends.cloud import CloudEngine
 from hera_core.backends.llamacpp import LlamaCppEngine
 from hera_core.errors import CloudUnavailableError, ConfigError
 from hera_core.routing.budget import Budget
@@ -86,25 +86,16 @@ async def cloud_sim(model: str, *, threads: int = 1, n_ctx: int = 4096, cache_di
 async def open_engines(settings: HeraSettings, *, use_cache: bool = False):
     """(local, cloud) engines from settings. `use_cache` answers repeated greedy requests from the
     completion cache (profiling reruns, evaluation of many policies)."""
-    loc = settings.local
-    local_file = model_path(loc.model, settings.cache_dir) if loc.engine == "llamacpp" else None
+    if settings.local.engine == "llamacpp":
+        model_path(settings.local.model, settings.cache_dir)  # a missing model fails before the cloud starts
     async with _cloud_base_url(settings) as base_url:
-        if loc.engine == "tensorrt":
+        if settings.local.engine == "tensorrt":
             from hera_core.backends.tensorrt import TensorRTLLMEngine
 
-            local = TensorRTLLMEngine(loc.model, n_ctx=loc.n_ctx)
+            local = TensorRTLLMEngine.from_settings(settings)
         else:
-            local = LlamaCppEngine(local_file, name=loc.model, n_ctx=loc.n_ctx, n_threads=loc.n_threads,
-                                   n_threads_batch=loc.n_threads_batch, n_slots=loc.n_slots,
-                                   block_size=loc.kv_block_tokens, kv_unified=loc.kv_unified,
-                                   kv_budget_tokens=loc.kv_budget_tokens, n_gpu_layers=loc.n_gpu_layers,
-                                   flash_attn=loc.flash_attn, decode_chunk=loc.decode_chunk,
-                                   prefill_chunk=loc.prefill_chunk,
-                                   tool_grammar=loc.tool_grammar)
-        api_key = settings.cloud.api_key.get_secret_value() if settings.cloud.api_key else None
-        cloud = CloudEngine(base_url, settings.cloud.model, api_key=api_key, timeout_s=settings.cloud.timeout_s,
-                            max_retries=settings.cloud.max_retries,
-                            breaker=CircuitBreaker(settings.cloud.breaker_failures, settings.cloud.breaker_reset_s))
+            local = LlamaCppEngine.from_settings(settings)
+        cloud = CloudEngine.from_settings(settings, base_url=base_url)
         cache = None
         if use_cache:  # offline runs only (profiling, the demo); the server never asks for it
             from hera_core.backends.caching import CachingEngine, CompletionCache
