@@ -26,7 +26,7 @@ KV-cache reuse is TensorRT-LLM's own block reuse (`enable_block_reuse`): the KV 
 request stays in blocks of `tokens_per_block` tokens keyed by their content, and a later prompt
 that starts with the same tokens takes those blocks instead of recomputing them (partial reuse,
 on by default, also matches a partly filled last block). It serves what the radix index and the
-slots do in llamacpp.py: the next step of a session, or a shared system prompt, prefills only its
+slots do in backends/llamacpp/: the next step of a session, or a shared system prompt, prefills only its
 new tokens. Scoring and decoding are two requests here (the LLM API has no "decode on from this
 prefill" call), so a local step's decode request finds its prompt cached by the scoring request
 and recomputes only its unmatched tail (with partial reuse, the last token).

@@ -35,6 +35,7 @@ runner apart), each layer importing only those below it (pyproject.toml's import
 - `engine`: `LlamaCppEngine`, the async facade (the Engine interface, the decode loop on the event
   loop, the one engine thread);
 - `scheduler`: prompts placed, evaluated in chunks and decoded in shared steps; routing prefills;
+- `requests`: what the scheduler works on: a generation (`Decoding`), a prompt being evaluated;
 - `kvcache`: the slots and the radix index (`SlotCache`; the KV calls passed in, so it runs
   without a model), `sampling`: greedy and sampled choice, grammars; `model`: the loaded model,
   its tokenizer and template;

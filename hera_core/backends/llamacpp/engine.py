@@ -15,7 +15,8 @@ from hera_core.backends.base import Engine, Generation, Message, Prefill
 from hera_core.backends.llamacpp.kvcache import NoFreeSlot, SlotCache
 from hera_core.backends.llamacpp.model import LoadedModel
 from hera_core.backends.llamacpp.sampling import GrammarCompiler
-from hera_core.backends.llamacpp.scheduler import Decoding, Scheduler
+from hera_core.backends.llamacpp.requests import Decoding
+from hera_core.backends.llamacpp.scheduler import Scheduler
 from hera_core.backends.tools import CLOSE, OPEN, ToolSet
 from hera_core.config import LlamaCppOptions
 from hera_core.errors import HeraError, InvalidRequestError
