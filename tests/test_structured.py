@@ -4,12 +4,16 @@ so); a local one decodes under a grammar of the schema where the engine can cons
 the step goes to the cloud with reason `structured`."""
 
 import json
+import re
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hera_core.backends.cloud import CloudEngine
-from hera_core.backends.structured import ResponseFormat
+from hera_core.backends.structured import ANSWER_TOOL, ResponseFormat, answer_toolset, int_range_gbnf
+from hera_core.backends.tools import ToolSet
 from hera_core.errors import FieldError
 from tests.conftest import ServerThread
 from tests.fake_upstream import FakeUpstream
@@ -54,6 +58,38 @@ def test_validation_of_answers():
     assert obj.validate('{"a": 1}') is None and "not an object" in obj.validate("[1]")
     assert ResponseFormat.parse({"type": "text"}) is None and ResponseFormat.parse(None) is None
     assert fmt.request_field() == schema_format() and fmt.size() > 50
+
+
+@given(lo=st.one_of(st.none(), st.integers(-1200, 1200)), hi=st.one_of(st.none(), st.integers(-1200, 1200)),
+       exclusive=st.booleans())
+@settings(max_examples=150, deadline=None)
+def test_an_integer_range_compiles_to_exactly_its_integers(lo, hi, exclusive):
+    """The grammar's integer rule (llama-cpp-python's converter has none for minimum/maximum) against
+    jsonschema: the same integers on -3000..3000, as JSON spells them (no leading zeros, no -0)."""
+    schema = {"type": "integer"}
+    if lo is not None:
+        schema["exclusiveMinimum" if exclusive else "minimum"] = lo
+    if hi is not None:
+        schema["exclusiveMaximum" if exclusive else "maximum"] = hi
+    alts = int_range_gbnf(schema)
+    allowed = [i for i in range(-3000, 3001) if jsonschema.Draft202012Validator(schema).is_valid(i)]
+    if lo is None and hi is None or not allowed:
+        assert alts is None
+        return
+    pattern = "|".join("".join(p[1:-1] if p.startswith('"') else p for p in alt.strip("()").split(" "))
+                       for alt in alts.split(" | "))
+    assert [i for i in range(-3000, 3001) if re.fullmatch(pattern, str(i))] == allowed
+    assert not re.fullmatch(pattern, "-0") and not re.fullmatch(pattern, "007")
+
+
+def test_the_answer_grammar_bounds_integers():
+    fmt = ResponseFormat.parse(schema_format({"type": "object", "additionalProperties": False, "required": ["d"],
+                                              "properties": {"d": {"type": "integer", "minimum": 1, "maximum": 14}}}))
+    grammar = answer_toolset(fmt).grammar(opened=False)
+    assert '(([1-9]) | ("1" [0-4])) space' in grammar and "integral-part" not in grammar
+    tools = ToolSet.parse([{"type": "function", "function": {"name": "f", "parameters": fmt.schema()}}], "required")
+    assert '(([1-9]) | ("1" [0-4])) space' in tools.grammar(opened=False)  # client tools' calls too
+    assert answer_toolset(fmt).validate(ANSWER_TOOL, {"d": 15})  # validated against the schema as given
 
 
 # --- the cloud's answer, validated --------------------------------------------------------------------
@@ -201,3 +237,61 @@ def test_structured_steps_never_return_an_invalid_answer(srv):
 def test_n_with_a_format_is_refused_by_name(srv):
     status, _, body = post(srv, {"model": "hera", "messages": Q, "n": 2, "response_format": {"type": "json_object"}})
     assert status == 400 and body["error"]["param"] == "n"
+
+
+def test_the_cloud_route_answers_a_schema_too(srv):
+    """The stand-in cloud decodes under the schema like a provider with structured outputs: step 0
+    (the cloud's) comes back valid, checked by HERA before it is returned."""
+    status, h, body = post(srv, {"model": "hera", "messages": [{"role": "user", "content": "Plan a trip to Rome."}],
+                                 "max_tokens": 160, "response_format": schema_format(BOUNDED)})
+    assert status == 200 and h["x-hera-route"] == "cloud", body
+    jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), BOUNDED)
+
+
+# --- clients: typed results through hera serve ------------------------------------------------------------
+def _trip_model():
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Trip(BaseModel):
+        city: str = Field(max_length=24)
+        days: int = Field(ge=1, le=14)
+        season: Literal["spring", "summer", "autumn", "winter"]
+
+    return Trip
+
+
+@pytest.mark.parametrize("policy", ["local-only", "cloud-only"])
+def test_langchain_with_structured_output(srv, policy):
+    from langchain_openai import ChatOpenAI
+
+    from tests.test_openai_fields import KEY
+
+    Trip = _trip_model()
+    llm = ChatOpenAI(model="hera", base_url=srv.url + "/v1", api_key=KEY, max_tokens=96, max_retries=0,
+                     default_headers={"X-Hera-Policy": policy})
+    trip = llm.with_structured_output(Trip).invoke("Plan a short trip to Lisbon.")  # method json_schema (strict)
+    assert isinstance(trip, Trip) and 1 <= trip.days <= 14
+    assert srv.ledger.rows("serve")[-1]["route"] == policy.split("-")[0]
+
+
+@pytest.mark.parametrize("output", ["native", "tool"])
+def test_pydantic_ai_agent_with_a_typed_output(srv, output):
+    from pydantic_ai import Agent, NativeOutput
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+    from openai import AsyncOpenAI
+
+    from tests.test_openai_fields import KEY
+
+    Trip = _trip_model()
+    client = AsyncOpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0,
+                         default_headers={"X-Hera-Policy": "local-only"})
+    model = OpenAIChatModel("hera", provider=OpenAIProvider(openai_client=client))
+    # native: response_format json_schema; tool: pydantic-ai's own output tool, a forced tool call (one:
+    # SmolLM2 repeats a call until max_tokens when the grammar allows several)
+    agent = Agent(model, output_type=NativeOutput(Trip) if output == "native" else Trip,
+                  model_settings={"max_tokens": 256, "parallel_tool_calls": False})
+    result = agent.run_sync("Plan a short trip to Lisbon.")
+    assert isinstance(result.output, Trip) and 1 <= result.output.days <= 14

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from hera_core.backends.tools import ToolSet
 from hera_core.errors import FieldError
 
 _OBJECT = {"type": "object"}
@@ -141,11 +142,9 @@ def _check_strict(schema: Any, where: str) -> None:
 ANSWER_TOOL = "hera_structured_answer"
 
 
-def answer_toolset(fmt: ResponseFormat):
+def answer_toolset(fmt: ResponseFormat) -> "ToolSet | None":
     """The forced one-function ToolSet whose call is `fmt`'s answer; None where the schema's root is
     not an object (a function's arguments are one)."""
-    from hera_core.backends.tools import ToolSet
-
     schema = fmt.schema()
     if schema.get("type") != "object":
         return None
@@ -153,6 +152,107 @@ def answer_toolset(fmt: ResponseFormat):
     tool = {"type": "function", "function": {"name": ANSWER_TOOL, "parameters": schema,
                                              "description": f"Give your answer{what} as this function's arguments."}}
     return ToolSet.parse([tool], {"type": "function", "function": {"name": ANSWER_TOOL}})
+
+
+def schema_gbnf(schema: dict[str, Any], prop_order: list[str] | None = None) -> str:
+    """llama-cpp-python's json_schema_to_gbnf, with each bounded integer compiled into a rule of
+    exactly its range: the converter ignores minimum and maximum (a 2018 for an integer of at most
+    14 parsed, then failed validation). Tool calls and structured answers both use it."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    ranges: list[str] = []
+    gbnf = json_schema_to_gbnf(json.dumps(_placeholders(schema, ranges)), prop_order=prop_order)
+    for i, alts in enumerate(ranges):
+        literal = f'"\\"{_MARK}{i}a\\"" | "\\"{_MARK}{i}b\\""'
+        if literal not in gbnf:  # laid out otherwise: the bounds are left to validation, as before
+            return json_schema_to_gbnf(json.dumps(schema), prop_order=prop_order)
+        gbnf = gbnf.replace(literal, f"({alts}) space")
+    return gbnf
+
+
+_MARK = "__hera_int_"
+
+
+def _placeholders(schema: Any, ranges: list[str]) -> Any:
+    """`schema` with every integer that has bounds replaced by a two-value enum of marker strings
+    (the converter lays it out as one rule, replaced afterwards by the range's rule); `ranges`
+    receives each range's GBNF alternation, in marker order."""
+    if isinstance(schema, list):
+        return [_placeholders(s, ranges) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if schema.get("type") == "integer" and "enum" not in schema and "const" not in schema:
+        alts = int_range_gbnf(schema)
+        if alts is not None:
+            ranges.append(alts)
+            i = len(ranges) - 1
+            return {"enum": [f"{_MARK}{i}a", f"{_MARK}{i}b"]}
+    return {k: _placeholders(v, ranges) if k not in ("enum", "const", "required") else v for k, v in schema.items()}
+
+
+def _bound(schema: dict, inclusive: str, exclusive: str, step: int) -> int | None:
+    """An integer schema's lowest (step 1) or highest (step -1) allowed value, or None: unbounded."""
+    values = []
+    if isinstance(schema.get(inclusive), (int, float)) and not isinstance(schema.get(inclusive), bool):
+        v = schema[inclusive]
+        values.append(int(v) if v == int(v) else (int(v) + (1 if step > 0 else 0)) if v > 0 else
+                      int(v) + (0 if step > 0 else -1))
+    if isinstance(schema.get(exclusive), (int, float)) and not isinstance(schema.get(exclusive), bool):
+        v = schema[exclusive]
+        values.append(int(v) + step if v == int(v) else _bound({inclusive: v}, inclusive, "", step))
+    if not values:
+        return None
+    return max(values) if step > 0 else min(values)
+
+
+def int_range_gbnf(schema: dict) -> str | None:
+    """GBNF alternation matching exactly the JSON integers `schema` allows by minimum/maximum
+    (exclusive ones too); None without bounds, or for an empty range (validation says no)."""
+    lo = _bound(schema, "minimum", "exclusiveMinimum", 1)
+    hi = _bound(schema, "maximum", "exclusiveMaximum", -1)
+    if lo is None and hi is None or (lo is not None and hi is not None and lo > hi):
+        return None
+    alts: list[str] = []
+    if lo is None or lo < 0:  # negatives: "-" and a magnitude from max(1, -hi) up to -lo (or unbounded)
+        top = None if lo is None else -lo
+        bottom = 1 if hi is None or hi >= 0 else -hi
+        alts += [f'"-" {a}' for a in _magnitudes(bottom, top)]
+    if hi is None or hi >= 0:
+        alts += _magnitudes(max(lo or 0, 0), hi)
+    return " | ".join(f"({a})" for a in alts)
+
+
+def _magnitudes(lo: int, hi: int | None) -> list[str]:
+    """GBNF sequences for the integers lo..hi (0 <= lo; hi None: no upper bound), no leading zeros."""
+    out = []
+    while hi is None or lo <= hi:
+        top = 10 ** len(str(lo)) - 1
+        if hi is None:
+            out += _same_length(lo, top)
+            out.append(" ".join(["[1-9]"] + ["[0-9]"] * len(str(lo)) + ["[0-9]*"]))  # every longer number
+            return out
+        top = min(hi, top)
+        out += _same_length(lo, top)
+        lo = top + 1
+    return out
+
+
+def _same_length(lo: int, hi: int) -> list[str]:
+    """GBNF sequences for lo..hi, both of the same number of digits: each a fixed head, one digit
+    class, then free digits (the regex-range construction)."""
+    out = []
+    start = lo
+    while start <= hi:
+        step = 1
+        while start % (step * 10) == 0 and start + step * 10 - 1 <= hi and len(str(step * 10)) <= len(str(start)):
+            step *= 10
+        end = start + min((hi - start + 1) // step, 10 - (start // step) % 10) * step - 1
+        k = len(str(step)) - 1
+        s, e = str(start), str(end)
+        head, a, b = s[: len(s) - k - 1], s[len(s) - k - 1], e[len(e) - k - 1]
+        out.append(" ".join(([f'"{head}"'] if head else []) + [f"[{a}-{b}]" if a != b else f'"{a}"'] + ["[0-9]"] * k))
+        start = end + 1
+    return out
 
 
 def is_answer_toolset(toolset: Any) -> bool:

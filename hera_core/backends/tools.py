@@ -94,12 +94,11 @@ class ToolSet:
     def grammar(self, opened: bool) -> str:
         """GBNF for the tool-call blocks; `opened`: the first `<tool_call>` is already decoded
         (auto mode, where the model chose to call), else the output must start with it."""
-        from llama_cpp.llama_grammar import json_schema_to_gbnf
+        from hera_core.backends.structured import schema_gbnf  # (it builds on this module)
 
         calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                   "properties": {"name": {"const": n}, "arguments": self.schemas[n]}} for n in self.callable_names()]
-        body = json_schema_to_gbnf(json.dumps({"anyOf": calls} if len(calls) > 1 else calls[0]),
-                                   prop_order=["name", "arguments"])
+        body = schema_gbnf({"anyOf": calls} if len(calls) > 1 else calls[0], prop_order=["name", "arguments"])
         body = re.sub(r"^root ::=", "hera-call ::=", body, flags=re.M)
         block = f'"\\n" hera-call "\\n{CLOSE}"'
         more = f' ( "\\n"? "{OPEN}" {block} )*' if self.parallel else ""

@@ -1,7 +1,8 @@
 """`hera cloud-sim`: a GGUF model behind an OpenAI-compatible HTTP API on 127.0.0.1.
 
 The stand-in for a cloud LLM in the demo, the tests and the offline benchmark: real model, real
-HTTP. Point HERA_CLOUD_BASE_URL at a real provider and nothing else changes.
+HTTP. Point HERA_CLOUD_BASE_URL at a real provider and nothing else changes. Like a provider with
+structured outputs, it answers a response_format (an object schema) under the schema's grammar.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 from aiohttp import web
 
 from hera_core.backends.base import Engine
+from hera_core.backends.structured import ResponseFormat, answer_from_call, answer_toolset
 from hera_core.backends.tools import ToolSet
 from hera_core.errors import HeraError, InvalidRequestError
 from hera_core.serving.openai_api import completion_chunks, completion_response, error_body, error_from_exception, parse_request
@@ -38,8 +40,15 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 model=engine.name, text=gens[0].text, prompt_tokens=gens[0].prompt_tokens,
                 completion_tokens=sum(g.completion_tokens for g in gens), finish_reason=gens[0].finish_reason,
                 more_choices=[(g.text, g.finish_reason) for g in gens[1:]]))
+        fmt = ResponseFormat.parse(req.response_format)
+        # A structured answer decodes as the forced call of its schema (an object schema, no tools
+        # offered; otherwise unconstrained, as a provider without structured outputs would answer).
+        answer_tools = answer_toolset(fmt) if fmt is not None and toolset is None else None
+        tools = answer_tools or toolset
         gen = await engine.generate(req.plain_messages(), max_tokens=req.token_limit(512), stop=req.stop_list(),
-                                    **({"toolset": toolset} if toolset is not None else {}))
+                                    **({"toolset": tools} if tools is not None else {}))
+        if answer_tools is not None:
+            gen = answer_from_call(gen)
     except HeraError as exc:
         status, body = error_from_exception(exc)
         return web.json_response(body, status=status)
