@@ -20,6 +20,7 @@ import numpy as np
 from rich.progress import track
 
 from hera_core.backends.llamacpp import LlamaCppEngine
+from hera_core.backends.llamacpp.batch import Span
 from hera_core.native.features import logit_features
 from hera_core.offline.harness import first_messages
 from hera_core.install.models import model_path
@@ -30,18 +31,18 @@ from hera_core.offline.workloads import make_tasks
 
 def probe(engine: LlamaCppEngine, messages, n_tokens: int) -> np.ndarray:
     """[1 + decoded, 3] logit features: the prefill's last position, then each greedy token's.
-    Drives the engine's slot directly: its public generate does not hand out per-token logits."""
-    slot, logits, _ = engine._eval_prompt(engine.tokenize_messages(messages))
-    held = engine._slots[slot].tokens
+    Drives the engine's scheduler, cache and batch directly: generate does not hand out per-token logits."""
+    placed = engine.scheduler.eval_prompt(engine.tokenize_messages(messages))
+    slot, logits, pos = placed.slot, placed.logits, len(placed.tokens)
     rows = [logits]
     for _ in range(n_tokens):
         token = int(np.argmax(logits))
-        if engine._lib.llama_vocab_is_eog(engine._vocab, token):
+        if engine.model.is_eog(token):
             break
-        logits = engine._decode([token], slot, len(held))
-        held.append(token)
+        logits = engine.model.batch.decode([Span([token], slot, pos)])[0]
+        engine.cache.append(slot, [token], logits)  # the slot no longer ends at the prompt
+        pos += 1
         rows.append(logits)
-    engine._slots[slot].logits = None  # the slot no longer ends at the prompt
     return logit_features(np.stack(rows).astype(np.float32))
 
 

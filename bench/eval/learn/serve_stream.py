@@ -15,6 +15,7 @@ a shadow draft competes with the cloud for CPU no more than on separate machines
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -24,8 +25,7 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SYSTEM = ("You are a careful problem solver with a Python tool. Keep answers short. When asked for code, reply "
-          "with one ```python code block that prints the answer.")
+MAX_TOKENS = 384  # the profile's completion limit (offline/profiling.py)
 
 
 def wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -41,46 +41,33 @@ def wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
     raise SystemExit(f"{url} not ready after {timeout_s} s")
 
 
-def extract_code(text: str) -> str | None:
-    import re
+async def agent(client, task, trace: bool) -> dict:
+    """One task run by the harness's own agent (`harness.run_task`: the prompts, the sandboxed
+    program run, the retry and the answer extraction the profiled traces were made with), every
+    step sent over HTTP to model "hera" as an openai-SDK agent would send it. The first run of
+    this script had an agent of its own that differed from the harness's (it stopped at a reply
+    without code, and took a sentence as the answer), so its tasks were not comparable with the
+    profiled LLM's: docs/learning.md."""
+    from hera_core.offline.harness import run_task
 
-    m = re.search(r"```(?:python|py)?\s*\n(.*?)```", text, re.S)
-    return m.group(1) if m else None
-
-
-def agent(client, task: dict, trace: bool) -> dict:
-    """One task as a plain openai-SDK agent would run it: program, tool output, answer."""
-    from hera_core.checks.sandbox import run_python
-
-    headers = {"X-Hera-Session": task["id"], **({} if trace else {"X-Hera-Trace": "off"})}
-    messages = [{"role": "system", "content": SYSTEM},
-                {"role": "user", "content": f"Solve the following problem.\n\n{task['question']}\n\n"
-                                            "Write a short Python program that computes and prints the answer."}]
+    headers = {"X-Hera-Session": task.task_id, **({} if trace else {"X-Hera-Trace": "off"})}
     steps = []
-    for k in range(3):
+
+    async def step_fn(messages, index):
         t0 = time.perf_counter()
-        r = client.chat.completions.with_raw_response.create(model="hera", messages=messages, max_tokens=384,
-                                                              temperature=0, extra_headers=headers)
+        r = await client.chat.completions.with_raw_response.create(
+            model="hera", messages=messages, max_tokens=MAX_TOKENS, temperature=0, extra_headers=headers)
         body = r.parse()
         text = body.choices[0].message.content or ""
-        steps.append({"step": k, "route": r.headers.get("x-hera-route"), "reason": r.headers.get("x-hera-reason"),
+        route = r.headers.get("x-hera-route")
+        steps.append({"step": index, "route": route, "reason": r.headers.get("x-hera-reason"),
                       "latency_s": round(time.perf_counter() - t0, 3),
                       "predictor_version": (body.model_extra or {}).get("hera", {}).get("predictor_version")})
-        messages.append({"role": "assistant", "content": text})
-        code = extract_code(text)
-        if code is None or k == 2:
-            break
-        ok, out = run_python(code, timeout_s=5.0)
-        if ok:
-            reply = f"The program printed:\n{out}\nReply with only the final answer, as: ANSWER: <answer>"
-        elif k == 0:
-            reply = f"The program failed:\n{out}\nFix the program. Reply with one ```python code block."
-        else:
-            reply = f"The program failed again:\n{out}\nReason it out briefly and reply with: ANSWER: <answer>"
-        messages.append({"role": "user", "content": reply})
-    final = messages[-1]["content"]
-    answer = final.split("ANSWER:")[-1].strip() if "ANSWER:" in final else final.strip()
-    return {"task_id": task["id"], "family": task["family"], "answer": answer, "steps": steps}
+        return text, route
+
+    traj = await run_task(task, step_fn)
+    return {"task_id": task.task_id, "family": task.family, "answer": traj.answer, "steps": steps,
+            "correct": traj.correct}
 
 
 def main() -> None:
@@ -96,8 +83,7 @@ def main() -> None:
 
     from hera_core.offline.workloads import load_jsonl_tasks
 
-    tasks = [json.loads(line) for line in (HERE / "stream.jsonl").read_text().splitlines()][:args.tasks]
-    scorers = {t.task_id: t for t in load_jsonl_tasks(str(HERE / "stream.jsonl"))}
+    tasks = load_jsonl_tasks(str(HERE / "stream.jsonl"))[:args.tasks]  # in the stream's order
     out = Path(args.out)
     done = {json.loads(line)["task_id"] for line in out.read_text().splitlines()} if out.exists() else set()
     cache = Path(args.cache_dir)
@@ -118,17 +104,20 @@ def main() -> None:
     try:
         wait_for(f"http://127.0.0.1:{cloud_port}/healthz", cloud)
         wait_for(f"http://127.0.0.1:{args.port}/healthz", server)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", timeout=600)
+        async def one_task(task):  # a client per event loop: asyncio.run makes a new loop per task
+            async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none",
+                                          timeout=600) as client:
+                return await agent(client, task, trace=True)
+
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn()) as bar:
             job = bar.add_task("stream through hera serve", total=len(tasks), completed=len(done))
             for task in tasks:
-                if task["id"] in done:
+                if task.task_id in done:
                     continue
-                result = agent(client, task, trace=True)
-                result["correct"] = scorers[task["id"]].score(result["answer"])
+                result = asyncio.run(one_task(task))
                 with out.open("a") as f:
                     f.write(json.dumps(result) + "\n")
                 bar.advance(job)
