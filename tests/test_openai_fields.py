@@ -222,12 +222,18 @@ def check_response_format(srv):
 
 
 def check_logprobs(srv, extra=None):
-    status, h, body = ask(srv, logprobs=True, **(extra or {}))
-    if status == 200:  # the SLM reports them, or the cloud did
+    k = (extra or {}).get("top_logprobs", 0)
+    for headers in (LOCAL, CLOUD):  # the SLM's own, and the cloud's passed through
+        status, h, body = ask(srv, headers, logprobs=True, **(extra or {}))
+        assert status == 200, body
         content = body["choices"][0]["logprobs"]["content"]
-        assert content and all(c["logprob"] <= 0 for c in content)
-    else:  # the cloud answered without them: said so, never dropped
-        assert status == 502 and "logprobs" in body["error"]["message"]
+        assert len(content) == body["usage"]["completion_tokens"] and all(c["logprob"] <= 0 for c in content)
+        assert "".join(c["token"] for c in content) == body["choices"][0]["message"]["content"]
+        assert all(len(c["top_logprobs"]) == k for c in content)
+        assert all(c["top_logprobs"][0]["logprob"] >= c["logprob"] for c in content if k)  # greedy: the likeliest
+    chunks = events(ask(srv, LOCAL, logprobs=True, stream=True, **(extra or {}))[2])
+    assert [c for ch in chunks for c in (ch["choices"][0].get("logprobs") or {}).get("content", [])]
+    assert ask(srv, LOCAL, logprobs=False)[2]["choices"][0]["logprobs"] is None
     refused(srv, "logprobs", {"on": 1})
 
 

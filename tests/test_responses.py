@@ -161,3 +161,11 @@ def test_every_responses_field_is_in_the_docs():
     doc = (Path(__file__).parents[1] / "docs" / "openai-api.md").read_text()
     assert fields_markdown() in doc
     assert {n for n, f in RESPONSE_FIELDS.items() if f.handling is Handling.REFUSED} >= {"background", "prompt"}
+
+
+def test_logprobs_are_included_on_request(client):
+    resp = client.responses.create(model="hera", input="Name a colour.", max_output_tokens=8, top_logprobs=2,
+                                   include=["message.output_text.logprobs"], extra_headers=LOCAL)
+    part = resp.output[0].content[0]
+    assert len(part.logprobs) == resp.usage.output_tokens and "".join(t.token for t in part.logprobs) == part.text
+    assert all(len(t.top_logprobs) == 2 for t in part.logprobs)

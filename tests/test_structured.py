@@ -211,10 +211,17 @@ def test_a_cut_local_answer_is_never_returned(srv):
         assert srv.ledger.rows("serve")[-1]["status"] == "StructuredOutputError"
 
 
-@pytest.mark.parametrize("extra", [
-    {"response_format": schema_format({"type": "array", "items": {"type": "integer"}}, strict=False)},
-    {"response_format": {"type": "json_object"}, "tools": [WEATHER]},
-])
+def test_any_root_decodes_on_the_slm(srv):
+    """The engine's own response_format grammar takes any schema, not only an object (what a
+    function's arguments would be)."""
+    ints = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 4}
+    status, h, body = post(srv, {"model": "hera", "messages": Q, "max_tokens": 32,
+                                 "response_format": schema_format(ints, strict=False)}, LOCAL)
+    assert status == 200 and h["x-hera-route"] == "local"
+    jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), ints)
+
+
+@pytest.mark.parametrize("extra", [{"response_format": {"type": "json_object"}, "tools": [WEATHER]}])
 def test_what_the_slm_cannot_constrain_goes_to_the_cloud(srv, extra):
     messages = Q + [{"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}]  # step 1
     status, h, body = post(srv, {"model": "hera", "messages": messages, "max_tokens": 24, **extra})

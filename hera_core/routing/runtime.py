@@ -96,7 +96,8 @@ class _StepRun:
     draft_s: float = 0.0  # time the SLM spent drafting and checking a step that was then escalated
     hold: list = field(default_factory=list)  # the budget's hold on the step's cloud call, settled when booked
     response_format: ResponseFormat | None = None  # structured output asked for (None: free text)
-    logprobs: bool = False  # the answer must carry the tokens' log-probabilities
+    logprobs: int | None = None  # the answer must carry its tokens' log-probabilities, with this many alternatives
+    engine_extra: dict[str, Any] = field(default_factory=dict)  # what the SLM's generate is asked besides (format, logprobs)
 
 
 def _budget_message(exceeded: str) -> str:
@@ -205,12 +206,16 @@ class Runtime:
         fam = self.predictor.familiarity
         return self.unfamiliar != "trust" and fam is not None and not fam.familiar(messages)
 
-    async def _local_generate(self, messages, max_tokens, stop, on_text, toolset: ToolSet | None) -> Generation:
-        """The SLM's answer. With tools offered it is not streamed while it decodes: a call that
-        turns out invalid must be escalable without the client having seen any of it."""
+    async def _local_generate(self, messages, max_tokens, stop, on_text, toolset: ToolSet | None,
+                              extra: dict[str, Any] | None = None) -> Generation:
+        """The SLM's answer. With tools offered, or a structured answer, it is not streamed while it
+        decodes: one that turns out invalid must be escalable without the client having seen any of
+        it. `extra`: the engine's response_format (its grammar) and logprobs, where asked."""
+        extra = extra or {}
         if toolset is None:
-            return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, on_text=on_text)
-        gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset)
+            return await self.local.generate(messages, max_tokens=max_tokens, stop=stop, **extra,
+                                             on_text=None if "response_format" in extra else on_text)
+        gen = await self.local.generate(messages, max_tokens=max_tokens, stop=stop, toolset=toolset, **extra)
         return answer_from_call(gen) if is_answer_toolset(toolset) else gen
 
     @staticmethod
@@ -266,7 +271,8 @@ class Runtime:
         return vote, gens[vote.majority - 1]
 
     async def draft_step(self, messages: list[Message], plan: StepPlan, prefill_row: np.ndarray | None, *,
-                         max_tokens: int, stop: list[str] | None = None, toolset: ToolSet | None = None):
+                         max_tokens: int, stop: list[str] | None = None, toolset: ToolSet | None = None,
+                         extra: dict[str, Any] | None = None):
         """Execute a DRAFT or VOTE plan: the SLM's draft of the step (decoding on from the prefill
         that scored it), its checks, the draft stage's verdict or the samples' vote as the plan
         asks, and the decision (`decide_after_draft`): (the draft or the samples' majority answer,
@@ -275,7 +281,7 @@ class Runtime:
         if plan.action is Action.VOTE and toolset is None and self.vote_concurrently:
             draft, samples = await self._draft_with_samples(messages, max_tokens, stop, min(FIRST_VOTES, plan.votes_k))
         else:
-            draft = await self._local_generate(messages, max_tokens, stop, None, toolset)
+            draft = await self._local_generate(messages, max_tokens, stop, None, toolset, extra)
         try:
             return await self._check_and_vote(messages, plan, prefill_row, max_tokens, stop, draft, samples)
         finally:
@@ -305,7 +311,8 @@ class Runtime:
 
     async def plan(self, messages: list[Message], *, step: int, override: Override = Override.AUTO,
                    local_can_serve: bool = True, threshold: float | None = None, toolset: ToolSet | None = None,
-                   samples: int = 1, cloud_reason: str | None = None) -> tuple[StepPlan, Score | None]:
+                   samples: int = 1, cloud_reason: str | None = None,
+                   shaped: bool = False) -> tuple[StepPlan, Score | None]:
         """The step plan (`hera_core.routing.plan`) of one subtask with this runtime's settings and
         its predictor's stages, and the score it was made from: the SLM prefill scores the step
         unless it goes to the cloud whatever P is (cloud-only, non-text content). A prompt the SLM
@@ -327,7 +334,7 @@ class Runtime:
             override=override, why_not_local=why_not_local,
             unfamiliar=override is Override.AUTO and why_not_local is None and self.is_unfamiliar(messages),
             on_unfamiliar=self.unfamiliar, draft_band=band, vote=self.predictor.vote if self.vote == "auto" else None,
-            fixed_threshold=threshold is not None, tools=toolset is not None, samples=samples,
+            fixed_threshold=threshold is not None, tools=toolset is not None or shaped, samples=samples,
             agreement_k=self.agreement_k, agreement_min=self.agreement_min)
         return plan_step(facts), score
 
@@ -339,7 +346,7 @@ class Runtime:
                        on_decision: Callable[[Decision], Awaitable[None]] | None = None,
                        toolset: ToolSet | None = None, samples: int = 1,
                        sampling: dict[str, Any] | None = None, trace: bool = True,
-                       response_format: ResponseFormat | None = None, logprobs: bool = False,
+                       response_format: ResponseFormat | None = None, logprobs: int | None = None,
                        cloud_reason: str | None = None) -> SubtaskResult:
         """Route and run one subtask, book it, return the answer with its route and cost.
 
@@ -357,9 +364,12 @@ class Runtime:
         With samples = 1, `sampling` asks for one sampled answer (not streamed token by token: the
         SLM's arrives whole; with tools the SLM still decodes greedily under the call grammar).
         `response_format` (structured output): a cloud answer is validated, retried once, else a
-        StructuredOutputError; the step goes to the cloud (reason `structured`) unless the local
-        engine constrains decoding to the schema (`structured_outputs`). `logprobs`: the answer must
-        carry them (Generation.extra["logprobs"], OpenAI's shape). `cloud_reason`: the request asks
+        StructuredOutputError; the SLM decodes under the schema's grammar (an engine with
+        `structured_outputs`; else as the forced call of one function whose parameters are the
+        schema), a local answer that does not validate is never returned. `logprobs` (k
+        alternatives per token, 0-20): the answer carries them (Generation.extra["logprobs"],
+        OpenAI's shape), from the SLM where it `reports_logprobs`, else from the cloud. A structured
+        or logprobs step is planned like a tool step (drafted, never voted on by samples). `cloud_reason`: the request asks
         for something only the cloud serves (a field's name): the step goes there with that reason.
         """
         if samples > 1 and (on_text is not None or toolset is not None):
@@ -368,7 +378,14 @@ class Runtime:
         st = _StepRun(messages, session, run, step, max_tokens or self.max_tokens, stop, toolset, samples, sampling,
                       on_text, cloud_extra, time.perf_counter(), learning=self.learning if trace else None,
                       response_format=response_format, logprobs=logprobs)
-        if cloud_reason is None and response_format is not None and not getattr(self.local, "structured_outputs", False):
+        native = response_format is not None and getattr(self.local, "structured_outputs", False)
+        if native and (toolset is not None or samples > 1):
+            cloud_reason = cloud_reason or "structured"  # the engine's grammar is for a lone answer
+        elif native:
+            st.engine_extra["response_format"] = response_format
+        if logprobs is not None and getattr(self.local, "reports_logprobs", False):
+            st.engine_extra["logprobs"] = logprobs
+        if cloud_reason is None and response_format is not None and not native:
             # The SLM answers as a forced call whose arguments are the schema's instance (under the
             # tool-call grammar); a schema whose root is not an object, or tools offered as well: the cloud.
             answer_tools = answer_toolset(response_format) if toolset is None and samples == 1 else None
@@ -376,19 +393,20 @@ class Runtime:
                 cloud_reason = "structured"
             else:
                 toolset = st.toolset = answer_tools
-        if cloud_reason is None and logprobs and not getattr(self.local, "top_logprobs", False):
+        if cloud_reason is None and logprobs is not None and "logprobs" not in st.engine_extra:
             cloud_reason = "logprobs"  # the SLM does not report its tokens' log-probabilities
         with self._client_on_slm():  # scoring and drafting use the SLM: no shadow draft meanwhile
             st.plan, score = await self.plan(messages, step=step, override=override, local_can_serve=local_can_serve,
                                              threshold=threshold, toolset=toolset, samples=samples,
-                                             cloud_reason=cloud_reason)
+                                             cloud_reason=cloud_reason, shaped=bool(st.engine_extra))
             st.features = score.features[0] if score is not None else None
             await self._decide(st, score)
             if cloud_reason is not None and st.decision.reason == "cannot-serve-locally":
                 st.decision = dataclasses.replace(st.decision, reason=cloud_reason)
         await self._within_budget(st)
         # A local answer with tools offered is announced once its calls are known to be valid.
-        announce = on_decision if toolset is not None and st.decision.route is Route.LOCAL and st.draft is None \
+        held = toolset is not None or "response_format" in st.engine_extra  # its text waits for validation
+        announce = on_decision if held and st.decision.route is Route.LOCAL and st.draft is None \
             else None
         if on_decision is not None and announce is None:
             await on_decision(st.decision)
@@ -430,7 +448,8 @@ class Runtime:
             return
         try:
             st.draft, st.check, st.decision = await self.draft_step(
-                st.messages, plan, score.features, max_tokens=st.max_tokens, stop=st.stop, toolset=st.toolset)
+                st.messages, plan, score.features, max_tokens=st.max_tokens, stop=st.stop, toolset=st.toolset,
+                extra=st.engine_extra)
         except asyncio.CancelledError:
             self._record_cancelled(st.run, st.session, st.step, plan.drafting, time.perf_counter() - st.t0)
             raise
@@ -463,12 +482,13 @@ class Runtime:
     async def _on_slm(self, st: "_StepRun", on_text) -> tuple[Generation, list[Generation]]:
         if st.samples > 1:
             return await _sampled(self.local, st.messages, st.samples, st.max_tokens, st.stop, st.sampling)
-        if st.sampling is not None and st.toolset is None:  # one sampled answer (temperature > 0), whole
+        if st.sampling is not None and st.toolset is None and not st.engine_extra:  # one sampled answer, whole
             gen, _ = await _sampled(self.local, st.messages, 1, st.max_tokens, st.stop, st.sampling)
             if on_text is not None and gen.text:
                 on_text(gen.text)
             return gen, []
-        return await self._local_generate(st.messages, st.max_tokens, st.stop, on_text, st.toolset), []
+        return await self._local_generate(st.messages, st.max_tokens, st.stop, on_text, st.toolset,
+                                          st.engine_extra), []
 
     async def _answer_locally(self, st: "_StepRun", announce) -> tuple[Generation | None, list[Generation]]:
         """The SLM's answer (a kept draft is the answer: no second decode). An invalid tool call in
@@ -476,6 +496,10 @@ class Runtime:
         if st.samples > 1:
             return await self._on_slm(st, None)
         gen = st.draft if st.draft is not None else (await self._on_slm(st, st.on_text))[0]
+        if "response_format" in st.engine_extra and not gen.tool_errors:
+            why = st.response_format.validate(gen.text)  # (cut by max_tokens; a keyword the grammar skips)
+            if why is not None:  # escalated like an invalid tool call
+                gen = dataclasses.replace(gen, tool_errors=[f"the structured answer is not valid: {why}"])
         if gen.tool_errors:  # the SLM's tool call is not valid: never returned as one
             over_budget = may_leave_device(st.plan) and self.budget is not None and \
                 await self._ledger_io(self._reserve, st.session, st.messages, st.max_tokens, st.hold) is not None
@@ -484,7 +508,8 @@ class Runtime:
                 st.draft_s, gen = time.perf_counter() - st.t0, None
         if announce is not None:
             await announce(st.decision)
-        if gen is not None and (st.draft is not None or st.toolset is not None) and st.on_text is not None \
+        if gen is not None and (st.draft is not None or st.toolset is not None or "response_format" in st.engine_extra) \
+                and st.on_text is not None \
                 and gen.text:
             st.on_text(gen.text)  # held back while it was decided
         return gen, []
@@ -530,7 +555,7 @@ class Runtime:
             if shadow is not None:
                 shadow.cancel()
             raise
-        if st.response_format is not None or st.logprobs:
+        if st.response_format is not None or st.logprobs is not None:
             gen = await self._checked_cloud_answer(st, gen, kwargs)
         if shadow is not None:
             st.learning.finish_shadow(shadow, messages=st.messages, session=st.session, step=st.step,
@@ -549,7 +574,7 @@ class Runtime:
         """The cloud's answer checked against what was asked for: logprobs missing is a CloudError; a
         structured answer that does not validate is asked for once more (its tokens booked with the
         first's), then a StructuredOutputError (booked as a failed call) that says why."""
-        if st.logprobs and not gen.extra.get("logprobs"):  # asking again would not bring them
+        if st.logprobs is not None and not gen.extra.get("logprobs"):  # asking again would not bring them
             exc = CloudError("the cloud answered without the logprobs that were asked for (its API may not "
                              "offer them); send logprobs only to a cloud that does", gen.extra.get("attempts", []))
             self._record_failure(st.run, st.session, st.step, st.decision, exc, time.perf_counter() - st.t0)

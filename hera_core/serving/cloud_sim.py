@@ -45,8 +45,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         # offered; otherwise unconstrained, as a provider without structured outputs would answer).
         answer_tools = answer_toolset(fmt) if fmt is not None and toolset is None else None
         tools = answer_tools or toolset
+        asked = {"logprobs": (req.top_logprobs or 0)} if req.logprobs else {}  # an engine that reports them
         gen = await engine.generate(req.plain_messages(), max_tokens=req.token_limit(512), stop=req.stop_list(),
-                                    **({"toolset": tools} if tools is not None else {}))
+                                    **({"toolset": tools} if tools is not None else {}), **asked)
         if answer_tools is not None:
             gen = answer_from_call(gen)
     except HeraError as exc:
@@ -56,13 +57,14 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for chunk in completion_chunks(model=engine.name, text=gen.text, finish_reason=gen.finish_reason,
-                                       tool_calls=gen.tool_calls):
+                                       tool_calls=gen.tool_calls, logprobs=gen.extra.get("logprobs")):
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         return resp
     return web.json_response(completion_response(
         model=engine.name, text=gen.text, prompt_tokens=gen.prompt_tokens,
-        completion_tokens=gen.completion_tokens, finish_reason=gen.finish_reason, tool_calls=gen.tool_calls))
+        completion_tokens=gen.completion_tokens, finish_reason=gen.finish_reason, tool_calls=gen.tool_calls,
+        logprobs=gen.extra.get("logprobs")))
 
 
 async def _models(request: web.Request) -> web.Response:

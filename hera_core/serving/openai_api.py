@@ -85,15 +85,14 @@ FIELDS: dict[str, Field_] = {
                                        "an invalid local call is escalated"),
     "tool_choice": Field_(Handling.HONOURED, "auto, none, required or one function, both routes"),
     "parallel_tool_calls": Field_(Handling.HONOURED, "false: at most one call per answer, both routes"),
-    "response_format": Field_(Handling.HONOURED, "text, json_object or json_schema (strict checked); on the cloud "
-                                                 "the answer is validated (one retry, then a 502 that says so); "
-                                                 "on the SLM decoding is constrained by a grammar of the schema "
-                                                 "where the engine can, else the step goes to the cloud (reason "
-                                                 "`structured`)"),
-    "logprobs": Field_(Handling.CLOUD, "the step goes to the cloud (reason `logprobs`) and its logprobs are "
-                                       "returned, streamed too; an answer without them is a 502",
-                       inert=(None, False)),
-    "top_logprobs": Field_(Handling.CLOUD, "with logprobs: as logprobs (0-20)", inert=(None, 0)),
+    "response_format": Field_(Handling.HONOURED, "text, json_object or json_schema (strict checked); on the SLM "
+                                                 "decoding is constrained by a grammar of the schema, on the "
+                                                 "cloud the answer is validated (one retry, then a 502 that says "
+                                                 "so); an answer that does not validate is never returned"),
+    "logprobs": Field_(Handling.HONOURED, "each token's log-probability, from the SLM's decode or passed through "
+                                          "from the cloud (an answer without them is a 502); streamed in one "
+                                          "chunk after the text"),
+    "top_logprobs": Field_(Handling.HONOURED, "with logprobs: that many alternatives per token (0-20)"),
     "logit_bias": Field_(Handling.CLOUD, "a non-empty bias sends the step to the cloud (reason `logit_bias`)",
                          inert=(None, {})),
     "presence_penalty": Field_(Handling.CLOUD, "non-zero: the step goes to the cloud (reason `presence_penalty`)",
@@ -304,14 +303,19 @@ def tool_call_deltas(tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def completion_chunks(*, model: str, text: str, finish_reason: str,
-                      tool_calls: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """A finished completion as OpenAI stream chunks (role, content, tool calls, finish)."""
+                      tool_calls: list[dict[str, Any]] | None = None,
+                      logprobs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """A finished completion as OpenAI stream chunks (role, content with its logprobs, tool calls, finish)."""
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-    def chunk(delta: dict, finish: str | None) -> dict:
+    def chunk(delta: dict, finish: str | None, lp: dict | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        if lp is not None:
+            choice["logprobs"] = lp
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                "choices": [choice]}
 
-    return [chunk({"role": "assistant", "content": ""}, None), *([chunk({"content": text}, None)] if text else []),
+    return [chunk({"role": "assistant", "content": ""}, None),
+            *([chunk({"content": text}, None, logprobs)] if text else []),
             *(chunk(d, None) for d in tool_call_deltas(tool_calls or [])),
             chunk({}, "tool_calls" if tool_calls else finish_reason)]

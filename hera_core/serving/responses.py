@@ -104,7 +104,7 @@ RESPONSE_FIELDS: dict[str, Field_] = {
                                       "sends the step to the cloud"),
     "include": Field_(Handling.HONOURED, "message.output_text.logprobs: as logprobs; anything else is refused",
                       refuse=_refuse_include),
-    "top_logprobs": Field_(Handling.CLOUD, "as in chat completions", inert=(None, 0)),
+    "top_logprobs": Field_(Handling.HONOURED, "with include logprobs: as in chat completions"),
     "reasoning": Field_(Handling.CLOUD, "reasoning settings: the step goes to the cloud (reason "
                                         "`reasoning_effort`)"),
     "metadata": Field_(Handling.FORWARDED, "kept on the stored response, sent with a cloud step"),

@@ -241,19 +241,20 @@ def prepare_routed(request: web.Request, payload: dict[str, Any], req: ChatCompl
     local_can_serve = not req.has_non_text_content()
     cloud_extra = {k: v for k, v in payload.items()
                    if FIELDS[k].handling in (Handling.CLOUD, Handling.FORWARDED) and v is not None}
-    # logprobs is the runtime's to route: the cloud's reason only while the SLM does not report them
-    cloud_only = [f for f in req.cloud_only_fields() if f not in ("logprobs", "top_logprobs")]
+    cloud_only = req.cloud_only_fields()
     override = _override_of(request)
     kwargs = dict(session=_session_of(request, messages), step=step_index(messages), max_tokens=max_tokens,
                   stop=req.stop_list(), override=override, local_can_serve=local_can_serve,
                   threshold=fixed_threshold, toolset=toolset, trace=_trace_of(request),
-                  response_format=fmt, logprobs=bool(req.logprobs),
+                  response_format=fmt, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                   cloud_reason=cloud_only[0] if cloud_only else None)
     if req.n > 1:  # n choices sampled on the route taken, the prompt paid once
         kwargs.update(samples=req.n, sampling=req.sampling())
     elif req.sampled():  # one sampled answer: the cloud gets the parameters, the SLM samples with them
         kwargs["sampling"] = req.sampling()
         cloud_extra.update({k: v for k, v in kwargs["sampling"].items() if v is not None})
+    if req.logprobs:  # honoured on both routes: the cloud is asked for them too
+        cloud_extra.update({"logprobs": True, **({"top_logprobs": req.top_logprobs} if req.top_logprobs else {})})
     kwargs["cloud_extra"] = cloud_extra or None
     needs_slm = override is not Override.CLOUD_ONLY and local_can_serve and not cloud_only
     return RoutedCall(req, messages, kwargs, needs_slm)

@@ -4,6 +4,7 @@ docstring describes the whole engine)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from hera_core.backends.llamacpp.model import LoadedModel
 from hera_core.backends.llamacpp.sampling import GrammarCompiler
 from hera_core.backends.llamacpp.requests import Decoding
 from hera_core.backends.llamacpp.scheduler import Scheduler
+from hera_core.backends.structured import ResponseFormat
 from hera_core.backends.tools import CLOSE, OPEN, ToolSet
 from hera_core.config import LlamaCppOptions
 from hera_core.errors import HeraError, InvalidRequestError
@@ -36,6 +38,7 @@ class Occupancy:
 
 class LlamaCppEngine(Engine):
     is_local = True
+    reports_logprobs = True  # generate(logprobs=k): each token's log-probability, with k alternatives
 
     def __init__(self, model_path: str | Path, *, name: str | None = None, options: LlamaCppOptions | None = None,
                  **kwargs: object) -> None:
@@ -63,6 +66,8 @@ class LlamaCppEngine(Engine):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hera-{self.name}")
         grammars = GrammarCompiler(opts.tool_grammar, self.model.lib, self.model.vocab, self.model.n_vocab,
                                    {OPEN: self.model.open_token, CLOSE: self.model.close_token})
+        # generate(response_format=...) decodes under the schema's grammar (not with the grammars off)
+        self.structured_outputs = bool(grammars)
         self.scheduler = Scheduler(self.model, self.cache, grammars, decode_chunk=opts.decode_chunk,
                                    prefill_chunk=opts.prefill_chunk, submit=self._executor.submit)
         self._active: list[tuple[Decoding, asyncio.Future]] = []  # generations in the shared decode loop
@@ -165,12 +170,18 @@ class LlamaCppEngine(Engine):
 
     async def generate(self, messages: list[Message], *, max_tokens: int = 256,
                        stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
-                       toolset: ToolSet | None = None, **_: object) -> Generation:
+                       toolset: ToolSet | None = None, response_format: ResponseFormat | None = None,
+                       logprobs: int | None = None, **_: object) -> Generation:
         """Greedy completion. `on_text`, if given, receives text deltas as they decode (called on
         the event loop's thread, in order); with `toolset`, calls decode under its grammar and come
-        back parsed in `tool_calls` (their text is not streamed)."""
+        back parsed in `tool_calls` (their text is not streamed); with `response_format`, the whole
+        answer decodes under its schema's grammar (not with tools). `logprobs` (0-20): the answer
+        carries its tokens' log-probabilities, each with that many alternatives, in OpenAI's shape
+        (extra["logprobs"] = {"content": [{token, logprob, bytes, top_logprobs}, ...]})."""
         if max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise InvalidRequestError(f"logprobs must be between 0 and 20 alternatives, got {logprobs}")
         loop = asyncio.get_running_loop()
 
         def callback(delta: str) -> None:
@@ -178,7 +189,8 @@ class LlamaCppEngine(Engine):
 
         # Cancelled while its start runs: the slot that start claims is handed back once it has.
         # Batched, the start only places the prompt: the decode loop evaluates it, in chunks.
-        start = self.scheduler.begin if self.batching else self.scheduler.start
+        start = functools.partial(self.scheduler.begin if self.batching else self.scheduler.start,
+                                  response_format=response_format, top_k=logprobs)
         d = await self._when_a_slot_is_free(start, messages, max_tokens, list(stop or []),
                                             callback if on_text is not None else None, toolset,
                                             if_abandoned=self._release_later)
@@ -217,10 +229,23 @@ class LlamaCppEngine(Engine):
         if d.toolset is not None:
             text, calls, errors = d.parsed_output()
             finish = "tool_calls" if calls and not errors else finish
+        extra: dict = {"token_logprobs": d.logprobs}
+        if d.top_k is not None:
+            extra["logprobs"] = {"content": [self._token_logprob(tok, lp, alts) for tok, lp, alts in
+                                             zip(d.out, d.logprobs, d.top if d.top_k else [[]] * len(d.out))]}
         return Generation(text=text, prompt_tokens=d.prompt_tokens, completion_tokens=len(d.out),
                           latency_s=latency, ttft_s=d.ttft if d.ttft is not None else latency,
                           finish_reason=finish, cached_tokens=d.reused, model=self.name,
-                          extra={"token_logprobs": d.logprobs}, tool_calls=calls, tool_errors=errors)
+                          extra=extra, tool_calls=calls, tool_errors=errors)
+
+    def _token_logprob(self, token: int, lp: float, alternatives: list[tuple[int, float]]) -> dict:
+        """One token of an answer as OpenAI's logprobs report it: its text, log-probability, UTF-8
+        bytes (a token may hold part of a character) and the likeliest alternatives."""
+        def entry(tok: int, value: float) -> dict:
+            raw = self.model.token_bytes(tok)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(raw)}
+
+        return {**entry(token, lp), "top_logprobs": [entry(t, v) for t, v in alternatives]}
 
     # --- decoding to the end ----------------------------------------------------------------------
     async def _run_decodings(self, ds: list[Decoding]) -> None:

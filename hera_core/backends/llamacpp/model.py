@@ -84,6 +84,10 @@ class LoadedModel:
     def detokenize(self, tokens: list[int]) -> str:
         return self._model.detokenize(tokens, special=False).decode("utf-8", errors="ignore")
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token spells (special tokens as their text)."""
+        return self._model.detokenize([token], special=True)
+
     def is_eog(self, token: int) -> bool:
         """Whether `token` ends a generation (EOS, or a turn-end token such as Qwen's <|im_end|>)."""
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))

@@ -48,6 +48,8 @@ class Decoding:
     pinned: int  # index blocks of the prompt locked against eviction while decoding
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # log-probability of each token of `out`
+    top_k: int | None = None  # report logprobs with this many alternatives per token (None: not asked)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token of `out`: (token, logprob), top_k
     text: str = ""
     sent: int = 0
     finish: str = "length"

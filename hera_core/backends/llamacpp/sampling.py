@@ -1,10 +1,9 @@
 """Choosing the next token: greedy or sampled (temperature, top_p), and under a grammar.
 
 A grammar is compiled from GBNF text by `GrammarCompiler`, run by llama.cpp's grammar sampler or
-by llguidance (`tool_grammar`). Its source today is the tools' JSON Schemas (`tool_call`, the
-grammar of a tool call); a second source (a `response_format` JSON Schema, for structured
-output) compiles the same way: a method beside `tool_call` that turns its schema into GBNF and
-calls `compile` with its own `source` name. Every grammar offers the same three calls (`choose`,
+by llguidance (`tool_grammar`). Its sources: the tools' JSON Schemas (`tool_call`, the grammar of
+a tool call) and a `response_format` (`response_format`, the grammar of the whole answer: a JSON
+object, or an instance of the schema). Every grammar offers the same three calls (`choose`,
 `accept`, `close`), so the decoding loop does not know which engine runs it.
 """
 
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hera_core.backends.structured import ResponseFormat, schema_gbnf
 from hera_core.backends.tools import ToolSet
 from hera_core.errors import HeraError, InvalidRequestError
 
@@ -26,6 +26,17 @@ def logprob(logits: np.ndarray, token: int) -> float:
     """log softmax(logits)[token], stable."""
     top = float(logits.max())
     return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+
+
+def top_logprobs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k likeliest tokens and their log-probabilities, likeliest first (OpenAI's top_logprobs)."""
+    if k <= 0:
+        return []
+    top = float(logits.max())
+    norm = top + float(np.log(np.exp(logits - top).sum()))
+    ids = np.argpartition(logits, -k)[-k:]
+    ids = ids[np.argsort(-logits[ids])]
+    return [(int(i), float(logits[i]) - norm) for i in ids]
 
 
 @dataclass
@@ -166,6 +177,12 @@ class GrammarCompiler:
     def tool_call(self, toolset: ToolSet, opened: bool) -> Grammar:
         """The grammar of a tool call of `toolset` (`opened`: its opening tag already emitted)."""
         return self.compile(toolset.grammar(opened), label="the tool-call grammar", source="the tools' JSON Schemas")
+
+    def response_format(self, fmt: ResponseFormat) -> Grammar:
+        """The grammar of a whole structured answer: an instance of `fmt`'s schema (bounded integers
+        included, `schema_gbnf`), the prompt as the client sent it (no tool wrapper)."""
+        return self.compile(schema_gbnf(fmt.schema()), label="the response_format grammar",
+                            source="the response_format's JSON Schema")
 
     def _llg(self):
         if self._llg_tokenizer is None:

@@ -20,8 +20,10 @@ from hera_core.backends.llamacpp.batch import Span
 from hera_core.backends.llamacpp.kvcache import Placed, SlotCache
 from hera_core.backends.llamacpp.model import LoadedModel
 from hera_core.backends.llamacpp.requests import Decoding, Prompt, Waiter, deliver
-from hera_core.backends.llamacpp.sampling import Grammar, GrammarCompiler, Sampling, choose, logprob
+from hera_core.backends.llamacpp.sampling import Grammar, GrammarCompiler, Sampling, choose, logprob, top_logprobs
+from hera_core.backends.structured import ResponseFormat
 from hera_core.backends.tools import ToolSet
+from hera_core.errors import CannotServeLocallyError
 
 class PrefillQueue:
     """Routing prefills waiting for the engine thread; the next job there takes all of them. While
@@ -127,13 +129,15 @@ class Scheduler:
 
     # --- generations: begin (place), start (evaluate whole), samples ---------------------------
     def begin(self, messages: list[Message], max_tokens: int, stop: list[str],
-              on_text: Callable[[str], None] | None, toolset: ToolSet | None = None) -> Decoding:
+              on_text: Callable[[str], None] | None, toolset: ToolSet | None = None, *,
+              response_format: ResponseFormat | None = None, top_k: int | None = None) -> Decoding:
         """Place the prompt in a slot (its cached prefix kept or linked) for a new generation. What
         is left to evaluate waits in `prompts` for the shared decode steps; an exact repeat of the
-        slot's last prompt claims it at once."""
+        slot's last prompt claims it at once. `response_format`: the answer decodes under its
+        grammar; `top_k`: each token's log-probability is reported, with top_k alternatives."""
         t0 = time.perf_counter()
         tokens = self.model.tokenize_messages(messages, toolset)
-        grammar = self._first_grammar(toolset)
+        grammar = self._first_grammar(toolset, response_format)
         max_tokens = max(0, min(max_tokens, self.cache.n_ctx - len(tokens)))
         try:
             placed = self.cache.place(tokens, reserve=max_tokens)
@@ -142,7 +146,8 @@ class Scheduler:
                 grammar.close()
             raise
         d = Decoding(slot=placed.slot, logits=None, max_tokens=max_tokens, stop=stop, on_text=on_text, t0=t0,
-                     prompt_tokens=len(tokens), reused=placed.reused, pinned=0, toolset=toolset, grammar=grammar)
+                     prompt_tokens=len(tokens), reused=placed.reused, pinned=0, toolset=toolset, grammar=grammar,
+                     top_k=top_k)
         if placed.logits is not None:
             self._claim(d, placed)
         else:
@@ -150,11 +155,15 @@ class Scheduler:
             self.prompts.append(d.prompt)
         return d
 
-    def _first_grammar(self, toolset: ToolSet | None) -> Grammar | None:
-        """The grammar a generation starts under: a tool call's where the answer must be one, else
-        none (free text; with tool choice "auto" a call's grammar starts when its opener is
-        emitted, in `_advance`). Another source of a grammar for the whole answer (a response
-        format's schema, compiled by `GrammarCompiler`) is chosen here."""
+    def _first_grammar(self, toolset: ToolSet | None, response_format: ResponseFormat | None = None) -> Grammar | None:
+        """The grammar a generation starts under: a response format's for the whole answer; a tool
+        call's where the answer must be one; else none (free text; with tool choice "auto" a
+        call's grammar starts when its opener is emitted, in `_advance`)."""
+        if response_format is not None:
+            if toolset is not None or not self.grammars:
+                raise CannotServeLocallyError("a response_format with tools offered, or without grammars "
+                                              "(tool_grammar off), is not decoded on this engine")
+            return self.grammars.response_format(response_format)
         if toolset is not None and toolset.choice in ("required", "function") and self.grammars:
             return self.grammars.tool_call(toolset, opened=False)  # the answer must be a call
         return None
@@ -166,9 +175,10 @@ class Scheduler:
         d.logits, d.prompt = placed.logits, None
 
     def start(self, messages: list[Message], max_tokens: int, stop: list[str],
-              on_text: Callable[[str], None] | None, toolset: ToolSet | None = None) -> Decoding:
+              on_text: Callable[[str], None] | None, toolset: ToolSet | None = None, *,
+              response_format: ResponseFormat | None = None, top_k: int | None = None) -> Decoding:
         """Evaluate the prompt into a slot, whole, and claim it for this generation."""
-        d = self.begin(messages, max_tokens, stop, on_text, toolset)
+        d = self.begin(messages, max_tokens, stop, on_text, toolset, response_format=response_format, top_k=top_k)
         if d.prompt is not None:
             self._evaluate([], [(d.prompt, len(d.prompt.tokens) - d.prompt.done)])
         return d
@@ -213,6 +223,8 @@ class Scheduler:
             return None
         d.out.append(token)
         d.logprobs.append(logprob(d.logits, token))  # the draft checks' token-level confidence
+        if d.top_k:
+            d.top.append(top_logprobs(d.logits, d.top_k))
         if d.grammar is not None:
             d.grammar.accept(token)
         elif d.toolset is not None and d.toolset.choice == "auto" and token == self.model.open_token and self.grammars:
