@@ -271,16 +271,15 @@ class Ledger(CostLedger):
                 self._queued.wait()
 
     def attempts(self, run: str | None = None) -> list[dict[str, Any]]:
-        self.flush()
-        q = "SELECT * FROM cloud_attempts" + (" WHERE run=?" if run else "") + " ORDER BY id"
-        with self._lock:
-            cur = self._db.execute(q, (run,) if run else ())
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r)) for r in cur.fetchall()]
+        return self._select("cloud_attempts", run)
 
     def rows(self, run: str | None = None) -> list[dict[str, Any]]:
+        return self._select("subtasks", run)
+
+    def _select(self, table: str, run: str | None) -> list[dict[str, Any]]:
+        """Every row of `table` (of one run, if given) in id order, once the queue is committed."""
         self.flush()
-        q = "SELECT * FROM subtasks" + (" WHERE run=?" if run else "") + " ORDER BY id"
+        q = f"SELECT * FROM {table}" + (" WHERE run=?" if run else "") + " ORDER BY id"
         with self._lock:
             cur = self._db.execute(q, (run,) if run else ())
             names = [d[0] for d in cur.description]
