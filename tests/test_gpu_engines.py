@@ -113,49 +113,39 @@ def test_tensorrt_reused_tokens_come_from_its_metrics_else_the_hot_prefix_index(
     """Routing signal of the TensorRT-LLM engine (logic only; the engine itself needs a GPU)."""
     from types import SimpleNamespace
 
-    from hera_core.backends.tensorrt import TensorRTLLMEngine
-
-    eng = TensorRTLLMEngine.__new__(TensorRTLLMEngine)
-    eng.tokens_per_block = 32
+    from hera_core.backends.tensorrt import reused_tokens
 
     def out(metrics, **fields):
         return SimpleNamespace(outputs=[SimpleNamespace(request_perf_metrics=metrics)], **fields)
 
     with_metrics = out(SimpleNamespace(kv_cache_metrics=SimpleNamespace(num_reused_blocks=3)))
-    assert eng._cached_tokens(with_metrics, 500, hot=64) == 96  # TensorRT-LLM's block count wins
-    assert eng._cached_tokens(with_metrics, 50, hot=64) == 49  # the last prompt token is always computed
-    assert eng._cached_tokens(out(None), 500, hot=64) == 64  # no metrics: the index's estimate
-    assert eng._cached_tokens(out(None), 40, hot=64) == 39
+    assert reused_tokens(with_metrics, 500, 64, 32) == 96  # TensorRT-LLM's block count wins
+    assert reused_tokens(with_metrics, 50, 64, 32) == 49  # the last prompt token is always computed
+    assert reused_tokens(out(None), 500, 64, 32) == 64  # no metrics: the index's estimate
+    assert reused_tokens(out(None), 40, 64, 32) == 39
     exact = out(SimpleNamespace(kv_cache_metrics=SimpleNamespace(num_reused_blocks=3)), cached_tokens=90)
-    assert eng._cached_tokens(exact, 500, hot=64) == 90  # the exact count of newer releases wins
+    assert reused_tokens(exact, 500, 64, 32) == 90  # the exact count of newer releases wins
 
 
 def test_tensorrt_requests_stop_on_the_checkpoints_end_of_turn_tokens(tmp_path) -> None:
     """generation_config.json's eos ids become stop_token_ids (logic only; the engine needs a GPU)."""
-    from dataclasses import dataclass, field
-
-    from hera_core.backends.tensorrt import TensorRTLLMEngine, _generation_eos_ids
+    from hera_core.backends.tensorrt import generation_eos_ids, sampling_fields
 
     pytest.importorskip("transformers")
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [128001, 128009]}')
-    assert _generation_eos_ids(str(tmp_path)) == [128001, 128009]
+    assert generation_eos_ids(str(tmp_path)) == [128001, 128009]
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": 151645}')
-    assert _generation_eos_ids(str(tmp_path)) == [151645]
-    assert _generation_eos_ids(str(tmp_path / "absent")) == []
+    assert generation_eos_ids(str(tmp_path)) == [151645]
+    assert generation_eos_ids(str(tmp_path / "absent")) == []
 
-    @dataclass
-    class Params:  # the SamplingParams fields _params fills
-        max_tokens: int = 0
-        temperature: float = 1.0
-        top_k: int = 0
-        stop: list = field(default_factory=list)
-        stop_token_ids: list = field(default_factory=list)
+    accepted = frozenset({"max_tokens", "temperature", "top_k", "stop", "stop_token_ids"})
+    params = sampling_fields(max_tokens=8, stop=["\n\n"], scoring=False, stop_token_ids=[128009], accepted=accepted,
+                             logits_source="generation", token_logprobs=False)
+    assert params == {"max_tokens": 8, "temperature": 0.0, "top_k": 1, "stop": ["\n\n"], "stop_token_ids": [128009]}
+    older = sampling_fields(max_tokens=8, stop=None, scoring=True, stop_token_ids=[128009],
+                            accepted=frozenset({"max_tokens"}), logits_source="context", token_logprobs=True)
+    assert older == {"max_tokens": 8, "temperature": 0.0, "top_k": 1, "return_context_logits": True}
 
-    eng = TensorRTLLMEngine.__new__(TensorRTLLMEngine)
-    eng._SamplingParams, eng._sampling_fields = Params, frozenset(Params.__dataclass_fields__)
-    eng.logits_source, eng.token_logprobs, eng._stop_token_ids = "generation", False, [128009]
-    params = eng._params(max_tokens=8, stop=["\n\n"])
-    assert (params.max_tokens, params.top_k, params.stop, params.stop_token_ids) == (8, 1, ["\n\n"], [128009])
 
 
 def test_importing_the_gpu_modules_loads_no_gpu_library() -> None:
@@ -415,7 +405,7 @@ def test_tensorrt_prefill_logits_give_the_greedy_first_token(trt_engine) -> None
 
     pre, gen = asyncio.run(go())
     assert pre.logits.dtype == np.float32 and pre.logits.ndim == 1 and np.isfinite(pre.logits.max())
-    first = trt_engine._tokenizer.decode([int(np.argmax(pre.logits))], skip_special_tokens=True)
+    first = trt_engine.tokenizer.decode([int(np.argmax(pre.logits))], skip_special_tokens=True)
     assert gen.text.strip() == first.strip()
     assert gen.cached_tokens > 0  # the scoring request left the prompt's blocks cached
 

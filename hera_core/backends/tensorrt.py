@@ -149,6 +149,40 @@ class DevicePrefillBatch:
     uploaded_rows: int  # rows TensorRT-LLM returned in host memory and that were copied in
 
 
+
+def sampling_fields(*, max_tokens: int, stop: list[str] | None, scoring: bool, stop_token_ids: list[int],
+                    accepted: frozenset[str], logits_source: str, token_logprobs: bool) -> dict[str, Any]:
+    """Greedy SamplingParams fields (temperature 0 and top_k 1: reproducible, cacheable outputs);
+    `accepted`: the fields this TensorRT-LLM release's SamplingParams has."""
+    fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "top_k": 1}
+    if stop:
+        fields["stop"] = list(stop)
+    if stop_token_ids and "stop_token_ids" in accepted:
+        fields["stop_token_ids"] = list(stop_token_ids)
+    if scoring:
+        fields["return_generation_logits" if logits_source == "generation" else "return_context_logits"] = True
+    elif token_logprobs:
+        fields["logprobs"] = 1
+    if "return_perf_metrics" in accepted:
+        fields["return_perf_metrics"] = True  # for the reused-block count
+    return fields
+
+
+def reused_tokens(out: Any, prompt_tokens: int, hot: int, tokens_per_block: int) -> int:
+    """Reused prompt tokens of a finished request: TensorRT-LLM's exact count
+    (`RequestOutput.cached_tokens`, newer 1.x), else its reused blocks x block size, else `hot`, the
+    hot-prefix index's estimate taken before the request. Never the whole prompt: the last prompt
+    token is always computed."""
+    cap = max(prompt_tokens - 1, 0)
+    exact = getattr(out, "cached_tokens", None)
+    if isinstance(exact, int) and exact > 0:
+        return min(cap, exact)
+    metrics = getattr(out.outputs[0], "request_perf_metrics", None)
+    reused = getattr(getattr(metrics, "kv_cache_metrics", None), "num_reused_blocks", None)
+    if reused is None:
+        return min(cap, hot)
+    return min(cap, int(reused) * tokens_per_block)
+
 class TensorRTLLMEngine(Engine):
     is_local = True
 
@@ -181,9 +215,9 @@ class TensorRTLLMEngine(Engine):
             from tensorrt_llm import LLM
 
         source = str(tokenizer or model)
-        self._tokenizer = _load_tokenizer(source)
+        self.tokenizer = _load_tokenizer(source)
         self.name = name or Path(str(model)).name
-        if not getattr(self._tokenizer, "chat_template", None):
+        if not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError(f"model {self.name} has no chat template; use an instruct model")
 
         self._torch = torch
@@ -192,7 +226,7 @@ class TensorRTLLMEngine(Engine):
         self._sampling_fields = frozenset(getattr(SamplingParams, "__dataclass_fields__", ()))
         # TensorRT-LLM ends on the tokenizer's EOS only; instruct models whose turn-end token is
         # another one (Llama 3's <|eot_id|>) list it in generation_config.json: stop on those too.
-        self._stop_token_ids = _generation_eos_ids(source)
+        self._stop_token_ids = generation_eos_ids(source)
         self.n_ctx = opts.n_ctx
         self.tokens_per_block = opts.tokens_per_block  # KV block size; converts reused blocks to tokens
         self.logits_source = opts.logits_source
@@ -219,7 +253,7 @@ class TensorRTLLMEngine(Engine):
         if not messages:
             raise InvalidRequestError("messages must not be empty")
         try:
-            ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # noqa: BLE001 - jinja raises for roles the template does not accept
             raise InvalidRequestError(
                 f"cannot format messages with the model's chat template: {_one_line(exc)}") from None
@@ -236,33 +270,13 @@ class TensorRTLLMEngine(Engine):
 
     # --- requests -------------------------------------------------------------------------------
     def _params(self, *, max_tokens: int, stop: list[str] | None = None, scoring: bool = False) -> Any:
-        """Greedy SamplingParams (temperature 0 and top_k 1: reproducible, cacheable outputs)."""
-        fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "top_k": 1}
-        if stop:
-            fields["stop"] = list(stop)
-        if self._stop_token_ids and "stop_token_ids" in self._sampling_fields:
-            fields["stop_token_ids"] = list(self._stop_token_ids)
-        if scoring:
-            fields["return_generation_logits" if self.logits_source == "generation" else "return_context_logits"] = True
-        elif self.token_logprobs:
-            fields["logprobs"] = 1
-        if "return_perf_metrics" in self._sampling_fields:
-            fields["return_perf_metrics"] = True  # for the reused-block count
+        fields = sampling_fields(max_tokens=max_tokens, stop=stop, scoring=scoring, stop_token_ids=self._stop_token_ids,
+                                 accepted=self._sampling_fields, logits_source=self.logits_source,
+                                 token_logprobs=self.token_logprobs)
         return self._SamplingParams(**fields)
 
     def _cached_tokens(self, out: Any, prompt_tokens: int, hot: int) -> int:
-        """Reused prompt tokens: TensorRT-LLM's exact count (`RequestOutput.cached_tokens`, newer
-        1.x), else its reused blocks x block size, else the hot-prefix index's estimate taken
-        before the request. Never the whole prompt: the last prompt token is always computed."""
-        cap = max(prompt_tokens - 1, 0)
-        exact = getattr(out, "cached_tokens", None)
-        if isinstance(exact, int) and exact > 0:
-            return min(cap, exact)
-        metrics = getattr(out.outputs[0], "request_perf_metrics", None)
-        reused = getattr(getattr(metrics, "kv_cache_metrics", None), "num_reused_blocks", None)
-        if reused is None:
-            return min(cap, hot)
-        return min(cap, int(reused) * self.tokens_per_block)
+        return reused_tokens(out, prompt_tokens, hot, self.tokens_per_block)
 
     def hot_prefix_tokens(self, messages: list[Message]) -> int:
         """How much of this prompt is probably cached on the device now (before running it)."""
@@ -397,7 +411,7 @@ class TensorRTLLMEngine(Engine):
             await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)
 
 
-def _generation_eos_ids(source: str) -> list[int]:
+def generation_eos_ids(source: str) -> list[int]:
     """The end-of-turn token ids of a checkpoint's generation_config.json (none if it has none)."""
     try:
         from transformers import GenerationConfig
