@@ -283,6 +283,10 @@ class PyRadixIndex:
             n += 1
         return n
 
+    def cached_blocks(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens`' full blocks the tree holds, from the start (no LRU touch)."""
+        return len(self._path(self._blocks(tokens)))
+
     def check_invariants(self) -> None:
         """AssertionError naming the first invariant that does not hold."""
         assert self.bytes_held <= self.byte_budget, "bytes_held exceeds byte_budget"
