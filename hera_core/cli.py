@@ -302,7 +302,8 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from hera_core.backends.caching import CachingEngine, CompletionCache
-    from hera_core.offline.evaluation import Evaluator, estimated_curve, plot, render_report
+    from hera_core.offline.evaluation import Evaluator
+    from hera_core.offline.report import estimated_curve, plot, render_report
     from hera_core.routing.predictor import Predictor
     from hera_core.offline.profiling import load_traces
 

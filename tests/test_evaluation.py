@@ -6,8 +6,9 @@ import pytest
 from hera_core.backends.caching import CachingEngine, CompletionCache
 from hera_core.config import load_settings
 from hera_core.backends.cloud import CloudEngine
-from hera_core.offline.evaluation import (METHOD_NAMES, Evaluator, bootstrap_ci, estimated_curve, evaluate, plot,
-                                  query_threshold)
+from hera_core.offline.evaluation import METHOD_NAMES, Evaluator, evaluate, query_threshold
+from hera_core.offline.report import estimated_curve, plot
+from hera_core.offline.stats import bootstrap_ci
 from hera_core.offline.profiling import done_task_ids, load_traces, profile
 from hera_core.offline.workloads import make_tasks
 from hera_core.routing.predictor import FEATURE_NAMES, VoteStage
@@ -324,7 +325,7 @@ def test_query_threshold_by_cost_keeps_the_cloud_tasks_within_the_budget():
 
 
 def test_paired_bootstrap_cancels_what_both_methods_share():
-    from hera_core.offline.evaluation import paired_bootstrap
+    from hera_core.offline.stats import paired_bootstrap
 
     a = [1.0] * 60 + [0.0] * 40
     b = [1.0] * 55 + [0.0] * 45  # the same tasks, five fewer solved

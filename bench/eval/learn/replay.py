@@ -41,7 +41,7 @@ import numpy as np
 
 from hera_core.config import LearningSettings, PriceSettings
 from hera_core.offline.drafts import step_prompts
-from hera_core.offline.evaluation import paired_bootstrap
+from hera_core.offline.stats import paired_bootstrap
 from hera_core.offline.profiling import load_traces
 from hera_core.offline.training import chars_per_token, estimate_routes, step_cloud_tokens, train
 from hera_core.offline.workloads import load_jsonl_tasks
