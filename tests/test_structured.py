@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hera_core.backends.cloud import CloudEngine
-from hera_core.backends.structured import ANSWER_TOOL, ResponseFormat, answer_toolset, int_range_gbnf
+from hera_core.backends.structured import ANSWER_TOOL, ResponseFormat, answer_toolset, int_range_gbnf, schema_gbnf
 from hera_core.backends.tools import ToolSet
 from hera_core.errors import FieldError
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, run
 from tests.fake_upstream import FakeUpstream
 from tests.test_openai_fields import LOCAL, Q, events, make_server, post, stop
 from tests.test_tools import WEATHER
@@ -302,3 +302,32 @@ def test_pydantic_ai_agent_with_a_typed_output(srv, output):
                   model_settings={"max_tokens": 256, "parallel_tool_calls": False})
     result = agent.run_sync("Plan a short trip to Lisbon.")
     assert isinstance(result.output, Trip) and 1 <= result.output.days <= 14
+
+
+def test_json_strings_hold_no_raw_control_characters():
+    """llama-cpp-python's converter lets a newline into a string (SmolLM2 then wrote one, and the
+    answer did not parse); the grammar HERA compiles excludes them, as llama.cpp's own does."""
+    gbnf = schema_gbnf({"type": "object", "properties": {"s": {"type": "string"}}})
+    assert 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |' in gbnf
+
+
+def test_llguidance_compiles_the_schema_itself(tiny_model_path):
+    """With local.tool_grammar = "llguidance" the schema goes to llguidance as JSON Schema (its Lark
+    form of the converter's GBNF nests too deeply for strings with maxLength)."""
+    from hera_core.backends.llamacpp import LlamaCppEngine
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "days", "note"],
+              "properties": {"city": {"type": "string", "maxLength": 24}, "note": {"type": "string", "maxLength": 40},
+                             "days": {"type": "integer", "minimum": 1, "maximum": 14}}}
+    fmt = ResponseFormat.parse(schema_format(schema))
+
+    async def go():
+        engine = LlamaCppEngine(tiny_model_path, n_ctx=1024, n_threads=1, n_slots=1, tool_grammar="llguidance")
+        try:
+            return await engine.generate([{"role": "user", "content": "Plan a trip to Oslo."}], max_tokens=96,
+                                         response_format=fmt)
+        finally:
+            await engine.close()
+
+    gen = run(go())
+    assert gen.finish_reason == "stop" and fmt.validate(gen.text) is None, gen.text

@@ -165,9 +165,16 @@ def schema_gbnf(schema: dict[str, Any], prop_order: list[str] | None = None) -> 
     for i, alts in enumerate(ranges):
         literal = f'"\\"{_MARK}{i}a\\"" | "\\"{_MARK}{i}b\\""'
         if literal not in gbnf:  # laid out otherwise: the bounds are left to validation, as before
-            return json_schema_to_gbnf(json.dumps(schema), prop_order=prop_order)
+            gbnf = json_schema_to_gbnf(json.dumps(schema), prop_order=prop_order)
+            break
         gbnf = gbnf.replace(literal, f"({alts}) space")
-    return gbnf
+    # JSON strings hold no raw control characters (llama.cpp's own converter excludes them; the
+    # Python port lets a newline into a string, and the answer then does not parse).
+    return gbnf.replace(_LOOSE_CHAR, _JSON_CHAR)
+
+
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
 
 
 _MARK = "__hera_int_"

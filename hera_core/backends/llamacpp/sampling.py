@@ -81,27 +81,44 @@ class Grammar(abc.ABC):
 
 
 class LlamaCppGrammar(Grammar):
-    """llama.cpp's grammar sampler: checks the 64 likeliest tokens first, the whole vocabulary only
-    if none of those fits."""
+    """llama.cpp's grammar sampler: checks the 64 likeliest tokens first, then the 2,048 likeliest,
+    the whole vocabulary (unsorted) only if none of those fits. Greedy stays exact: the likeliest
+    allowed token is in the first set that has any allowed. The middle stage exists because a JSON
+    grammar often allows none of the 64 (the model would write prose) and sorting and checking a
+    151,936-token vocabulary costs tens of milliseconds per token."""
+
+    STAGES = (64, 2048)
 
     def __init__(self, lib, sampler, label: str) -> None:
         self._lib, self._sampler, self.label = lib, sampler, label
 
+    def _allowed(self, ids: np.ndarray, logits: np.ndarray, is_sorted: bool) -> np.ndarray:
+        """`ids` with their logits, the grammar's verdict applied: -inf where it forbids."""
+        cand = np.zeros(len(ids), dtype=_TOKEN_DATA)
+        cand["id"], cand["logit"] = ids, logits[ids]
+        arr = self._lib.llama_token_data_array(data=cand.ctypes.data_as(self._lib.llama_token_data_p),
+                                               size=len(ids), selected=-1, sorted=is_sorted)
+        self._lib.llama_sampler_apply(self._sampler, ctypes.byref(arr))
+        return cand
+
     def choose(self, logits: np.ndarray, sampling: Sampling | None) -> int:
-        lib = self._lib
-        top = np.argpartition(logits, -64)[-64:]
-        for ids in (top[np.argsort(-logits[top])], np.argsort(-logits)):
-            cand = np.zeros(len(ids), dtype=_TOKEN_DATA)
-            cand["id"], cand["logit"] = ids, logits[ids]
-            arr = lib.llama_token_data_array(data=cand.ctypes.data_as(lib.llama_token_data_p), size=len(ids),
-                                             selected=-1, sorted=True)
-            lib.llama_sampler_apply(self._sampler, ctypes.byref(arr))
+        for k in self.STAGES:
+            if k >= len(logits):
+                break
+            top = np.argpartition(logits, -k)[-k:]
+            cand = self._allowed(top[np.argsort(-logits[top])], logits, True)
             allowed = np.flatnonzero(np.isfinite(cand["logit"]))
             if len(allowed) and sampling is not None:
                 return sampling.draw(cand["logit"][allowed], cand["id"][allowed])
             if len(allowed):
                 return int(cand["id"][allowed[0]])
-        raise self._none_allowed()
+        cand = self._allowed(np.arange(len(logits)), logits, False)
+        allowed = np.flatnonzero(np.isfinite(cand["logit"]))
+        if not len(allowed):
+            raise self._none_allowed()
+        if sampling is not None:
+            return sampling.draw(cand["logit"][allowed], cand["id"][allowed])
+        return int(cand["id"][allowed[np.argmax(cand["logit"][allowed])]])
 
     def accept(self, token: int) -> None:
         self._lib.llama_sampler_accept(self._sampler, token)
@@ -118,17 +135,23 @@ class LlgGrammar(Grammar):
     spells it (the tool-call tags): llguidance matches a special token only where the grammar
     names it, never as the text of a literal."""
 
-    def __init__(self, tokenizer, gbnf: str, n_vocab: int, specials: dict[str, int], label: str,
-                 source: str) -> None:
+    def __init__(self, tokenizer, gbnf: str | None, n_vocab: int, specials: dict[str, int], label: str,
+                 source: str, json_schema: dict | None = None) -> None:
         import llguidance
-        from llguidance.gbnf_to_lark import gbnf_to_lark
         from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
-        lark = gbnf_to_lark(gbnf)
-        for text, token in specials.items():
-            lark = lark.replace(f'"\\n{text}"', f'"\\n" <[{token}]>').replace(f'"{text}"', f"<[{token}]>")
+        if json_schema is not None:  # llguidance compiles JSON Schema itself (bounds, lengths and all)
+            spec = llguidance.LLMatcher.grammar_from_json_schema(json_schema,
+                                                                  defaults={"whitespace_flexible": False})
+        else:
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
+            lark = gbnf_to_lark(gbnf)
+            for text, token in specials.items():
+                lark = lark.replace(f'"\\n{text}"', f'"\\n" <[{token}]>').replace(f'"{text}"', f"<[{token}]>")
+            spec = llguidance.LLMatcher.grammar_from_lark(lark)
         self.label = label
-        self.matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
+        self.matcher = llguidance.LLMatcher(tokenizer, spec, log_level=0)
         if self.matcher.is_error():
             raise InvalidRequestError(f"{source} could not be turned into a grammar: {self.matcher.get_error()}")
         self._fill, self.n_vocab = fill_next_token_bitmask, n_vocab
@@ -180,9 +203,12 @@ class GrammarCompiler:
 
     def response_format(self, fmt: ResponseFormat) -> Grammar:
         """The grammar of a whole structured answer: an instance of `fmt`'s schema (bounded integers
-        included, `schema_gbnf`), the prompt as the client sent it (no tool wrapper)."""
-        return self.compile(schema_gbnf(fmt.schema()), label="the response_format grammar",
-                            source="the response_format's JSON Schema")
+        included, `schema_gbnf`), the prompt as the client sent it (no tool wrapper). llguidance
+        compiles the schema itself (the converter's GBNF nests too deeply for its Lark form)."""
+        label, source = "the response_format grammar", "the response_format's JSON Schema"
+        if self.engine == "llguidance":
+            return LlgGrammar(self._llg(), None, self.n_vocab, {}, label, source, json_schema=fmt.schema())
+        return self.compile(schema_gbnf(fmt.schema()), label=label, source=source)
 
     def _llg(self):
         if self._llg_tokenizer is None:
