@@ -72,8 +72,9 @@ FIELDS: dict[str, Field_] = {
     "max_tokens": Field_(Handling.HONOURED, "caps the answer on both routes (at most the server's max_tokens_cap)"),
     "max_completion_tokens": Field_(Handling.HONOURED, "as max_tokens (it wins when both are sent)"),
     "temperature": Field_(Handling.HONOURED, "n > 1: the choices are sampled with it on the route taken; n = 1: "
-                                             "the cloud gets it, the SLM samples with it unless tools are offered "
-                                             "(a tool call decodes greedily under its grammar); absent: greedy"),
+                                             "the cloud gets it, the SLM samples with it (its answer then arrives "
+                                             "whole when streamed) except where it decodes greedily: tools offered, "
+                                             "a json response_format, logprobs; absent: greedy"),
     "top_p": Field_(Handling.HONOURED, "as temperature"),
     "n": Field_(Handling.HONOURED, "choices sampled on the route taken, the prompt paid once; not with stream or "
                                    "tools (400)"),
