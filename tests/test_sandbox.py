@@ -6,6 +6,8 @@ program says about itself)."""
 
 from __future__ import annotations
 
+import ast
+
 import os
 import socket
 import sys
@@ -44,8 +46,12 @@ def attempt(box: Sandbox, code: str, timeout_s: float = 5.0) -> tuple[bool, str]
 def test_host_files_cannot_be_read(box):
     ok, out = attempt(box, "print(open('/etc/passwd').read())")
     assert not ok and "FileNotFoundError" in out
-    ok, out = attempt(box, f"import os; print(os.listdir({str(REPO.parent)!r}))")
+    ok, out = attempt(box, f"import os; print(os.listdir({str(REPO)!r}))")
     assert not ok and "FileNotFoundError" in out
+    # The project's parent folder: absent, or (a checkout under /tmp) the sandbox's own /tmp, its
+    # working folder, which holds nothing of the host's.
+    ok, out = attempt(box, f"import os; print(os.listdir({str(REPO.parent)!r}))")
+    assert ("FileNotFoundError" in out) if not ok else REPO.name not in ast.literal_eval(out.strip())
 
 
 def test_writes_stay_inside_the_sandbox(box):
