@@ -169,3 +169,45 @@ def test_logprobs_are_included_on_request(client):
     part = resp.output[0].content[0]
     assert len(part.logprobs) == resp.usage.output_tokens and "".join(t.token for t in part.logprobs) == part.text
     assert all(len(t.top_logprobs) == 2 for t in part.logprobs)
+
+
+# One value per Responses field: honoured ones must be served (200, and the stated effect where it
+# can be seen in the response), cloud ones send the step to the cloud naming the field, refused ones
+# are a 400 naming it.
+SAMPLES = {
+    "model": "hera", "input": "Hi", "instructions": "Be brief.", "previous_response_id": None, "store": False,
+    "tools": [FLAT_WEATHER], "tool_choice": "none", "parallel_tool_calls": False, "max_output_tokens": 3,
+    "temperature": 0.0, "top_p": 0.5, "stream": False, "stream_options": {"include_obfuscation": False},
+    "text": {"format": {"type": "json_object"}}, "include": ["message.output_text.logprobs"],
+    "top_logprobs": 1, "reasoning": {"effort": "low"}, "metadata": {"k": "v"}, "user": "u1",
+    "safety_identifier": "s1", "prompt_cache_key": "p1", "prompt_cache_options": {"ttl": "5m"},
+    "prompt_cache_retention": "in_memory", "moderation": {"mode": "default"}, "service_tier": "auto",
+    "truncation": "disabled", "background": True, "conversation": "conv_1", "prompt": {"id": "p"},
+    "max_tool_calls": 1, "background_options": {"window": "2h"}, "context_management": [{"type": "x"}],
+    "image": {"size": "auto"}, "access_programs": {"x": 1},
+}
+CLOUD_REASON = {"reasoning": "reasoning_effort", "moderation": "moderation"}
+
+
+def test_every_responses_field_is_walked(srv):
+    assert set(SAMPLES) == set(RESPONSE_FIELDS)
+    first = post(srv, {"model": "hera", "input": "Hi", "max_output_tokens": 3}, path="/v1/responses")[2]
+    for field, rule in RESPONSE_FIELDS.items():
+        value = first["id"] if field == "previous_response_id" else SAMPLES[field]
+        body = {"model": "hera", "input": "Hi", "max_output_tokens": 16, field: value}
+        if field == "top_logprobs":
+            body["include"] = ["message.output_text.logprobs"]
+        status, h, out = post(srv, body, LOCAL if rule.handling is not Handling.CLOUD else None, path="/v1/responses")
+        if rule.handling is Handling.REFUSED:
+            assert status == 400 and out["error"]["param"] == field, (field, out)
+        elif rule.handling is Handling.CLOUD:
+            assert status == 200 and h["x-hera-route"] == "cloud" and h["x-hera-reason"] == CLOUD_REASON[field]
+        else:
+            assert status == 200 and out["object"] == "response", (field, out)
+    # effects that show in the response
+    shown = post(srv, {"model": "hera", "input": "Hi", "max_output_tokens": 3, "metadata": {"k": "v"},
+                       "instructions": "Be brief."}, LOCAL, path="/v1/responses")[2]
+    assert shown["metadata"] == {"k": "v"} and shown["instructions"] == "Be brief." and shown["usage"]["output_tokens"] <= 3
+    typed = post(srv, {"model": "hera", "input": "Hi", "max_output_tokens": 32,
+                       "text": {"format": {"type": "json_object"}}}, LOCAL, path="/v1/responses")[2]
+    assert isinstance(json.loads(typed["output"][0]["content"][0]["text"]), dict)
