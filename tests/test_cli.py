@@ -135,7 +135,7 @@ def test_user_mistakes_in_offline_commands_are_hera_errors(tmp_path):
     """What a user gets wrong raises a HeraError subclass (the CLI's one-line error), in process."""
     import pytest
 
-    from hera_core.cli import _sweep
+    from hera_core.cli_offline import _sweep
     from hera_core.errors import UsageError
     from hera_core.offline.profiling import load_traces
     from hera_core.offline.workloads import load_jsonl_tasks, make_tasks

@@ -1,0 +1,308 @@
+"""The offline subcommands of the `hera` command line: profile, drafts, train, eval, check-harness
+and compare-labels (the evaluation's side; `hera_core/cli.py` parses and dispatches)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from hera_core.errors import CacheMissError, MissingExtraError, UsageError
+from hera_core.progress import progress_bar
+
+COMMITTED_EVAL = Path("bench") / "eval"  # the committed evaluation run, relative to the repository root
+
+
+def _settings(args):
+    from hera_core.config import load_settings
+
+    overrides = {}
+    if getattr(args, "local_model", None):
+        overrides["local.model"] = args.local_model
+    if getattr(args, "cloud_model", None):
+        overrides["cloud.model"] = args.cloud_model
+    return load_settings(args.config, overrides)
+
+
+def _tasks(args, families: list[str] | None, split: str | None = None):
+    """The user's JSONL tasks (--tasks-file), else the built-in families, of the chosen split."""
+    from hera_core.offline.workloads import load_jsonl_tasks, make_tasks
+
+    split = split or args.split
+    split = None if split == "all" else split
+    if args.tasks_file:
+        return load_jsonl_tasks(args.tasks_file, split=split, seed=args.seed)
+    return make_tasks(families, per_family=args.tasks_per_family, seed=args.seed, split=split)
+
+
+def _openings(args, traces) -> dict[str, str]:
+    """Task id -> the opening user message of each traced task (for the familiarity check), from
+    the traces themselves or from the tasks they were profiled on; a task not found is left out."""
+    from hera_core.offline.harness import first_messages
+    from hera_core.routing.familiarity import opening_text
+
+    out = {t["task_id"]: t["opening"] for t in traces if "opening" in t}
+    missing = {t["task_id"] for t in traces} - set(out)
+    families = sorted({t["family"] for t in traces if t["task_id"] in missing})
+    for split in sorted({t["split"] for t in traces if t["task_id"] in missing}):
+        try:
+            tasks = _tasks(args, families, split=split)
+        except (UsageError, MissingExtraError):  # a user family without --tasks-file, a data package not
+            # installed: no familiarity for those
+            continue
+        out.update({t.task_id: opening_text(first_messages(t)) for t in tasks if t.task_id in missing})
+    return out
+
+
+def _votes(args, traces) -> dict:
+    """Task id -> its first step's vote, from `--votes` files (bench/eval/agreement_probe.py's
+    output: the samples' answers); the greedy draft's checks are run here, on the traced draft."""
+    from hera_core.checks.drafts import check_draft
+    from hera_core.offline.harness import first_messages
+    from hera_core.offline.training import FirstStepVote
+
+    rows = {}
+    for path in args.votes or []:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except FileNotFoundError:
+            raise UsageError(f"--votes file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--votes file {path} cannot be read ({exc})") from None
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                key, keys = row["greedy"], row["keys"]
+                if not isinstance(key, str) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                    raise TypeError("greedy must be a string and keys a list of strings")
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UsageError(f"--votes file {path}, line {n}: not a vote row ({exc}); "
+                                 "make it with bench/eval/agreement_probe.py") from None
+            rows[row["task_id"]] = (key, keys)
+    if not rows:
+        return {}
+    by_id = {t["task_id"]: t for t in traces if t["task_id"] in rows}
+    if not by_id:
+        raise UsageError("no task of --votes is in the traces: sample the first steps of the traced validation "
+                         "tasks (bench/eval/agreement_probe.py --traces traces-val.jsonl)")
+    out = {}
+    for split in sorted({t["split"] for t in by_id.values()}):
+        for task in _tasks(args, sorted({t["family"] for t in by_id.values()}), split=split):
+            if task.task_id in by_id:
+                draft = by_id[task.task_id]["steps"][0]["slm_text"]
+                key, keys = rows[task.task_id]
+                out[task.task_id] = FirstStepVote(check_draft(first_messages(task), draft).passed, key, keys)
+    return out
+
+
+def cmd_profile(args) -> int:
+    from hera_core.offline.profiling import profile
+    from hera_core.serving.assembly import open_engines
+
+    settings = _settings(args)
+    tasks = _tasks(args, args.families.split(",") if args.families else None)
+
+    async def go():
+        async with open_engines(settings, use_cache=True) as (local, cloud):
+            return await profile(tasks, local, cloud, Path(args.out), seed=args.seed)
+
+    print(f"traces: {asyncio.run(go())}")
+    return 0
+
+
+def cmd_drafts(args) -> int:
+    from hera_core.backends.llamacpp import LlamaCppEngine
+    from hera_core.install.models import model_path
+    from hera_core.offline.drafts import draft_features_file
+    from hera_core.offline.profiling import load_traces
+
+    settings = _settings(args)
+    src, out = Path(args.traces), Path(args.out)
+    if src.resolve() == out.resolve():
+        raise UsageError("--out must be another file than the traces (it is appended to, and resumable)")
+    traces = load_traces(src)
+    split = traces[0]["split"] if traces else args.split
+    tasks = {t.task_id: t for t in _tasks(args, sorted({t["family"] for t in traces}), split=split)}
+
+    async def go():
+        engine = LlamaCppEngine(model_path(settings.local.model, settings.cache_dir), name=settings.local.model,
+                                n_ctx=settings.local.n_ctx, n_threads=settings.local.n_threads, n_slots=2)
+        try:
+            with progress_bar("draft checks", len(traces)) as bar:
+                return await draft_features_file(src, out, tasks, engine, progress=bar.advance)
+        finally:
+            await engine.close()
+
+    print(f"{asyncio.run(go())} tasks added to {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from hera_core.offline.profiling import load_traces
+    from hera_core.offline.training import train
+
+    traces = [t for path in args.traces for t in load_traces(path)]
+    openings = _openings(args, traces)
+    client = None
+    if args.dask:
+        from dask.distributed import Client
+
+        client = Client(args.dask)
+    try:
+        predictor, report = train(traces, max_drop=args.max_drop, dask_client=client, openings=openings,
+                                  votes=_votes(args, traces), cost_aware=args.cost_aware,
+                                  cloud_budget=args.cloud_budget, prices=_settings(args).prices,
+                                  meta={"traces": [Path(p).name for p in args.traces],
+                                        **({"votes": [Path(p).name for p in args.votes]} if args.votes else {})})
+    finally:
+        if client is not None:
+            client.close()
+    predictor.save(args.out)
+    print(json.dumps(report, indent=1))
+    print(f"predictor: {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from hera_core.backends.caching import CachingEngine, CompletionCache
+    from hera_core.offline.evaluation import Evaluator
+    from hera_core.offline.report import estimated_curve, plot, render_report
+    from hera_core.routing.predictor import Predictor
+    from hera_core.offline.profiling import load_traces
+
+    settings = _settings(args)
+    if args.offline and not (args.traces or args.tasks_file) and not COMMITTED_EVAL.is_dir():
+        raise UsageError(f"--offline replays the committed run in {COMMITTED_EVAL}/: run it from the repository "
+                         "root, or pass --traces and --cache")
+    if args.offline:  # with no other flag, replay the committed evaluation
+        args.traces = args.traces or str(COMMITTED_EVAL / "traces-test.jsonl")
+        args.cache = args.cache or str(COMMITTED_EVAL / "completions.sqlite.xz")
+        if args.tasks_per_family is None:
+            args.tasks_per_family = 80
+    if args.tasks_per_family is None:
+        args.tasks_per_family = 30
+    if args.traces is None and not args.tasks_file:
+        args.traces = "traces-test.jsonl"
+    traces = load_traces(args.traces) if args.traces else []
+    tasks = _tasks(args, sorted({t["family"] for t in traces}))
+    if args.traces:  # the profiled tasks only (the traces carry their labels for the estimated curve)
+        ids = {t["task_id"] for t in traces}
+        tasks = [t for t in tasks if t.task_id in ids]
+    if not tasks:
+        raise UsageError(f"no task of {args.traces or args.tasks_file} is in the {args.split} split; profile it "
+                         f"with `hera profile --split {args.split}` or pass --split all")
+    predictor = Predictor.load(args.predictor or settings.policy.predictor_path)
+    cache_path = Path(args.cache) if args.cache else settings.cache_dir / "completions.sqlite"
+    if args.offline and not cache_path.exists():
+        raise UsageError(f"completion cache {cache_path} does not exist; pass --cache with the committed one")
+    if cache_path.suffix == ".xz":  # the committed cache is compressed: replay from a private copy
+        import lzma
+        import shutil
+        import tempfile
+
+        unpacked = Path(tempfile.mkdtemp(prefix="hera-eval-")) / cache_path.stem
+        with lzma.open(cache_path) as src, open(unpacked, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        cache_path = unpacked
+
+    async def go():
+        cache = CompletionCache(cache_path, read_only=args.offline)
+        try:
+            if args.offline:
+                slm, llm = CachingEngine(_Offline(settings.local.model), cache), CachingEngine(_Offline(settings.cloud.model), cache)
+                return await _run_eval(tasks, Evaluator(slm, llm, predictor, cache, settings.prices,
+                                                                settings.local.model), args)
+            from hera_core.serving.assembly import open_engines
+
+            async with open_engines(settings) as (local, cloud):
+                slm, llm = CachingEngine(local, cache), CachingEngine(cloud, cache)
+                return await _run_eval(tasks, Evaluator(slm, llm, predictor, cache, settings.prices,
+                                                                settings.local.model), args)
+        finally:
+            cache.close()
+
+    report = asyncio.run(go())
+    if traces:
+        report["curve_estimated"] = estimated_curve(traces, predictor)
+    report["prices"] = (f"cloud at {settings.prices.cloud_price_model} prices "
+                        f"(${settings.prices.cloud_input_usd_per_mtok}/${settings.prices.cloud_output_usd_per_mtok} "
+                        f"per 1M input/output tokens, {settings.prices.cloud_price_date})")
+    if args.plot:
+        plot(report, args.plot)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.json:
+        print(json.dumps({name: {k: m[k] for k in ("accuracy", "local_share", "cost_ratio")}
+                          for name, m in report["methods"].items()}))
+    else:
+        render_report(report)
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+def _sweep(text: str) -> tuple[float, ...]:
+    """--sweep: comma-separated threshold offsets ('' for none)."""
+    try:
+        return tuple(float(x) for x in text.split(",")) if text else ()
+    except ValueError:
+        raise UsageError(f"--sweep takes comma-separated numbers (threshold offsets), got {text!r}") from None
+
+
+async def _run_eval(tasks, ev, args):
+    from hera_core.offline.evaluation import evaluate
+
+    sweep = _sweep(args.sweep)
+    with progress_bar("evaluating", (8 + 2 * len(sweep)) * len(tasks), enabled=not args.json) as bar:
+        return await evaluate(tasks, ev, seed=args.seed, progress=bar.advance, sweep=sweep,
+                              unfamiliar=args.unfamiliar or _settings(args).policy.unfamiliar)
+
+
+class _Offline:
+    """Stands in for a model in --offline mode: the completion cache must answer everything."""
+
+    is_local = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def generate(self, *a, **k):
+        raise CacheMissError(f"completion cache miss for {self.name} in offline mode; rerun without --offline")
+
+    async def prefill(self, *a, **k):
+        raise CacheMissError(f"feature cache miss for {self.name} in offline mode; rerun without --offline")
+
+    async def close(self) -> None:
+        return None
+
+
+def cmd_check_harness(args) -> int:
+    from hera_core.offline.harness import compare_with_direct
+    from hera_core.serving.assembly import open_engines
+
+    settings = _settings(args)
+    tasks = _tasks(args, args.families.split(",") if args.families else None)
+
+    async def go():
+        async with open_engines(settings, use_cache=True) as (local, cloud):
+            with progress_bar("harness vs direct", len(tasks)) as bar:
+                return await compare_with_direct(tasks, {"slm": local, "llm": cloud}, progress=bar.advance)
+
+    report = asyncio.run(go())
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_compare_labels(args) -> int:
+    from hera_core.offline.profiling import load_traces
+    from hera_core.offline.similarity import add_similarity, load_encoder
+    from hera_core.offline.training import compare_labels
+
+    encoder = load_encoder()
+    train = add_similarity(load_traces(args.train), encoder)
+    evals = {Path(p).stem: add_similarity(load_traces(p), encoder) for p in args.held_out}
+    print(json.dumps(compare_labels(train, evals), indent=1))
+    return 0
