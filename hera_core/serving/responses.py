@@ -386,7 +386,6 @@ async def _stream(request: web.Request, rt, call, rid: str, payload: dict[str, A
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     session = call.kwargs["session"]
     seq = {"n": 0}
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
     msg_id = f"msg_{uuid.uuid4().hex}"
     model_name = {"name": ""}
 
@@ -416,32 +415,12 @@ async def _stream(request: web.Request, rt, call, rid: str, payload: dict[str, A
             await response.write(event("response.content_part.added", item_id=msg_id, output_index=0,
                                        content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
 
-    async def writer() -> None:
-        while (delta := await queue.get()) is not None:
-            await open_message()
-            await response.write(event("response.output_text.delta", item_id=msg_id, output_index=0,
-                                       content_index=0, delta=delta, logprobs=[]))
+    async def write_delta(delta: str) -> None:
+        await open_message()
+        await response.write(event("response.output_text.delta", item_id=msg_id, output_index=0,
+                                   content_index=0, delta=delta, logprobs=[]))
 
-    writer_task = asyncio.create_task(writer())
-    work = asyncio.create_task(srv.run_routed(request, call, on_text=queue.put_nowait, on_decision=on_decision))
-
-    def client_gone(task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            work.cancel()
-
-    writer_task.add_done_callback(client_gone)
-    try:
-        result = await work
-    except asyncio.CancelledError:
-        client_left = work.cancelled() and writer_task.done() and not writer_task.cancelled()
-        writer_task.cancel()
-        if client_left:
-            raise srv._StreamEnded(response) from None
-        raise
-    except HeraError as exc:
-        writer_task.cancel()
-        if not response.prepared:
-            raise
+    async def write_error(exc: HeraError) -> None:  # headers are gone: report in the stream
         status, body = error_from_exception(exc)
         err = body["error"]
         await response.write(event("error", code=err["code"], message=err["message"], param=err["param"]))
@@ -449,9 +428,10 @@ async def _stream(request: web.Request, rt, call, rid: str, payload: dict[str, A
         failed["error"] = {"code": err["code"], "message": err["message"]}
         await response.write(event("response.failed", response=failed))
         await response.write_eof()
-        raise srv._StreamEnded(response) from None
-    queue.put_nowait(None)
-    await writer_task
+
+    result = await srv.stream_while_routed(
+        response, lambda on_text: srv.run_routed(request, call, on_text=on_text, on_decision=on_decision),
+        write_delta=write_delta, write_error=write_error)
     body, answer = _finished(rid, payload, chat, result, rt, session, message_id=msg_id)
     index = 0
     for item in body["output"]:

@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -332,13 +333,52 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return web.json_response(body, headers=routed_headers(result, session))
 
 
+async def stream_while_routed(response: web.StreamResponse, start: Callable[[Callable[[str], None]], Awaitable[Any]],
+                              write_delta: Callable[[str], Awaitable[None]],
+                              write_error: Callable[[HeraError], Awaitable[None]]) -> Any:
+    """Run a routed step (`start(on_text)`) while its text deltas stream to the client in order
+    (`write_delta`), and return its result once every delta is written. A failed write means the
+    client left: the step is stopped (a local one at its next chunk; the runtime books it as
+    cancelled). A HeraError after the headers went out is reported in the stream (`write_error`)."""
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def writer() -> None:
+        while (delta := await queue.get()) is not None:
+            await write_delta(delta)
+
+    writer_task = asyncio.create_task(writer())
+    work = asyncio.create_task(start(queue.put_nowait))
+
+    def client_gone(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            work.cancel()
+
+    writer_task.add_done_callback(client_gone)
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        client_left = work.cancelled() and writer_task.done() and not writer_task.cancelled()
+        writer_task.cancel()
+        if client_left:
+            raise _StreamEnded(response) from None  # nobody to answer
+        raise
+    except HeraError as exc:
+        writer_task.cancel()
+        if not response.prepared:
+            raise
+        await write_error(exc)
+        raise _StreamEnded(response) from None
+    queue.put_nowait(None)
+    await writer_task
+    return result
+
+
 async def _stream_routed(request: web.Request, rt: Runtime, call: RoutedCall) -> web.StreamResponse:
     """Server-sent events in OpenAI's chunk format; headers go out once the route is decided.
     Logprobs (a cloud answer's) follow the text in one chunk; stream_options.include_usage adds
     OpenAI's last chunk with empty choices and the usage."""
     cid, created = f"chatcmpl-hera-{time.time_ns()}", int(time.time())
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
     model_name = {"name": ""}
     session = call.kwargs["session"]
 
@@ -357,38 +397,14 @@ async def _stream_routed(request: web.Request, rt: Runtime, call: RoutedCall) ->
         await response.prepare(request)
         await response.write(chunk({"role": "assistant", "content": ""}))
 
-    async def writer() -> None:
-        while (delta := await queue.get()) is not None:
-            await response.write(chunk({"content": delta}))
-
-    writer_task = asyncio.create_task(writer())
-    work = asyncio.create_task(run_routed(request, call, on_text=queue.put_nowait, on_decision=on_decision))
-
-    def client_gone(task: asyncio.Task) -> None:
-        # A write failed: the client disconnected. Stop the answer (a local one stops at its next
-        # chunk); the runtime books it as cancelled.
-        if not task.cancelled() and task.exception() is not None:
-            work.cancel()
-
-    writer_task.add_done_callback(client_gone)
-    try:
-        result = await work
-    except asyncio.CancelledError:
-        client_left = work.cancelled() and writer_task.done() and not writer_task.cancelled()
-        writer_task.cancel()
-        if client_left:
-            raise _StreamEnded(response) from None  # nobody to answer
-        raise
-    except HeraError as exc:
-        writer_task.cancel()
-        if not response.prepared:
-            raise
-        status, body = error_from_exception(exc)  # headers are gone: report in the stream
+    async def write_error(exc: HeraError) -> None:  # headers are gone: report in the stream
+        status, body = error_from_exception(exc)
         await response.write(f"data: {json.dumps(body)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
-        raise _StreamEnded(response) from None
-    queue.put_nowait(None)
-    await writer_task
+
+    result = await stream_while_routed(
+        response, lambda on_text: run_routed(request, call, on_text=on_text, on_decision=on_decision),
+        write_delta=lambda delta: response.write(chunk({"content": delta})), write_error=write_error)
     gen = result.generation
     if call.req.logprobs and gen.extra.get("logprobs"):
         await response.write(chunk({}, logprobs=gen.extra["logprobs"]))
