@@ -11,9 +11,12 @@ PIPC   := $(PIP) install -q -c constraints.txt
 
 # llama.cpp is built from source for this CPU with instruction sets named one by one (never
 # -march=native, never AMX): hera_core/install/llama_build.py chooses them, HERA_LLAMA_CMAKE_ARGS
-# replaces the choice. The stamp's name carries a hash of the args, so new args mean a rebuild.
+# replaces the choice. The stamp's name carries a hash of the args and of the pinned version, so new args or a new pin mean a rebuild.
+# The pinned llama-cpp-python is in the hash too, so another pin rebuilds it and another pin of
+# anything else does not (the build tools are an order-only prerequisite).
 LLAMA_CMAKE_ARGS := $(shell HERA_LLAMA_CMAKE_ARGS='$(HERA_LLAMA_CMAKE_ARGS)' $(PYTHON) hera_core/install/llama_build.py)
-LLAMA_STAMP      := $(VENV)/.llama-$(shell echo '$(LLAMA_CMAKE_ARGS)' | cksum | cut -d' ' -f1)
+LLAMA_PIN        := $(shell grep -i '^llama[-_.]cpp[-_.]python==' constraints.txt)
+LLAMA_STAMP      := $(VENV)/.llama-$(shell echo '$(LLAMA_CMAKE_ARGS) $(LLAMA_PIN)' | cksum | cut -d' ' -f1)
 
 .PHONY: install build llama rebuild-llama doctor lock models models-test run demo test test-all bench bench-smoke \
         bench-compare bench-baseline clean
@@ -33,7 +36,7 @@ $(VENV)/.tools: $(PY) constraints.txt
 
 # --no-cache-dir: pip's wheel cache does not key on CMAKE_ARGS, so a wheel built for another CPU
 # (or with other flags) would come back from it.
-$(LLAMA_STAMP): $(VENV)/.tools
+$(LLAMA_STAMP): | $(VENV)/.tools
 	@echo "hera: building llama.cpp (llama-cpp-python, pinned in constraints.txt) with:"
 	@HERA_LLAMA_CMAKE_ARGS='$(HERA_LLAMA_CMAKE_ARGS)' $(PYTHON) hera_core/install/llama_build.py --explain
 	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PIPC) --no-cache-dir --no-build-isolation --force-reinstall --no-deps llama-cpp-python
