@@ -11,7 +11,7 @@ PIPC   := $(PIP) install -q -c constraints.txt
 
 # llama.cpp is built from source for this CPU with instruction sets named one by one (never
 # -march=native, never AMX): hera_core/install/llama_build.py chooses them, HERA_LLAMA_CMAKE_ARGS
-# replaces the choice. The stamp's name carries a hash of the args and of the pinned version, so new args or a new pin mean a rebuild.
+# replaces the choice. The stamp's name carries a hash of the args, so new args mean a rebuild.
 # The pinned llama-cpp-python is in the hash too, so another pin rebuilds it and another pin of
 # anything else does not (the build tools are an order-only prerequisite).
 LLAMA_CMAKE_ARGS := $(shell HERA_LLAMA_CMAKE_ARGS='$(HERA_LLAMA_CMAKE_ARGS)' $(PYTHON) hera_core/install/llama_build.py)
