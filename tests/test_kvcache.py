@@ -229,10 +229,10 @@ def test_a_generation_cancelled_while_it_starts_does_not_keep_its_slot(tiny_mode
     name = "begin" if batching else "start"  # what generate runs on the engine thread first
     start = getattr(eng.scheduler, name)
 
-    def held_start(*args):
+    def held_start(*args, **kwargs):
         running.set()
         proceed.wait(30)
-        return start(*args)
+        return start(*args, **kwargs)
 
     setattr(eng.scheduler, name, held_start)
 
