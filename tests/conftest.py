@@ -107,3 +107,35 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
+
+
+def split_server(local, cloud, tmp_path, *, max_tokens: int, api_key: str) -> ServerThread:
+    """`hera serve` over a runtime whose first step goes to `cloud` and later steps to `local`
+    (random predictor, kappa split at step 1), with a SQLite ledger and one API key; `srv.rt` and
+    `srv.ledger` are the runtime and ledger. `stop_server` closes all three."""
+    from hera_core.config import load_settings
+    from hera_core.routing.ledger import Ledger
+    from hera_core.routing.predictor import Kappa
+    from hera_core.routing.runtime import Runtime
+    from hera_core.serving.server import create_app
+    from tests.factories import random_predictor
+
+    settings = load_settings(env={}, overrides={"max_tokens": max_tokens, "server.api_keys": [api_key]})
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    split = Kappa(base=1.01, per_step=-1.02, max_steps=1)  # step 0 -> cloud, later steps -> local
+    holder = {}
+
+    def make_app():
+        holder["rt"] = Runtime(local, cloud, random_predictor(kappa=split), ledger, settings.prices, run="serve",
+                               max_tokens=max_tokens)
+        return create_app(settings, runtime=holder["rt"])
+
+    srv = ServerThread(make_app)
+    srv.ledger, srv.rt = ledger, holder["rt"]
+    return srv
+
+
+def stop_server(srv: ServerThread) -> None:
+    srv.call(srv.rt.cloud.close())
+    srv.close()
+    srv.ledger.close()

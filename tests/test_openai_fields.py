@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 
 from hera_core.backends.cloud import CloudEngine
-from hera_core.config import load_settings
-from hera_core.routing.ledger import Ledger
-from hera_core.routing.predictor import Kappa
-from hera_core.routing.runtime import Runtime
 from hera_core.serving.openai_api import FIELDS, Handling, fields_markdown
-from hera_core.serving.server import create_app
-from tests.conftest import TINY, ServerThread
-from tests.factories import random_predictor
+from tests.conftest import TINY, split_server, stop_server
 from tests.test_tools import WEATHER
 
-SPLIT = Kappa(base=1.01, per_step=-1.02, max_steps=1)  # step 0 -> cloud, later steps -> local
 KEY = "sk-hera-test"
 Q = [{"role": "user", "content": "Name a colour."}]
 LOCAL = {"X-Hera-Policy": "local-only"}
@@ -29,24 +22,10 @@ CLOUD = {"X-Hera-Policy": "cloud-only"}
 
 
 def make_server(local, cloud_url, tmp_path, max_tokens=24, cloud=None):
-    settings = load_settings(env={}, overrides={"max_tokens": max_tokens, "server.api_keys": [KEY]})
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    holder = {}
-
-    def make_app():
-        holder["rt"] = Runtime(local, cloud or CloudEngine(cloud_url, TINY), random_predictor(kappa=SPLIT), ledger,
-                               settings.prices, run="serve", max_tokens=max_tokens)
-        return create_app(settings, runtime=holder["rt"])
-
-    srv = ServerThread(make_app)
-    srv.ledger, srv.rt = ledger, holder["rt"]
-    return srv
+    return split_server(local, cloud or CloudEngine(cloud_url, TINY), tmp_path, max_tokens=max_tokens, api_key=KEY)
 
 
-def stop(srv):
-    srv.call(srv.rt.cloud.close())
-    srv.close()
-    srv.ledger.close()
+stop = stop_server
 
 
 def post(srv, body, headers=None, path="/v1/chat/completions"):

@@ -10,40 +10,19 @@ import jsonschema
 import pytest
 
 from hera_core.backends.cloud import CloudEngine
-from hera_core.config import load_settings
-from hera_core.routing.ledger import Ledger
-from hera_core.routing.predictor import Kappa
-from hera_core.routing.runtime import Runtime
-from hera_core.serving.server import create_app
-from tests.conftest import TINY, ServerThread, free_port, run
-from tests.factories import random_predictor
+from tests.conftest import TINY, free_port, run, split_server, stop_server
 from tests.processes import wait_for_http
 from tests.test_tools import ADD, BOOK, WEATHER, qwen_engine  # noqa: F401  (fixture)
 
-SPLIT = Kappa(base=1.01, per_step=-1.02, max_steps=1)  # step 0 -> cloud, later steps -> local
 KEY = "sk-hera-test"
 QWEN = "qwen2.5-coder-0.5b"
 
 
 def serve(local, cloud_url, cloud_model, tmp_path, max_tokens=96):
-    settings = load_settings(env={}, overrides={"max_tokens": max_tokens, "server.api_keys": [KEY]})
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    holder = {}
-
-    def make_app():
-        holder["rt"] = Runtime(local, CloudEngine(cloud_url, cloud_model), random_predictor(kappa=SPLIT), ledger,
-                               settings.prices, run="serve", max_tokens=max_tokens)
-        return create_app(settings, runtime=holder["rt"])
-
-    srv = ServerThread(make_app)
-    srv.ledger, srv.rt = ledger, holder["rt"]
-    return srv
+    return split_server(local, CloudEngine(cloud_url, cloud_model), tmp_path, max_tokens=max_tokens, api_key=KEY)
 
 
-def stop(srv):
-    srv.call(srv.rt.cloud.close())
-    srv.close()
-    srv.ledger.close()
+stop = stop_server
 
 
 @pytest.fixture
