@@ -378,23 +378,8 @@ class Runtime:
         st = _StepRun(messages, session, run, step, max_tokens or self.max_tokens, stop, toolset, samples, sampling,
                       on_text, cloud_extra, time.perf_counter(), learning=self.learning if trace else None,
                       response_format=response_format, logprobs=logprobs)
-        native = response_format is not None and getattr(self.local, "structured_outputs", False)
-        if native and (toolset is not None or samples > 1):
-            cloud_reason = cloud_reason or "structured"  # the engine's grammar is for a lone answer
-        elif native:
-            st.engine_extra["response_format"] = response_format
-        if logprobs is not None and getattr(self.local, "reports_logprobs", False):
-            st.engine_extra["logprobs"] = logprobs
-        if cloud_reason is None and response_format is not None and not native:
-            # The SLM answers as a forced call whose arguments are the schema's instance (under the
-            # tool-call grammar); a schema whose root is not an object, or tools offered as well: the cloud.
-            answer_tools = answer_toolset(response_format) if toolset is None and samples == 1 else None
-            if answer_tools is None:
-                cloud_reason = "structured"
-            else:
-                toolset = st.toolset = answer_tools
-        if cloud_reason is None and logprobs is not None and "logprobs" not in st.engine_extra:
-            cloud_reason = "logprobs"  # the SLM does not report its tokens' log-probabilities
+        cloud_reason = self._shape_local_answer(st, cloud_reason)
+        toolset = st.toolset  # (a structured answer may be asked of the SLM as a forced call)
         with self._client_on_slm():  # scoring and drafting use the SLM: no shadow draft meanwhile
             st.plan, score = await self.plan(messages, step=step, override=override, local_can_serve=local_can_serve,
                                              threshold=threshold, toolset=toolset, samples=samples,
@@ -455,6 +440,29 @@ class Runtime:
             raise
         if st.decision.route is Route.CLOUD:
             st.draft_s = time.perf_counter() - st.t0
+
+    def _shape_local_answer(self, st: "_StepRun", cloud_reason: str | None) -> str | None:
+        """What the SLM is asked besides the text (st.engine_extra: the response format's grammar,
+        logprobs) for a structured or logprobs step, or the reason only the cloud can serve it."""
+        fmt, logprobs = st.response_format, st.logprobs
+        native = fmt is not None and getattr(self.local, "structured_outputs", False)
+        if native and (st.toolset is not None or st.samples > 1):
+            cloud_reason = cloud_reason or "structured"  # the engine's grammar is for a lone answer
+        elif native:
+            st.engine_extra["response_format"] = fmt
+        if logprobs is not None and getattr(self.local, "reports_logprobs", False):
+            st.engine_extra["logprobs"] = logprobs
+        if cloud_reason is None and fmt is not None and not native:
+            # The SLM answers as a forced call whose arguments are the schema's instance (under the
+            # tool-call grammar); a schema whose root is not an object, or tools offered as well: the cloud.
+            answer_tools = answer_toolset(fmt) if st.toolset is None and st.samples == 1 else None
+            if answer_tools is None:
+                cloud_reason = "structured"
+            else:
+                st.toolset = answer_tools
+        if cloud_reason is None and logprobs is not None and "logprobs" not in st.engine_extra:
+            cloud_reason = "logprobs"  # the SLM does not report its tokens' log-probabilities
+        return cloud_reason
 
     async def _within_budget(self, st: "_StepRun") -> None:
         """A cloud step asks the budget for its price (held until booked): past a cap it moves to the
