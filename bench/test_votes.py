@@ -47,6 +47,7 @@ def run_votes(concurrently: bool) -> dict:
     from hera_core.routing.plan import Action
     from hera_core.routing.predictor import Predictor, VoteStage
     from hera_core.routing.runtime import Runtime
+    from hera_core.routing.step import StepRequest, StepRun
 
     async def go():
         engine = LlamaCppEngine(model_path(MODEL), name=MODEL, n_ctx=4096, n_threads=THREADS, n_slots=6)
@@ -56,17 +57,20 @@ def run_votes(concurrently: bool) -> dict:
         # The cloud is never called; unfamiliar="trust": the vote stage decides the step whatever the
         # familiarity check says of these prompts.
         rt = Runtime(engine, engine, predictor, ledger, load_settings(env={}).prices, unfamiliar="trust")
-        rt.vote_concurrently = concurrently
+        rt.drafter.concurrently = concurrently
         times, drawn, drafts = [], [], []
         try:
             for msgs in prompts():
                 t0 = time.perf_counter()
                 await engine.generate(msgs, max_tokens=MAX_TOKENS)
                 drafts.append(time.perf_counter() - t0)
-                plan, score = await rt.plan(msgs, step=0)  # the prefill (cached by the draft above) scores it
+                # the prefill (cached by the draft above) scores it
+                plan, score = await rt.plan(StepRequest(msgs, "bench", step=0))
                 assert plan.action is Action.VOTE, plan
                 t0 = time.perf_counter()
-                _, check, _ = await rt.draft_step(msgs, plan, score.features, max_tokens=MAX_TOKENS)
+                st = StepRun(StepRequest(msgs, "bench", step=0), max_tokens=MAX_TOKENS, toolset=None, plan=plan,
+                             features=score.features[0])
+                _, check, _ = await rt.drafter.draft(st, predictor)
                 times.append(time.perf_counter() - t0)
                 drawn.append(check.agreement.samples if check.agreement is not None else 0)
         finally:

@@ -16,7 +16,7 @@ from hera_core.backends.caching import CompletionCache
 from hera_core.backends.tools import ToolSet
 from hera_core.checks.drafts import Agreement
 from hera_core.config import load_settings
-from hera_core.errors import InvalidRequestError
+from hera_core.errors import CloudError, InvalidRequestError
 from hera_core.native.features import LOGIT_FEATURE_NAMES
 from hera_core.offline.evaluation import Evaluator, Hera, HeraNoVote, HeraPrefill
 from hera_core.routing.plan import (Action, DraftOutcome, StepFacts, after_budget, after_cloud_failure,
@@ -26,6 +26,7 @@ from hera_core.routing.ledger import Ledger
 from hera_core.routing.policy import Override, Route
 from hera_core.routing.predictor import CostWeight, Kappa, VoteStage
 from hera_core.routing.runtime import Runtime
+from hera_core.routing.step import StepRequest
 
 VOTE = VoteStage(steps=1, k=4, min_share=0.5)
 
@@ -178,10 +179,10 @@ def test_a_spent_budget_moves_a_cloud_step_to_the_slm_or_refuses_it():
 
 def test_an_invalid_tool_call_is_escalated_only_where_the_step_may_leave():
     plan = plan_step(facts(tools=True))
-    assert after_invalid_tool_call(plan, plan.decision, over_budget=False).reason == "invalid-tool-call"
-    assert after_invalid_tool_call(plan, plan.decision, over_budget=True).reason == "tool-call-dropped"
+    assert after_invalid_tool_call(plan, plan.decision, cloud_closed=False).reason == "invalid-tool-call"
+    assert after_invalid_tool_call(plan, plan.decision, cloud_closed=True).reason == "tool-call-dropped"
     confidential = plan_step(facts(tools=True, override=Override.LOCAL_ONLY))
-    dropped = after_invalid_tool_call(confidential, confidential.decision, over_budget=False)
+    dropped = after_invalid_tool_call(confidential, confidential.decision, cloud_closed=False)
     assert (dropped.route, dropped.reason) == (Route.LOCAL, "tool-call-dropped")
 
 
@@ -326,7 +327,7 @@ async def _runtime_side(s, messages, toolset, tmp: Path):
     prices = load_settings(env={}).prices
     kwargs = {"threshold_offset": s["offset"], "unfamiliar": s["unfamiliar_policy"], **METHOD_SETTINGS[s["method"]]}
     plan, _ = await Runtime(_slm(s), _Cloud(), _predictor(s), None, prices, **kwargs).plan(
-        messages, step=s["step"], toolset=toolset)
+        StepRequest(messages, "s", step=s["step"], toolset=toolset))
     ledger = Ledger(tmp / "ledger.sqlite")
     try:
         rt = Runtime(_slm(s), _Cloud(), _predictor(s), ledger, prices, **kwargs)  # its own draft and samples
@@ -389,3 +390,77 @@ def _unscored(x, plan=None):
     if plan is None:
         return dataclasses.replace(x, facts=dataclasses.replace(facts, p_local=None, threshold=None))
     return dataclasses.replace(x, p_local=None, threshold=None)
+
+
+# --- the runtime's request and the fallback's local path ------------------------------------------
+class _FailingCloud(_Cloud):
+    """A cloud whose every call fails (fault injection), counting them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def generate(self, messages, **kwargs):
+        self.calls += 1
+        raise CloudError("the cloud is down", [("ConnectionRefusedError", 0.0)])
+
+
+class _CountingSLM(_SLM):
+    def __init__(self, draft: Generation) -> None:
+        super().__init__(draft, [])
+        self.decodes = 0
+
+    async def generate(self, messages, **kwargs):
+        self.decodes += 1
+        return self.draft
+
+
+def _fallback_case(tmp_path, *, tool_errors: bool, band: float | None):
+    """A step routed to a failing cloud, with tools offered unless it is drafted (band): (the result,
+    the SLM's decodes, the cloud's calls, ledger rows)."""
+    s = {"tools": band is None, "tool_calls": True, "tool_errors": tool_errors, "draft": "ANSWER: 42", "p": 0.5,
+         "base": 0.6, "gamma": 0.0, "familiar": None, "band": band, "vote": None, "stage_keep": False}
+    slm, cloud = _CountingSLM(_draft(s)), _FailingCloud()
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        rt = Runtime(slm, cloud, _predictor(s), ledger, load_settings(env={}).prices, unfamiliar="trust", vote="off")
+        result = asyncio.run(rt.complete([{"role": "user", "content": PROMPTS[0]}], session="f", step=1,
+                                         toolset=TOOLS if s["tools"] else None))
+        rows = ledger.rows("default")
+    finally:
+        ledger.close()
+    return result, slm.decodes, cloud.calls, rows
+
+
+def test_a_failed_cloud_call_is_answered_by_the_local_path(tmp_path):
+    """The fallback shares the local path: an invalid tool call in the SLM's answer is dropped (the
+    cloud it would escalate to has just failed: asked once, not again), and a drafted step whose
+    draft was escalated answers with that draft, not a second decode. Both calls are booked."""
+    result, decodes, calls, rows = _fallback_case(tmp_path, tool_errors=True, band=None)
+    assert (result.route, result.decision.reason) == (Route.LOCAL, "tool-call-dropped")
+    assert not result.generation.tool_calls or result.generation.tool_errors  # never returned as a valid call
+    assert (decodes, calls) == (1, 1)
+    assert [r["status"] for r in rows] == ["CloudError", "ok"] and rows[1]["route"] == "local"
+
+    # |0.5 - 0.6| < 0.3: drafted; the stage rejects it (stage_keep False): escalated; the cloud fails
+    result, decodes, calls, rows = _fallback_case(tmp_path / "drafted", tool_errors=False, band=0.3)
+    assert (result.route, result.decision.reason) == (Route.LOCAL, "fallback-local")
+    assert result.text == "ANSWER: 42" and (decodes, calls) == (1, 1)
+
+
+def test_a_step_request_refuses_what_it_does_not_know():
+    prices = load_settings(env={}).prices
+    s = {"p": 0.5, "base": 0.6, "gamma": 0.0, "familiar": None, "band": None, "vote": None, "stage_keep": False}
+    rt = Runtime(_SLM(_draft({**s, "tools": False, "draft": "x"}), []), _Cloud(), _predictor(s), None, prices)
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    with pytest.raises(TypeError, match="max_token"):  # a misspelt option is an error, never dropped
+        asyncio.run(rt.complete(msgs, session="x", max_token=5))
+    with pytest.raises(InvalidRequestError, match="n > 1"):
+        StepRequest(msgs, "x", samples=2, on_text=print)
+    with pytest.raises(TypeError, match="threshold_ofset"):
+        Runtime(_SLM(None, []), _Cloud(), _predictor(s), None, prices, threshold_ofset=0.1)
+    with pytest.raises(ValueError, match="agreement_k"):  # bounds checked by the policy's settings
+        Runtime(_SLM(None, []), _Cloud(), _predictor(s), None, prices, agreement_k=99)
+    rt = Runtime(_SLM(None, []), _Cloud(), _predictor(s), None, prices,
+                 policy=load_settings(env={}).policy.model_copy(update={"unfamiliar": "trust"}), vote="off")
+    assert (rt.unfamiliar, rt.vote, rt.max_tokens, rt.run) == ("trust", "off", 512, "default")
+    assert StepRequest(msgs + [{"role": "assistant", "content": "a"}], "x").step == 1

@@ -151,7 +151,7 @@ class Hera(Method):
                 return "local"
             # as the runtime answers: a local answer with an invalid tool call is escalated (no budget here)
             answer = await ev.slm.generate(messages, max_tokens=MAX_TOKENS, toolset=toolset)
-            decision = after_invalid_tool_call(plan, plan.decision, over_budget=False) if answer.tool_errors \
+            decision = after_invalid_tool_call(plan, plan.decision, cloud_closed=False) if answer.tool_errors \
                 else plan.decision
         else:
             decision = await ev.after_draft(plan, messages, row, toolset)

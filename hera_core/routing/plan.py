@@ -240,11 +240,12 @@ def may_leave_device(plan: StepPlan) -> bool:
     return plan.facts.override is not Override.LOCAL_ONLY and plan.facts.why_not_local is None
 
 
-def after_invalid_tool_call(plan: StepPlan, decision: Decision, over_budget: bool) -> Decision:
+def after_invalid_tool_call(plan: StepPlan, decision: Decision, cloud_closed: bool) -> Decision:
     """The SLM's answer holds a tool call that is not valid: it is never returned as one. Escalated
-    to the cloud (reason invalid-tool-call) where the step may leave the device and the budget
-    allows (`over_budget`: it does not), else answered without the call (tool-call-dropped)."""
-    if not may_leave_device(plan) or over_budget:
+    to the cloud (reason invalid-tool-call) where the step may leave the device and the cloud can
+    take it (`cloud_closed`: it cannot, its budget is spent or its call for this step just failed),
+    else answered without the call (tool-call-dropped)."""
+    if not may_leave_device(plan) or cloud_closed:
         return replace(decision, route=Route.LOCAL, reason="tool-call-dropped")
     return replace(decision, route=Route.CLOUD, reason="invalid-tool-call")
 

@@ -27,11 +27,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 
 from hera_core.backends.base import Engine, Generation
 from hera_core.routing.learning import LearnEvent, LiveLearner, trace_row
 from hera_core.routing.predictor import Predictor
+from hera_core.routing.step import StepRun
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.01  # how often a waiting shadow looks whether the SLM is idle
@@ -107,14 +107,13 @@ class TrafficLearning:
         self.stats["shadow_given_up"] += 1
         return None
 
-    def finish_shadow(self, shadow: asyncio.Future, *, messages: list[dict[str, Any]], session: str, step: int,
-                      features: np.ndarray, version: str, cloud: Generation) -> None:
-        """The cloud answered: once the shadow is done too, trace and label the pair (background).
-        `shadow` is a task of `start_shadow` (its device time is booked here) or a finished future
-        holding a draft the step already made and booked (drafted, then escalated)."""
-        self._spawn(self._shadow_pair(shadow, messages, session, step, features, version, cloud))
+    def finish_shadow(self, shadow: asyncio.Future, st: StepRun, *, version: str, cloud: Generation) -> None:
+        """The cloud answered step `st`: once the shadow is done too, trace and label the pair
+        (background). `shadow` is a task of `start_shadow` (its device time is booked here) or a
+        finished future holding a draft the step already made and booked (drafted, then escalated)."""
+        self._spawn(self._shadow_pair(shadow, st, version, cloud))
 
-    async def _shadow_pair(self, shadow, messages, session, step, features, version, cloud: Generation) -> None:
+    async def _shadow_pair(self, shadow, st: StepRun, version: str, cloud: Generation) -> None:
         try:
             draft: Generation | None = await shadow
         except asyncio.CancelledError:
@@ -124,8 +123,8 @@ class TrafficLearning:
         if draft is None:
             return
         if isinstance(shadow, asyncio.Task) and self.book is not None:
-            self.book("shadow", session, step, draft, draft.latency_s, version)
-        row = trace_row("shadow", session=session, step=step, messages=messages, features=features,
+            self.book("shadow", st.session, st.step, draft, draft.latency_s, version)
+        row = trace_row("shadow", session=st.session, step=st.step, messages=st.messages, features=st.features,
                         version=version, cloud_text=cloud.text, draft_text=draft.text,
                         cloud_calls=cloud.tool_calls or None, draft_calls=draft.tool_calls or None)
         self.stats["shadow_done"] += 1
@@ -133,24 +132,22 @@ class TrafficLearning:
 
     # -- audits --------------------------------------------------------------------------------
 
-    def maybe_audit(self, *, messages: list[dict[str, Any]], session: str, step: int, features: np.ndarray,
-                    version: str, local: Generation, max_tokens: int, stop: list[str] | None,
-                    toolset: Any = None) -> bool:
-        """After a step a learned predictor kept local: with the audit share, ask the cloud too."""
+    def maybe_audit(self, st: StepRun, *, version: str, local: Generation, toolset: Any = None) -> bool:
+        """After step `st`, which a learned predictor kept local (answer `local`): with the audit
+        share, ask the cloud too (with `toolset`, the tools the client offered)."""
         if not self.learner.should_audit():
             return False
         self.stats["audits_started"] += 1
-        self._spawn(self._audit(messages, session, step, features, version, local, max_tokens, stop, toolset))
+        self._spawn(self._audit(st, version, local, toolset))
         return True
 
-    async def _audit(self, messages, session, step, features, version, local: Generation, max_tokens, stop,
-                     toolset) -> None:
+    async def _audit(self, st: StepRun, version: str, local: Generation, toolset) -> None:
         kwargs = {"toolset": toolset} if toolset is not None else {}
         t0 = time.perf_counter()
-        cloud = await self.cloud.generate(messages, max_tokens=max_tokens, stop=stop, **kwargs)
+        cloud = await self.cloud.generate(st.messages, max_tokens=st.max_tokens, stop=st.req.stop, **kwargs)
         if self.book is not None:
-            self.book("audit", session, step, cloud, time.perf_counter() - t0, version)
-        row = trace_row("audit", session=session, step=step, messages=messages, features=features,
+            self.book("audit", st.session, st.step, cloud, time.perf_counter() - t0, version)
+        row = trace_row("audit", session=st.session, step=st.step, messages=st.messages, features=st.features,
                         version=version, cloud_text=cloud.text, draft_text=local.text,
                         cloud_calls=cloud.tool_calls or None, draft_calls=local.tool_calls or None)
         self.stats["audits_done"] += 1

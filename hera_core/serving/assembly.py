@@ -155,13 +155,9 @@ async def open_runtime(settings: HeraSettings, *, run: str = "default", predicto
     async with open_engines(settings, use_cache=use_cache) as (local, cloud):
         ledger = open_ledger(settings)
         try:
-            rt = Runtime(local, cloud, predictor, ledger, settings.prices, run=run,
-                         threshold_offset=settings.policy.threshold_offset, max_tokens=settings.max_tokens,
-                         fallback=settings.cloud.fallback, hot_prefix_discount=settings.policy.hot_prefix_discount,
-                         budget=budget_from(settings, ledger), draft_band=settings.policy.draft_band,
-                         draft_check_timeout_s=settings.policy.draft_check_timeout_s,
-                         unfamiliar=settings.policy.unfamiliar, agreement_k=settings.policy.agreement_k,
-                         agreement_min=settings.policy.agreement_min, vote=settings.policy.vote)
+            rt = Runtime(local, cloud, predictor, ledger, settings.prices, budget=budget_from(settings, ledger),
+                         policy=settings.policy, run=run, max_tokens=settings.max_tokens,
+                         fallback=settings.cloud.fallback)
             if learner is not None:
                 attach_learning(rt, learner)
             try:

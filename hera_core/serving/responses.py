@@ -15,7 +15,6 @@ RESPONSE_FIELDS, honoured, sent to the cloud or refused by name, like chat compl
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -360,7 +359,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     req = parse_request(chat)
     call = srv.prepare_routed(request, chat, req, fixed_threshold)
     rid = f"resp_{uuid.uuid4().hex}"
-    session = call.kwargs["session"]
+    session = call.session
     keep = payload.get("store", True) is not False
     if req.stream:
         return await _stream(request, rt, call, rid, payload, chat, store if keep else None)
@@ -384,7 +383,7 @@ async def _stream(request: web.Request, rt, call, rid: str, payload: dict[str, A
     content_part.added, output_text.delta per text delta, then the .done events, function calls
     (output_item.added/done with their arguments' delta and done), and response.completed."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    session = call.kwargs["session"]
+    session = call.session
     seq = {"n": 0}
     msg_id = f"msg_{uuid.uuid4().hex}"
     model_name = {"name": ""}

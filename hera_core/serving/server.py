@@ -13,6 +13,7 @@ one middleware; a client's mistake is a 4xx, never a 500.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -30,7 +31,8 @@ from hera_core.serving.metrics import Metrics
 from hera_core.serving.openai_api import (FIELDS, ChatCompletionRequest, Handling, completion_response, error_body,
                                           error_from_exception, parse_request, tool_call_deltas)
 from hera_core.routing.policy import Decision, Override, Route
-from hera_core.routing.runtime import ResponseFormat, Runtime, SubtaskResult, ToolSet, step_index
+from hera_core.routing.runtime import Runtime
+from hera_core.routing.step import ResponseFormat, StepRequest, SubtaskResult, ToolSet, step_index
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +199,20 @@ def _decision_headers(decision: Decision) -> dict[str, str]:
 # --- handlers ----------------------------------------------------------------------------------------
 @dataclass
 class RoutedCall:
-    """A validated request to model `hera`, ready for Runtime.complete (chat completions and the
+    """A validated request to model `hera`, ready for the runtime (chat completions and the
     Responses API both end here)."""
 
     req: ChatCompletionRequest
-    messages: list[dict[str, Any]]  # text-only messages
-    kwargs: dict[str, Any]  # Runtime.complete's keywords
+    step: StepRequest  # what the runtime is asked (its messages: text only)
     needs_slm: bool  # the step may use the SLM (it takes a place in the local queue)
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.step.messages
+
+    @property
+    def session(self) -> str:
+        return self.step.session
 
 
 def _decoded_json(raw: bytes) -> Any:
@@ -216,7 +225,7 @@ def _decoded_json(raw: bytes) -> Any:
 def prepare_routed(request: web.Request, payload: dict[str, Any], req: ChatCompletionRequest,
                    fixed_threshold: float | None) -> RoutedCall:
     """A routed request's fields, as the field table (openai_api.FIELDS) says, turned into the
-    runtime's keywords: honoured fields become parameters, cloud-only ones send the step to the
+    runtime's step request: honoured fields become parameters, cloud-only ones send the step to the
     cloud (the first one named as the reason), forwarded ones travel with a cloud step."""
     settings = request.app[SETTINGS]
     max_tokens = req.token_limit(settings.max_tokens)
@@ -244,21 +253,19 @@ def prepare_routed(request: web.Request, payload: dict[str, Any], req: ChatCompl
                    if FIELDS[k].handling in (Handling.CLOUD, Handling.FORWARDED) and v is not None}
     cloud_only = req.cloud_only_fields()
     override = _override_of(request)
-    kwargs = dict(session=_session_of(request, messages), step=step_index(messages), max_tokens=max_tokens,
-                  stop=req.stop_list(), override=override, local_can_serve=local_can_serve,
-                  threshold=fixed_threshold, toolset=toolset, trace=_trace_of(request),
-                  response_format=fmt, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                  cloud_reason=cloud_only[0] if cloud_only else None)
-    if req.n > 1:  # n choices sampled on the route taken, the prompt paid once
-        kwargs.update(samples=req.n, sampling=req.sampling())
-    elif req.sampled():  # one sampled answer: the cloud gets the parameters, the SLM samples with them
-        kwargs["sampling"] = req.sampling()
-        cloud_extra.update({k: v for k, v in kwargs["sampling"].items() if v is not None})
+    sampling = req.sampling() if req.n > 1 or req.sampled() else None
+    if req.n == 1 and sampling is not None:  # one sampled answer: the cloud gets its parameters, the SLM samples
+        cloud_extra.update({k: v for k, v in sampling.items() if v is not None})
     if req.logprobs:  # honoured on both routes: the cloud is asked for them too
         cloud_extra.update({"logprobs": True, **({"top_logprobs": req.top_logprobs} if req.top_logprobs else {})})
-    kwargs["cloud_extra"] = cloud_extra or None
+    step = StepRequest(messages, _session_of(request, messages), max_tokens=max_tokens, stop=req.stop_list(),
+                       override=override, local_can_serve=local_can_serve, threshold=fixed_threshold,
+                       toolset=toolset, trace=_trace_of(request), response_format=fmt,
+                       logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                       cloud_reason=cloud_only[0] if cloud_only else None, cloud_extra=cloud_extra or None,
+                       samples=req.n, sampling=sampling)  # n > 1: n choices on the route taken, the prompt paid once
     needs_slm = override is not Override.CLOUD_ONLY and local_can_serve and not cloud_only
-    return RoutedCall(req, messages, kwargs, needs_slm)
+    return RoutedCall(req, step, needs_slm)
 
 
 async def run_routed(request: web.Request, call: RoutedCall, **callbacks) -> "SubtaskResult":
@@ -272,7 +279,7 @@ async def run_routed(request: web.Request, call: RoutedCall, **callbacks) -> "Su
     if call.needs_slm:
         state["slm_waiting"] += 1
     try:
-        result = await rt.complete(call.messages, **call.kwargs, **callbacks)
+        result = await rt.run_step(dataclasses.replace(call.step, **callbacks) if callbacks else call.step)
     finally:
         if call.needs_slm:
             state["slm_waiting"] -= 1
@@ -320,7 +327,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if req.stream:
         return await _stream_routed(request, rt, call)
     result = await run_routed(request, call)
-    gen, session = result.generation, call.kwargs["session"]
+    gen, session = result.generation, call.session
     message_fields = {k: v for k, v in (gen.extra.get("message") or {}).items()
                       if k not in ("role", "content", "tool_calls")}
     body = completion_response(
@@ -380,7 +387,7 @@ async def _stream_routed(request: web.Request, rt: Runtime, call: RoutedCall) ->
     cid, created = f"chatcmpl-hera-{time.time_ns()}", int(time.time())
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     model_name = {"name": ""}
-    session = call.kwargs["session"]
+    session = call.session
 
     def chunk(delta: dict, finish: str | None = None, logprobs: Any = None, **extra) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
