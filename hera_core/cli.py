@@ -108,7 +108,7 @@ def cmd_cloud_sim(args) -> int:
     from hera_core.serving.cloud_sim import create_app
     from hera_core.backends.llamacpp import LlamaCppEngine
     from hera_core.install.models import model_path
-    from hera_core.serving.server import RUNNER_OPTIONS
+    from hera_core.serving.http import RUNNER_OPTIONS
 
     engine = LlamaCppEngine(model_path(args.model), name=args.model, n_ctx=args.n_ctx, n_threads=args.threads)
     web.run_app(create_app(engine), host=args.host, port=args.port, print=None, access_log=None,
@@ -119,7 +119,8 @@ def cmd_cloud_sim(args) -> int:
 def cmd_serve(args) -> int:
     from aiohttp import web
 
-    from hera_core.serving.server import RUNNER_OPTIONS, create_app, raise_open_files_limit
+    from hera_core.serving.http import RUNNER_OPTIONS, raise_open_files_limit
+    from hera_core.serving.server import create_app
 
     overrides = {}
     if args.host:

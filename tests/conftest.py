@@ -89,7 +89,7 @@ class ServerThread:
         self.port = free_port()
 
         async def start():
-            from hera_core.serving.server import RUNNER_OPTIONS
+            from hera_core.serving.http import RUNNER_OPTIONS
 
             app = await make_app() if asyncio.iscoroutinefunction(make_app) else make_app()
             self.runner = web.AppRunner(app, **RUNNER_OPTIONS)  # as `hera serve` runs it

@@ -356,7 +356,7 @@ def test_kill_9_loses_no_answered_subtask_and_leaves_no_half_row(tiny_model_path
 
 # --- load: 500 clients x 20 requests, bounded SLM queue ----------------------------------------------
 def test_load_500_clients_x_20_requests_loses_nothing(tiny_engine, tmp_path, record_property):
-    from hera_core.serving.server import raise_open_files_limit
+    from hera_core.serving.http import raise_open_files_limit
 
     # Each request in flight holds four sockets in this process (client, server, HERA's upstream
     # connection, the fake upstream's side): 500 clients need ~2,000 open files, past the usual

@@ -7,7 +7,8 @@ happened: headers `x-hera-route`, `x-hera-cost-usd`, `x-hera-p-local`.
 Built by `create_app(settings)`: the runtime (engines, ledger, HTTP client) is opened by the
 app's cleanup context when the server starts and closed when it stops; nothing runs at import.
 All errors leave as OpenAI-shaped JSON (`{"error": {message, type, param, code}}`), translated in
-one middleware; a client's mistake is a 4xx, never a 500.
+one middleware (`hera_core.serving.http`, with the auth and limits ones); a client's mistake is a
+4xx, never a 500.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import hmac
 import json
 import logging
 import time
@@ -27,95 +27,16 @@ from aiohttp import web
 
 from hera_core.config import HeraSettings
 from hera_core.errors import FieldError, HeraError, InvalidRequestError
+from hera_core.serving.http import (METRICS, RUNTIME, SETTINGS, STATE, LocalQueueFull, StreamEnded, auth_middleware,
+                                    error_middleware, limits_middleware, stream_end_middleware)
 from hera_core.serving.metrics import Metrics
-from hera_core.serving.openai_api import (FIELDS, ChatCompletionRequest, Handling, completion_response, error_body,
+from hera_core.serving.openai_api import (FIELDS, ChatCompletionRequest, Handling, completion_response,
                                           error_from_exception, parse_request, tool_call_deltas)
 from hera_core.routing.policy import Decision, Override, Route
 from hera_core.routing.runtime import Runtime
 from hera_core.routing.step import ResponseFormat, StepRequest, SubtaskResult, ToolSet, step_index
 
 log = logging.getLogger(__name__)
-
-SETTINGS = web.AppKey("settings", HeraSettings)
-RUNTIME = web.AppKey("runtime", Runtime)
-STATE = web.AppKey("state", dict)
-METRICS = web.AppKey("metrics", object)
-
-
-
-class LocalQueueFull(HeraError):
-    """More steps wait for the SLM than server.max_local_queue allows."""
-
-    http_status = 429
-    error_type = "rate_limit_error"
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
-
-
-def _json_error(status: int, message: str, type_: str | None = None, code: str | None = None,
-                param: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(error_body(message, type_ or _STATUS_TYPES.get(status, "server_error"), code, param),
-                             status=status, headers=headers)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except HeraError as exc:
-        status, body = error_from_exception(exc)
-        headers = {"Retry-After": "1"} if status in (429, 503) else None
-        return web.json_response(body, status=status, headers=headers)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return _json_error(413, f"request body too large: {exc.text}", code="body_too_large")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _json_error(exc.status, exc.reason or exc.text or "error", code=f"http_{exc.status}")
-    except asyncio.CancelledError:
-        raise
-    except Exception:  # noqa: BLE001 - the one place unexpected errors become a 500
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return _json_error(500, "internal error; see the server log", "server_error")
-
-
-def _auth_middleware(keys: list[bytes]):
-    @web.middleware
-    async def auth(request: web.Request, handler):
-        if keys and request.path != "/healthz":
-            header = request.headers.get("Authorization", "")
-            given = header[7:].encode() if header.startswith("Bearer ") else b""
-            ok = False
-            for key in keys:  # compare with every key, in constant time, so timing says nothing
-                ok |= hmac.compare_digest(given, key)
-            if not ok:
-                return _json_error(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                   code="invalid_api_key")
-        return await handler(request)
-    return auth
-
-
-def _limits_middleware(max_body: int, max_concurrency: int):
-    @web.middleware
-    async def limits(request: web.Request, handler):
-        # Refuse an oversized body from its declared length, before reading any of it.
-        if request.content_length is not None and request.content_length > max_body:
-            return _json_error(413, f"request body too large: {request.content_length} bytes, the limit is "
-                                    f"{max_body} bytes", code="body_too_large")
-        state = request.app[STATE]
-        if state["in_flight"] >= max_concurrency:
-            return _json_error(429, f"server busy: {max_concurrency} requests in flight; retry shortly",
-                               code="too_many_requests", headers={"Retry-After": "1"})
-        state["in_flight"] += 1
-        metrics = request.app[METRICS]
-        metrics.in_flight.inc()
-        try:
-            return await handler(request)
-        finally:
-            state["in_flight"] -= 1
-            metrics.in_flight.dec()
-    return limits
-
 
 # --- request helpers -------------------------------------------------------------------------------
 def _session_of(request: web.Request, messages: list[dict[str, Any]]) -> str:
@@ -140,20 +61,6 @@ def _override_of(request: web.Request) -> Override:
     except ValueError:
         raise InvalidRequestError(f"X-Hera-Policy must be one of {', '.join(o.value for o in Override)}, "
                                   f"got {value!r}") from None
-
-
-def raise_open_files_limit(wanted: int) -> int:
-    """Raise this process's soft limit on open files towards `wanted` (at most the hard limit, which
-    an unprivileged user may reach): every connection in flight holds a socket to the client and one
-    to the cloud, and distributions set the soft limit to 1024. Returns the soft limit now."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return target
-    return soft
 
 
 def _trace_of(request: web.Request) -> bool:
@@ -367,14 +274,14 @@ async def stream_while_routed(response: web.StreamResponse, start: Callable[[Cal
         client_left = work.cancelled() and writer_task.done() and not writer_task.cancelled()
         writer_task.cancel()
         if client_left:
-            raise _StreamEnded(response) from None  # nobody to answer
+            raise StreamEnded(response) from None  # nobody to answer
         raise
     except HeraError as exc:
         writer_task.cancel()
         if not response.prepared:
             raise
         await write_error(exc)
-        raise _StreamEnded(response) from None
+        raise StreamEnded(response) from None
     queue.put_nowait(None)
     await writer_task
     return result
@@ -429,17 +336,6 @@ async def _stream_routed(request: web.Request, rt: Runtime, call: RoutedCall) ->
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
-
-
-# aiohttp lets a handler run to its end after its client disconnected; with this a disconnect
-# cancels the handler, so a local answer stops at its next chunk and the runtime books the step as
-# cancelled. Pass to web.run_app / web.AppRunner.
-RUNNER_OPTIONS = {"handler_cancellation": True}
-
-
-class _StreamEnded(Exception):
-    def __init__(self, response: web.StreamResponse) -> None:
-        self.response = response
 
 
 async def _passthrough(request: web.Request, payload: dict[str, Any], req: ChatCompletionRequest):
@@ -508,20 +404,12 @@ async def ledger_endpoint(request: web.Request) -> web.Response:
                               if totals["all_cloud_cost_usd"] else 0.0})
 
 
-@web.middleware
-async def _stream_end_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except _StreamEnded as ended:
-        return ended.response
-
-
 def create_app(settings: HeraSettings, *, runtime: Runtime | None = None) -> web.Application:
     """The HERA server. Without `runtime`, one is opened from `settings` when the app starts."""
     keys = [k.get_secret_value().encode() for k in settings.server.api_keys]
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[
-        error_middleware, _stream_end_middleware, _auth_middleware(keys),
-        _limits_middleware(settings.server.max_body_bytes, settings.server.max_concurrency)])
+        error_middleware, stream_end_middleware, auth_middleware(keys),
+        limits_middleware(settings.server.max_body_bytes, settings.server.max_concurrency)])
     app[SETTINGS] = settings
     app[STATE] = {"in_flight": 0, "slm_waiting": 0}
     app[METRICS] = Metrics()
