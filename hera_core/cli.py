@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from hera_core.errors import HeraError, MissingExtraError, SelfTestFailed
-from hera_core.cli_offline import (_settings, cmd_check_harness, cmd_compare_labels, cmd_drafts, cmd_eval,
-                                  cmd_profile, cmd_train)
+from hera_core.cli_offline import _settings, add_offline_parsers
 
 def cmd_models(args) -> int:
     from hera_core.install.models import MODELS, ensure, is_installed
@@ -177,6 +176,7 @@ def cmd_learn(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `hera` command line: the serving side here, the offline subcommands from cli_offline."""
     p = argparse.ArgumentParser(prog="hera", description="Route AI-agent steps between a local SLM and a cloud LLM.")
     p.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -226,82 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cloud-model")
     d.set_defaults(func=cmd_demo)
 
-    pr = sub.add_parser("profile", help="trace both models on every agent step (resumable)")
-    pr.add_argument("--out", default="traces.jsonl")
-    pr.add_argument("--tasks-per-family", type=int, default=8)
-    pr.add_argument("--families", help="comma-separated (default: all)")
-    pr.add_argument("--tasks-file", help="your own tasks, JSONL (see docs/workloads.md: Your own tasks)")
-    pr.add_argument("--split", default="train", choices=["train", "val", "test"])
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--local-model")
-    pr.add_argument("--cloud-model")
-    pr.set_defaults(func=cmd_profile)
-
-    ev = sub.add_parser("eval", help="All-SLM, All-LLM, Random, query router, HERA and Oracle on the test split")
-    ev.add_argument("--traces", help="`hera profile --split test` output (tasks, labels); default traces-test.jsonl, "
-                    "none with --tasks-file, the committed run's with --offline")
-    ev.add_argument("--tasks-per-family", type=int, help="default 30 (80 with --offline: the committed run)")
-    ev.add_argument("--tasks-file", help="your own tasks, JSONL (the file given to `hera profile`)")
-    ev.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--predictor", help="predictor file (default: the configured or shipped one)")
-    ev.add_argument("--cache", help="completion cache (default: <cache_dir>/completions.sqlite)")
-    ev.add_argument("--offline", action="store_true", help="replay from the cache only; a miss is an error")
-    ev.add_argument("--plot", default="eval.png", help="PNG of accuracy vs cloud cost ('' for none)")
-    ev.add_argument("--sweep", default="-0.6,-0.3,-0.15,-0.05,0.03,0.06,0.1",
-                    help="threshold offsets of extra live HERA runs for the curve ('' for none)")
-    ev.add_argument("--unfamiliar", choices=["cloud", "draft", "trust"],
-                    help="HERA's policy for steps unlike its training tasks (default: the configured policy.unfamiliar)")
-    ev.add_argument("--out", help="write the full report as JSON")
-    ev.add_argument("--json", action="store_true", help="print {method: {accuracy, local_share, cost_ratio}}")
-    ev.add_argument("--local-model")
-    ev.add_argument("--cloud-model")
-    ev.set_defaults(func=cmd_eval)
-
-    ch = sub.add_parser("check-harness", help="accuracy of both models through the agent harness vs one direct call")
-    ch.add_argument("--tasks-per-family", type=int, default=10)
-    ch.add_argument("--families", help="comma-separated (default: all)")
-    ch.add_argument("--tasks-file", help="your own tasks, JSONL")
-    ch.add_argument("--split", default="val", choices=["train", "val", "test"])
-    ch.add_argument("--seed", type=int, default=0)
-    ch.add_argument("--out", help="also write the report as JSON")
-    ch.add_argument("--local-model")
-    ch.add_argument("--cloud-model")
-    ch.set_defaults(func=cmd_check_harness)
-
-    cl = sub.add_parser("compare-labels", help="substitution vs embedding-similarity label: which predicts better")
-    cl.add_argument("train", help="train-split traces")
-    cl.add_argument("held_out", nargs="+", help="held-out traces (val, test)")
-    cl.set_defaults(func=cmd_compare_labels)
-
-    dr2 = sub.add_parser("drafts", help="add the SLM drafts' checks and log-probabilities to traces (resumable)")
-    dr2.add_argument("traces", help="traces.jsonl from `hera profile`")
-    dr2.add_argument("--out", required=True, help="output JSONL (appended; a rerun skips tasks already there)")
-    dr2.add_argument("--tasks-per-family", type=int, default=400, help="pool to find the traced tasks in")
-    dr2.add_argument("--tasks-file", help="the JSONL tasks the traces were profiled on")
-    dr2.add_argument("--split", default="train", choices=["train", "val", "test"])
-    dr2.add_argument("--seed", type=int, default=0)
-    dr2.add_argument("--local-model")
-    dr2.set_defaults(func=cmd_drafts)
-
-    t = sub.add_parser("train", help="fit the predictor on traces and calibrate kappa(step)")
-    t.add_argument("traces", nargs="+", help="traces.jsonl files from `hera profile`")
-    t.add_argument("--out", default="predictor.json")
-    t.add_argument("--max-drop", type=float, default=0.03, help="accuracy drop allowed vs All-LLM (default 0.03)")
-    t.add_argument("--dask", metavar="ADDRESS", help="train on an existing Dask cluster")
-    t.add_argument("--tasks-file", help="the JSONL tasks the traces were profiled on (for the familiarity check)")
-    t.add_argument("--tasks-per-family", type=int, default=400, help="pool to find the traced built-in tasks in")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--votes", nargs="+", metavar="VOTES.jsonl",
-                   help="first-step sample votes of validation tasks (bench/eval/agreement_probe.py): "
-                        "calibrates the vote stage with kappa")
-    t.add_argument("--cost-aware", action="store_true",
-                   help="weigh each step's threshold by its expected cloud cost too (one trade-off across a "
-                        "task's steps), calibrated for the least cloud cost within --max-drop")
-    t.add_argument("--cloud-budget", type=float, metavar="SHARE",
-                   help="with --cost-aware implied: the best estimated accuracy at most this share of "
-                        "All-LLM's cloud cost (0-1] on the validation tasks")
-    t.set_defaults(func=cmd_train)
+    add_offline_parsers(sub)
     return p
 
 

@@ -86,7 +86,7 @@ def row(store_kind="shadow", step=0, features=None, cloud="ANSWER: 4", draft="AN
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "What is 2 + 2?"}]
     feats = np.zeros(len(FEATURE_NAMES), dtype=np.float32) if features is None else features
     return trace_row(store_kind, session="s1", step=step, messages=messages, features=feats, version="v0",
-                     cloud_text=cloud, draft_text=draft)
+                     cloud=(cloud, None), draft=(draft, None))
 
 
 def test_trace_store_is_bounded_private_and_labels_rows(tmp_path):

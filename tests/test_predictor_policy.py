@@ -6,7 +6,7 @@ import pytest
 from hera_core.errors import ConfigError
 from hera_core.routing.policy import Override, Route, decide
 from hera_core.routing.predictor import FEATURE_NAMES, FEATURE_SCHEMA, Kappa, Predictor
-from hera_core.offline.training import auc, calibrate, train
+from hera_core.offline.training import CostTarget, auc, calibrate, train
 from tests.factories import random_predictor, trace
 
 
@@ -346,20 +346,20 @@ def test_cost_aware_calibration_spends_the_cloud_budget_where_it_buys_most():
     less cloud cost than kappa alone; with a budget it stays within it at the best accuracy it
     can find, never below kappa alone's within the same budget."""
     traces = cost_traces()
-    predictor, report = train(traces, max_drop=0.1, num_rounds=30, cost_aware=True)
+    predictor, report = train(traces, max_drop=0.1, num_rounds=30, cost=CostTarget())
     cal = report["cost_calibration"]
     assert predictor.kappa.cost is not None and predictor.kappa.cost.gamma == cal["chosen"]["gamma"] > 0
     assert predictor.kappa.cost.out_tokens[:2] == pytest.approx((300, 8), abs=1)
     assert cal["chosen"]["est_accuracy"] >= cal["llm_accuracy"] - 0.1
     assert cal["chosen"]["est_cost_ratio"] < cal["kappa_alone"]["est_cost_ratio"] - 0.03
     assert report["kappa"]["cost_weight"]["gamma"] == cal["chosen"]["gamma"]
-    budgeted, report = train(traces, num_rounds=30, cloud_budget=0.4)
+    budgeted, report = train(traces, num_rounds=30, cost=CostTarget(0.4))
     cal = report["cost_calibration"]
     assert cal["chosen"]["est_cost_ratio"] <= 0.4 and cal["objective"] == "max accuracy within budget"
     assert cal["chosen"]["est_accuracy"] > cal["kappa_alone"]["est_accuracy"] + 0.02
     with pytest.raises(ValueError, match="cloud budget"):
-        train(traces, num_rounds=5, cloud_budget=1.5)
-    strict, report = train(traces, max_drop=-0.5, num_rounds=5, cost_aware=True)  # nothing is that safe: all cloud
+        train(traces, num_rounds=5, cost=CostTarget(1.5))
+    strict, report = train(traces, max_drop=-0.5, num_rounds=5, cost=CostTarget())  # nothing is that safe: all cloud
     assert strict.kappa.base > 1.0 and report["cost_calibration"]["chosen"]["est_cost_ratio"] == 1.0
     plain, report = train(traces, max_drop=0.03, num_rounds=30)
     assert plain.kappa.cost is None and "cost_calibration" not in report

@@ -264,31 +264,21 @@ def calibrate_votes(traces: list[dict[str, Any]], predictor: Predictor, votes: d
     return VoteStage(steps=1, k=k, min_share=share, meta=report), kappa, report
 
 
-def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: int = 100,
-          dask_client=None, meta: dict[str, Any] | None = None,
-          openings: dict[str, str] | None = None,
-          votes: dict[str, FirstStepVote] | None = None, cost_aware: bool = False,
-          cloud_budget: float | None = None, prices: PriceSettings | None = None) -> tuple[Predictor, dict[str, Any]]:
-    """Fit the predictor on the train split, calibrate kappa on val; with draft features in the
-    traces, the draft stage too; with `openings` (task id -> the task's opening user message),
-    the familiarity check that tells the runtime when a step is unlike every training task; with
-    `votes` (task id -> its first step's vote), the vote stage and kappa calibrated together.
-    `cost_aware` weighs each step's threshold by its expected cloud cost too (one trade-off across
-    a task's steps), calibrated for the least cloud cost within `max_drop`, or with `cloud_budget`
-    (a share of All-LLM's cloud cost) for the best accuracy within that budget, at `prices` (the
-    default ones unless given; the weight keeps their ratio). The draft and vote stages are
-    calibrated for the most steps local within `max_drop`, so a budget is not combined with them."""
-    if cloud_budget is not None and not 0.0 < cloud_budget <= 1.0:
-        raise UsageError(f"the cloud budget is a share of All-LLM's cloud cost, in (0, 1]; got {cloud_budget}")
-    if cloud_budget is not None and votes:
-        raise UsageError("a cloud budget and a vote stage cannot be calibrated together yet (the vote stage keeps "
-                         "the most steps local within --max-drop): drop --votes or --cloud-budget")
+@dataclass(frozen=True)
+class CostTarget:
+    """Cost-aware calibration: each step's threshold weighed by its expected cloud cost too (one
+    trade-off across a task's steps), calibrated for the least cloud cost within max_drop, or with
+    `budget` (a share of All-LLM's cloud cost) for the best accuracy within that budget, at `prices`
+    (the default ones unless given; the weight keeps their ratio)."""
+
+    budget: float | None = None
+    prices: PriceSettings | None = None
+
+
+def _fit_booster(X: np.ndarray, y: np.ndarray, num_rounds: int, dask_client=None):
+    """XGBoost on the rows, in process or on a Dask cluster."""
     import xgboost as xgb
 
-    X, y = rows(traces, {"train"})
-    Xv, yv = rows(traces, {"val"})
-    if len(y) == 0:
-        raise UsageError("no training rows: profile some tasks of the train split first (`hera profile`)")
     if dask_client is not None:
         import dask.array as da
         from xgboost import dask as dxgb
@@ -300,13 +290,36 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
         dtrain = xgb.DMatrix(X, label=y, feature_names=list(FEATURE_NAMES))
         booster = xgb.train(XGB_PARAMS, dtrain, num_boost_round=num_rounds)
     booster.feature_names = None  # the file carries names itself; inference passes plain arrays
+    return booster
+
+
+def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: int = 100, dask_client=None,
+          openings: dict[str, str] | None = None, votes: dict[str, FirstStepVote] | None = None,
+          cost: CostTarget | None = None) -> tuple[Predictor, dict[str, Any]]:
+    """Fit the predictor on the train split, calibrate kappa on val; with draft features in the
+    traces, the draft stage too; with `openings` (task id -> the task's opening user message),
+    the familiarity check that tells the runtime when a step is unlike every training task; with
+    `votes` (task id -> its first step's vote), the vote stage and kappa calibrated together; with
+    `cost`, kappa cost-aware (`CostTarget`). The draft and vote stages are calibrated for the most
+    steps local within `max_drop`, so a cloud budget is not combined with them."""
+    cloud_budget = cost.budget if cost is not None else None
+    if cloud_budget is not None and not 0.0 < cloud_budget <= 1.0:
+        raise UsageError(f"the cloud budget is a share of All-LLM's cloud cost, in (0, 1]; got {cloud_budget}")
+    if cloud_budget is not None and votes:
+        raise UsageError("a cloud budget and a vote stage cannot be calibrated together yet (the vote stage keeps "
+                         "the most steps local within --max-drop): drop --votes or --cloud-budget")
+    X, y = rows(traces, {"train"})
+    Xv, yv = rows(traces, {"val"})
+    if len(y) == 0:
+        raise UsageError("no training rows: profile some tasks of the train split first (`hera profile`)")
+    booster = _fit_booster(X, y, num_rounds, dask_client)
     predictor = Predictor(model_json=bytes(booster.save_raw("json")))
     calib = [t for t in traces if t["split"] == "val"] or [t for t in traces if t["split"] == "train"]
     cost_report = None
-    if cost_aware or cloud_budget is not None:
-        weight = fit_cost_weight([t for t in traces if t["split"] == "train"], gamma=0.0, prices=prices)
+    if cost is not None:
+        weight = fit_cost_weight([t for t in traces if t["split"] == "train"], gamma=0.0, prices=cost.prices)
         predictor.kappa, est, cost_report = calibrate_cost(calib, predictor, weight, max_drop=max_drop,
-                                                           budget=cloud_budget, prices=prices)
+                                                           budget=cloud_budget, prices=cost.prices)
     else:
         predictor.kappa, est = calibrate(calib, predictor, max_drop)
     kappa = predictor.kappa
@@ -323,7 +336,7 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
                         "est_local_share": est.local_share},
         "feature_importance_gain": dict(sorted(importance.items(), key=lambda kv: -kv[1])),
     }
-    predictor.meta = {**(meta or {}), **report}
+    predictor.meta = dict(report)
     drafted = has_drafts([t for t in traces if t["split"] == "train"])
     if drafted and cloud_budget is not None:
         report["draft_stage"] = "not calibrated: a draft stage keeps the most steps local within --max-drop, " \

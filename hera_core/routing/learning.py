@@ -123,9 +123,9 @@ def out_of_fold(rows: list[TraceRow], folds: int, num_rounds: int) -> np.ndarray
 
 
 def learn(store: TraceStore, base: Predictor, *, target: float = 0.9, z: float = 1.645, holdout_share: float = 0.3,
-          min_labels: int = 30, num_rounds: int = 100, version: str = "",
-          folds: int = 5) -> tuple[Predictor, dict[str, Any]]:
-    """A predictor for the served agent from the trace store's labelled rows (see the module doc).
+          min_labels: int = 30, num_rounds: int = 100, folds: int = 5) -> tuple[Predictor, dict[str, Any]]:
+    """A predictor for the served agent from the trace store's labelled rows (see the module doc);
+    its report's "version" is the caller's to fill in.
     `folds` > 1: the threshold is calibrated on every labelled row, each scored out of fold (so the
     confidence bound has all the labels behind it, not only the held-out share); the model that
     ships is fitted on all of them. `folds` = 0: calibrated on the most recent `holdout_share`."""
@@ -155,7 +155,7 @@ def learn(store: TraceStore, base: Predictor, *, target: float = 0.9, z: float =
     predictor.familiarity = fit_familiarity([(r.cluster, r.opening) for r in train],
                                             [(r.cluster, r.opening) for r in held])
     report = {
-        "version": version, "labelled_steps": len(rows), "train_steps": len(fitted), "held_out_steps": len(calib),
+        "version": None, "labelled_steps": len(rows), "train_steps": len(fitted), "held_out_steps": len(calib),
         "calibration": f"{folds}-fold out of fold" if folds > 1 else f"the most recent {holdout_share:.0%}",
         "train_agreement_rate": round(float(np.mean([r.label for r in fitted])), 4), "target_agreement": target, "z": z,
         "kappa": predictor.kappa.to_dict(), "held_out_local": cal.local, "held_out_local_agree": cal.agree,
@@ -243,9 +243,10 @@ class AuditMonitor:
 
 
 def trace_row(kind: str, *, session: str, step: int, messages: list[dict[str, Any]], features: np.ndarray,
-              version: str, cloud_text: str, draft_text: str, cloud_calls=None, draft_calls=None) -> TraceRow:
-    """A trace row for a served step. The cluster is the agent: its system prompt (agent frameworks
-    send one per agent), else the opening message's first words."""
+              version: str, cloud: tuple[str, list | None], draft: tuple[str, list | None]) -> TraceRow:
+    """A trace row for a served step: `cloud` and `draft` are each answer's (text, tool calls or
+    None). The cluster is the agent: its system prompt (agent frameworks send one per agent), else
+    the opening message's first words."""
     from hera_core.routing.familiarity import opening_text
 
     system = next((m["content"] for m in messages if m.get("role") == "system" and isinstance(m.get("content"), str)),
@@ -260,8 +261,8 @@ def trace_row(kind: str, *, session: str, step: int, messages: list[dict[str, An
     if len(features) != len(FEATURE_NAMES):
         raise ValueError(f"a trace row needs the full feature row ({len(FEATURE_NAMES)}), got {len(features)}")
     return TraceRow(kind=kind, session=session, step=step, cluster=cluster, opening=opening, prompt=prompt,
-                    features=[float(x) for x in features], predictor_version=version, cloud_text=cloud_text,
-                    draft_text=draft_text, cloud_calls=cloud_calls, draft_calls=draft_calls)
+                    features=[float(x) for x in features], predictor_version=version, cloud_text=cloud[0],
+                    draft_text=draft[0], cloud_calls=cloud[1], draft_calls=draft[1])
 
 
 @dataclass
@@ -339,7 +340,8 @@ class LiveLearner:
         version = self.versions.next_version()
         try:
             predictor, report = learn(self.store, self.versions.load("v0"), target=self.settings.target_agreement,
-                                      z=self.z, min_labels=self.settings.min_labels, version=version)
+                                      z=self.z, min_labels=self.settings.min_labels)
+            report["version"] = version
         except NotEnoughLabels:
             if raise_if_short:
                 raise

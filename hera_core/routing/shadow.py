@@ -125,8 +125,8 @@ class TrafficLearning:
         if isinstance(shadow, asyncio.Task) and self.book is not None:
             self.book("shadow", st.session, st.step, draft, draft.latency_s, version)
         row = trace_row("shadow", session=st.session, step=st.step, messages=st.messages, features=st.features,
-                        version=version, cloud_text=cloud.text, draft_text=draft.text,
-                        cloud_calls=cloud.tool_calls or None, draft_calls=draft.tool_calls or None)
+                        version=version, cloud=(cloud.text, cloud.tool_calls or None),
+                        draft=(draft.text, draft.tool_calls or None))
         self.stats["shadow_done"] += 1
         await self._add(row)
 
@@ -148,8 +148,8 @@ class TrafficLearning:
         if self.book is not None:
             self.book("audit", st.session, st.step, cloud, time.perf_counter() - t0, version)
         row = trace_row("audit", session=st.session, step=st.step, messages=st.messages, features=st.features,
-                        version=version, cloud_text=cloud.text, draft_text=local.text,
-                        cloud_calls=cloud.tool_calls or None, draft_calls=local.tool_calls or None)
+                        version=version, cloud=(cloud.text, cloud.tool_calls or None),
+                        draft=(local.text, local.tool_calls or None))
         self.stats["audits_done"] += 1
         await self._add(row)
 

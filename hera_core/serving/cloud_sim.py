@@ -16,7 +16,8 @@ from hera_core.backends.base import Engine
 from hera_core.backends.structured import ResponseFormat, answer_from_call, answer_toolset
 from hera_core.backends.tools import ToolSet
 from hera_core.errors import HeraError, InvalidRequestError
-from hera_core.serving.openai_api import completion_chunks, completion_response, error_body, error_from_exception, parse_request
+from hera_core.serving.openai_api import (answer_choice, completion_chunks, completion_response, error_body,
+                                          error_from_exception, parse_request)
 
 log = logging.getLogger(__name__)
 ENGINE_KEY = web.AppKey("engine", Engine)
@@ -37,8 +38,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             gens = await engine.generate_samples(req.plain_messages(), req.n, max_tokens=req.token_limit(512),
                                                  stop=req.stop_list(), **req.sampling())
             return web.json_response(completion_response(
-                model=engine.name, text=gens[0].text, prompt_tokens=gens[0].prompt_tokens,
-                completion_tokens=sum(g.completion_tokens for g in gens), finish_reason=gens[0].finish_reason,
+                engine.name, answer_choice(gens[0].text, gens[0].finish_reason),
+                (gens[0].prompt_tokens, sum(g.completion_tokens for g in gens)),
                 more_choices=[(g.text, g.finish_reason) for g in gens[1:]]))
         fmt = ResponseFormat.parse(req.response_format)
         # A structured answer decodes as the forced call of its schema (an object schema, no tools
@@ -62,9 +63,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         await resp.write(b"data: [DONE]\n\n")
         return resp
     return web.json_response(completion_response(
-        model=engine.name, text=gen.text, prompt_tokens=gen.prompt_tokens,
-        completion_tokens=gen.completion_tokens, finish_reason=gen.finish_reason, tool_calls=gen.tool_calls,
-        logprobs=gen.extra.get("logprobs")))
+        engine.name, answer_choice(gen.text, gen.finish_reason, tool_calls=gen.tool_calls,
+                                   logprobs=gen.extra.get("logprobs")),
+        (gen.prompt_tokens, gen.completion_tokens)))
 
 
 async def _models(request: web.Request) -> web.Response:

@@ -259,24 +259,27 @@ def error_from_exception(exc: HeraError) -> tuple[int, dict]:
                                        param=getattr(exc, "param", None))
 
 
-def completion_response(*, model: str, text: str, prompt_tokens: int, completion_tokens: int,
-                        finish_reason: str, extra: dict[str, Any] | None = None, id: str | None = None,
-                        message_fields: dict[str, Any] | None = None,
-                        tool_calls: list[dict[str, Any]] | None = None,
-                        more_choices: list[tuple[str, str]] | None = None,
-                        logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A chat.completion body; `message_fields` adds to the message (fields a cloud answered with);
-    with `tool_calls`, content is null when there is no text, and finish_reason is tool_calls.
-    `more_choices`: (text, finish_reason) of choices 1.. of an `n` > 1 request; `logprobs`: the
-    first choice's (OpenAI's {"content": [{token, logprob, bytes, top_logprobs}, ...]})."""
+def answer_choice(text: str, finish_reason: str, *, tool_calls: list[dict[str, Any]] | None = None,
+                  message_fields: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The first choice of a chat.completion: `message_fields` adds to the message (fields a cloud
+    answered with); with `tool_calls`, content is null when there is no text, and finish_reason is
+    tool_calls; `logprobs` is OpenAI's {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
     message: dict[str, Any] = {"role": "assistant", "content": text, **(message_fields or {})}
     if tool_calls:
         message["tool_calls"] = tool_calls
         message["content"] = text if text.strip() else None
         finish_reason = "tool_calls"
-    choices = [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}]
-    choices += [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
-                for i, (t, f) in enumerate(more_choices or [], start=1)]
+    return {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def completion_response(model: str, choice: dict[str, Any], usage: tuple[int, int], *,
+                        more_choices: list[tuple[str, str]] | None = None, id: str | None = None,
+                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A chat.completion body: `choice` (`answer_choice`), then `more_choices` (text, finish_reason)
+    of an `n` > 1 request; `usage`: (prompt tokens, completion tokens); `extra` adds top-level fields."""
+    choices = [choice] + [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
+                          for i, (t, f) in enumerate(more_choices or [], start=1)]
+    prompt_tokens, completion_tokens = usage
     body = {
         "id": id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",

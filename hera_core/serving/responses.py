@@ -290,7 +290,7 @@ def _call_item(call: dict[str, Any]) -> dict[str, Any]:
             "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
 
 
-def _response(rid: str, payload: dict[str, Any], chat: dict[str, Any], *, status: str, output: list,
+def _response(rid: str, payload: dict[str, Any], *, status: str, output: list,
               model: str, usage: dict[str, Any] | None = None, incomplete: str | None = None,
               hera: dict[str, Any] | None = None) -> dict[str, Any]:
     body = {"id": rid, "object": "response", "created_at": int(time.time()), "status": status, "model": model,
@@ -323,7 +323,7 @@ def _finished(rid, payload, chat, result, rt, session, message_id=None) -> tuple
         output.append(_message_item(gen.text, logprobs, item_id=message_id))
     output += [_call_item(c) for c in gen.tool_calls]
     incomplete = "max_output_tokens" if gen.finish_reason == "length" and not gen.tool_calls else None
-    body = _response(rid, payload, chat, status="incomplete" if incomplete else "completed", output=output,
+    body = _response(rid, payload, status="incomplete" if incomplete else "completed", output=output,
                      model=gen.model, usage=_usage(gen), incomplete=incomplete,
                      hera=srv.hera_fields(rt, result, session))
     answer = {"role": "assistant", "content": gen.text if gen.text.strip() else None}
@@ -394,7 +394,7 @@ async def _stream(request: web.Request, rt, call, rid: str, payload: dict[str, A
         return f"event: {kind}\ndata: {json.dumps(body)}\n\n".encode()
 
     def shell(status: str) -> dict[str, Any]:
-        return _response(rid, payload, chat, status=status, output=[], model=model_name["name"])
+        return _response(rid, payload, status=status, output=[], model=model_name["name"])
 
     async def on_decision(decision) -> None:
         model_name["name"] = rt.model_name(decision.route)

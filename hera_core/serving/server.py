@@ -30,7 +30,7 @@ from hera_core.errors import FieldError, HeraError, InvalidRequestError
 from hera_core.serving.http import (METRICS, RUNTIME, SETTINGS, STATE, LocalQueueFull, StreamEnded, auth_middleware,
                                     error_middleware, limits_middleware, stream_end_middleware)
 from hera_core.serving.metrics import Metrics
-from hera_core.serving.openai_api import (FIELDS, ChatCompletionRequest, Handling, completion_response,
+from hera_core.serving.openai_api import (FIELDS, ChatCompletionRequest, Handling, answer_choice, completion_response,
                                           error_from_exception, parse_request, tool_call_deltas)
 from hera_core.routing.policy import Decision, Override, Route
 from hera_core.routing.runtime import Runtime
@@ -237,13 +237,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gen, session = result.generation, call.session
     message_fields = {k: v for k, v in (gen.extra.get("message") or {}).items()
                       if k not in ("role", "content", "tool_calls")}
-    body = completion_response(
-        model=gen.model, text=gen.text, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-        finish_reason=gen.finish_reason, tool_calls=gen.tool_calls,
-        id=f"chatcmpl-hera-{result.ledger_id}", message_fields=message_fields,
-        logprobs=gen.extra.get("logprobs") if req.logprobs else None,
-        more_choices=[(g.text, g.finish_reason) for g in result.samples[1:]],
-        extra={"hera": hera_fields(rt, result, session)})
+    choice = answer_choice(gen.text, gen.finish_reason, tool_calls=gen.tool_calls, message_fields=message_fields,
+                           logprobs=gen.extra.get("logprobs") if req.logprobs else None)
+    body = completion_response(gen.model, choice, (gen.prompt_tokens, gen.completion_tokens),
+                               more_choices=[(g.text, g.finish_reason) for g in result.samples[1:]],
+                               id=f"chatcmpl-hera-{result.ledger_id}", extra={"hera": hera_fields(rt, result, session)})
     return web.json_response(body, headers=routed_headers(result, session))
 
 

@@ -125,7 +125,7 @@ def run_learning(stream: list[dict], settings: LearningSettings, cpt: float, see
                     continue
                 row = trace_row(kind, session=trace["task_id"], step=step["step"], messages=messages,
                                 features=np.asarray(step["features"]), version=version,
-                                cloud_text=step["llm_text"], draft_text=step["slm_text"])
+                                cloud=(step["llm_text"], None), draft=(step["slm_text"], None))
                 event = learner.add(row)
                 if event is not None:  # swapped between requests, as the server does
                     predictor = event.predictor
