@@ -10,6 +10,7 @@
 
 #include "logit_features.h"
 #include "forest.h"
+#include "pyarrays.h"
 
 namespace py = pybind11;
 
@@ -17,26 +18,7 @@ void hera_register_radix(pybind11::module_&);  // csrc/radix_bindings.cpp
 
 namespace {
 
-// Validate before touching memory: dtype, rank, contiguity. The message names the fix.
-py::array_t<float> as_float32_matrix(const py::object& obj, const char* name) {
-  if (!py::isinstance<py::array>(obj)) {
-    throw py::value_error(std::string(name) + " must be a numpy float32 array, got " +
-                          std::string(py::str(py::type::of(obj).attr("__name__"))));
-  }
-  const auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!py::isinstance<py::array_t<float>>(a) || a.dtype().kind() != 'f' || a.itemsize() != 4) {
-    throw py::value_error(std::string(name) + " must be a float32 array, got dtype " +
-                          std::string(py::str(a.dtype())));
-  }
-  if (a.ndim() != 2) {
-    throw py::value_error(std::string(name) + " must be 2-D [batch, n], got " +
-                          std::to_string(a.ndim()) + "-D");
-  }
-  if (!(a.flags() & py::array::c_style)) {
-    throw py::value_error(std::string(name) + " must be C-contiguous (use np.ascontiguousarray)");
-  }
-  return py::reinterpret_borrow<py::array_t<float>>(a);
-}
+using hera::as_float32_matrix;  // csrc/pyarrays.h
 
 py::array_t<float> logit_features(const py::object& logits_any) {
   auto logits = as_float32_matrix(logits_any, "logits");
@@ -72,12 +54,8 @@ py::dict forest_arrays(const hera::Forest& f) {
 }
 
 py::array_t<float> forest_predict(const hera::Forest& f, const py::object& x_any, bool output_margin) {
-  auto x = as_float32_matrix(x_any, "X");
-  const int64_t batch = x.shape(0), nf = x.shape(1);
-  if (nf != f.num_feature) {
-    throw py::value_error("X has " + std::to_string(nf) + " features, the model expects " +
-                          std::to_string(f.num_feature));
-  }
+  auto x = hera::as_feature_matrix(x_any, f.num_feature);
+  const int64_t batch = x.shape(0);
   py::array_t<float> out(batch);
   const float* src = x.data();
   float* dst = out.mutable_data();

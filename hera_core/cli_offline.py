@@ -61,16 +61,11 @@ def _votes(args, traces) -> dict:
     from hera_core.checks.drafts import check_draft
     from hera_core.offline.harness import first_messages
     from hera_core.offline.training import FirstStepVote
+    from hera_core.offline.userfiles import read_lines
 
     rows = {}
     for path in args.votes or []:
-        try:
-            lines = Path(path).read_text().splitlines()
-        except FileNotFoundError:
-            raise UsageError(f"--votes file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--votes file {path} cannot be read ({exc})") from None
-        for n, line in enumerate(lines, 1):
+        for n, line in enumerate(read_lines(path, "--votes file"), 1):
             try:
                 row = json.loads(line)
                 key, keys = row["greedy"], row["keys"]

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels.cuh"
+#include "../pyarrays.h"
 
 namespace py = pybind11;
 
@@ -67,23 +68,7 @@ int device_count() {
   return n;
 }
 
-py::array_t<float> as_float32_matrix(const py::object& obj, const char* name) {
-  if (!py::isinstance<py::array>(obj)) {
-    throw py::value_error(std::string(name) + " must be a numpy float32 array, got " +
-                          std::string(py::str(py::type::of(obj).attr("__name__"))));
-  }
-  const auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!py::isinstance<py::array_t<float>>(a) || a.dtype().kind() != 'f' || a.itemsize() != 4) {
-    throw py::value_error(std::string(name) + " must be a float32 array, got dtype " + std::string(py::str(a.dtype())));
-  }
-  if (a.ndim() != 2) {
-    throw py::value_error(std::string(name) + " must be 2-D [batch, n], got " + std::to_string(a.ndim()) + "-D");
-  }
-  if (!(a.flags() & py::array::c_style)) {
-    throw py::value_error(std::string(name) + " must be C-contiguous (use np.ascontiguousarray)");
-  }
-  return py::reinterpret_borrow<py::array_t<float>>(a);
-}
+using hera::as_float32_matrix;  // csrc/pyarrays.h
 
 void logit_features_device(uintptr_t logits, int64_t batch, int64_t vocab, uintptr_t out, uintptr_t status,
                            uintptr_t stream) {
@@ -185,12 +170,8 @@ class CudaForest {
 
   py::array_t<float> predict_host(const py::object& x_any, bool output_margin) const {
     ensure_open();
-    auto x = as_float32_matrix(x_any, "X");
+    auto x = hera::as_feature_matrix(x_any, view_.num_feature);
     const int64_t batch = x.shape(0), nf = x.shape(1);
-    if (nf != view_.num_feature) {
-      throw py::value_error("X has " + std::to_string(nf) + " features, the model expects " +
-                            std::to_string(view_.num_feature));
-    }
     py::array_t<float> out(batch);
     if (batch == 0) return out;
     const float* src = x.data();

@@ -15,18 +15,13 @@ from __future__ import annotations
 import numpy as np
 
 from hera_core import native
+from hera_core.native.arrays import float32_matrix
 
 LOGIT_FEATURE_NAMES = ("entropy", "top1_prob", "top_margin")
 
 
 def _validate(logits: np.ndarray) -> np.ndarray:
-    if not isinstance(logits, np.ndarray) or logits.dtype != np.float32:
-        dtype = getattr(logits, "dtype", type(logits).__name__)
-        raise ValueError(f"logits must be a float32 array, got dtype {dtype}")
-    if logits.ndim != 2:
-        raise ValueError(f"logits must be 2-D [batch, n], got {logits.ndim}-D")
-    if not logits.flags.c_contiguous:
-        raise ValueError("logits must be C-contiguous (use np.ascontiguousarray)")
+    logits = float32_matrix(logits, "logits")
     if logits.shape[1] < 1:
         raise ValueError("logits must have at least one column (vocab >= 1)")
     return logits

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from hera_core import native as native_lib
+from hera_core.native.arrays import float32_matrix
 
 SIGMOID_OBJECTIVES = frozenset({"binary:logistic", "reg:logistic"})
 IDENTITY_OBJECTIVES = frozenset(
@@ -43,13 +44,7 @@ def _fail(what: str) -> ValueError:
 
 def validate_features(X: Any, n_features: int) -> np.ndarray:
     """Checks a predict input: float32, 2-D [batch, n_features], C-contiguous (no silent copies)."""
-    if not isinstance(X, np.ndarray) or X.dtype != np.float32:
-        dtype = getattr(X, "dtype", type(X).__name__)
-        raise ValueError(f"X must be a float32 array, got dtype {dtype}")
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D [batch, n], got {X.ndim}-D")
-    if not X.flags.c_contiguous:
-        raise ValueError("X must be C-contiguous (use np.ascontiguousarray)")
+    X = float32_matrix(X, "X")
     if X.shape[1] != n_features:
         raise ValueError(f"X has {X.shape[1]} features, the model expects {n_features}")
     return X

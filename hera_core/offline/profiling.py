@@ -18,7 +18,7 @@ from typing import Any
 
 from hera_core.backends.base import Engine, Message
 from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, check_draft
-from hera_core.errors import UsageError
+from hera_core.offline.userfiles import read_lines
 from hera_core.native.features import logit_features
 from hera_core.progress import progress_bar
 from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
@@ -89,13 +89,7 @@ def done_task_ids(path: Path) -> set[str]:
 def load_traces(path: str | Path) -> list[dict[str, Any]]:
     """The traces of a profile run, in the current feature schema (v1 traces are upgraded)."""
     out = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise UsageError(f"traces file {path} does not exist; make it with `hera profile`") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"traces file {path} cannot be read ({exc})") from None
-    for line in lines:
+    for line in read_lines(path, "traces file", "make it with `hera profile`"):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:

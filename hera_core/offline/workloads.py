@@ -23,6 +23,7 @@ from typing import Any
 from hera_core.checks.drafts import extract_code
 from hera_core.checks import sandbox
 from hera_core.errors import UsageError
+from hera_core.offline.userfiles import read_lines
 from hera_core.offline import bfcl, workflows
 from hera_core.offline.package_data import package_file
 
@@ -232,16 +233,8 @@ def load_jsonl_tasks(path: str, split: str | None = None, seed: int = 0) -> list
     then a final answer step) or choice (reason, then answer); choice is the default kind for
     the choice scorer. Splits are by task id, as for the built-in families.
     """
-    from pathlib import Path
-
     tasks = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise UsageError(f"tasks file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"tasks file {path} cannot be read ({exc})") from None
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_lines(path, "tasks file"), 1):
         if not line.strip():
             continue
         try:

@@ -25,6 +25,7 @@ implement it, and tests/test_ledger_contract.py runs one suite against both.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sqlite3
@@ -198,16 +199,10 @@ class Ledger(CostLedger):
         tries = [(row.ts, row.run, row.session, row.step, i + 1, outcome, lat)
                  for i, (outcome, lat) in enumerate(attempts)] if attempts else []
         if self._writer is None:
-            with self._lock:
-                self._db.execute("BEGIN")
-                try:
-                    cur = self._db.execute(_INSERT, values)
-                    if tries:
-                        self._db.executemany(_INSERT_ATTEMPT, tries)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+            with self._transaction():
+                cur = self._db.execute(_INSERT, values)
+                if tries:
+                    self._db.executemany(_INSERT_ATTEMPT, tries)
             return int(cur.lastrowid)
         # What the database would refuse is refused here, on the caller's side, as it would be at
         # commit: a row the writer cannot commit would otherwise hold up every row queued after it.
@@ -223,6 +218,18 @@ class Ledger(CostLedger):
                 self._queued.notify_all()
         return row_id
 
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One transaction on the connection, committed, or rolled back on any error."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def _write_loop(self) -> None:
         """The writer thread: commits what has queued, one transaction per turn, until closed."""
         while True:
@@ -237,17 +244,11 @@ class Ledger(CostLedger):
                     return
                 batch, self._queue, self._hurry = self._queue, [], False
             try:
-                with self._lock:
-                    self._db.execute("BEGIN")
-                    try:
-                        self._db.executemany(_INSERT_WITH_ID, [[i, *v] for i, v, _ in batch])
-                        tries = [t for _, _, ts in batch for t in ts]
-                        if tries:
-                            self._db.executemany(_INSERT_ATTEMPT, tries)
-                        self._db.execute("COMMIT")
-                    except BaseException:
-                        self._db.execute("ROLLBACK")
-                        raise
+                with self._transaction():
+                    self._db.executemany(_INSERT_WITH_ID, [[i, *v] for i, v, _ in batch])
+                    tries = [t for _, _, ts in batch for t in ts]
+                    if tries:
+                        self._db.executemany(_INSERT_ATTEMPT, tries)
             except Exception:  # noqa: BLE001 - a full disk, a locked file: keep the rows and try again
                 log.exception("ledger %s: %d rows not committed; retrying", self.path, len(batch))
                 with self._queued:
