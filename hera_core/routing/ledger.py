@@ -110,6 +110,19 @@ LEARNING = "('shadow','audit')"
 NOT_FAILED = "('ok','cancelled','shadow','audit')"
 
 
+def totals_of(served: tuple, apart: tuple) -> dict[str, Any]:
+    """A ledger's totals from its two sums (the same in SQLite and PostgreSQL): over served rows
+    (count, local, cost, cloud cost, all-cloud cost, prompt, completion and cached tokens), and over
+    the rows apart (failed calls, cancelled, learning-loop cost)."""
+    n, local, cost, cloud_cost, all_cloud, pt, ct, cached = served
+    failed, cancelled, learning = apart
+    return {"subtasks": n, "failed_calls": failed, "cancelled": cancelled,
+            "local_subtasks": local, "local_share": local / n if n else 0.0,
+            "cost_usd": cost, "cloud_cost_usd": cloud_cost, "all_cloud_cost_usd": all_cloud,
+            "learning_cost_usd": learning, "saving_usd": all_cloud - cost - learning,
+            "prompt_tokens": pt, "completion_tokens": ct, "cached_tokens": cached}
+
+
 @runtime_checkable
 class CostLedger(Protocol):
     """A cost ledger: one row per subtask, booked (seen by every read) before the client is answered."""
@@ -296,17 +309,12 @@ class Ledger(CostLedger):
              "COALESCE(SUM(cloud_cost_usd),0), COALESCE(SUM(prompt_tokens),0), "
              f"COALESCE(SUM(completion_tokens),0), COALESCE(SUM(cached_tokens),0) FROM subtasks{where}")
         with self._lock:
-            n, local, cost, cloud_cost, all_cloud, pt, ct, cached = self._db.execute(q, (run,) if run else ()).fetchone()
-            failed, cancelled, learning = self._db.execute(
+            served = self._db.execute(q, (run,) if run else ()).fetchone()
+            apart = self._db.execute(
                 f"SELECT COALESCE(SUM(status NOT IN {NOT_FAILED}),0), COALESCE(SUM(status='cancelled'),0), "
                 f"COALESCE(SUM(CASE WHEN status IN {LEARNING} THEN cost_usd ELSE 0 END),0) "
                 "FROM subtasks" + (" WHERE run=?" if run else ""), (run,) if run else ()).fetchone()
-        return {"subtasks": n, "failed_calls": failed, "cancelled": cancelled,
-                "local_subtasks": local, "local_share": local / n if n else 0.0,
-                "cost_usd": cost, "cloud_cost_usd": cloud_cost, "all_cloud_cost_usd": all_cloud,
-                "learning_cost_usd": learning, "saving_usd": all_cloud - cost - learning,
-                "prompt_tokens": pt, "completion_tokens": ct,
-                "cached_tokens": cached}
+        return totals_of(served, apart)
 
     def cloud_spend(self, since: float) -> list[tuple[str, float, float]]:
         """Per session: (session, cloud USD all time, cloud USD since the unix time `since`)."""

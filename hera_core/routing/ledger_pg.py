@@ -28,7 +28,7 @@ from dataclasses import asdict
 from typing import Any
 
 from hera_core.errors import ConfigError
-from hera_core.routing.ledger import _COLUMNS, LEARNING, NOT_FAILED, CostLedger, LedgerRow
+from hera_core.routing.ledger import _COLUMNS, LEARNING, NOT_FAILED, CostLedger, LedgerRow, totals_of
 
 SCHEMA_VERSION = 4
 MIGRATIONS = {  # version -> DDL that brings a database from version - 1 to it
@@ -325,22 +325,17 @@ class PgLedger(CostLedger):
         where = " WHERE status='ok'" + (" AND run=%s" if run else "")
         args = (run,) if run else ()
         with self._pool.connection() as conn:
-            n, local, cost, cloud_cost, all_cloud, pt, ct, cached = conn.execute(
+            served = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM((route='local')::int),0), COALESCE(SUM(cost_usd),0), "
                 "COALESCE(SUM(CASE WHEN route='cloud' THEN cost_usd ELSE 0 END),0), COALESCE(SUM(cloud_cost_usd),0), "
                 "COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), COALESCE(SUM(cached_tokens),0) "
                 f"FROM subtasks{where}", args).fetchone()
-            failed, cancelled, learning = conn.execute(
+            apart = conn.execute(
                 f"SELECT COALESCE(SUM((status NOT IN {NOT_FAILED})::int),0), "
                 f"COALESCE(SUM((status='cancelled')::int),0), "
                 f"COALESCE(SUM(CASE WHEN status IN {LEARNING} THEN cost_usd ELSE 0 END),0) "
                 "FROM subtasks" + (" WHERE run=%s" if run else ""), args).fetchone()
-        return {"subtasks": n, "failed_calls": failed, "cancelled": cancelled,
-                "local_subtasks": local, "local_share": local / n if n else 0.0,
-                "cost_usd": cost, "cloud_cost_usd": cloud_cost, "all_cloud_cost_usd": all_cloud,
-                "learning_cost_usd": learning, "saving_usd": all_cloud - cost - learning,
-                "prompt_tokens": pt, "completion_tokens": ct,
-                "cached_tokens": cached}
+        return totals_of(served, apart)
 
     def per_node(self, run: str | None = None) -> list[dict[str, Any]]:
         """Totals per node (the fleet view)."""

@@ -201,6 +201,17 @@ class VoteStage:
         return {"steps": self.steps, "k": self.k, "min_share": self.min_share, "meta": self.meta}
 
 
+def _section(path, value, what: str, retrain: str, parse):
+    """An optional section of a predictor file, parsed (None where absent); an unreadable one is a
+    ConfigError that says how to remake it."""
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"predictor file {path}: {what} is unreadable ({exc}); retrain it with `{retrain}`") from None
+
+
 @dataclass
 class Predictor:
     model_json: bytes  # XGBoost JSON model (Booster.save_raw("json"))
@@ -307,28 +318,11 @@ class Predictor:
             draft = DraftStage(model_json=base64.b64decode(ds["model_b64"]),
                                keep_threshold=float(ds.get("keep_threshold", 0.5)), band=float(ds.get("band", 0.2)),
                                meta=ds.get("meta", {}), feature_names=ds_names)
-        familiarity = None
-        if d.get("familiarity") is not None:
-            try:
-                familiarity = Familiarity.from_dict(d["familiarity"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ConfigError(f"predictor file {path}: its familiarity section is unreadable ({exc}); "
-                                  "retrain it with `hera train`") from None
-        vote = None
-        if d.get("vote_stage") is not None:
-            try:
-                v = d["vote_stage"]
-                vote = VoteStage(int(v["steps"]), int(v["k"]), float(v["min_share"]), v.get("meta", {}))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ConfigError(f"predictor file {path}: its vote stage is unreadable ({exc}); "
-                                  "retrain it with `hera train --votes`") from None
-        cost = None
-        if k.get("cost_weight") is not None:
-            try:
-                cost = CostWeight.from_dict(k["cost_weight"])
-            except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                raise ConfigError(f"predictor file {path}: its cost weight is unreadable ({exc}); "
-                                  "retrain it with `hera train --cost-aware`") from None
+        familiarity = _section(path, d.get("familiarity"), "its familiarity section", "hera train",
+                               Familiarity.from_dict)
+        vote = _section(path, d.get("vote_stage"), "its vote stage", "hera train --votes",
+                        lambda v: VoteStage(int(v["steps"]), int(v["k"]), float(v["min_share"]), v.get("meta", {})))
+        cost = _section(path, k.get("cost_weight"), "its cost weight", "hera train --cost-aware", CostWeight.from_dict)
         return cls(model_json=base64.b64decode(d["model_b64"]), feature_names=names,
                    kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5)),
                                cost),
