@@ -10,6 +10,13 @@ The cloud stand-in runs on its own core and `hera serve` (with the SLM) on the o
 a shadow draft competes with the cloud for CPU no more than on separate machines.
 
     .venv/bin/python bench/eval/learn/serve_stream.py --tasks 40 --cache-dir /tmp/hera-learn
+    .venv/bin/python bench/eval/learn/serve_stream.py --summary --cache-dir /tmp/hera-learn   # again
+
+The summary (`<out>.summary.json`, also written at the end of a run): per window of 50 tasks and
+after a warm-up of 50 and of 100 tasks, live HERA's accuracy against the profiled LLM's on the same
+tasks (paired 95% interval), its local share, and its cloud spend against All-LLM's on the same
+steps (from the server's ledger: answers alone, with the audits' cloud calls, and with the
+device's energy too).
 """
 
 from __future__ import annotations
@@ -70,6 +77,52 @@ async def agent(client, task, trace: bool) -> dict:
             "correct": traj.correct}
 
 
+def summarize(out: Path, ledger_path: Path) -> dict:
+    """The run's summary (see the module doc), from its task lines, the profiled traces of the same
+    tasks and the server's ledger."""
+    import sqlite3
+
+    from hera_core.offline.stats import paired_bootstrap
+
+    profiled = {}
+    for split in ("train", "val", "test"):
+        for line in (HERE / f"traces-stream-{split}.jsonl").read_text().splitlines():
+            trace = json.loads(line)
+            profiled[trace["task_id"]] = trace["llm_correct"]
+    order = [json.loads(line)["id"] for line in (HERE / "stream.jsonl").read_text().splitlines()]
+    live = {r["task_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    tasks = [t for t in order if t in live]
+    db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
+    rows = db.execute("SELECT session, route, status, cost_usd, cloud_cost_usd FROM subtasks WHERE run='serve'").fetchall()
+    db.close()
+
+    def window(ids: list[str]) -> dict:
+        chosen = set(ids)
+        served = [r for r in rows if r[0] in chosen and r[2] == "ok"]
+        all_llm = sum(r[4] for r in served)
+        cloud = sum(r[3] for r in served if r[1] == "cloud")
+        audits = sum(r[3] for r in rows if r[0] in chosen and r[2] == "audit")
+        device = sum(r[3] for r in served if r[1] == "local") + \
+            sum(r[3] for r in rows if r[0] in chosen and r[2] == "shadow")
+        hera = [float(live[t]["correct"]) for t in ids]
+        llm = [float(profiled[t]) for t in ids]
+        paired = paired_bootstrap(hera, llm)
+        return {"tasks": len(ids), "accuracy": round(sum(hera) / len(ids), 4),
+                "profiled_llm_accuracy": round(sum(llm) / len(ids), 4),
+                "diff": round(paired["diff"], 4), "diff_ci95": [round(x, 4) for x in paired["ci95"]],
+                "local_share": round(sum(r[1] == "local" for r in served) / len(served), 4) if served else 0.0,
+                "cloud_ratio": round(cloud / all_llm, 4) if all_llm else None,
+                "cloud_ratio_with_audits": round((cloud + audits) / all_llm, 4) if all_llm else None,
+                "cost_ratio_with_device": round((cloud + audits + device) / all_llm, 4) if all_llm else None,
+                "predictor_versions": sorted({s["predictor_version"] for t in ids for s in live[t]["steps"]})}
+
+    return {"what": "the learning stream served live through hera serve by the harness's own agent "
+                    "(bench/eval/learn/serve_stream.py); no ground-truth label given to HERA",
+            "ground_truth_labels_used": 0, "tasks": len(tasks),
+            "windows": {f"{a}-{a + 49}": window(tasks[a:a + 50]) for a in range(0, len(tasks), 50)},
+            "after_warmup": {str(w): window(tasks[w:]) for w in (50, 100) if len(tasks) > w}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=200, help="first N tasks of the stream")
@@ -78,13 +131,19 @@ def main() -> None:
     ap.add_argument("--retrain-every", type=int, default=40)
     ap.add_argument("--min-labels", type=int, default=60)
     ap.add_argument("--port", type=int, default=8099)
+    ap.add_argument("--summary", action="store_true", help="only (re)write the summary of a finished run")
     args = ap.parse_args()
+    out = Path(args.out)
+    summary_path = out.with_suffix(".summary.json")
+    if args.summary:
+        summary_path.write_text(json.dumps(summarize(out, Path(args.cache_dir) / "ledger.sqlite"), indent=1) + "\n")
+        print(summary_path.read_text())
+        return
     import openai
 
     from hera_core.offline.workloads import load_jsonl_tasks
 
     tasks = load_jsonl_tasks(str(HERE / "stream.jsonl"))[:args.tasks]  # in the stream's order
-    out = Path(args.out)
     done = {json.loads(line)["task_id"] for line in out.read_text().splitlines()} if out.exists() else set()
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -127,6 +186,7 @@ def main() -> None:
                                                                 indent=1) + "\n")
         print(json.dumps({"learning": {k: status[k] for k in ("current", "traced_steps", "labelled_steps")},
                           "ledger": ledger["totals"]}, indent=1))
+        summary_path.write_text(json.dumps(summarize(out, cache / "ledger.sqlite"), indent=1) + "\n")
     finally:
         for p in (server, cloud):
             p.terminate()
