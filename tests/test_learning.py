@@ -252,6 +252,26 @@ def test_live_loop_rolls_back_when_audits_disagree(tmp_path):
     assert learner.versions.current == "v0" and learner.status()["events"][-1]["event"] == "rolled back"
 
 
+def test_a_retrain_that_keeps_nothing_local_does_not_replace_a_version_that_holds(tmp_path):
+    """New labels come mostly from cloud-routed (harder) steps once a version keeps steps local: a
+    retrain on them alone that keeps nothing local is not promoted over a version whose audits do
+    not argue against it; it is once they do, and `hera learn` (learn_now) always promotes."""
+    learner = live(tmp_path, retrain_every=60, target_agreement=0.9)
+    for feats in feature_rows(200):
+        learner.store.add(row(features=feats, draft="ANSWER: 4" if feats[0] < 0.5 else "ANSWER: 5"))
+    assert learner.learn_now().version == "v1" and learner.predictor().kappa.base < NO_LOCAL
+    for feats in feature_rows(60, seed=1):  # the skewed sample: every new step disagrees
+        event = learner.add(row(features=feats, draft="ANSWER: 5"))
+    assert event is None and learner.versions.current == "v1"
+    assert learner.status()["events"][-1]["event"] == "not promoted"
+    audit = row(store_kind="audit", cloud="ANSWER: 7", draft="ANSWER: 4")  # v1's audits now argue against it
+    audit.predictor_version = "v1"
+    learner.add(audit)
+    for feats in feature_rows(59, seed=2):
+        event = learner.add(row(features=feats, draft="ANSWER: 5"))
+    assert event is not None and event.version == "v2" and learner.predictor().kappa.base >= NO_LOCAL
+
+
 def test_learn_now_says_when_labels_are_too_few(tmp_path):
     learner = live(tmp_path)
     learner.store.add(row())

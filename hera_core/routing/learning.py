@@ -336,6 +336,11 @@ class LiveLearner:
             return self._rollback(self.versions.current, reason="asked for")
 
     def _learn(self, raise_if_short: bool = False) -> LearnEvent | None:
+        """Learn a version and promote it. Retraining on its own (not `hera learn`), a version that
+        keeps nothing local does not replace one that keeps steps local unless the latter's audits
+        argue against it (`_holds`): once steps are kept local only the audit share labels them, so
+        new labels come mostly from the steps sent to the cloud, the harder ones, and a retrain
+        can lose its nerve on that skewed sample alone (docs/learning.md measured it)."""
         self.labels_since_learn = 0
         version = self.versions.next_version()
         try:
@@ -346,10 +351,23 @@ class LiveLearner:
             if raise_if_short:
                 raise
             return None
+        if not raise_if_short and predictor.kappa.base >= NO_LOCAL and self._holds():
+            self.events.append({"event": "not promoted", "version": version, "labelled_steps": report["labelled_steps"],
+                                "reason": f"it keeps nothing local; {self.versions.current} keeps steps local and "
+                                          "its audits do not argue against it"})
+            return None
         self.versions.promote(predictor)
         self.events.append({"event": "learned", "version": version, **{k: report[k] for k in (
             "labelled_steps", "held_out_local_share", "agreement_lower_bound", "note")}})
         return LearnEvent(self.versions.load(version), version, f"learned from {report['labelled_steps']} labels")
+
+    def _holds(self) -> bool:
+        """The version in use is a learned one that keeps steps local, and its audited agreement so
+        far (if any) is at least the target."""
+        if not self.learned() or self.versions.load().kappa.base >= NO_LOCAL:
+            return False
+        agreed, audited = self.monitor.counts.get(self.versions.current, [0, 0])
+        return audited == 0 or agreed / audited >= self.settings.target_agreement
 
     def _rollback(self, bad: str, reason: str | None = None) -> LearnEvent:
         audit = self.monitor.summary().get(bad, {})
