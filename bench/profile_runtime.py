@@ -30,11 +30,13 @@ from bench.test_runtime import MESSAGES, InstantEngine
 import numpy as np
 
 from hera_core.config import PriceSettings
+from hera_core.routing import booking as booking_mod
 from hera_core.routing import familiarity as familiarity_mod
 from hera_core.routing import ledger as ledger_mod
 from hera_core.routing import predictor as predictor_mod
 from hera_core.routing import runtime as runtime_mod
 from hera_core.routing import scoring as scoring_mod
+from hera_core.routing import step as step_mod
 from hera_core.routing.ledger import Ledger
 from hera_core.routing.predictor import Predictor
 from hera_core.routing.runtime import Runtime
@@ -45,7 +47,10 @@ ROUTES = {"cloud": 1.01, "local": 0.0}
 # refactor removed are left out of the table (named in its footer).
 PARTS = [
     ("complete (whole)", runtime_mod.Runtime, "complete"),
-    ("  plan: score + familiarity + plan_step", runtime_mod.Runtime, "plan"),
+    ("  StepRequest (the request object)", step_mod.StepRequest, "__init__"),
+    ("    step_index", step_mod, "step_index"),
+    ("  _start (the step in flight)", runtime_mod.Runtime, "_start"),
+    ("  _plan: score + familiarity + plan_step", runtime_mod.Runtime, "_plan"),
     ("    score: prefill + features + predictor + kappa", runtime_mod.Runtime, "score"),
     ("      engine prefill (instant: returns a stored row)", InstantEngine, "prefill"),
     ("      ScoreBatcher.score (await: one loop turn + flush)", scoring_mod.ScoreBatcher, "score"),
@@ -59,13 +64,12 @@ PARTS = [
     ("    is_unfamiliar (familiarity check)", runtime_mod.Runtime, "is_unfamiliar"),
     ("      Familiarity.similarities (TF-IDF, 6 centroids)", familiarity_mod.Familiarity, "similarities"),
     ("    plan_step", runtime_mod, "plan_step"),
-    ("  step_index", runtime_mod, "step_index"),
     ("  _decide", runtime_mod.Runtime, "_decide"),
     ("  _answer (route's engine call, instant)", runtime_mod.Runtime, "_answer"),
     ("  prices.cloud_cost", PriceSettings, "cloud_cost"),
-    ("  _book_and_settle (ledger row)", runtime_mod.Runtime, "_book_and_settle"),
-    ("    Ledger.record (queued for the writer; 'commit': INSERT + COMMIT)", ledger_mod.Ledger, "record"),
-    ("      dataclasses.asdict(row)", ledger_mod, "asdict"),
+    ("  Booker.answered (ledger row, budget settled)", booking_mod.Booker, "answered"),
+    ("    Booker.write (the row built)", booking_mod.Booker, "write"),
+    ("      Ledger.record (queued for the writer; 'commit': INSERT + COMMIT)", ledger_mod.Ledger, "record"),
 ]
 
 
