@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS := $(shell HERA_LLAMA_CMAKE_ARGS='$(HERA_LLAMA_CMAKE_ARGS)' $(P
 LLAMA_PIN        := $(shell grep -i '^llama[-_.]cpp[-_.]python==' constraints.txt)
 LLAMA_STAMP      := $(VENV)/.llama-$(shell echo '$(LLAMA_CMAKE_ARGS) $(LLAMA_PIN)' | cksum | cut -d' ' -f1)
 
-.PHONY: install build llama rebuild-llama doctor lock models models-test run demo test test-all bench bench-smoke \
+.PHONY: clients install build llama rebuild-llama doctor lock models models-test run demo test test-all bench bench-smoke \
         bench-compare bench-baseline clean
 
 $(PY):
@@ -90,8 +90,19 @@ run: build models doctor
 
 demo: run
 
-test: build models-test doctor
+test: build models-test doctor clients
 	$(PY) -m pytest -q
+
+# Client libraries whose pins clash with the project's set (instructor and the OpenAI Agents SDK need
+# openai 3.x, llama-index 2.x) run in virtualenvs of their own, every package pinned in tests/clients/
+# (tests/test_clients.py runs them as child processes against hera serve).
+clients: .venv-clients-agents/.installed .venv-clients-llamaindex/.installed
+
+.venv-clients-%/.installed: tests/clients/requirements-%.txt
+	rm -rf .venv-clients-$*
+	$(PYTHON) -m venv .venv-clients-$*
+	.venv-clients-$*/bin/pip install -q --no-deps -r $<
+	touch $@
 
 # LiteLLM (the proxy baseline of bench/test_proxy.py) lives in a virtualenv of its own, every package
 # of it pinned in bench/requirements-litellm.txt.
