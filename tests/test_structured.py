@@ -200,6 +200,23 @@ def test_a_local_structured_answer_decodes_under_the_schema(srv):
     jsonschema.validate(json.loads(content), BOUNDED)
 
 
+def test_a_structured_step_is_a_forced_answer_call_to_the_predictor(srv):
+    """On an engine with its own structured decoding, the tool features of a structured step
+    describe the forced answer call it would be on an engine without one (tools offered 1, forced
+    1); the prompt itself is not changed."""
+    from hera_core.routing.predictor import FEATURE_NAMES
+    from hera_core.routing.step import StepRequest
+
+    fmt = ResponseFormat.parse(schema_format())
+    msgs = [{"role": "user", "content": "Plan a short trip."}]
+    plain = srv.call(srv.rt.plan(StepRequest(msgs, "f", step=1)))[1]
+    shaped = srv.call(srv.rt.plan(StepRequest(msgs, "f", step=1, response_format=fmt)))[1]
+    col = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    assert plain.features[0, col["tools_offered"]] == 0 and shaped.features[0, col["tools_offered"]] == 1
+    assert shaped.features[0, col["tool_choice_forced"]] == 1
+    assert shaped.prefill.prompt_tokens == plain.prefill.prompt_tokens  # the same prompt, scored
+
+
 def test_a_cut_local_answer_is_never_returned(srv):
     """An unbounded array the tiny model repeats until max_tokens: no valid answer, so none is sent."""
     status, _, body = post(srv, {"model": "hera", "messages": [{"role": "user", "content": "Plan a trip to Paris."}],

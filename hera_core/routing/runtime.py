@@ -118,11 +118,15 @@ class Runtime:
         (rows / batches is the mean batch; a copy)."""
         return self._scorer.stats
 
-    async def score(self, messages: list[Message], step: int, toolset: ToolSet | None = None) -> Score:
+    async def score(self, messages: list[Message], step: int, toolset: ToolSet | None = None, *,
+                    features_toolset: ToolSet | None = None) -> Score:
         """SLM prefill + features + predictor for one subtask (the prompt as the local answer
-        would continue it: with the offered tools rendered)."""
+        would continue it: with the offered tools rendered). `features_toolset`: what the tool
+        features describe where it is not `toolset` (a structured answer under the engine's own
+        grammar is, to the predictor, the forced answer call it is on an engine without one)."""
         pre = await self.local.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
-        p, X = await self._scorer.score(pre.logits, structure_features(step, pre.prompt_tokens, messages, toolset))
+        described = features_toolset if features_toolset is not None else toolset
+        p, X = await self._scorer.score(pre.logits, structure_features(step, pre.prompt_tokens, messages, described))
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
         kappa = self.predictor.kappa.at(step, pre.prompt_tokens)
         return Score(p, kappa + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
@@ -213,7 +217,8 @@ class Runtime:
         score = None
         if req.override is not Override.CLOUD_ONLY and why_not_local is None:
             try:
-                score = await self.score(req.messages, req.step, st.toolset)
+                shaped = answer_toolset(req.response_format) if st.structured_on_slm else None
+                score = await self.score(req.messages, req.step, st.toolset, features_toolset=shaped)
             except CannotServeLocallyError as exc:  # too long for its window, tools it cannot decode
                 why_not_local = str(exc)
         band = self.draft_band if self.draft_band is not None else \
