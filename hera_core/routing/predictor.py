@@ -11,6 +11,7 @@ a feature this HERA does not compute, is an error, never a silently wrong answer
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
@@ -199,6 +200,16 @@ class VoteStage:
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "k": self.k, "min_share": self.min_share, "meta": self.meta}
+
+
+def predictor_version(predictor: Predictor) -> str:
+    """The name of a predictor on ledger rows: its version in a learning folder (v0, v1, ...), else
+    a short hash of its model, so rows of different predictors never share a name."""
+    version = getattr(predictor, "meta", {}).get("version")
+    if version:
+        return str(version)
+    model = getattr(predictor, "model_json", None)
+    return "sha-" + hashlib.sha256(model).hexdigest()[:10] if model else type(predictor).__name__
 
 
 def _section(path, value, what: str, retrain: str, parse):

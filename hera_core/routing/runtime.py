@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -36,7 +35,7 @@ from hera_core.routing.ledger import Ledger
 from hera_core.routing.plan import (Action, StepFacts, StepPlan, after_budget, after_cloud_failure,
                                     after_invalid_tool_call, may_leave_device, plan_step)
 from hera_core.routing.policy import Override, Route
-from hera_core.routing.predictor import Predictor, structure_features
+from hera_core.routing.predictor import Predictor, predictor_version, structure_features
 from hera_core.routing.scoring import ScoreBatcher
 from hera_core.routing.step import Score, StepRequest, StepRun, SubtaskResult, step_index
 
@@ -45,16 +44,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Runtime", "StepRequest", "SubtaskResult", "Score", "step_index", "predictor_version"]
 RUN_OPTIONS = {"run": "default", "max_tokens": 512, "fallback": "local"}  # besides PolicySettings' fields
-
-
-def predictor_version(predictor: Predictor) -> str:
-    """The name of a predictor on ledger rows: its version in a learning folder (v0, v1, ...), else
-    a short hash of its model, so rows of different predictors never share a name."""
-    version = getattr(predictor, "meta", {}).get("version")
-    if version:
-        return str(version)
-    model = getattr(predictor, "model_json", None)
-    return "sha-" + hashlib.sha256(model).hexdigest()[:10] if model else type(predictor).__name__
 
 
 class Runtime:
@@ -79,10 +68,10 @@ class Runtime:
         self.predictor = predictor
         self.ledger = ledger
         self.prices = prices
-        self.budget = budget
-        self.run, self.max_tokens, self.fallback = str(run["run"]), int(run["max_tokens"]), run["fallback"]
+        # every row and budget hold of this runtime (its budget and run label are the booker's)
+        self.booker = Booker(ledger, prices, budget, str(run["run"]), lambda: self.predictor_version)
+        self.max_tokens, self.fallback = int(run["max_tokens"]), run["fallback"]
         self._scorer = ScoreBatcher(lambda X: self.predictor.predict(X))  # the predictor of the moment
-        self.booker = Booker(ledger, prices, budget, self.run, lambda: self.predictor_version)
         self.drafter = Drafter(local, policy.draft_check_timeout_s)
         # Learning from served traffic (shadow drafts, audits, swaps; hera_core.routing.shadow), or None.
         self.learning: "TrafficLearning | None" = None
@@ -111,6 +100,20 @@ class Runtime:
         version that scored it, and every ledger row names the version that decided it."""
         self._predictor = predictor
         self.predictor_version = predictor_version(predictor)
+
+    @property
+    def budget(self) -> Budget | None:
+        """Cloud spend caps (None: unlimited)."""
+        return self.booker.budget
+
+    @budget.setter
+    def budget(self, budget: Budget | None) -> None:
+        self.booker.budget = budget
+
+    @property
+    def run(self) -> str:
+        """The ledger label of this runtime's rows."""
+        return self.booker.run
 
     @property
     def score_stats(self) -> dict[str, int]:
