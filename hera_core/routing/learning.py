@@ -280,13 +280,14 @@ class LiveLearner:
     fits XGBoost) are called from worker threads; `status()` is cheap."""
 
     def __init__(self, settings, folder: str | Path, initial: Predictor, *, z: float = 1.645,
-                 rng: "random.Random | None" = None, sandbox: Sandbox | None = None) -> None:
+                 rng: "random.Random | None" = None, sandbox: Sandbox | None = None, store=None) -> None:
+        """`store`: the trace store (a fleet's `PgTraceStore`); default the SQLite one in `folder`."""
         import random
         import threading
 
         self.settings = settings
         self.folder = Path(folder)
-        self.store = TraceStore(self.folder / "traces.sqlite", settings.max_trace_rows)
+        self.store = store if store is not None else TraceStore(self.folder / "traces.sqlite", settings.max_trace_rows)
         self.versions = PredictorVersions(self.folder / "predictors", initial)
         self.monitor = AuditMonitor(settings.target_agreement, z, settings.min_audits)
         self.z = z

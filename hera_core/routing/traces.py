@@ -66,7 +66,7 @@ class TraceRow:
     ts: float = field(default=0.0)
 
 
-_COLUMNS = ("ts", "kind", "session", "step", "cluster", "opening", "prompt", "features", "predictor_version",
+COLUMNS = ("ts", "kind", "session", "step", "cluster", "opening", "prompt", "features", "predictor_version",
             "cloud_text", "cloud_calls", "draft_text", "draft_calls", "label", "rule")
 
 
@@ -94,8 +94,8 @@ class TraceStore:
                   json.dumps(row.draft_calls) if row.draft_calls else None, row.label, row.rule)
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
-            cur = self._conn.execute(f"INSERT INTO steps ({', '.join(_COLUMNS)}) VALUES "
-                                     f"({', '.join('?' * len(_COLUMNS))})", values)
+            cur = self._conn.execute(f"INSERT INTO steps ({', '.join(COLUMNS)}) VALUES "
+                                     f"({', '.join('?' * len(COLUMNS))})", values)
             # Oldest first past the bound: ids grow with time, so the smallest go.
             self._conn.execute("DELETE FROM steps WHERE id <= (SELECT MAX(id) FROM steps) - ?", (self.max_rows,))
             self._conn.execute("COMMIT")
@@ -113,10 +113,10 @@ class TraceStore:
             where.append("kind = ?")
             args.append(kind)
         with self._lock:
-            cur = self._conn.execute(f"SELECT id, {', '.join(_COLUMNS)} FROM steps WHERE {' AND '.join(where)} "
+            cur = self._conn.execute(f"SELECT id, {', '.join(COLUMNS)} FROM steps WHERE {' AND '.join(where)} "
                                      "ORDER BY id", args)
             records = cur.fetchall()
-        return [_row(r) for r in records]
+        return [row_from_record(r) for r in records]
 
     def count(self, *, labelled: bool | None = None) -> int:
         where = "" if labelled is None else (" WHERE label IS NOT NULL" if labelled else " WHERE label IS NULL")
@@ -134,7 +134,7 @@ class TraceStore:
         self.close()
 
 
-def _row(r: tuple) -> TraceRow:
+def row_from_record(r: tuple) -> TraceRow:
     (rid, ts, kind, session, step, cluster, opening, prompt, features, version, cloud_text, cloud_calls,
      draft_text, draft_calls, label, rule) = r
     return TraceRow(kind=kind, session=session, step=step, cluster=cluster, opening=opening, prompt=prompt,

@@ -188,7 +188,13 @@ def open_learner(settings: HeraSettings, initial: Predictor):
                           "pip install 'hera-core[learn]' (or set learning.retrain_every = 0)")
     from hera_core.routing.learning import LiveLearner
 
-    return LiveLearner(ls, learning_folder(settings), initial, sandbox=default_sandbox())
+    store = None
+    if settings.ledger_url is not None:  # a fleet: every node traces into, and learns from, the shared database
+        from hera_core.routing.traces_pg import PgTraceStore
+
+        store = PgTraceStore(settings.ledger_url.get_secret_value(), node=settings.node_id,
+                             max_rows=ls.max_trace_rows)
+    return LiveLearner(ls, learning_folder(settings), initial, sandbox=default_sandbox(), store=store)
 
 
 def attach_learning(rt: Runtime, learner) -> None:
