@@ -88,10 +88,7 @@ class TraceStore:
         self._lock = threading.Lock()
 
     def add(self, row: TraceRow) -> int:
-        values = (row.ts or time.time(), row.kind, row.session, row.step, row.cluster, row.opening, row.prompt,
-                  json.dumps([float(x) for x in row.features]), row.predictor_version, row.cloud_text,
-                  json.dumps(row.cloud_calls) if row.cloud_calls else None, row.draft_text,
-                  json.dumps(row.draft_calls) if row.draft_calls else None, row.label, row.rule)
+        values = record_values(row)
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             cur = self._conn.execute(f"INSERT INTO steps ({', '.join(COLUMNS)}) VALUES "
@@ -106,15 +103,9 @@ class TraceStore:
             self._conn.execute("UPDATE steps SET label = ?, rule = ? WHERE id = ?", (int(label), rule, row_id))
 
     def rows(self, *, labelled: bool | None = None, since_id: int = 0, kind: str | None = None) -> list[TraceRow]:
-        where, args = ["id > ?"], [since_id]
-        if labelled is not None:
-            where.append("label IS NOT NULL" if labelled else "label IS NULL")
-        if kind is not None:
-            where.append("kind = ?")
-            args.append(kind)
+        where, args = row_filter(labelled, since_id, kind, "?")
         with self._lock:
-            cur = self._conn.execute(f"SELECT id, {', '.join(COLUMNS)} FROM steps WHERE {' AND '.join(where)} "
-                                     "ORDER BY id", args)
+            cur = self._conn.execute(f"SELECT id, {', '.join(COLUMNS)} FROM steps WHERE {where} ORDER BY id", args)
             records = cur.fetchall()
         return [row_from_record(r) for r in records]
 
@@ -132,6 +123,25 @@ class TraceStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def record_values(row: TraceRow) -> tuple:
+    """A row's values in COLUMNS order, as both stores write them (lists as JSON text)."""
+    return (row.ts or time.time(), row.kind, row.session, row.step, row.cluster, row.opening, row.prompt,
+            json.dumps([float(x) for x in row.features]), row.predictor_version, row.cloud_text,
+            json.dumps(row.cloud_calls) if row.cloud_calls else None, row.draft_text,
+            json.dumps(row.draft_calls) if row.draft_calls else None, row.label, row.rule)
+
+
+def row_filter(labelled: bool | None, since_id: int, kind: str | None, mark: str) -> tuple[str, list]:
+    """The WHERE clause of `rows()` and its arguments, with the driver's placeholder `mark`."""
+    where, args = [f"id > {mark}"], [since_id]
+    if labelled is not None:
+        where.append("label IS NOT NULL" if labelled else "label IS NULL")
+    if kind is not None:
+        where.append(f"kind = {mark}")
+        args.append(kind)
+    return " AND ".join(where), args
 
 
 def row_from_record(r: tuple) -> TraceRow:

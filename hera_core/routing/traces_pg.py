@@ -6,10 +6,7 @@ all nodes served. Each row names the node that traced it. Bounded like the SQLit
 
 from __future__ import annotations
 
-import json
-import time
-
-from hera_core.routing.traces import COLUMNS, TraceRow, row_from_record
+from hera_core.routing.traces import COLUMNS, TraceRow, record_values, row_filter, row_from_record
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hera_traces (
@@ -59,10 +56,7 @@ class PgTraceStore:
                 conn.execute("SELECT pg_advisory_unlock(4812)")
 
     def add(self, row: TraceRow) -> int:
-        values = (row.ts or time.time(), row.kind, row.session, row.step, row.cluster, row.opening, row.prompt,
-                  json.dumps([float(x) for x in row.features]), row.predictor_version, row.cloud_text,
-                  json.dumps(row.cloud_calls) if row.cloud_calls else None, row.draft_text,
-                  json.dumps(row.draft_calls) if row.draft_calls else None, row.label, row.rule)
+        values = record_values(row)
         with self._pool.connection() as conn, conn.transaction():
             row_id = conn.execute(f"INSERT INTO hera_traces (node, {', '.join(COLUMNS)}) VALUES "
                                   f"(%s, {', '.join(['%s'] * len(COLUMNS))}) RETURNING id",
@@ -77,15 +71,10 @@ class PgTraceStore:
             conn.execute("UPDATE hera_traces SET label = %s, rule = %s WHERE id = %s", (int(label), rule, row_id))
 
     def rows(self, *, labelled: bool | None = None, since_id: int = 0, kind: str | None = None) -> list[TraceRow]:
-        where, args = ["id > %s"], [since_id]
-        if labelled is not None:
-            where.append("label IS NOT NULL" if labelled else "label IS NULL")
-        if kind is not None:
-            where.append("kind = %s")
-            args.append(kind)
+        where, args = row_filter(labelled, since_id, kind, "%s")
         with self._pool.connection() as conn:
-            records = conn.execute(f"SELECT id, {', '.join(COLUMNS)} FROM hera_traces WHERE {' AND '.join(where)} "
-                                   "ORDER BY id", args).fetchall()
+            records = conn.execute(f"SELECT id, {', '.join(COLUMNS)} FROM hera_traces WHERE {where} ORDER BY id",
+                                   args).fetchall()
         return [row_from_record(tuple(r)) for r in records]
 
     def count(self, *, labelled: bool | None = None) -> int:
