@@ -252,9 +252,64 @@ def test_v1_traces_are_upgraded_with_the_tool_features(tmp_path):
     path = tmp_path / "traces.jsonl"
     path.write_text("".join(json.dumps(t) + "\n" for t in v1))
     gsm, bfcl = load_traces(path)
-    assert all(s["features"] == [0.5] * 7 + [0.0] * len(TOOL_FEATURE_NAMES) for s in gsm["steps"])
+    assert all(s["features"] == [0.5] * 7 + [0.0] * len(TOOL_FEATURE_NAMES) + [0.0] for s in gsm["steps"])
     offered = bfcl["steps"][0]["features"][FEATURE_NAMES.index("tools_offered")]
     assert offered == len(task.entry["functions"]) > 1 and gsm["schema"] == bfcl["schema"] == FEATURE_SCHEMA
+
+
+def test_v2_traces_and_predictors_are_read_with_the_answer_schema_size(tmp_path):
+    """v2 (before the answer schema's size): its traces gain a 0 (no profiled task asks for a
+    structured answer), its predictor files read their twelve columns out of today's row."""
+    import xgboost as xgb
+
+    from hera_core.offline.profiling import load_traces
+    from hera_core.routing.predictor import V2_FEATURE_NAMES, V2_SCHEMA
+
+    v2 = {"task_id": "t0", "family": "gsm_symbolic", "split": "train", "llm_correct": 1.0, "llm_steps": 1,
+          "schema": V2_SCHEMA, "feature_names": list(V2_FEATURE_NAMES),
+          "steps": [{"step": 0, "features": [0.5] * len(V2_FEATURE_NAMES), "label": 1}]}
+    path = tmp_path / "traces.jsonl"
+    path.write_text(json.dumps(v2) + "\n")
+    (t,) = load_traces(path)
+    assert t["schema"] == FEATURE_SCHEMA and t["steps"][0]["features"] == [0.5] * len(V2_FEATURE_NAMES) + [0.0]
+
+    rng = np.random.default_rng(4)
+    X12 = rng.normal(size=(200, len(V2_FEATURE_NAMES))).astype(np.float32)
+    booster = xgb.train({"objective": "binary:logistic", "max_depth": 3, "nthread": 1},
+                        xgb.DMatrix(X12, label=(X12[:, 2] > 0).astype(np.float32)), 8)
+    Predictor(model_json=bytes(booster.save_raw("json")), feature_names=V2_FEATURE_NAMES).save(tmp_path / "v2.json")
+    assert json.loads((tmp_path / "v2.json").read_text())["schema"] == V2_SCHEMA
+    q = Predictor.load(tmp_path / "v2.json")
+    X = rng.normal(size=(16, len(FEATURE_NAMES))).astype(np.float32)
+    np.testing.assert_allclose(q.predict(X), booster.inplace_predict(np.ascontiguousarray(X[:, :12])), atol=1e-6)
+
+
+def test_the_answer_schema_size_is_a_feature():
+    """A structured step's row carries its schema's size (properties at every depth); a step
+    without one, 0; training on steps whose label depends only on it ranks them by it."""
+    from hera_core.backends.structured import ResponseFormat
+    from hera_core.routing.predictor import structure_features
+    import xgboost as xgb
+
+    nested = {"type": "object", "properties": {"a": {"type": "string"}, "b": {
+        "type": "array", "items": {"type": "object", "properties": {"c": {"type": "integer"}, "d": {"enum": ["x"]}}}}},
+        "$defs": {"e": {"type": "object", "properties": {"f": {"type": "number"}}}}}
+    fmt = ResponseFormat.parse({"type": "json_schema", "json_schema": {"name": "n", "schema": nested}})
+    assert fmt.size == 5 and ResponseFormat.parse({"type": "json_object"}).size == 0
+    msgs = [{"role": "user", "content": "hi"}]
+    col = FEATURE_NAMES.index("answer_schema_size") - 3
+    assert structure_features(0, 5, msgs, None, fmt.size)[col] == 5.0 and structure_features(0, 5, msgs)[col] == 0.0
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(400, len(FEATURE_NAMES))).astype(np.float32)
+    X[:, FEATURE_NAMES.index("answer_schema_size")] = rng.integers(0, 20, size=400)
+    y = (X[:, FEATURE_NAMES.index("answer_schema_size")] < 8).astype(np.float32)  # small schemas: the SLM's
+    model = bytes(xgb.train({"objective": "binary:logistic", "max_depth": 3, "nthread": 1},
+                            xgb.DMatrix(X, label=y), 8).save_raw("json"))
+    small, big = X.copy()[:50], X.copy()[:50]
+    small[:, FEATURE_NAMES.index("answer_schema_size")] = 2
+    big[:, FEATURE_NAMES.index("answer_schema_size")] = 15
+    q = Predictor(model_json=model)
+    assert (q.predict(small) > q.predict(big)).all()
 
 
 def test_training_on_tool_traces_uses_the_tool_features():

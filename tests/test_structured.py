@@ -57,7 +57,7 @@ def test_validation_of_answers():
     obj = ResponseFormat.parse({"type": "json_object"})
     assert obj.validate('{"a": 1}') is None and "not an object" in obj.validate("[1]")
     assert ResponseFormat.parse({"type": "text"}) is None and ResponseFormat.parse(None) is None
-    assert fmt.request_field() == schema_format() and fmt.size() > 50
+    assert fmt.request_field() == schema_format() and fmt.size == 2  # steps, done
 
 
 @given(lo=st.one_of(st.none(), st.integers(-1200, 1200)), hi=st.one_of(st.none(), st.integers(-1200, 1200)),
@@ -203,7 +203,7 @@ def test_a_local_structured_answer_decodes_under_the_schema(srv):
 def test_a_structured_step_is_a_forced_answer_call_to_the_predictor(srv):
     """On an engine with its own structured decoding, the tool features of a structured step
     describe the forced answer call it would be on an engine without one (tools offered 1, forced
-    1); the prompt itself is not changed."""
+    1), and its row carries the schema's size; the prompt itself is not changed."""
     from hera_core.routing.predictor import FEATURE_NAMES
     from hera_core.routing.step import StepRequest
 
@@ -214,6 +214,7 @@ def test_a_structured_step_is_a_forced_answer_call_to_the_predictor(srv):
     col = {name: i for i, name in enumerate(FEATURE_NAMES)}
     assert plain.features[0, col["tools_offered"]] == 0 and shaped.features[0, col["tools_offered"]] == 1
     assert shaped.features[0, col["tool_choice_forced"]] == 1
+    assert plain.features[0, col["answer_schema_size"]] == 0 and shaped.features[0, col["answer_schema_size"]] == 2
     assert shaped.prefill.prompt_tokens == plain.prefill.prompt_tokens  # the same prompt, scored
 
 

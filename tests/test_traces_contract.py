@@ -66,6 +66,23 @@ def test_labels_counts_and_the_bound(make_store):
         make_store(max_rows=0)
 
 
+def test_a_row_stored_before_the_answer_schema_size_reads_it_as_missing(make_store):
+    """A store written by HERA before feature schema v3 holds 12-column rows: they come back in
+    today's order with the answer schema's size missing (NaN: whether the step asked for one is
+    not known), so the learner can still train on them."""
+    import math
+
+    from hera_core.routing.predictor import FEATURE_NAMES, V2_FEATURE_NAMES
+
+    store = make_store()
+    old = row()
+    old.features = old.features[:len(V2_FEATURE_NAMES)]
+    store.add(old)
+    (got,) = store.rows()
+    assert len(got.features) == len(FEATURE_NAMES) and math.isnan(got.features[-1])
+    assert got.features[:-1] == old.features
+
+
 @pytest.mark.fleet
 def test_a_fleet_learns_from_every_nodes_traces(tmp_path, cluster):  # noqa: F811
     """Two nodes trace into the shared database; the learning loop of either reads both nodes' rows

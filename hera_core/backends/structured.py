@@ -22,6 +22,17 @@ from hera_core.errors import FieldError
 _OBJECT = {"type": "object"}
 
 
+def schema_size(node: Any) -> int:
+    """Properties declared anywhere in a JSON Schema (nested objects, array items, $defs, anyOf...)."""
+    if isinstance(node, list):
+        return sum(schema_size(x) for x in node)
+    if not isinstance(node, dict):
+        return 0
+    props = node.get("properties")
+    own = len(props) if isinstance(props, dict) else 0
+    return own + sum(schema_size(v) for k, v in node.items() if k not in ("enum", "const", "default", "examples"))
+
+
 @dataclass(frozen=True)
 class ResponseFormat:
     type: str  # "json_object" | "json_schema"
@@ -68,6 +79,12 @@ class ResponseFormat:
         """The JSON Schema an answer must satisfy (json_object: any object)."""
         return self.json_schema if self.json_schema is not None else _OBJECT
 
+    @property
+    def size(self) -> int:
+        """The schema's size as the predictor reads it: its properties at every depth ($defs and
+        array items included); 0 for json_object (any object)."""
+        return schema_size(self.json_schema) if self.json_schema is not None else 0
+
     def request_field(self) -> dict[str, Any]:
         """The field as a cloud request carries it."""
         if self.type == "json_object":
@@ -92,10 +109,6 @@ class ResponseFormat:
             where = "/".join(str(p) for p in exc.absolute_path)
             return f"the answer does not match the schema{f' at {where}' if where else ''}: {exc.message}"
         return None
-
-    def size(self) -> int:
-        """The schema's size in characters of JSON (a routing feature: bigger schemas are harder)."""
-        return len(json.dumps(self.schema(), separators=(",", ":")))
 
 
 def _check_schema(schema: dict[str, Any]) -> None:

@@ -23,7 +23,8 @@ from hera_core.native.features import logit_features
 from hera_core.progress import progress_bar
 from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
 from hera_core.routing.familiarity import opening_text
-from hera_core.routing.predictor import (FEATURE_NAMES, FEATURE_SCHEMA, TOOL_FEATURE_NAMES, V1_SCHEMA, feature_matrix,
+from hera_core.routing.predictor import (FEATURE_NAMES, FEATURE_SCHEMA, TOOL_FEATURE_NAMES, V1_SCHEMA, V2_SCHEMA,
+                                         feature_matrix,
                                          structure_features, tool_features)
 from hera_core.offline.workloads import TOOL_FAMILIES, Task, split_of, tool_tasks
 
@@ -94,15 +95,19 @@ def load_traces(path: str | Path) -> list[dict[str, Any]]:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return [_upgraded(t) if t.get("schema") == V1_SCHEMA else t for t in out
-            if t.get("schema") in (FEATURE_SCHEMA, V1_SCHEMA)]
+    return [_upgraded(t) if t.get("schema") in (V1_SCHEMA, V2_SCHEMA) else t for t in out
+            if t.get("schema") in (FEATURE_SCHEMA, V1_SCHEMA, V2_SCHEMA)]
 
 
 def _upgraded(trace: dict[str, Any]) -> dict[str, Any]:
-    """A v1 trace with the tool features added. Its steps' prompts are not in the trace, so they
-    are rebuilt where they can be: a task of a non-tool family offers no tools (all zero); a BFCL
-    task is one step, its opening messages and tools (from the task). Anything else: missing (NaN,
-    which the forest and XGBoost read as missing)."""
+    """A v1 or v2 trace in today's schema. v2 lacks the answer schema's size: 0, since no task a
+    profile runs asks for a structured answer. v1 lacks the tool features too. Its steps' prompts
+    are not in the trace, so they are rebuilt where they can be: a task of a non-tool family offers
+    no tools (all zero); a BFCL task is one step, its opening messages and tools (from the task).
+    Anything else: missing (NaN, which the forest and XGBoost read as missing)."""
+    if trace.get("schema") == V2_SCHEMA:
+        steps = [{**s, "features": list(s["features"]) + [0.0]} for s in trace["steps"]]
+        return {**trace, "schema": FEATURE_SCHEMA, "feature_names": list(FEATURE_NAMES), "steps": steps}
     tools = [float("nan")] * len(TOOL_FEATURE_NAMES)
     if trace["family"] not in TOOL_FAMILIES:
         tools = tool_features([], None)
@@ -110,7 +115,7 @@ def _upgraded(trace: dict[str, Any]) -> dict[str, Any]:
         task = _bfcl_task(trace["family"], trace["task_id"])
         if task is not None:
             tools = tool_features(first_messages(task), task_toolset(task))
-    steps = [{**s, "features": list(s["features"]) + tools} for s in trace["steps"]]
+    steps = [{**s, "features": list(s["features"]) + tools + [0.0]} for s in trace["steps"]]
     return {**trace, "schema": FEATURE_SCHEMA, "feature_names": list(FEATURE_NAMES), "steps": steps}
 
 

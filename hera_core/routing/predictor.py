@@ -27,16 +27,22 @@ from hera_core.errors import ConfigError
 from hera_core.routing.familiarity import Familiarity
 from hera_core.native.features import LOGIT_FEATURE_NAMES
 
-FEATURE_SCHEMA = "hera-features-v2"
-V1_SCHEMA = "hera-features-v1"  # the same features but the tool ones: still read
+FEATURE_SCHEMA = "hera-features-v3"
+V1_SCHEMA = "hera-features-v1"  # the same features but the tool ones and the answer schema's size: still read
+V2_SCHEMA = "hera-features-v2"  # the same features but the answer schema's size: still read
 # Where the step stands in an agent's tool loop: tools offered (0: none, or tool_choice "none"), a
 # call forced (tool_choice required / a named function), tool results so far, whether this step
 # answers a tool result (then it usually answers rather than calls) and whether that result was
 # an error (a failed call to recover from).
 TOOL_FEATURE_NAMES = ("tools_offered", "tool_choice_forced", "tool_results", "after_tool_result", "last_tool_error")
 V1_FEATURE_NAMES = LOGIT_FEATURE_NAMES + ("step_index", "prompt_tokens", "n_messages", "last_message_chars")
-STRUCTURE_FEATURE_NAMES = V1_FEATURE_NAMES[len(LOGIT_FEATURE_NAMES):] + TOOL_FEATURE_NAMES
+V2_FEATURE_NAMES = V1_FEATURE_NAMES + TOOL_FEATURE_NAMES
+# A structured step (response_format): the size of the schema its answer must satisfy (0: none).
+STRUCTURE_FEATURE_NAMES = V2_FEATURE_NAMES[len(LOGIT_FEATURE_NAMES):] + ("answer_schema_size",)
 FEATURE_NAMES = LOGIT_FEATURE_NAMES + STRUCTURE_FEATURE_NAMES
+# The feature names of each schema a predictor file may have: an older file's model reads its own
+# columns out of today's rows (Predictor.input_names).
+SCHEMA_FEATURES = {V1_SCHEMA: V1_FEATURE_NAMES, V2_SCHEMA: V2_FEATURE_NAMES, FEATURE_SCHEMA: FEATURE_NAMES}
 PROMPT_TOKENS_COLUMN = FEATURE_NAMES.index("prompt_tokens")  # what a cost weight reads from a feature row
 DEFAULT_PREDICTOR = "default_predictor.json"
 _TOOL_ERROR = re.compile(r"\b(error|exception|traceback|failed|invalid|not found)\b", re.IGNORECASE)
@@ -55,15 +61,16 @@ def tool_features(messages: list[dict[str, Any]], toolset: Any = None) -> list[f
 
 
 def structure_features(step: int, prompt_tokens: int, messages: list[dict[str, Any]],
-                       toolset: Any = None) -> list[float]:
-    """The STRUCTURE_FEATURE_NAMES of a step (its place in the task, its tools)."""
+                       toolset: Any = None, schema_size: int = 0) -> list[float]:
+    """The STRUCTURE_FEATURE_NAMES of a step (its place in the task, its tools, the size of the
+    schema its answer must satisfy: `ResponseFormat.size`)."""
     last = messages[-1].get("content") if messages else ""
     return [float(step), float(prompt_tokens), float(len(messages)),
-            float(len(last) if isinstance(last, str) else 0)] + tool_features(messages, toolset)
+            float(len(last) if isinstance(last, str) else 0)] + tool_features(messages, toolset) + [float(schema_size)]
 
 
 def feature_matrix(logit_feats: np.ndarray, structure: list[list[float]]) -> np.ndarray:
-    """[batch, 3] logit features + [batch, 9] structure -> float32 [batch, len(FEATURE_NAMES)]."""
+    """[batch, 3] logit features + [batch, 10] structure -> float32 [batch, len(FEATURE_NAMES)]."""
     n, k = len(structure), logit_feats.shape[1]
     # One preallocated matrix filled in place: hstack + astype + ascontiguousarray made three arrays (~10 us).
     out = np.empty((n, k + (len(structure[0]) if n else 0)), dtype=np.float32)
@@ -281,7 +288,8 @@ class Predictor:
 
     # --- files ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        schema = V1_SCHEMA if tuple(self.feature_names) == V1_FEATURE_NAMES else FEATURE_SCHEMA
+        schema = next((k for k, names in SCHEMA_FEATURES.items() if names == tuple(self.feature_names)),
+                      FEATURE_SCHEMA)
         d = {"schema": schema, "feature_names": list(self.feature_names),
              "kappa": self.kappa.to_dict(),
              "meta": self.meta, "model_b64": base64.b64encode(self.model_json).decode()}
@@ -310,14 +318,14 @@ class Predictor:
             raise ConfigError(f"predictor file {path} does not exist; train one with `hera train`") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"predictor file {path} is not valid JSON ({exc}); retrain with `hera train`") from None
-        if not isinstance(d, dict) or d.get("schema") not in (FEATURE_SCHEMA, V1_SCHEMA):
+        if not isinstance(d, dict) or d.get("schema") not in SCHEMA_FEATURES:
             got = d.get("schema") if isinstance(d, dict) else None
             raise ConfigError(f"predictor file {path} has feature schema {got!r}, this HERA needs "
                               f"{FEATURE_SCHEMA!r}; retrain it with `hera train`")
         names = tuple(d.get("feature_names", ()))
-        if names != (V1_FEATURE_NAMES if d["schema"] == V1_SCHEMA else FEATURE_NAMES):
+        if names != SCHEMA_FEATURES[d["schema"]]:
             raise ConfigError(f"predictor file {path} lists features {d.get('feature_names')}, expected "
-                              f"{list(FEATURE_NAMES)}; retrain it with `hera train`")
+                              f"{list(SCHEMA_FEATURES[d['schema']])}; retrain it with `hera train`")
         k = d.get("kappa", {})
         draft = None
         if d.get("draft_stage") is not None:

@@ -122,14 +122,16 @@ class Runtime:
         return self._scorer.stats
 
     async def score(self, messages: list[Message], step: int, toolset: ToolSet | None = None, *,
-                    features_toolset: ToolSet | None = None) -> Score:
+                    features_toolset: ToolSet | None = None, schema_size: int = 0) -> Score:
         """SLM prefill + features + predictor for one subtask (the prompt as the local answer
         would continue it: with the offered tools rendered). `features_toolset`: what the tool
         features describe where it is not `toolset` (a structured answer under the engine's own
-        grammar is, to the predictor, the forced answer call it is on an engine without one)."""
+        grammar is, to the predictor, the forced answer call it is on an engine without one);
+        `schema_size`: a structured step's schema size (`ResponseFormat.size`)."""
         pre = await self.local.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
         described = features_toolset if features_toolset is not None else toolset
-        p, X = await self._scorer.score(pre.logits, structure_features(step, pre.prompt_tokens, messages, described))
+        structure = structure_features(step, pre.prompt_tokens, messages, described, schema_size)
+        p, X = await self._scorer.score(pre.logits, structure)
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
         kappa = self.predictor.kappa.at(step, pre.prompt_tokens)
         return Score(p, kappa + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
@@ -221,7 +223,8 @@ class Runtime:
         if req.override is not Override.CLOUD_ONLY and why_not_local is None:
             try:
                 shaped = answer_toolset(req.response_format) if st.structured_on_slm else None
-                score = await self.score(req.messages, req.step, st.toolset, features_toolset=shaped)
+                size = req.response_format.size if req.response_format is not None else 0
+                score = await self.score(req.messages, req.step, st.toolset, features_toolset=shaped, schema_size=size)
             except CannotServeLocallyError as exc:  # too long for its window, tools it cannot decode
                 why_not_local = str(exc)
         band = self.draft_band if self.draft_band is not None else \

@@ -144,11 +144,21 @@ def row_filter(labelled: bool | None, since_id: int, kind: str | None, mark: str
     return " AND ".join(where), args
 
 
+def _today_row(features: list[float]) -> list[float]:
+    """A stored feature row in today's FEATURE_NAMES order: a row stored before the answer schema's
+    size was a feature lacks it (missing, NaN: whether that step asked for a schema is not known)."""
+    from hera_core.routing.predictor import FEATURE_NAMES, V2_FEATURE_NAMES
+
+    if len(features) == len(V2_FEATURE_NAMES) < len(FEATURE_NAMES):
+        return features + [float("nan")]
+    return features
+
+
 def row_from_record(r: tuple) -> TraceRow:
     (rid, ts, kind, session, step, cluster, opening, prompt, features, version, cloud_text, cloud_calls,
      draft_text, draft_calls, label, rule) = r
     return TraceRow(kind=kind, session=session, step=step, cluster=cluster, opening=opening, prompt=prompt,
-                    features=json.loads(features), predictor_version=version, cloud_text=cloud_text,
+                    features=_today_row(json.loads(features)), predictor_version=version, cloud_text=cloud_text,
                     draft_text=draft_text, cloud_calls=json.loads(cloud_calls) if cloud_calls else None,
                     draft_calls=json.loads(draft_calls) if draft_calls else None, label=label, rule=rule,
                     id=rid, ts=ts)
