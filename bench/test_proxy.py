@@ -1,4 +1,5 @@
-"""What the proxy costs on the cloud path: direct vs `hera serve` vs LiteLLM's proxy.
+"""What the proxy costs on the cloud path: direct vs `hera serve` vs LiteLLM's proxy, and the
+floor: a bare aiohttp forwarder (bench/forwarder.py), what any Python proxy's HTTP hop adds here.
 
 All three talk to the same fast scripted upstream (tests/fake_upstream.py) in a process of its
 own on 127.0.0.1; each proxy runs in its own process too; the load comes from this process
@@ -65,6 +66,17 @@ def hera(upstream, tmp_path_factory):
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait()
+
+
+@pytest.fixture(scope="module")
+def forwarder(upstream, tmp_path_factory):
+    """The floor (a peer): a bare aiohttp forwarder to the same upstream."""
+    log = tmp_path_factory.mktemp("forwarder") / "forwarder.log"
+    peer = Peer("bare forwarder", lambda port: [sys.executable, "-m", "bench.forwarder", "--port", str(port),
+                                                "--upstream", upstream.url],
+                "/healthz", log, cwd=ROOT, timeout_s=60).start()
+    yield peer
+    peer.stop()
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +163,12 @@ def test_proxy_direct(benchmark, upstream, clients):
 def test_proxy_hera(benchmark, hera, clients):
     """Through `hera serve`: routing decision (policy), ledger row and metrics per request."""
     _bench(benchmark, hera, clients, {**BODY, "model": "hera"}, {"X-Hera-Policy": "cloud-only", **AUTH})
+
+
+@pytest.mark.parametrize("clients", [1, 64], ids=["c1", "c64"])
+def test_proxy_forwarder(benchmark, forwarder, clients):
+    """Through a bare aiohttp forwarder: the HTTP hop alone, HERA's floor."""
+    _bench_peer(benchmark, forwarder, clients, BODY)
 
 
 @pytest.mark.parametrize("clients", [1, 64], ids=["c1", "c64"])

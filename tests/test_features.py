@@ -162,3 +162,48 @@ def test_concurrent_calls_are_independent() -> None:
         t.join()
     for i, want in enumerate(expected):
         np.testing.assert_array_equal(results[i], want)
+
+
+def test_score_batcher_scores_a_lone_step_in_place_and_batches_concurrent_ones() -> None:
+    """A step with nothing else ready in its loop turn is scored at once (no turn waited); steps
+    that arrive in the same turn share one feature and predictor call; both give the same P."""
+    import asyncio
+
+    from hera_core.routing.scoring import ScoreBatcher
+
+    calls = []
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        calls.append(len(X))
+        return X[:, 0] / 100.0
+
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=4096).astype(np.float32) for _ in range(4)]
+    batcher = ScoreBatcher(predict)
+
+    def in_place(coro):
+        """The coroutine's result if it finishes without suspending (None if it waits)."""
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return done.value
+        coro.close()
+        return None
+
+    async def lone():
+        return in_place(batcher.score(rows[0], [1.0, 2.0]))
+
+    async def lone_while_another_is_ready():
+        asyncio.get_running_loop().call_soon(lambda: None)
+        return in_place(batcher.score(rows[1], [1.0, 2.0]))
+
+    async def together():
+        return await asyncio.gather(*[batcher.score(r, [1.0, 2.0]) for r in rows])
+
+    p0, X0 = asyncio.run(lone())
+    assert calls == [1] and batcher.stats == {"batches": 1, "rows": 1}
+    assert asyncio.run(lone_while_another_is_ready()) is None  # it waits for a batch ...
+    assert calls == [1, 1]  # ... flushed at the next turn
+    many = asyncio.run(together())
+    assert calls == [1, 1, 4] and batcher.stats == {"batches": 3, "rows": 6}
+    assert many[0][0] == pytest.approx(p0) and np.array_equal(many[0][1], X0)

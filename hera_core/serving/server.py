@@ -190,14 +190,9 @@ async def run_routed(request: web.Request, call: RoutedCall, **callbacks) -> "Su
     finally:
         if call.needs_slm:
             state["slm_waiting"] -= 1
-    gen, route = result.generation, result.route.value
-    metrics.requests.labels(route, "ok").inc()
-    metrics.latency.labels(route).observe(time.perf_counter() - t0)
-    metrics.tokens.labels(route, "prompt").inc(gen.prompt_tokens)
-    metrics.tokens.labels(route, "completion").inc(gen.completion_tokens)
-    metrics.cost.labels(route).inc(result.cost_usd)
-    metrics.all_cloud_cost.inc(result.cloud_cost_usd)
-    metrics.observe_cache(rt.cache_stats())
+    gen = result.generation
+    metrics.observe_step(result.route.value, time.perf_counter() - t0, gen.prompt_tokens, gen.completion_tokens,
+                         result.cost_usd, result.cloud_cost_usd)
     return result
 
 
@@ -376,6 +371,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     rt = request.app[RUNTIME]
+    request.app[METRICS].observe_cache(rt.cache_stats())  # read when scraped, not per request
     if rt.learning is not None:
         request.app[METRICS].observe_learning(rt.learning.status())
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
