@@ -153,6 +153,8 @@ def test_n_choices_are_sampled_on_the_route_taken_and_booked_once(client, server
 
 @pytest.mark.parametrize("body,headers,status,fragment", [
     (b"{not json", {}, 400, "not valid JSON"),
+    (b'{"model": "hera", "messages": [], "temperature": NaN}', {}, 400, "not valid JSON"),  # NaN is not JSON
+    (b'{"model": "hera", "messages": [{"role": "user", "content": "\xff"}]}', {}, 400, "not valid JSON"),
     ({"model": "hera", "messages": Q, "n": 3, "stream": True}, {}, 400, "without streaming"),
     ({"model": "hera", "messages": Q, "n": 0}, {}, 400, "n"),
     ({"model": "hera", "messages": Q, "n": 2, "top_p": 0}, {}, 400, "top_p"),

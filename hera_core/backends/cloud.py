@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from hera_core import wirejson
 from hera_core.errors import CloudError, CloudRequestError, CloudUnavailableError, ConfigError
 from hera_core.backends.tools import ToolSet
 from hera_core.backends.base import Engine, Generation, Message
@@ -123,7 +124,7 @@ class CloudEngine(Engine):
         """POST a chat-completions payload as is; returns (response JSON, latency s, attempts)."""
         deadline = time.monotonic() + self.timeout_s
         url = f"{self.base_url}/chat/completions"
-        body = json.dumps(payload).encode()
+        body = wirejson.dumps(payload)
         attempts: list[tuple[str, float]] = []
         self._check_breaker(attempts)
         t_start = time.perf_counter()
@@ -138,7 +139,7 @@ class CloudEngine(Engine):
                     if resp.status == 200:
                         data = await resp.read()
                         try:
-                            parsed = json.loads(data)
+                            parsed = wirejson.loads(data)
                             if not isinstance(parsed, dict) or not parsed.get("choices"):
                                 raise ValueError("no choices")
                         except (ValueError, UnicodeDecodeError) as exc:

@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from hera_core.config import HeraSettings
+from hera_core import wirejson
 from hera_core.errors import FieldError, HeraError, InvalidRequestError
 from hera_core.serving.http import (METRICS, RUNTIME, SETTINGS, STATE, LocalQueueFull, StreamEnded, auth_middleware,
                                     error_middleware, limits_middleware, stream_end_middleware)
@@ -124,7 +125,7 @@ class RoutedCall:
 
 def _decoded_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return wirejson.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequestError("request body is not valid JSON") from None
 
@@ -237,7 +238,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = completion_response(gen.model, choice, (gen.prompt_tokens, gen.completion_tokens),
                                more_choices=[(g.text, g.finish_reason) for g in result.samples[1:]],
                                id=f"chatcmpl-hera-{result.ledger_id}", extra={"hera": hera_fields(rt, result, session)})
-    return web.json_response(body, headers=routed_headers(result, session))
+    return web.Response(body=wirejson.dumps(body), content_type="application/json",
+                        headers=routed_headers(result, session))
 
 
 async def stream_while_routed(response: web.StreamResponse, start: Callable[[Callable[[str], None]], Awaitable[Any]],
