@@ -97,10 +97,12 @@ def cmd_profile(args) -> int:
 
     settings = _settings(args)
     tasks = _tasks(args, args.families.split(",") if args.families else None)
+    if args.labels == "stage" and any(t.kind != "workflow" for t in tasks):
+        raise UsageError("--labels stage is for multi-stage workflow families (--families workflow_quote)")
 
     async def go():
         async with open_engines(settings, use_cache=True) as (local, cloud):
-            return await profile(tasks, local, cloud, Path(args.out), seed=args.seed)
+            return await profile(tasks, local, cloud, Path(args.out), seed=args.seed, labels=args.labels)
 
     print(f"traces: {asyncio.run(go())}")
     return 0
@@ -316,6 +318,9 @@ def add_offline_parsers(sub) -> None:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--local-model")
     pr.add_argument("--cloud-model")
+    pr.add_argument("--labels", choices=["substitution", "stage"], default="substitution",
+                    help="substitution: rerun the task with one step on the SLM; stage: each workflow stage on its "
+                         "true upstream outputs (docs/workloads.md)")
     pr.set_defaults(func=cmd_profile)
 
     ev = sub.add_parser("eval", help="All-SLM, All-LLM, Random, query router, HERA and Oracle on the test split")

@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 
+from hera_core.checks.sandbox import run_python
 from hera_core.offline import workflows as wf
 from hera_core.offline.harness import generate_step, run_direct, run_task
 from hera_core.offline.workloads import WORKFLOW_FAMILIES, make_tasks, split_of
@@ -38,9 +39,24 @@ def test_the_answers_are_consistent_with_the_entry():
         assert all(n in e["prompts"][0] for n in e["items"])
         matches = {"MGR": e["total"] > e["threshold"], "FREE": len(e["items"]) >= 4,
                    "FRT": any(wf.CATEGORY[n] == "furniture" for n in e["items"])}
-        first = next((c for c in e["rule_order"] if matches[c]), "STD")
-        assert e["code"] == first and f"{e['letter']}. " in e["prompts"][2]
-        assert f"(code {e['code']})" in e["prompts"][2].split(f"{e['letter']}. ")[1].splitlines()[0]
+        first = next((c for c in ("MGR", "FRT", "FREE") if matches[c]), "STD")
+        assert e["code"] == first and f'"MGR" if TOTAL is over {e["threshold"]};' in e["prompts"][2]
+    for e in wf.entries(FAMILY)[:5]:  # what the stages' programs are given; the reference programs
+        for k, program in enumerate(wf.REFERENCE_PROGRAMS):
+            answer, _ = wf.stage_answer(e, k + 1, "```python\n" + program.format(threshold=e["threshold"]) + "```")
+            assert wf.score_stage(e, k + 1, answer) == 1.0
+        ok, out = run_python(wf.prelude(e) + "print(TOTAL, len(ORDER), any(i in FURNITURE for i in ORDER))")
+        furniture = any(wf.CATEGORY[n] == "furniture" for n in e["items"])
+        assert ok and out.split() == [str(e["total"]), str(len(e["items"])), str(furniture)]
+        assert (e["distractor"] or e["words"]) or all(f"{q} {n}" in e["message"] for n, q in e["items"].items())
+
+
+def test_the_generator_mixes_easy_and_hard_stages():
+    es = wf.entries(FAMILY)
+    codes = Counter(e["code"] for e in es)
+    assert set(codes) == {"MGR", "FRT", "FREE", "STD"} and max(codes.values()) < 0.5 * len(es)
+    plain = sum(not e["distractor"] and not e["words"] for e in es)
+    assert 0.25 * len(es) < plain < 0.6 * len(es)  # digits only, nothing to leave out
 
 
 def test_every_stage_accepts_its_reference_and_rejects_perturbed_answers():
@@ -56,15 +72,14 @@ def test_every_stage_accepts_its_reference_and_rejects_perturbed_answers():
         assert wf.score_stage(e, 0, json.dumps({k.upper(): v for k, v in items.items()})) == 1.0
         assert wf.score_stage(e, 1, f"{e['total'] + 0.01:.2f}") == 0.0
         assert wf.score_stage(e, 1, f"${e['total']:,.2f}") == 1.0
-        assert wf.score_stage(e, 2, "ABCD".replace(e["letter"], "")[0]) == 0.0
         assert wf.score_stage(e, 2, e["code"]) == 1.0
         assert wf.score_stage(e, 2, next(c for c in ("MGR", "FRT", "FREE", "STD") if c != e["code"])) == 0.0
         assert wf.score_stage(e, 0, json.dumps({k.replace(" ", "") + "s": v for k, v in items.items()})) == 1.0
         other = "STD" if e["code"] != "STD" else "MGR"
         assert wf.score_stage(e, 3, wf.confirmation(e["total"], other)) == 0.0
         assert wf.score_stage(e, 3, wf.confirmation(e["total"] + 1, e["code"])) == 0.0
-        letters[e["letter"]] += 1
-    assert len(letters) == 4  # every letter is a right answer somewhere
+        letters[e["code"]] += 1
+    assert len(letters) == 4  # every code is a right answer somewhere
 
 
 def test_stage_answers_are_read_from_replies():
@@ -77,7 +92,24 @@ def test_stage_answers_are_read_from_replies():
     assert wf.score_stage(e, 1, answer) == 1.0  # the price look-up is defined for the program
     answer, feedback = wf.stage_answer(e, 1, "```python\nraise ValueError('no')\n```")
     assert answer is None and feedback.startswith("The program failed:")
-    assert wf.stage_answer(e, 2, f"ANSWER: {e['letter']}")[0] == e["letter"]
+    code = e["code"]
+    assert wf.stage_answer(e, 2, f"ANSWER: {code}")[0] == code
+    assert wf.stage_answer(e, 2, f"The code is {code}.")[0] == code
+    assert wf.stage_answer(e, 2, "Not MGR but FRT.")[0] is None  # two codes, no ANSWER line
+    rule = ("```python\nprint('MGR' if TOTAL > %d else 'FRT' if any(i in FURNITURE for i in ORDER) "
+            "else 'FREE' if len(ORDER) >= 4 else 'STD')\n```" % e["threshold"])
+    answer, feedback = wf.stage_answer(e, 2, rule)
+    assert answer == code and feedback == f"The program printed:\n{code}"
+    # a chained run's programs get its own upstream answers (names mapped to the catalogue's)
+    program = "```python\nprint(sum(PRICES[n] * q for n, q in ORDER.items()))\n```"
+    name = next(iter(e["items"]))
+    stages = [{"answer": json.dumps({name.upper().replace(" ", "_") + "s": 1})}, {"answer": "$1,000,000.00"}]
+    up = wf.upstream_of(e, stages)
+    assert up == {"order": {name: 1}, "total": 1e6}
+    assert wf.stage_answer(e, 1, program, up)[0] == str(e["prices"][name])
+    assert wf.stage_answer(e, 2, rule, up)[0] == "MGR"  # a wrong total upstream, a wrong code here
+    assert wf.upstream_of(e, [{"answer": "not json"}]) == {"order": {}}
+    assert wf.upstream_of(e, [{"answer": "[1]"}, {"answer": None}]) == {"order": {}, "total": None}
 
 
 def test_true_prefix_holds_the_reference_upstream_outputs():
@@ -85,7 +117,8 @@ def test_true_prefix_holds_the_reference_upstream_outputs():
     assert wf.true_prefix(e, 0) == wf.first_messages(e)
     msgs = wf.true_prefix(e, 3)
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user", "assistant", "user"]
-    assert f"{e['total']:.2f}" in msgs[5]["content"] and msgs[-1]["content"] == e["prompts"][3]
+    assert f"{e['total']:.2f}" in msgs[5]["content"]
+    assert msgs[-1]["content"] == f"The program printed:\n{e['code']}\n\n{e['prompts'][3]}"
 
 
 def test_harness_runs_the_stages_with_a_scripted_model():
@@ -94,7 +127,7 @@ def test_harness_runs_the_stages_with_a_scripted_model():
 
     async def model(messages, step):
         seen.append(messages[-1]["content"])
-        replies = [json.dumps(e["items"]), f"```python\nprint({e['total']})\n```", f"ANSWER: {e['letter']}",
+        replies = [json.dumps(e["items"]), f"```python\nprint({e['total']})\n```", f"ANSWER: {e['code']}",
                    wf.confirmation(e["total"], e["code"])]
         return replies[step], "local" if step % 2 else "cloud"
 
@@ -104,12 +137,19 @@ def test_harness_runs_the_stages_with_a_scripted_model():
     assert seen[2].startswith("The program printed:")  # the tool output fed the next stage
 
     async def wrong_total(messages, step):
-        replies = [json.dumps(e["items"]), "```python\nprint(1.5)\n```", f"ANSWER: {e['letter']}",
+        replies = [json.dumps(e["items"]), "```python\nprint(1.5)\n```", f"ANSWER: {e['code']}",
                    wf.confirmation(1.5, e["code"])]
         return replies[step], "cloud"
 
     traj = run(run_task(task, wrong_total))
     assert [s["correct"] for s in traj.stages] == [1.0, 0.0, 1.0, 0.0] and traj.correct == 0.0
+    formula = ("```python\nprint(round(sum(PRICES[n] * q * (0.9 if q >= 10 else 1) for n, q in ORDER.items())"
+               " * 1.08, 2))\n```")
+    for extracted, right in ((e["items"], 1.0), ({**e["items"], next(iter(e["items"])): 99}, 0.0)):
+        async def uses_order(messages, step, extracted=extracted):
+            return [json.dumps(extracted), formula, "ANSWER: STD", "ok"][step], "cloud"
+        traj = run(run_task(task, uses_order))  # the program's ORDER is what stage 1 answered
+        assert traj.stages[1]["correct"] == right
     assert len(run(run_direct(task, model)).routes) == 4  # no one-call baseline: the workflow itself
 
 
@@ -127,3 +167,28 @@ def test_harness_runs_a_workflow_end_to_end_on_a_real_model(tiny_engine):
     row = run(wf.profile_stages(task.entry, {"tiny": tiny_engine}, max_tokens=24))
     assert [s["stage"] for s in row["stages"]] == list(wf.STAGES)
     assert all(s["tiny"]["correct"] in (0.0, 1.0) for s in row["stages"])
+
+
+@pytest.mark.slow
+def test_stage_labels_make_a_trace_hera_train_reads(tiny_engine, tmp_path, monkeypatch):
+    """`hera profile --labels stage`: a trace per task, one step per stage, each with the SLM's
+    prefill features on the stage's true prefix and the label "the SLM is no worse than the LLM"."""
+    import hera_core.offline.profiling as profiling
+    from hera_core.offline.profiling import load_traces, profile
+    from hera_core.routing.predictor import FEATURE_NAMES
+
+    monkeypatch.setattr(profiling, "MAX_TOKENS", 24)  # plumbing: SmolLM2 on both sides
+    tasks = make_tasks([FAMILY], per_family=2, seed=0)
+    out = run(profile(tasks, tiny_engine, tiny_engine, tmp_path / "t.jsonl", progress=False, labels="stage"))
+    traces = load_traces(out)
+    assert [t["task_id"] for t in traces] == [t.task_id for t in tasks]
+    for t in traces:
+        assert [s["stage"] for s in t["steps"]] == list(wf.STAGES) and t["labels"] == "stage"
+        for s in t["steps"]:
+            assert len(s["features"]) == len(FEATURE_NAMES) and s["features"][FEATURE_NAMES.index("step_index")] == s["step"]
+            assert s["label"] == int(s["slm_stage_correct"] >= s["llm_stage_correct"])
+        assert t["llm_correct"] == float(all(s["llm_stage_correct"] for s in t["steps"]))
+    assert run(profile(tasks, tiny_engine, tiny_engine, out, progress=False, labels="stage")) == out  # resumed: nothing new
+    assert len(load_traces(out)) == 2
+    with pytest.raises(ValueError, match="workflow"):
+        run(profiling.profile_stages_task(make_tasks(["gsm_symbolic"], per_family=1)[0], tiny_engine, tiny_engine))

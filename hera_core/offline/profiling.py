@@ -5,6 +5,11 @@ features and output on the same prefix; and the substitution label: does the fin
 correct when only this step runs on the SLM (the rest on the LLM)? Both models decode greedily
 through the completion cache, so reruns and substitutions replay shared prefixes for free.
 
+A multi-stage workflow (kind "workflow") can be labelled per stage instead (`--labels stage`,
+`profile_stages_task`): each model answers each stage on its true upstream outputs, and a stage's
+label is "the SLM's answer is no worse than the LLM's" (docs/workloads.md says how the two labels
+differ).
+
 Output is append-only JSONL, one line per task, flushed as each task finishes: a killed run
 resumes where it stopped.
 """
@@ -18,6 +23,7 @@ from typing import Any
 
 from hera_core.backends.base import Engine, Message
 from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, check_draft
+from hera_core.offline import workflows
 from hera_core.offline.userfiles import read_lines
 from hera_core.native.features import logit_features
 from hera_core.progress import progress_bar
@@ -75,6 +81,43 @@ async def profile_task(task: Task, slm: Engine, llm: Engine, seed: int = 0) -> d
             "opening": opening_text(first_messages(task))}  # for `hera train`'s familiarity check
 
 
+async def profile_stages_task(task: Task, slm: Engine, llm: Engine, seed: int = 0) -> dict[str, Any]:
+    """A workflow task's trace with stage labels: at each stage, on its true prefix (the reference
+    answers of the stages before it), the SLM's prefill features, both models' answers scored, and
+    the label 1 when the SLM's stage answer scores at least the LLM's. The task's llm_correct is the
+    LLM right at every stage (what a chained LLM run needs, estimated without running it)."""
+    if task.kind != "workflow":
+        raise ValueError(f"stage labels are for multi-stage workflows; {task.task_id} is a {task.kind} task")
+    steps = []
+    for k in range(len(workflows.STAGES)):
+        messages = workflows.true_prefix(task.entry, k)
+        pre = await slm.prefill(messages)
+        feats = feature_matrix(logit_features(pre.logits[None, :]),
+                               [structure_features(k, pre.prompt_tokens, messages)])[0]
+        slm_gen = await slm.generate(messages, max_tokens=MAX_TOKENS)
+        llm_text = await generate_step(llm, task, messages, MAX_TOKENS)
+        slm_text = step_text(slm_gen)
+        logprobs = slm_gen.extra.get("token_logprobs")
+        if logprobs is None:  # a completion cached before the engine recorded them: score it
+            logprobs = await slm.score_continuation(messages, slm_gen.text)
+        check = check_draft(messages, slm_text, completion_tokens=slm_gen.completion_tokens, token_logprobs=logprobs)
+        scored = [workflows.score_stage(task.entry, k, workflows.stage_answer(task.entry, k, text)[0])
+                  for text in (slm_text, llm_text)]
+        steps.append({
+            "step": k, "stage": workflows.STAGES[k], "features": [float(x) for x in feats],
+            "prompt_tokens": pre.prompt_tokens, "llm_text": llm_text, "slm_text": slm_text,
+            "slm_completion_tokens": slm_gen.completion_tokens,
+            "slm_token_logprobs": [round(float(x), 4) for x in logprobs],
+            "draft_features": [float(x) for x in check.features], "draft_feature_names": list(DRAFT_FEATURE_NAMES),
+            "slm_stage_correct": scored[0], "llm_stage_correct": scored[1],
+            "label": 1 if scored[0] >= scored[1] else 0,
+        })
+    return {"task_id": task.task_id, "family": task.family, "split": split_of(task.task_id, seed),
+            "llm_correct": float(all(s["llm_stage_correct"] for s in steps)), "llm_steps": len(steps),
+            "labels": "stage", "schema": FEATURE_SCHEMA, "feature_names": list(FEATURE_NAMES), "steps": steps,
+            "opening": opening_text(first_messages(task))}
+
+
 def done_task_ids(path: Path) -> set[str]:
     if not path.exists():
         return set()
@@ -128,14 +171,20 @@ def _bfcl_task(family: str, task_id: str) -> Task | None:
     return _bfcl_tasks(family).get(task_id)
 
 
+LABELS = {"substitution": profile_task, "stage": profile_stages_task}
+
+
 async def profile(tasks: list[Task], slm: Engine, llm: Engine, out: Path, seed: int = 0,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, labels: str = "substitution") -> Path:
+    """Trace `tasks` into `out` (appended; tasks already there are skipped), labelled as `labels`
+    says (LABELS: "substitution", or "stage" for workflow tasks)."""
+    trace_task = LABELS[labels]
     out.parent.mkdir(parents=True, exist_ok=True)
     done = done_task_ids(out)
     todo = [t for t in tasks if t.task_id not in done]
     with progress_bar("profiling", len(tasks), completed=len(tasks) - len(todo), enabled=progress) as bar:
         for task in todo:
-            record = await profile_task(task, slm, llm, seed)
+            record = await trace_task(task, slm, llm, seed)
             with open(out, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()

@@ -5,26 +5,26 @@ them (kind "workflow") and harness.py runs them through `run_stages`. The genera
 per task id and was fixed before any routing result was seen.
 
 One task: a catalogue of six products with unit prices and a customer's message ordering two to
-four of them (quantities as digits or words, with a distractor the customer does not order).
+four of them (quantities as digits, in some tasks words; in half of them a catalogue item the
+customer says they do not need).
 Its stages, each one chat step, each answer feeding the next:
 
 1. extract: the items and quantities, as one JSON object {"item": quantity}. Scored: the JSON
    object equals the reference (names compared without case, spaces, underscores or a plural s).
-2. compute: a ```python block that prints the total (PRICES, the catalogue as a dict, is defined
-   for it: the price look-up tool) (line = price x quantity; 10% off a line of
-   10 units or more; then 8% tax; rounded to cents). The harness runs it in the sandbox; its
-   output is the stage's answer and is sent back with the next prompt. A reply with no code but
-   an `ANSWER:` line answers directly. Scored: within half a cent of the reference.
-3. policy: which of four lettered rules applies (the first that matches, in the listed order:
-   total over a threshold, furniture in the order, four or more distinct items, otherwise).
-   Scored by the letter, or the right rule's code (MGR, FRT, FREE, STD) named instead.
-4. confirm: the confirmation to the customer, stating the total as $<total> and the rule's code
-   in brackets. Scored: contains both. The task is right when this final answer is right.
+2. compute: a ```python block that prints the total (PRICES, the catalogue as a dict, and ORDER,
+   stage 1's answer, are defined for it: the order tool's state) (line = price x quantity; 10% off
+   a line of 10 units or more; then 8% tax; rounded to cents). The harness runs it in the sandbox;
+   its output is the stage's answer and is sent back with the next prompt. A reply with no code
+   but an `ANSWER:` line answers directly. Scored: within half a cent of the reference.
+3. policy: a ```python block that prints the shipping code (TOTAL, stage 2's answer, ORDER and
+   FURNITURE are defined): MGR over a threshold, else FRT with furniture, else FREE with four or
+   more items, else STD. Run and fed back like stage 2. Scored: the code.
+4. confirm: the confirmation sentence of a given template, the total as $<total> and the code in
+   brackets filled in. Scored: contains both. The task is right when this final answer is right.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import re
@@ -50,19 +50,17 @@ PRODUCTS: tuple[tuple[str, str, int, int], ...] = (
 )
 CATEGORY = {name: cat for name, cat, _, _ in PRODUCTS}
 WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 12: "a dozen"}
-RULES = {  # code: (condition text with {threshold}, action)
-    "MGR": ("the total is over ${threshold}", "needs a manager's approval before it ships"),
-    "FRT": ("the order includes furniture (office chair, desk, bookshelf, filing cabinet)", "ships by freight"),
-    "FREE": ("the order has four or more different items", "ships with free delivery"),
-}
+THRESHOLDS = (200, 300, 500, 1000, 2000, 3000, 5000, 8000, 12000)
+WORDS_SHARE, DISTRACTOR_SHARE, MGR_SHARE = 0.3, 0.5, 0.35
+CODES = ("MGR", "FRT", "FREE", "STD")  # the shipping codes, in the order their rules are checked
 SYSTEM = ("You are the order assistant of Acme Office Supply. You work through an order in steps; keep each "
           "reply short and in the format the step asks for.")
 OPENINGS = ("Hi, ", "Hello team, ", "Good morning! ", "Hey, ")
 CLOSINGS = (" Thanks!", " Cheers.", " Let me know the total.", "")
 
 
-def _quantity_text(rng: random.Random, q: int) -> str:
-    return WORDS[q] if q in WORDS and rng.random() < 0.4 else str(q)
+def _quantity_text(rng: random.Random, q: int, words: bool) -> str:
+    return WORDS[q] if words and q in WORDS and rng.random() < 0.5 else str(q)
 
 
 def make_entry(family: str, seed: int, i: int) -> dict[str, Any]:
@@ -73,50 +71,52 @@ def make_entry(family: str, seed: int, i: int) -> dict[str, Any]:
     names = [p[0] for p in catalogue]
     ordered = rng.sample(names, rng.randint(2, 4))
     items = {n: rng.choice([1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20]) for n in ordered}
-    distractor = rng.choice([n for n in names if n not in items])
-    parts = [f"{_quantity_text(rng, q)} {n}{'s' if q > 1 and not n.endswith('s') else ''}" for n, q in items.items()]
+    # Extraction is graded: some messages name a catalogue item the customer does not order, some
+    # write quantities in words; the rest list digits only (revision 2: the first draft had both
+    # in every task and the 0.5B extracted 1 of 12).
+    words, distractor = rng.random() < WORDS_SHARE, rng.random() < DISTRACTOR_SHARE
+    parts = [f"{_quantity_text(rng, q, words)} {n}{'s' if q > 1 and not n.endswith('s') else ''}"
+             for n, q in items.items()]
     listed = ", ".join(parts[:-1]) + " and " + parts[-1]
-    held = rng.randint(2, 9)
-    note = rng.choice([f" We still have {held} of the {distractor}s, so none of those this time.",
-                       f" No {distractor} needed, we got {held} last month."])
+    note = ""
+    if distractor:
+        other, held = rng.choice([n for n in names if n not in items]), rng.randint(2, 9)
+        note = rng.choice([f" We still have {held} of the {other}s, so none of those this time.",
+                           f" No {other} needed, we got {held} last month."])
     message = f"{rng.choice(OPENINGS)}we'd like to order {listed}.{note}{rng.choice(CLOSINGS)}"
 
     total = round(sum(prices[n] * q * (1 - DISCOUNT if q >= DISCOUNT_QTY else 1) for n, q in items.items())
                   * (1 + TAX) + 1e-9, 2)
-    threshold = rng.choice([500, 1000, 2000, 3000, 5000, 8000])
+    # The rules are checked in one fixed order, by a program (revision 4: rules stated in words and
+    # answered in words, the 1.5B named the first rule whatever held, 1 of 4). The threshold is
+    # drawn so that MGR is right for about a third of the tasks; the other codes follow from the items.
+    over = [t for t in THRESHOLDS if t < total]
+    under = [t for t in THRESHOLDS if t >= total]
+    threshold = rng.choice(over if over and (not under or rng.random() < MGR_SHARE) else under)
     matches = {"MGR": total > threshold, "FRT": any(CATEGORY[n] == "furniture" for n in items),
                "FREE": len(items) >= 4}
-    # The listed order decides which rule is first to match; the right letter is drawn uniformly
-    # among those some order gives (else A would be right for most tasks: measured, the 0.5B
-    # answering "A" every time scored 67% on an earlier draft).
-    orders = [list(o) for o in itertools.permutations(RULES)]
-    target = rng.choice(sorted({_letter(o, matches) for o in orders}))
-    order = rng.choice([o for o in orders if _letter(o, matches) == target])
-    code = next((c for c in order if matches[c]), "STD")
-    letter = "ABCD"[order.index(code)] if code != "STD" else "D"
-    rules = [f"{'ABC'[k]}. If {RULES[c][0].format(threshold=threshold)}: the order {RULES[c][1]} (code {c})."
-             for k, c in enumerate(order)]
-    rules.append("D. Otherwise: the order ships by standard delivery (code STD).")
+    code = next((c for c in CODES if matches.get(c)), "STD")
     prompts = [
         ("Catalogue (unit prices):\n" + "\n".join(f"- {n}: ${prices[n]}" for n in names)
          + f"\n\nCustomer message:\n\"{message}\"\n\nStep 1: list what the customer orders now, as one JSON object "
-         "mapping each catalogue item name to its quantity, for example {\"binder\": 3}. Reply with only the JSON."),
-        (f"Step 2: compute the order total with a Python program; in it, PRICES is already defined: a dict of the "
-         "catalogue's unit prices by item name. Each line is unit price times quantity; a line of {DISCOUNT_QTY} or more "
-         f"units gets {DISCOUNT:.0%} off that line; then add {TAX:.0%} sales tax on the sum, and round to cents. "
-         "Reply with one ```python code block that prints the total as a number."),
-        ("Step 3: which policy rule applies? Apply the first rule, in the order listed, whose condition holds.\n"
-         + "\n".join(rules) + "\nReply with only the letter, as: ANSWER: <letter>"),
-        ("Step 4: write the order confirmation to the customer in two or three sentences. State the total exactly "
-         "as $<total with two decimals> and the rule's code in square brackets, like [CODE]."),
+         "mapping each ordered item's catalogue name to its quantity. Reply with only the JSON, in the form "
+         "{\"<item>\": <quantity>, ...}."),
+        ("Step 2: compute the order total with a Python program. In it, PRICES (the catalogue's unit prices by item "
+         "name) and ORDER (the quantities of step 1 by item name) are already defined. For each item in ORDER: its "
+         f"line is PRICES[item] * quantity, and if the quantity is {DISCOUNT_QTY} or more, the line is multiplied by "
+         f"{1 - DISCOUNT:.1f}. Add up the lines, multiply the sum by {1 + TAX:.2f} (sales tax) and print it rounded "
+         "to 2 decimals. Reply with one ```python code block."),
+        ("Step 3: choose the shipping code with a Python program. In it, TOTAL (the total of step 2), ORDER and "
+         "FURNITURE (the set of catalogue items that are furniture) are already defined. Set code to \"MGR\" if TOTAL "
+         f"is over {threshold}; otherwise to \"FRT\" if an item of ORDER is in FURNITURE; otherwise to \"FREE\" if "
+         "ORDER has 4 or more items; otherwise to \"STD\". Then print(code). Reply with one ```python code block."),
+        ("Step 4: write the order confirmation to the customer. Reply with exactly this sentence, the total as the "
+         "program of step 2 printed it and the code of step 3 filled in: Thank you for your order. Your total is "
+         "$<total> [<code>]."),
     ]
     return {"task_id": f"{family}-{seed}-{i}", "message": message, "prices": prices, "items": items,
-            "total": total, "threshold": threshold, "rule_order": order, "code": code, "letter": letter,
-            "prompts": prompts, "answers": [json.dumps(items), f"{total:.2f}", letter, confirmation(total, code)]}
-
-
-def _letter(order: list[str], matches: dict[str, bool]) -> str:
-    return next(("ABC"[k] for k, c in enumerate(order) if matches[c]), "D")
+            "words": words, "distractor": distractor, "total": total, "threshold": threshold, "code": code,
+            "prompts": prompts, "answers": [json.dumps(items), f"{total:.2f}", code, confirmation(total, code)]}
 
 
 def confirmation(total: float, code: str) -> str:
@@ -133,32 +133,60 @@ def first_messages(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": entry["prompts"][0]}]
 
 
-def prelude(entry: dict[str, Any]) -> str:
-    """What the compute stage's program starts with: the price look-up the prompt promises."""
-    return f"PRICES = {json.dumps(entry['prices'])}\n"
+def prelude(entry: dict[str, Any], upstream: dict[str, Any] | None = None) -> str:
+    """What a stage's program starts with: the catalogue (PRICES, FURNITURE) and the upstream answers
+    (ORDER of stage 1, TOTAL of stage 2): the true ones unless `upstream` gives the run's own, as a
+    chained run does, so a wrong extraction carries into the total and a wrong total into the code."""
+    up = {"order": entry["items"], "total": entry["total"], **(upstream or {})}
+    furniture = sorted(n for n in entry["prices"] if CATEGORY[n] == "furniture")
+    return (f"PRICES = {json.dumps(entry['prices'])}\nFURNITURE = set({json.dumps(furniture)})\n"
+            f"ORDER = {json.dumps(up['order'])}\nTOTAL = {up['total']!r}\n")
 
 
-def stage_answer(entry: dict[str, Any], stage: int, text: str) -> tuple[str | None, str]:
+def upstream_of(entry: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """A chained run's own upstream answers as its programs get them: stage 1's JSON as ORDER (names
+    the scorer accepts, "paper_reams", mapped to the catalogue's, as an order tool would; {} if
+    unreadable) and stage 2's printed total as TOTAL (None if it printed no number)."""
+    up: dict[str, Any] = {}
+    if stages:
+        try:
+            got = json.loads(stages[0]["answer"]) if stages[0]["answer"] else {}
+        except json.JSONDecodeError:
+            got = {}
+        names = {_item_key(n): n for n in entry["prices"]}
+        up["order"] = {names.get(_item_key(k), k): v for k, v in got.items()} if isinstance(got, dict) else {}
+    if len(stages) > 1:
+        up["total"] = _number(stages[1]["answer"] or "")
+    return up
+
+
+def _code_of(text: str) -> str | None:
+    """The shipping code a reply names: on its ANSWER line, else the only code it names."""
+    answer = extract_answer(text)
+    found = re.findall(r"\b(MGR|FRT|FREE|STD)\b", answer if answer is not None else text)
+    return found[0] if found and (answer is not None or len(set(found)) == 1) else None
+
+
+def stage_answer(entry: dict[str, Any], stage: int, text: str,
+                 upstream: dict[str, Any] | None = None) -> tuple[str | None, str]:
     """A stage's answer read from its reply, and what the harness sends back before the next
-    prompt (the program's output, for the compute stage)."""
+    prompt (a program's output, for the compute and policy stages; `upstream` as for `prelude`).
+    A program stage's reply with no code may answer directly (an ANSWER line; the code named)."""
     kind = STAGES[stage]
     if kind == "extract":
         m = re.search(r"\{.*?\}", text, re.S)
         return (m.group(0) if m else None), ""
-    if kind == "compute":
-        code = extract_code(text)
-        if code is None:
-            answer = extract_answer(text)
-            return answer, ""
-        ok, output = run_python(prelude(entry) + code)
-        lines = output.strip().splitlines()
-        return (lines[-1].strip() if ok and lines else None), (f"The program printed:\n{output.strip()}" if ok
-                                                                 else f"The program failed:\n{output.strip()}")
-    if kind == "policy":  # the rule's letter, or its code (the rule named either way)
-        answer = (extract_answer(text) or text.strip())[:40]
-        m = re.search(r"\b(MGR|FRT|FREE|STD)\b", answer) or re.search(r"\b([A-D])\b", answer.upper())
-        return (m.group(1) if m else None), ""
-    return text.strip() or None, ""
+    if kind == "confirm":
+        return text.strip() or None, ""
+    program = extract_code(text)
+    if program is None:
+        return (extract_answer(text) if kind == "compute" else _code_of(text)), ""
+    ok, output = run_python(prelude(entry, upstream) + program)
+    lines = output.strip().splitlines()
+    answer = lines[-1].strip() if ok and lines else None
+    if kind == "policy" and answer is not None:
+        answer = _code_of(answer)
+    return answer, (f"The program printed:\n{output.strip()}" if ok else f"The program failed:\n{output.strip()}")
 
 
 def _item_key(name: Any) -> str:
@@ -195,7 +223,7 @@ def score_stage(entry: dict[str, Any], stage: int, answer: str | None) -> float:
         x = _number(answer)
         return float(x is not None and abs(x - entry["total"]) < 0.005 + 1e-9)
     if kind == "policy":
-        return float(answer.strip() in (entry["letter"], entry["code"]))
+        return float(answer.strip() == entry["code"])
     return score_final(entry, answer)
 
 
@@ -208,13 +236,24 @@ def score_final(entry: dict[str, Any], answer: str | None) -> float:
     return float(any(t in answer for t in totals) and f"[{entry['code']}]" in answer)
 
 
+# The programs of stages 2 and 3 as a model that gets them right writes them: the upstream replies
+# of a stage-level label (a hard-coded print there taught the next stage to hard-code its answer).
+REFERENCE_PROGRAMS = (
+    "total = 0\nfor item, quantity in ORDER.items():\n    line = PRICES[item] * quantity\n"
+    f"    if quantity >= {DISCOUNT_QTY}:\n        line *= {1 - DISCOUNT:.1f}\n    total += line\n"
+    f"print(round(total * {1 + TAX:.2f}, 2))\n",
+    "if TOTAL > {threshold}:\n    code = 'MGR'\nelif any(item in FURNITURE for item in ORDER):\n"
+    "    code = 'FRT'\nelif len(ORDER) >= 4:\n    code = 'FREE'\nelse:\n    code = 'STD'\nprint(code)\n",
+)
+
+
 def true_prefix(entry: dict[str, Any], stage: int) -> list[dict[str, Any]]:
     """The conversation up to `stage`'s prompt with every upstream stage answered correctly (the
     reference replies): the prefix of a stage-level label, which needs no run of the rest."""
     msgs = first_messages(entry)
-    replies = [json.dumps(entry["items"]), f"```python\nprint({entry['total']:.2f})\n```",
-               f"ANSWER: {entry['letter']}"]
-    feedback = ["", f"The program printed:\n{entry['total']:.2f}", ""]
+    replies = [json.dumps(entry["items"]), f"```python\n{REFERENCE_PROGRAMS[0]}```",
+               f"```python\n{REFERENCE_PROGRAMS[1].format(threshold=entry['threshold'])}```"]
+    feedback = ["", f"The program printed:\n{entry['total']:.2f}", f"The program printed:\n{entry['code']}"]
     for k in range(stage):
         msgs.append({"role": "assistant", "content": replies[k]})
         msgs.append({"role": "user", "content": _next_prompt(entry, k + 1, feedback[k])})
@@ -231,10 +270,10 @@ async def run_stages(entry: dict[str, Any], messages: list[dict[str, Any]],
     """Run the stages of a task whose conversation `messages` holds the first prompt; `step`
     makes one chat step (appending the reply to `messages`) and returns its text. Returns each
     stage's answer and score; the last stage's answer is the task's."""
-    out = []
+    out: list[dict[str, Any]] = []
     for k in range(len(STAGES)):
         text = await step()
-        answer, feedback = stage_answer(entry, k, text)
+        answer, feedback = stage_answer(entry, k, text, upstream_of(entry, out))
         out.append({"stage": STAGES[k], "answer": answer, "correct": score_stage(entry, k, answer)})
         if k + 1 < len(STAGES):
             messages.append({"role": "user", "content": _next_prompt(entry, k + 1, feedback)})
