@@ -246,9 +246,13 @@ class Predictor:
         unknown = [n for n in self.feature_names if n not in self.input_names]
         if unknown:
             raise ValueError(f"the predictor reads features {unknown} that this HERA does not compute")
-        # The columns its model was trained on, picked out of the full row (None: all, in order).
-        self._cols = None if tuple(self.feature_names) == tuple(self.input_names) else \
-            np.asarray([self.input_names.index(n) for n in self.feature_names], dtype=np.intp)
+        # The columns its model was trained on, picked out of the full row (None: all, in order): a
+        # slice when they lead it (an older schema's are today's first columns: a view, no copy of
+        # one row), else an index array.
+        self._cols: slice | np.ndarray | None = None
+        if tuple(self.feature_names) != tuple(self.input_names):
+            cols = [self.input_names.index(n) for n in self.feature_names]
+            self._cols = slice(0, len(cols)) if cols == list(range(len(cols))) else np.asarray(cols, dtype=np.intp)
 
     def _evaluator(self):
         """The native forest when built, else XGBoost where installed (one thread: small batches),
