@@ -192,3 +192,34 @@ def test_stage_labels_make_a_trace_hera_train_reads(tiny_engine, tmp_path, monke
     assert len(load_traces(out)) == 2
     with pytest.raises(ValueError, match="workflow"):
         run(profiling.profile_stages_task(make_tasks(["gsm_symbolic"], per_family=1)[0], tiny_engine, tiny_engine))
+
+
+@pytest.mark.slow
+def test_hera_eval_runs_every_method_on_a_workflow(tiny_engine, cloud_url, tmp_path):
+    """`hera eval` on workflow tasks (SmolLM2 on both sides, plumbing): every method runs the four
+    stages, and the report has each method's local share per stage."""
+    from hera_core.backends.caching import CachingEngine, CompletionCache
+    from hera_core.backends.cloud import CloudEngine
+    from hera_core.config import load_settings
+    from hera_core.offline.evaluation import Evaluator, evaluate
+    from tests.conftest import TINY
+    from tests.factories import random_predictor
+
+    tasks = make_tasks([FAMILY], per_family=1, seed=0, split="test")
+    cache = CompletionCache(tmp_path / "cache.sqlite")
+
+    async def go():
+        async with CloudEngine(cloud_url, TINY) as cloud:
+            ev = Evaluator(CachingEngine(tiny_engine, cache), CachingEngine(cloud, cache), random_predictor(), cache,
+                           load_settings(env={}).prices, TINY)
+            return await evaluate(tasks, ev)
+
+    report = run(go())
+    cache.close()
+    assert report["per_task"]["all_llm"] and all(len(t["routes"]) == 4 for m in report["per_task"].values()
+                                                  for t in m)
+    assert report["stages"]["all_slm"] == {s: 1.0 for s in wf.STAGES}
+    assert report["stages"]["all_llm"] == {s: 0.0 for s in wf.STAGES}
+    hera = report["per_task"]["hera"]
+    for k, stage in enumerate(wf.STAGES):
+        assert report["stages"]["hera"][stage] == sum(t["routes"][k] == "local" for t in hera) / len(hera)

@@ -410,6 +410,19 @@ def summarize(results: list[TaskResult], all_llm_cloud_cost: float) -> dict[str,
             if any(s.escalated for s in steps) else math.nan}
 
 
+def stage_shares(per_method: dict[str, list[TaskResult]], workflow_ids: set[str]) -> dict[str, dict[str, float]]:
+    """Per method, the share of each workflow stage answered locally (a workflow's step k is its
+    stage k: `hera_core.offline.workflows.STAGES`)."""
+    from hera_core.offline.workflows import STAGES
+
+    out = {}
+    for name, results in per_method.items():
+        runs = [r for r in results if r.task_id in workflow_ids]
+        out[name] = {stage: sum(len(r.steps) > k and r.steps[k].route == "local" for r in runs) / max(1, len(runs))
+                     for k, stage in enumerate(STAGES)}
+    return out
+
+
 def query_threshold_cost(scores: dict[str, float], task_costs: dict[str, float], budget: float) -> float:
     """Threshold on first-step scores whose cloud tasks (the rest) cost at most `budget` on the cloud."""
     cloud = sum(task_costs.values())
@@ -475,6 +488,8 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0, progress=
         m = summarize(await ev.run(Hera(offset, unfamiliar), tasks, progress), all_llm_cost)
         router = QueryRouter(query_threshold(first, counts, m["local_share"]))
         report["sweep"].append(point(offset, m, summarize(await ev.run(router, tasks, progress), all_llm_cost)))
+    if any(t.kind == "workflow" for t in tasks):
+        report["stages"] = stage_shares(per_method, {t.task_id for t in tasks if t.kind == "workflow"})
     report["per_task"] = {name: [{"task_id": r.task_id, "correct": r.correct, "routes": [s.route for s in r.steps]}
                                  for r in results] for name, results in per_method.items()}
     return report

@@ -5,6 +5,9 @@ outputs), the per-stage and per-task accuracy of an all-SLM or all-LLM agent.
 
     nice -n 19 .venv/bin/python bench/eval/workflows/stage_profile.py --tasks 12 --threads 2
     nice -n 19 .venv/bin/python bench/eval/workflows/stage_profile.py --chained --tasks 12 --threads 2
+
+--compare-labels STAGE SUBSTITUTION: how the stage labels of `hera profile --labels stage` and the
+substitution labels of `hera profile` agree on the tasks both traced, per stage.
 """
 
 from __future__ import annotations
@@ -46,6 +49,22 @@ def chained_summary(path: Path) -> dict:
     return res
 
 
+def compare_labels(stage_path: Path, sub_path: Path) -> dict:
+    """Per stage: steps both traced, how many labels agree, and the disagreements each way."""
+    def by_task(path: Path) -> dict:
+        return {t["task_id"]: t for t in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
+
+    stage, sub = by_task(stage_path), by_task(sub_path)
+    out: dict = {"tasks": len(stage.keys() & sub.keys())}
+    for k, name in enumerate(STAGES):
+        pairs = [(stage[t]["steps"][k]["label"], sub[t]["steps"][k]["label"]) for t in sorted(stage.keys() & sub.keys())
+                 if len(stage[t]["steps"]) > k and len(sub[t]["steps"]) > k]
+        out[name] = {"steps": len(pairs), "agree": sum(a == b for a, b in pairs),
+                     "stage_1_substitution_0": sum(a > b for a, b in pairs),
+                     "stage_0_substitution_1": sum(a < b for a, b in pairs)}
+    return out
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=16)
@@ -53,7 +72,12 @@ async def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--chained", action="store_true", help="whole tasks through the harness, per model")
     ap.add_argument("--summary", action="store_true", help="only print the per-stage accuracy of what is there")
+    ap.add_argument("--compare-labels", nargs=2, metavar=("STAGE", "SUBSTITUTION"),
+                    help="traces of `hera profile --labels stage` and of `hera profile`: label agreement per stage")
     args = ap.parse_args()
+    if args.compare_labels:
+        print(json.dumps(compare_labels(*map(Path, args.compare_labels))))
+        return
     out = Path(args.out or f"bench/eval/workflows/{'chained' if args.chained else 'stage_profile'}.jsonl")
     if args.summary:
         print(json.dumps(chained_summary(out) if args.chained else summary(out)))
