@@ -17,8 +17,9 @@ import orjson
 loads = orjson.loads
 
 
-def dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY)
+def dumps(obj: Any, *, sort_keys: bool = False) -> bytes:
+    option = orjson.OPT_SERIALIZE_NUMPY | (orjson.OPT_SORT_KEYS if sort_keys else 0)
+    return orjson.dumps(obj, default=_plain, option=option)
 
 
 def _plain(obj: Any) -> Any:

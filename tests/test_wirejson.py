@@ -20,6 +20,10 @@ def test_round_trips_like_the_standard_library(value):
     assert wirejson.loads(json.dumps(value)) == json.loads(json.dumps(value))
 
 
+def test_sorted_keys_make_one_text_of_equal_objects():
+    assert wirejson.dumps({"b": 1, "a": [2]}, sort_keys=True) == wirejson.dumps({"a": [2], "b": 1}, sort_keys=True)
+
+
 def test_numpy_scalars_and_non_finite_numbers():
     out = json.loads(wirejson.dumps({"p": np.float32(0.25), "n": np.int64(3), "x": np.float64(0.5), "nan": float("nan")}))
     assert out == {"p": 0.25, "n": 3, "x": 0.5, "nan": None}  # never the non-JSON literal NaN

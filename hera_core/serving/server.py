@@ -52,7 +52,7 @@ def _session_of(request: web.Request, messages: list[dict[str, Any]]) -> str:
         opening.append({"role": m.get("role"), "content": m.get("content")})
         if m.get("role") == "user":
             break
-    return "auto-" + hashlib.sha256(json.dumps(opening, sort_keys=True).encode()).hexdigest()[:16]
+    return "auto-" + hashlib.sha256(wirejson.dumps(opening, sort_keys=True)).hexdigest()[:16]
 
 
 def _override_of(request: web.Request) -> Override:
