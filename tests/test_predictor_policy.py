@@ -31,10 +31,11 @@ def test_predictor_round_trips_and_matches_xgboost(tmp_path):
 def test_schema_mismatch_is_an_error_not_a_wrong_answer(tmp_path):
     path = tmp_path / "p.json"
     d = random_predictor().to_dict()
-    d["schema"] = "hera-features-v0"
-    path.write_text(json.dumps(d))
-    with pytest.raises(ConfigError, match="retrain"):
-        Predictor.load(path)
+    for bad in ("hera-features-v0", ["hera-features-v3"], None):
+        d["schema"] = bad
+        path.write_text(json.dumps(d))
+        with pytest.raises(ConfigError, match="retrain"):
+            Predictor.load(path)
     d["schema"] = FEATURE_SCHEMA
     d["feature_names"] = d["feature_names"][:-1]
     path.write_text(json.dumps(d))
@@ -296,6 +297,9 @@ def test_the_answer_schema_size_is_a_feature():
         "$defs": {"e": {"type": "object", "properties": {"f": {"type": "number"}}}}}
     fmt = ResponseFormat.parse({"type": "json_schema", "json_schema": {"name": "n", "schema": nested}})
     assert fmt.size == 5 and ResponseFormat.parse({"type": "json_object"}).size == 0
+    odd = {"type": "object", "properties": {"properties": {"type": "string"}, "enum": {"type": "string"}},
+           "anyOf": [{"properties": {"x": {"const": {"properties": {"no": 1}}}}}]}
+    assert ResponseFormat.parse({"type": "json_schema", "json_schema": {"name": "o", "schema": odd}}).size == 3
     msgs = [{"role": "user", "content": "hi"}]
     col = FEATURE_NAMES.index("answer_schema_size") - 3
     assert structure_features(0, 5, msgs, None, fmt.size)[col] == 5.0 and structure_features(0, 5, msgs)[col] == 0.0

@@ -31,3 +31,15 @@ def test_numpy_scalars_and_non_finite_numbers():
         wirejson.dumps({"a": object()})
     with pytest.raises(json.JSONDecodeError):  # what the server maps to a 400
         wirejson.loads(b'{"a": NaN}')
+
+
+def test_what_orjson_would_change_or_refuse_goes_to_the_standard_library():
+    big = 123456789012345678901234567890
+    assert wirejson.loads(f'{{"seed": {big}}}'.encode()) == {"seed": big}  # not a float
+    assert json.loads(wirejson.dumps({"seed": 2**70})) == {"seed": 2**70}
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+    assert json.loads(wirejson.dumps(deep)) == deep
+    with pytest.raises(json.JSONDecodeError):
+        wirejson.loads(f'{{"a": NaN, "seed": {big}}}'.encode())

@@ -45,9 +45,15 @@ def test_the_answers_are_consistent_with_the_entry():
         for k, program in enumerate(wf.REFERENCE_PROGRAMS):
             answer, _ = wf.stage_answer(e, k + 1, "```python\n" + program.format(threshold=e["threshold"]) + "```")
             assert wf.score_stage(e, k + 1, answer) == 1.0
-        ok, out = run_python(wf.prelude(e) + "print(TOTAL, len(ORDER), any(i in FURNITURE for i in ORDER))")
+        ok, out = run_python(wf.prelude(e, stage=2) + "print(TOTAL, len(ORDER), any(i in FURNITURE for i in ORDER))")
         furniture = any(wf.CATEGORY[n] == "furniture" for n in e["items"])
         assert ok and out.split() == [str(e["total"]), str(len(e["items"])), str(furniture)]
+        ok, out = run_python(wf.prelude(e, stage=1) + "print(sorted(PRICES) == sorted(%r), ORDER == %r)"
+                             % (list(e["prices"]), e["items"]))
+        assert ok and out.split() == ["True", "True"]
+        # the compute stage is not given its own answer: a program printing TOTAL fails there
+        assert wf.stage_answer(e, 1, "```python\nprint(TOTAL)\n```")[0] is None
+        assert wf.prelude(e, stage=0) == wf.prelude(e, stage=3) == ""
         assert (e["distractor"] or e["words"]) or all(f"{q} {n}" in e["message"] for n, q in e["items"].items())
 
 
@@ -78,6 +84,10 @@ def test_every_stage_accepts_its_reference_and_rejects_perturbed_answers():
         other = "STD" if e["code"] != "STD" else "MGR"
         assert wf.score_stage(e, 3, wf.confirmation(e["total"], other)) == 0.0
         assert wf.score_stage(e, 3, wf.confirmation(e["total"] + 1, e["code"])) == 0.0
+        assert wf.score_stage(e, 3, wf.confirmation(e["total"] + 0.01, e["code"])) == 0.0
+        # the total as the program printed it: round(x, 2) drops a trailing zero
+        assert wf.score_stage(e, 3, f"Your total is ${e['total']!r} [{e['code']}].") == 1.0
+        assert wf.score_stage(e, 3, f"Your total is ${e['total']:,.2f} [{e['code']}].") == 1.0
         letters[e["code"]] += 1
     assert len(letters) == 4  # every code is a right answer somewhere
 
@@ -117,7 +127,7 @@ def test_true_prefix_holds_the_reference_upstream_outputs():
     assert wf.true_prefix(e, 0) == wf.first_messages(e)
     msgs = wf.true_prefix(e, 3)
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user", "assistant", "user"]
-    assert f"{e['total']:.2f}" in msgs[5]["content"]
+    assert msgs[5]["content"].startswith(f"The program printed:\n{e['total']!r}\n")  # as the program prints it
     assert msgs[-1]["content"] == f"The program printed:\n{e['code']}\n\n{e['prompts'][3]}"
 
 
@@ -223,3 +233,24 @@ def test_hera_eval_runs_every_method_on_a_workflow(tiny_engine, cloud_url, tmp_p
     hera = report["per_task"]["hera"]
     for k, stage in enumerate(wf.STAGES):
         assert report["stages"]["hera"][stage] == sum(t["routes"][k] == "local" for t in hera) / len(hera)
+
+
+def test_a_drafts_program_is_checked_with_the_stage_prelude_of_its_own_run():
+    """A workflow draft's program uses the names its prompt promises: its check runs it after the
+    prelude rebuilt from the run's own upstream answers (program_prelude), so a right program passes."""
+    from hera_core.checks.drafts import check_draft
+    from hera_core.offline.harness import program_prelude
+
+    task = make_tasks([FAMILY], per_family=1, seed=0)[0]
+    e = task.entry
+    own = {**e["items"], next(iter(e["items"])): 1}  # this run extracted one quantity wrong
+    msgs = wf.first_messages(e) + [{"role": "assistant", "content": json.dumps(own)},
+                                   {"role": "user", "content": e["prompts"][1]}]
+    compute = "```python\n" + wf.REFERENCE_PROGRAMS[0] + "```"
+    assert program_prelude(task, msgs) == wf.prelude(e, {"order": own}, 1)
+    assert check_draft(msgs, compute, prelude=program_prelude(task, msgs)).passed
+    assert not check_draft(msgs, compute).passed  # without it, PRICES is undefined
+    msgs += [{"role": "assistant", "content": compute},
+             {"role": "user", "content": "The program printed:\n123.4\n\n" + e["prompts"][2]}]
+    assert program_prelude(task, msgs) == wf.prelude(e, {"order": own, "total": 123.4}, 2)
+    assert program_prelude(task, wf.true_prefix(e, 3)) == ""

@@ -22,15 +22,29 @@ from hera_core.errors import FieldError
 _OBJECT = {"type": "object"}
 
 
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
 def schema_size(node: Any) -> int:
-    """Properties declared anywhere in a JSON Schema (nested objects, array items, $defs, anyOf...)."""
-    if isinstance(node, list):
-        return sum(schema_size(x) for x in node)
+    """Properties declared anywhere in a JSON Schema: an object's own, and those of its property
+    schemas, array items, `$defs`/`definitions` and `anyOf`/`oneOf`/`allOf` branches."""
     if not isinstance(node, dict):
         return 0
+    subs: list[Any] = []
     props = node.get("properties")
-    own = len(props) if isinstance(props, dict) else 0
-    return own + sum(schema_size(v) for k, v in node.items() if k not in ("enum", "const", "default", "examples"))
+    if isinstance(props, dict):
+        subs += props.values()
+    for key in ("$defs", "definitions"):
+        if isinstance(node.get(key), dict):
+            subs += node[key].values()
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            subs += node[key]
+    for key in _SUBSCHEMA:
+        sub = node.get(key)
+        subs += sub if isinstance(sub, list) else [sub]
+    return (len(props) if isinstance(props, dict) else 0) + sum(schema_size(x) for x in subs)
 
 
 @dataclass(frozen=True)

@@ -65,13 +65,14 @@ class DraftCheck:
     agreement: "Agreement | None" = None  # how samples of the step voted (policy.agreement_k > 0)
 
 
-def vote_key(text: str, timeout_s: float = 5.0) -> str:
+def vote_key(text: str, timeout_s: float = 5.0, prelude: str = "") -> str:
     """What an answer amounts to, for voting among samples of one step: the last line its
-    program prints (run in the sandbox), else its `ANSWER:` value, else its text, normalized."""
+    program prints (run in the sandbox, after `prelude` as for `check_draft`), else its `ANSWER:`
+    value, else its text, normalized."""
     code = extract_code(text)
     if code:
         try:
-            ok, out = run_python(code, timeout_s=timeout_s, sandbox=default_sandbox())
+            ok, out = run_python(prelude + code, timeout_s=timeout_s, sandbox=default_sandbox())
         except SandboxUnavailableError:
             return f"unverified:{uuid.uuid4().hex}"  # no sandbox: an answer nothing can confirm agrees with none
         lines = [ln.strip() for ln in out.strip().splitlines() if ln.strip()]
@@ -191,9 +192,10 @@ def _last_user(messages: list[dict[str, Any]]) -> str:
 
 
 def check_draft(messages: list[dict[str, Any]], draft: str, *, completion_tokens: int | None = None,
-                token_logprobs: list[float] | None = None, timeout_s: float = 5.0) -> DraftCheck:
+                token_logprobs: list[float] | None = None, timeout_s: float = 5.0, prelude: str = "") -> DraftCheck:
     """Check the SLM's draft of the step that `messages` asks for. Blocking (it may run code in
-    the sandbox): call it from a worker thread on an event loop."""
+    the sandbox): call it from a worker thread on an event loop. `prelude`: code the draft's
+    program runs after, as the task's tool would run it (names the prompt says are defined)."""
     prompt = _last_user(messages)
     code = extract_code(draft)
     failures: list[str] = []
@@ -204,7 +206,7 @@ def check_draft(messages: list[dict[str, Any]], draft: str, *, completion_tokens
         # checked, and a draft that cannot be checked does not pass (the step is escalated).
         return _unchecked_draft(draft, completion_tokens, token_logprobs, default_sandbox().status.detail)
     if code is not None:
-        ok, out = run_python(code, timeout_s=timeout_s, sandbox=default_sandbox())
+        ok, out = run_python(prelude + code, timeout_s=timeout_s, sandbox=default_sandbox())
         code_ran = 1.0 if ok else 0.0
         if ok:
             printed_number = 1.0 if _is_number(out.strip().splitlines()[-1] if out.strip() else "") else 0.0

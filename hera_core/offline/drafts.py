@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hera_core.checks.drafts import DRAFT_FEATURE_NAMES, check_draft
-from hera_core.offline.harness import run_task
+from hera_core.offline.harness import program_prelude, run_task
 from hera_core.offline.workloads import Task
 
 
@@ -41,7 +41,7 @@ async def add_draft_features(traces: list[dict[str, Any]], tasks: dict[str, Task
             continue
         for s, messages in zip(trace["steps"], await step_prompts(task, [s["llm_text"] for s in trace["steps"]])):
             check = check_draft(messages, s["slm_text"], completion_tokens=s.get("slm_completion_tokens"),
-                                token_logprobs=s.get("slm_token_logprobs"))
+                                token_logprobs=s.get("slm_token_logprobs"), prelude=program_prelude(task, messages))
             s["draft_features"] = [float(x) for x in check.features]
             s["draft_feature_names"] = list(DRAFT_FEATURE_NAMES)
             done += 1
@@ -59,7 +59,7 @@ async def add_draft_logprobs(trace: dict[str, Any], task: Task, engine) -> None:
         if "slm_token_logprobs" not in s:
             s["slm_token_logprobs"] = [round(x, 4) for x in await engine.score_continuation(messages, s["slm_text"])]
         check = check_draft(messages, s["slm_text"], completion_tokens=s.get("slm_completion_tokens"),
-                            token_logprobs=s["slm_token_logprobs"])
+                            token_logprobs=s["slm_token_logprobs"], prelude=program_prelude(task, messages))
         s["draft_features"] = [float(x) for x in check.features]
         s["draft_feature_names"] = list(DRAFT_FEATURE_NAMES)
 

@@ -48,7 +48,8 @@ from hera_core.config import PriceSettings
 from hera_core.errors import CacheMissError
 from hera_core.backends.base import Engine, Generation, Message
 from hera_core.native.features import logit_features
-from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
+from hera_core.offline.harness import (first_messages, generate_step, message_text, program_prelude, run_task,
+                                      step_text, task_toolset)
 from hera_core.routing.plan import (Action, DraftOutcome, StepFacts, StepPlan, after_invalid_tool_call,
                                     decide_after_draft, needs_score, plan_step, samples_wanted, vote_key_wanted)
 from hera_core.routing.policy import Decision, Route
@@ -138,11 +139,12 @@ class Hera(Method):
         return plan_step(facts), row
 
     async def route(self, task, step, messages, ev):
-        return await self.route_step(step, messages, ev, task_toolset(task, messages))
+        return await self.route_step(step, messages, ev, task_toolset(task, messages), program_prelude(task, messages))
 
-    async def route_step(self, step: int, messages: list[Message], ev: "Evaluator", toolset: ToolSet | None) -> str:
+    async def route_step(self, step: int, messages: list[Message], ev: "Evaluator", toolset: ToolSet | None,
+                         prelude: str = "") -> str:
         """The route of one step (local, cloud, or escalated: drafted on the SLM, answered in the
-        cloud), as the runtime would take it."""
+        cloud), as the runtime would take it (`prelude`: what a draft's program is checked with)."""
         plan, row = await self.plan(step, messages, ev, toolset)
         if plan.action is Action.CLOUD:
             return "cloud"
@@ -154,7 +156,7 @@ class Hera(Method):
             decision = after_invalid_tool_call(plan, plan.decision, cloud_closed=False) if answer.tool_errors \
                 else plan.decision
         else:
-            decision = await ev.after_draft(plan, messages, row, toolset)
+            decision = await ev.after_draft(plan, messages, row, toolset, prelude)
         return "local" if decision.route is Route.LOCAL else "escalated"
 
 
@@ -256,7 +258,7 @@ class Evaluator:
         return float(self.predictor.predict(await self.feature_row(messages, step, task))[0])
 
     async def draft_and_check(self, messages: list[Message], toolset: ToolSet | None = None,
-                              with_logprobs: bool = True) -> tuple[Generation, DraftCheck]:
+                              with_logprobs: bool = True, prelude: str = "") -> tuple[Generation, DraftCheck]:
         """The SLM's (cached, greedy) draft of this step and its checks; its token log-probabilities
         (`with_logprobs`: the draft stage reads them) come from the feature cache, else from the
         SLM teacher-forced (cached for replays)."""
@@ -272,30 +274,31 @@ class Evaluator:
                 hit = {"logprobs": [round(x, 4) for x in await self.slm.score_continuation(messages, draft.text)]}
                 self.cache.put_features(self.slm_name + ":draft", key, hit)
             logprobs = hit["logprobs"]
-        return draft, await asyncio.to_thread(check_draft, messages, draft.text,
+        return draft, await asyncio.to_thread(check_draft, messages, draft.text, prelude=prelude,
                                               completion_tokens=draft.completion_tokens, token_logprobs=logprobs)
 
     async def after_draft(self, plan: StepPlan, messages: list[Message], row: np.ndarray | None,
-                          toolset: ToolSet | None = None) -> Decision:
+                          toolset: ToolSet | None = None, prelude: str = "") -> Decision:
         """A DRAFT or VOTE plan replayed: the SLM's cached draft, its checks, the draft stage's
         verdict or the recorded samples' vote as the plan asks (`samples_wanted`), and the decision
         the runtime would take (`decide_after_draft`). A vote plan's checks read no log-probs."""
-        draft, check = await self.draft_and_check(messages, toolset, with_logprobs=plan.action is Action.DRAFT)
+        draft, check = await self.draft_and_check(messages, toolset, with_logprobs=plan.action is Action.DRAFT,
+                                                  prelude=prelude)
         outcome = DraftOutcome(check.passed, tool_calls=bool(draft.tool_calls), tool_errors=bool(draft.tool_errors),
                                stage_keep=self.predictor.keep_draft(row, check)[0] if plan.draft_stage_decides
                                else None)
         draft_key = None
         if vote_key_wanted(plan, outcome):
-            draft_key = await asyncio.to_thread(vote_key, draft.text)
+            draft_key = await asyncio.to_thread(vote_key, draft.text, prelude=prelude)
             outcome = replace(outcome, votable=votable(draft_key))
         k = samples_wanted(plan, outcome)
         if k:
             if draft_key is None:
-                draft_key = await asyncio.to_thread(vote_key, draft.text)
-            outcome = replace(outcome, agreement=await self.vote(messages, k, draft_key))
+                draft_key = await asyncio.to_thread(vote_key, draft.text, prelude=prelude)
+            outcome = replace(outcome, agreement=await self.vote(messages, k, draft_key, prelude))
         return decide_after_draft(plan, outcome)
 
-    async def vote(self, messages: list[Message], k: int, draft_key: str) -> Agreement:
+    async def vote(self, messages: list[Message], k: int, draft_key: str, prelude: str = "") -> Agreement:
         """How k samples of the SLM (temperature 0.7, one call sharing the prompt) vote on its greedy
         draft of this step (whose answer is `draft_key`), staged as the runtime draws them. The samples' answers and the call's
         time come from the feature cache, else from the SLM (cached for replays); the time is added
@@ -306,7 +309,7 @@ class Evaluator:
                 raise CacheMissError(f"vote cache miss for {self.slm_name} in offline mode; rerun without --offline")
             t0 = time.perf_counter()
             gens = await self.slm.generate_samples(messages, k, max_tokens=MAX_TOKENS, temperature=0.7, seed=0)  # as bench/eval/agreement_probe.py
-            hit = {"keys": [await asyncio.to_thread(vote_key, g.text) for g in gens],
+            hit = {"keys": [await asyncio.to_thread(vote_key, g.text, prelude=prelude) for g in gens],
                    "samples_s": time.perf_counter() - t0}
             self.cache.put_features(f"{self.slm_name}:votes{k}", messages, hit)
         self.step_overhead_s += hit["samples_s"]
@@ -412,14 +415,14 @@ def summarize(results: list[TaskResult], all_llm_cloud_cost: float) -> dict[str,
 
 def stage_shares(per_method: dict[str, list[TaskResult]], workflow_ids: set[str]) -> dict[str, dict[str, float]]:
     """Per method, the share of each workflow stage answered locally (a workflow's step k is its
-    stage k: `hera_core.offline.workflows.STAGES`)."""
+    stage k: `hera_core.offline.workflows.STAGES`; a draft escalated to the cloud is not local)."""
     from hera_core.offline.workflows import STAGES
 
     out = {}
     for name, results in per_method.items():
         runs = [r for r in results if r.task_id in workflow_ids]
-        out[name] = {stage: sum(len(r.steps) > k and r.steps[k].route == "local" for r in runs) / max(1, len(runs))
-                     for k, stage in enumerate(STAGES)}
+        out[name] = {stage: sum(len(r.steps) > k and r.steps[k].route == "local" and not r.steps[k].escalated
+                                for r in runs) / max(1, len(runs)) for k, stage in enumerate(STAGES)}
     return out
 
 

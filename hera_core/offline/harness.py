@@ -139,6 +139,13 @@ def message_text(m: Message) -> str:
     return _with_calls(m.get("content") or "", m.get("tool_calls") or [])
 
 
+def program_prelude(task: Task, messages: list[Message]) -> str:
+    """Code a program written at this step runs after, as the task's tool runs it (a workflow's
+    stage: the names its prompt says are defined, with the run's own upstream answers); "" for
+    other tasks. A draft's program is checked with it."""
+    return workflows.program_prelude(task.entry, messages) if task.kind == "workflow" else ""
+
+
 async def generate_step(engine: Engine, task: Task, messages: list[Message], max_tokens: int) -> str:
     """One step of `task` on `engine` (offering the task's tools, if any), as `step_text`."""
     toolset = task_toolset(task, messages)

@@ -27,7 +27,8 @@ from hera_core.offline import workflows
 from hera_core.offline.userfiles import read_lines
 from hera_core.native.features import logit_features
 from hera_core.progress import progress_bar
-from hera_core.offline.harness import first_messages, generate_step, message_text, run_task, step_text, task_toolset
+from hera_core.offline.harness import (first_messages, generate_step, message_text, program_prelude, run_task,
+                                      step_text, task_toolset)
 from hera_core.routing.familiarity import opening_text
 from hera_core.routing.predictor import (FEATURE_NAMES, FEATURE_SCHEMA, TOOL_FEATURE_NAMES, V1_SCHEMA, V2_SCHEMA,
                                          feature_matrix,
@@ -58,7 +59,7 @@ async def profile_task(task: Task, slm: Engine, llm: Engine, seed: int = 0) -> d
         if logprobs is None:  # a completion cached before the engine recorded them: score it
             logprobs = await slm.score_continuation(messages, slm_gen.text)
         check = check_draft(messages, slm_text, completion_tokens=slm_gen.completion_tokens,
-                            token_logprobs=logprobs)
+                            token_logprobs=logprobs, prelude=program_prelude(task, messages))
 
         async def substituted(msgs: list[Message], step: int, k=k):
             engine = slm if step == k else llm
@@ -100,7 +101,8 @@ async def profile_stages_task(task: Task, slm: Engine, llm: Engine, seed: int = 
         logprobs = slm_gen.extra.get("token_logprobs")
         if logprobs is None:  # a completion cached before the engine recorded them: score it
             logprobs = await slm.score_continuation(messages, slm_gen.text)
-        check = check_draft(messages, slm_text, completion_tokens=slm_gen.completion_tokens, token_logprobs=logprobs)
+        check = check_draft(messages, slm_text, completion_tokens=slm_gen.completion_tokens, token_logprobs=logprobs,
+                            prelude=workflows.prelude(task.entry, None, k))
         scored = [workflows.score_stage(task.entry, k, workflows.stage_answer(task.entry, k, text)[0])
                   for text in (slm_text, llm_text)]
         steps.append({

@@ -133,14 +133,46 @@ def first_messages(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": entry["prompts"][0]}]
 
 
-def prelude(entry: dict[str, Any], upstream: dict[str, Any] | None = None) -> str:
-    """What a stage's program starts with: the catalogue (PRICES, FURNITURE) and the upstream answers
-    (ORDER of stage 1, TOTAL of stage 2): the true ones unless `upstream` gives the run's own, as a
-    chained run does, so a wrong extraction carries into the total and a wrong total into the code."""
+def prelude(entry: dict[str, Any], upstream: dict[str, Any] | None = None, stage: int = 1) -> str:
+    """What stage `stage`'s program starts with: the names its prompt says are defined (compute:
+    PRICES and ORDER, stage 1's answer; policy: TOTAL, stage 2's answer, ORDER and FURNITURE), the
+    true upstream answers unless `upstream` gives the run's own, as a chained run does, so a wrong
+    extraction carries into the total and a wrong total into the code. Other stages run no program."""
     up = {"order": entry["items"], "total": entry["total"], **(upstream or {})}
-    furniture = sorted(n for n in entry["prices"] if CATEGORY[n] == "furniture")
-    return (f"PRICES = {json.dumps(entry['prices'])}\nFURNITURE = set({json.dumps(furniture)})\n"
-            f"ORDER = {json.dumps(up['order'])}\nTOTAL = {up['total']!r}\n")
+    if STAGES[stage] == "compute":
+        return f"PRICES = {entry['prices']!r}\nORDER = {up['order']!r}\n"
+    if STAGES[stage] == "policy":
+        furniture = sorted(n for n in entry["prices"] if CATEGORY[n] == "furniture")
+        return f"TOTAL = {up['total']!r}\nORDER = {up['order']!r}\nFURNITURE = set({furniture!r})\n"
+    return ""
+
+
+def program_prelude(entry: dict[str, Any], messages: list[dict[str, Any]]) -> str:
+    """The prelude of the stage that `messages` (a run's conversation up to that stage's prompt)
+    asks for, with that run's own upstream answers: what a draft's program is checked with."""
+    replies = [m.get("content") or "" for m in messages if m.get("role") == "assistant"]
+    stage = len(replies)
+    if stage >= len(STAGES):
+        return ""
+    stages: list[dict[str, Any]] = []
+    for k, text in enumerate(replies[:2]):
+        answer = stage_answer(entry, k, text, upstream_of(entry, stages), run=False)[0]
+        if k == 1:  # the program's output, as the harness sent it back, is the stage's answer
+            after = _printed(messages, text)
+            answer = after if after is not None else answer
+        stages.append({"answer": answer})
+    return prelude(entry, upstream_of(entry, stages), stage)
+
+
+def _printed(messages: list[dict[str, Any]], reply: str) -> str | None:
+    """The last line a reply's program printed, from the harness's feedback after it (None: none)."""
+    for i, m in enumerate(messages[:-1]):
+        if m.get("role") == "assistant" and (m.get("content") or "") == reply:
+            nxt = messages[i + 1].get("content") or ""
+            if nxt.startswith("The program printed:\n"):
+                out = nxt.removeprefix("The program printed:\n").split("\n\n", 1)[0].strip().splitlines()
+                return out[-1].strip() if out else None
+    return None
 
 
 def upstream_of(entry: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -168,10 +200,11 @@ def _code_of(text: str) -> str | None:
 
 
 def stage_answer(entry: dict[str, Any], stage: int, text: str,
-                 upstream: dict[str, Any] | None = None) -> tuple[str | None, str]:
+                 upstream: dict[str, Any] | None = None, run: bool = True) -> tuple[str | None, str]:
     """A stage's answer read from its reply, and what the harness sends back before the next
     prompt (a program's output, for the compute and policy stages; `upstream` as for `prelude`).
-    A program stage's reply with no code may answer directly (an ANSWER line; the code named)."""
+    A program stage's reply with no code may answer directly (an ANSWER line; the code named).
+    `run` False: a program is not run (its answer is None)."""
     kind = STAGES[stage]
     if kind == "extract":
         m = re.search(r"\{.*?\}", text, re.S)
@@ -181,7 +214,9 @@ def stage_answer(entry: dict[str, Any], stage: int, text: str,
     program = extract_code(text)
     if program is None:
         return (extract_answer(text) if kind == "compute" else _code_of(text)), ""
-    ok, output = run_python(prelude(entry, upstream) + program)
+    if not run:
+        return None, ""
+    ok, output = run_python(prelude(entry, upstream, stage) + program)
     lines = output.strip().splitlines()
     answer = lines[-1].strip() if ok and lines else None
     if kind == "policy" and answer is not None:
@@ -228,12 +263,13 @@ def score_stage(entry: dict[str, Any], stage: int, answer: str | None) -> float:
 
 
 def score_final(entry: dict[str, Any], answer: str | None) -> float:
-    """The confirmation states the total (two decimals; a thousands comma allowed) and the code."""
+    """The confirmation states the total (a dollar amount equal to it to the cent: "$123.4" as the
+    program printed it, "$123.40", "$1,234.50") and the code in brackets."""
     if not answer:
         return 0.0
-    total = f"{entry['total']:.2f}"
-    totals = (f"${total}", f"${entry['total']:,.2f}")
-    return float(any(t in answer for t in totals) and f"[{entry['code']}]" in answer)
+    amounts = [_number(a) for a in re.findall(r"\$\s?([\d,]+(?:\.\d+)?)", answer)]
+    stated = any(x is not None and abs(x - entry["total"]) < 0.005 + 1e-9 for x in amounts)
+    return float(stated and f"[{entry['code']}]" in answer)
 
 
 # The programs of stages 2 and 3 as a model that gets them right writes them: the upstream replies
@@ -253,7 +289,8 @@ def true_prefix(entry: dict[str, Any], stage: int) -> list[dict[str, Any]]:
     msgs = first_messages(entry)
     replies = [json.dumps(entry["items"]), f"```python\n{REFERENCE_PROGRAMS[0]}```",
                f"```python\n{REFERENCE_PROGRAMS[1].format(threshold=entry['threshold'])}```"]
-    feedback = ["", f"The program printed:\n{entry['total']:.2f}", f"The program printed:\n{entry['code']}"]
+    # (what REFERENCE_PROGRAMS print: round(x, 2), so 123.4 where the cents end in 0)
+    feedback = ["", f"The program printed:\n{entry['total']!r}", f"The program printed:\n{entry['code']}"]
     for k in range(stage):
         msgs.append({"role": "assistant", "content": replies[k]})
         msgs.append({"role": "user", "content": _next_prompt(entry, k + 1, feedback[k])})

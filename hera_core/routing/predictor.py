@@ -322,7 +322,7 @@ class Predictor:
             raise ConfigError(f"predictor file {path} does not exist; train one with `hera train`") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"predictor file {path} is not valid JSON ({exc}); retrain with `hera train`") from None
-        if not isinstance(d, dict) or d.get("schema") not in SCHEMA_FEATURES:
+        if not isinstance(d, dict) or not isinstance(d.get("schema"), str) or d["schema"] not in SCHEMA_FEATURES:
             got = d.get("schema") if isinstance(d, dict) else None
             raise ConfigError(f"predictor file {path} has feature schema {got!r}, this HERA needs "
                               f"{FEATURE_SCHEMA!r}; retrain it with `hera train`")
