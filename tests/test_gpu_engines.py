@@ -54,11 +54,13 @@ def random_logits(batch: int, vocab: int, *, seed: int = 0, masked: float = 0.05
 
 def random_structure(batch: int, *, seed: int = 1) -> np.ndarray:
     """Structure rows in predictor order: step index, prompt tokens, messages, last message chars,
-    then the tool features (tools offered, call forced, tool results, after a result, its error)."""
+    the tool features (tools offered, call forced, tool results, after a result, its error), then
+    the answer schema's size."""
     rng = np.random.default_rng(seed)
     return np.stack([rng.integers(0, 8, batch), rng.integers(20, 4000, batch), rng.integers(1, 17, batch),
                      rng.integers(0, 3000, batch), rng.integers(0, 5, batch), rng.integers(0, 2, batch),
-                     rng.integers(0, 4, batch), rng.integers(0, 2, batch), rng.integers(0, 2, batch)],
+                     rng.integers(0, 4, batch), rng.integers(0, 2, batch), rng.integers(0, 2, batch),
+                     rng.integers(0, 12, batch)],
                     axis=1).astype(np.float32)
 
 
