@@ -1,9 +1,8 @@
 """Score batching: the features and the predictor over the prefills that come back together.
 
 Steps whose prefills the engine evaluated in one batch resume in the same event-loop turn; their
-logits rows are scored in one feature call and one predictor call at the next turn, so the per-step
-overhead shrinks with load instead of growing. A batch of one (the usual case at one client) skips
-the copy into a batch: its row is viewed as a [1, vocab] matrix.
+logits rows are scored at the next turn, their features row by row (each row viewed as [1, vocab]:
+copying the rows into one batch costs more than it saves on a CPU) and the predictor in one call.
 
 A step that finds no batch open and nothing else ready to run in this loop turn is scored in place:
 no step could join its batch, so waiting a turn would only add the turn (two event-loop iterations
@@ -41,7 +40,7 @@ class ScoreBatcher:
         loop = asyncio.get_running_loop()
         pending = self._pending.get(loop)
         if pending is None and not getattr(loop, "_ready", True):  # alone: scored in place
-            P, X = self._score_rows(logits.reshape(1, -1), [structure])
+            P, X = self._score_rows([logits], [structure])
             return float(P[0]), X
         fut = loop.create_future()
         if pending is None:
@@ -50,8 +49,11 @@ class ScoreBatcher:
         pending.append((logits, structure, fut))
         return await fut
 
-    def _score_rows(self, rows: np.ndarray, structure: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
-        X = feature_matrix(logit_features(rows), structure)
+    def _score_rows(self, rows: list[np.ndarray], structure: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+        # The features row by row, each logits row viewed as [1, vocab]: stacking the rows into one
+        # batch would copy 594 KiB a row (a vocabulary of 151,936), more than one call a row costs.
+        feats = [logit_features(lg.reshape(1, -1)) for lg in rows]
+        X = feature_matrix(feats[0] if len(feats) == 1 else np.concatenate(feats), structure)
         P = self.predict(X)
         self._stats["batches"] += 1
         self._stats["rows"] += len(structure)
@@ -63,11 +65,7 @@ class ScoreBatcher:
         if not live:
             return
         try:
-            if len(live) == 1:  # no copy of a 150k-entry row into a batch of one (np.stack: ~25 us)
-                rows = live[0][0].reshape(1, -1)
-            else:
-                rows = np.stack([lg for lg, _, _ in live])
-            P, X = self._score_rows(rows, [st for _, st, _ in live])
+            P, X = self._score_rows([lg for lg, _, _ in live], [st for _, st, _ in live])
         except Exception as exc:  # noqa: BLE001 - every step of the batch hears why
             for _, _, fut in live:
                 fut.set_exception(exc)
