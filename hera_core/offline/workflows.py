@@ -52,6 +52,7 @@ CATEGORY = {name: cat for name, cat, _, _ in PRODUCTS}
 WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 12: "a dozen"}
 THRESHOLDS = (200, 300, 500, 1000, 2000, 3000, 5000, 8000, 12000)
 WORDS_SHARE, DISTRACTOR_SHARE, MGR_SHARE = 0.3, 0.5, 0.35
+PRINTED = "The program printed:\n"  # how the harness sends a program's output back
 CODES = ("MGR", "FRT", "FREE", "STD")  # the shipping codes, in the order their rules are checked
 SYSTEM = ("You are the order assistant of Acme Office Supply. You work through an order in steps; keep each "
           "reply short and in the format the step asks for.")
@@ -150,29 +151,26 @@ def prelude(entry: dict[str, Any], upstream: dict[str, Any] | None = None, stage
 def program_prelude(entry: dict[str, Any], messages: list[dict[str, Any]]) -> str:
     """The prelude of the stage that `messages` (a run's conversation up to that stage's prompt)
     asks for, with that run's own upstream answers: what a draft's program is checked with."""
-    replies = [m.get("content") or "" for m in messages if m.get("role") == "assistant"]
-    stage = len(replies)
+    at = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]  # stage k's reply: messages[at[k]]
+    stage = len(at)
     if stage >= len(STAGES):
         return ""
     stages: list[dict[str, Any]] = []
-    for k, text in enumerate(replies[:2]):
-        answer = stage_answer(entry, k, text, upstream_of(entry, stages), run=False)[0]
-        if k == 1:  # the program's output, as the harness sent it back, is the stage's answer
-            after = _printed(messages, text)
-            answer = after if after is not None else answer
+    for k, i in enumerate(at[:2]):
+        answer = stage_answer(entry, k, messages[i].get("content") or "", run=False)[0]
+        if k == 1 and i + 1 < len(messages):  # the program's output, as the harness sent it back
+            printed = _printed(messages[i + 1].get("content") or "")
+            answer = printed if printed is not None else answer
         stages.append({"answer": answer})
     return prelude(entry, upstream_of(entry, stages), stage)
 
 
-def _printed(messages: list[dict[str, Any]], reply: str) -> str | None:
-    """The last line a reply's program printed, from the harness's feedback after it (None: none)."""
-    for i, m in enumerate(messages[:-1]):
-        if m.get("role") == "assistant" and (m.get("content") or "") == reply:
-            nxt = messages[i + 1].get("content") or ""
-            if nxt.startswith("The program printed:\n"):
-                out = nxt.removeprefix("The program printed:\n").split("\n\n", 1)[0].strip().splitlines()
-                return out[-1].strip() if out else None
-    return None
+def _printed(feedback: str) -> str | None:
+    """The last line a program printed, from the harness's message after it (None: none)."""
+    if not feedback.startswith(PRINTED):
+        return None
+    out = feedback.removeprefix(PRINTED).split("\n\n", 1)[0].strip().splitlines()
+    return out[-1].strip() if out else None
 
 
 def upstream_of(entry: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -221,7 +219,7 @@ def stage_answer(entry: dict[str, Any], stage: int, text: str,
     answer = lines[-1].strip() if ok and lines else None
     if kind == "policy" and answer is not None:
         answer = _code_of(answer)
-    return answer, (f"The program printed:\n{output.strip()}" if ok else f"The program failed:\n{output.strip()}")
+    return answer, (f"{PRINTED}{output.strip()}" if ok else f"The program failed:\n{output.strip()}")
 
 
 def _item_key(name: Any) -> str:
@@ -290,7 +288,7 @@ def true_prefix(entry: dict[str, Any], stage: int) -> list[dict[str, Any]]:
     replies = [json.dumps(entry["items"]), f"```python\n{REFERENCE_PROGRAMS[0]}```",
                f"```python\n{REFERENCE_PROGRAMS[1].format(threshold=entry['threshold'])}```"]
     # (what REFERENCE_PROGRAMS print: round(x, 2), so 123.4 where the cents end in 0)
-    feedback = ["", f"The program printed:\n{entry['total']!r}", f"The program printed:\n{entry['code']}"]
+    feedback = ["", f"{PRINTED}{entry['total']!r}", f"{PRINTED}{entry['code']}"]
     for k in range(stage):
         msgs.append({"role": "assistant", "content": replies[k]})
         msgs.append({"role": "user", "content": _next_prompt(entry, k + 1, feedback[k])})
