@@ -170,20 +170,22 @@ def cmd_eval(args) -> int:
     from hera_core.offline.profiling import load_traces
 
     settings = _settings(args)
-    if args.offline and not (args.traces or args.tasks_file) and not COMMITTED_EVAL.is_dir():
+    if args.offline and not (args.traces or args.tasks_file or args.families) and not COMMITTED_EVAL.is_dir():
         raise UsageError(f"--offline replays the committed run in {COMMITTED_EVAL}/: run it from the repository "
                          "root, or pass --traces and --cache")
-    if args.offline:  # with no other flag, replay the committed evaluation
+    if args.offline and not args.families:  # with no other flag, replay the committed evaluation
         args.traces = args.traces or str(COMMITTED_EVAL / "traces-test.jsonl")
         args.cache = args.cache or str(COMMITTED_EVAL / "completions.sqlite.xz")
         if args.tasks_per_family is None:
             args.tasks_per_family = 80
     if args.tasks_per_family is None:
         args.tasks_per_family = 30
-    if args.traces is None and not args.tasks_file:
+    if args.families and (args.traces or args.tasks_file):
+        raise UsageError("--families evaluates built-in tasks without traces: drop --traces / --tasks-file")
+    if args.traces is None and not (args.tasks_file or args.families):
         args.traces = "traces-test.jsonl"
     traces = load_traces(args.traces) if args.traces else []
-    tasks = _tasks(args, sorted({t["family"] for t in traces}))
+    tasks = _tasks(args, args.families.split(",") if args.families else sorted({t["family"] for t in traces}))
     if args.traces:  # the profiled tasks only (the traces carry their labels for the estimated curve)
         ids = {t["task_id"] for t in traces}
         tasks = [t for t in tasks if t.task_id in ids]
@@ -328,6 +330,8 @@ def add_offline_parsers(sub) -> None:
                     "none with --tasks-file, the committed run's with --offline")
     ev.add_argument("--tasks-per-family", type=int, help="default 30 (80 with --offline: the committed run)")
     ev.add_argument("--tasks-file", help="your own tasks, JSONL (the file given to `hera profile`)")
+    ev.add_argument("--families", help="comma-separated built-in families, evaluated without traces (no "
+                    "estimated curve)")
     ev.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--predictor", help="predictor file (default: the configured or shipped one)")

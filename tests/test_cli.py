@@ -76,6 +76,16 @@ def test_eval_offline_alone_replays_the_committed_run_or_says_where_it_is(tmp_pa
     assert "repository root" in one_line_error(proc)
 
 
+def test_eval_families_takes_no_traces_and_an_offline_run_needs_its_cache(tmp_path):
+    """`hera eval --families` evaluates built-in tasks without traces: with --traces as well it is a
+    one-line error, and offline it names the completion cache it could not find."""
+    assert "--families" in one_line_error(hera("eval", "--families", "workflow_quote", "--traces", "t.jsonl"))
+    proc = subprocess.run([sys.executable, "-m", "hera_core.cli", "eval", "--offline", "--families", "workflow_quote",
+                           "--cache", str(tmp_path / "none.sqlite")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert "none.sqlite does not exist" in one_line_error(proc)
+
+
 def test_train_with_votes_calibrates_a_vote_stage_or_names_the_bad_file(tmp_path):
     """`hera train --votes` on the committed validation votes: the predictor gets a vote stage
     whose calibration the report shows; a missing votes file is a one-line error."""
