@@ -254,3 +254,35 @@ def test_a_drafts_program_is_checked_with_the_stage_prelude_of_its_own_run():
              {"role": "user", "content": "The program printed:\n123.4\n\n" + e["prompts"][2]}]
     assert program_prelude(task, msgs) == wf.prelude(e, {"order": own, "total": 123.4}, 2)
     assert program_prelude(task, wf.true_prefix(e, 3)) == ""
+
+
+def test_the_committed_workflow_evaluation_replays_without_models(tmp_path):
+    """bench/eval/workflows/report.json is reproduced from the committed completions with no model
+    running: HERA (the committed predictor, its draft stage replayed with each stage's prelude), All-LLM
+    and All-SLM take the same routes and get the same tasks right on the first 8 test tasks."""
+    import lzma
+    import shutil
+    from pathlib import Path
+
+    from hera_core.backends.caching import CachingEngine, CompletionCache
+    from hera_core.cli_offline import _Offline
+    from hera_core.config import PriceSettings
+    from hera_core.offline.evaluation import AllLLM, AllSLM, Evaluator, Hera
+    from hera_core.routing.predictor import Predictor
+
+    root = Path(__file__).resolve().parents[1] / "bench" / "eval" / "workflows"
+    report = json.loads((root / "report.json").read_text())
+    with lzma.open(root / "completions.sqlite.xz") as src, open(tmp_path / "c.sqlite", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    tasks = make_tasks(["workflow_quote"], per_family=8, split="test")
+    cache = CompletionCache(tmp_path / "c.sqlite", read_only=True)
+    slm_name = "qwen2.5-coder-0.5b"
+    ev = Evaluator(CachingEngine(_Offline(slm_name), cache), CachingEngine(_Offline("qwen2.5-coder-1.5b"), cache),
+                   Predictor.load(root / "predictor.json"), cache, PriceSettings(), slm_name)
+    try:
+        for method in (AllLLM(), AllSLM(), Hera()):
+            got = [{"task_id": r.task_id, "correct": r.correct, "routes": [s.route for s in r.steps]}
+                   for r in run(ev.run(method, tasks))]
+            assert got == report["per_task"][method.name][:8], method.name
+    finally:
+        cache.close()

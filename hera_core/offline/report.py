@@ -25,8 +25,10 @@ def estimated_curve(traces: list[dict[str, Any]], predictor: Predictor) -> list[
     return points
 
 
-def plot(report: dict[str, Any], path: str) -> None:
-    """Accuracy against cloud cost (relative to All-LLM): the methods, and HERA's live threshold sweep."""
+def plot(report: dict[str, Any], path: str, sweep_label: str = "HERA, threshold sweep (live)",
+         router_label: str = "query router at each sweep point's local share (live)") -> None:
+    """Accuracy against cloud cost (relative to All-LLM): the methods, and HERA's live threshold sweep
+    (or other HERA operating points in `report["sweep"]`, named by `sweep_label`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,11 +38,11 @@ def plot(report: dict[str, Any], path: str) -> None:
     sweep = sorted(report.get("sweep") or [], key=lambda p: p["cost_ratio"])
     if sweep:
         ax.plot([p["cost_ratio"] for p in sweep], [p["accuracy"] for p in sweep], "-o", color="tab:green", alpha=0.5,
-                markersize=3, label="HERA, threshold sweep (live)")
+                markersize=3, label=sweep_label)
     routed = sorted((p["query_router"] for p in sweep if "query_router" in p), key=lambda q: q["cost_ratio"])
     if routed:
         ax.plot([q["cost_ratio"] for q in routed], [q["accuracy"] for q in routed], "--^", color="tab:orange",
-                alpha=0.5, markersize=3, label="query router at each sweep point's local share (live)")
+                alpha=0.5, markersize=3, label=router_label)
     marks = {"all_slm": "s", "all_llm": "D", "random": "x", "query_router": "^", "query_router_cost": "v",
              "query_cascade": "P", "hera_prefill": "h", "hera": "o", "oracle": "*"}
     for name, m in report["methods"].items():
