@@ -1,7 +1,7 @@
 """HERA's operating points on the workflow test tasks: one `hera eval` report per predictor
-(`hera train --cost-aware --max-drop D`, D = 0.03 (report.json), 0.10, 0.20), each with the
+(`hera train --cost-aware --max-drop D`, D = 0.03 (report-40.json), 0.10, 0.20) on the first 40 test tasks, each with the
 query router at most its cloud cost from the same run; prints the table of docs/workloads.md and
-draws them over report.json's methods (eval.png).
+draws them over report-40.json's methods (eval.png).
 
     .venv/bin/python bench/eval/workflows/operating_points.py
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from hera_core.offline.report import plot
 
 HERE = Path(__file__).resolve().parent
-REPORTS = {0.03: "report.json", 0.10: "report-drop10.json", 0.20: "report-drop20.json"}
+REPORTS = {0.03: "report-40.json", 0.10: "report-drop10.json", 0.20: "report-drop20.json"}
 KEYS = ("accuracy", "local_share", "cost_ratio")
 
 
