@@ -27,9 +27,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.test_runtime import MESSAGES, InstantEngine
-import numpy as np
 
 from hera_core.config import PriceSettings
+from hera_core.native.features import logit_features
 from hera_core.routing import booking as booking_mod
 from hera_core.routing import familiarity as familiarity_mod
 from hera_core.routing import ledger as ledger_mod
@@ -53,19 +53,17 @@ PARTS = [
     ("  _plan: score + familiarity + plan_step", runtime_mod.Runtime, "_plan"),
     ("    score: prefill + features + predictor + kappa", runtime_mod.Runtime, "score"),
     ("      engine prefill (instant: returns a stored row)", InstantEngine, "prefill"),
-    ("      ScoreBatcher.score (await: one loop turn + flush)", scoring_mod.ScoreBatcher, "score"),
-    ("        flush: features + matrix + predict", scoring_mod.ScoreBatcher, "_flush"),
-    ("          np.stack (copies the logits rows into a batch; not for one)", np, "stack"),
-    ("          logit_features (151,936-token row)", scoring_mod, "logit_features"),
-    ("          feature_matrix", scoring_mod, "feature_matrix"),
-    ("          Predictor.predict", predictor_mod.Predictor, "predict"),
+    ("      ScoreBatcher.now (a lone step, scored in place)", scoring_mod.ScoreBatcher, "now"),
+    ("        Predictor.score_logits (features + row + forest: one native call)", predictor_mod.Predictor,
+     "score_logits"),
     ("      structure_features", runtime_mod, "structure_features"),
     ("      kappa.at (cost-weighted threshold)", predictor_mod.Kappa, "at"),
     ("    is_unfamiliar (familiarity check)", runtime_mod.Runtime, "is_unfamiliar"),
     ("      Familiarity.similarities (TF-IDF, 6 centroids)", familiarity_mod.Familiarity, "similarities"),
     ("    plan_step", runtime_mod, "plan_step"),
-    ("  _decide", runtime_mod.Runtime, "_decide"),
-    ("  _answer (route's engine call, instant)", runtime_mod.Runtime, "_answer"),
+    ("  _answer_in_cloud / _answer_locally (the route's engine call, instant)", runtime_mod.Runtime,
+     "_answer_in_cloud"),
+    ("  _answer_locally", runtime_mod.Runtime, "_answer_locally"),
     ("  prices.cloud_cost", PriceSettings, "cloud_cost"),
     ("  Booker.answered (ledger row, budget settled)", booking_mod.Booker, "answered"),
     ("    Booker.write (the row built)", booking_mod.Booker, "write"),
@@ -151,7 +149,7 @@ def main() -> None:
                 samples[name] += call_times(loop, fn, 100)
             for _ in range(100):  # the features, the part of `complete` the target leaves out besides the prefill
                 t0 = time.perf_counter()
-                scoring_mod.logit_features(row)
+                logit_features(row)
                 samples["features"].append(time.perf_counter() - t0)
         medians = {name: statistics.median(xs) * 1e6 for name, xs in samples.items()}
         for name, xs in samples.items():

@@ -7,6 +7,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "logit_features.h"
 #include "forest.h"
@@ -66,6 +67,82 @@ py::array_t<float> forest_predict(const hera::Forest& f, const py::object& x_any
   return out;
 }
 
+// The live path's whole score of a few steps in one call and one GIL release: per step, the logit
+// features of its logits row (float32 C-contiguous, [vocab] or [1, vocab]) then its structure
+// features (a list of numbers) make its row of X; the forest reads the columns `columns` of X
+// (int32 indices; None: all of them, in order) and gives P. Returns (P float32 [n], X float32 [n, k]).
+py::tuple forest_score_logits(const hera::Forest& f, const py::list& rows, const py::list& structure,
+                              const py::object& columns) {
+  const auto n = static_cast<int64_t>(rows.size());
+  if (n < 1 || static_cast<int64_t>(structure.size()) != n) {
+    throw py::value_error("need one structure row per logits row, and at least one row; got " +
+                          std::to_string(n) + " logits rows and " + std::to_string(structure.size()) +
+                          " structure rows");
+  }
+  std::vector<const float*> src(n);
+  std::vector<int64_t> vocab(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const py::handle r = rows[i];
+    if (!py::isinstance<py::array_t<float>>(r)) throw py::value_error("logits rows must be float32 numpy arrays");
+    const auto a = py::reinterpret_borrow<py::array>(r);
+    const bool one_row = a.ndim() == 1 || (a.ndim() == 2 && a.shape(0) == 1);
+    if (a.dtype().kind() != 'f' || a.itemsize() != 4 || !one_row || a.size() < 1 ||
+        !(a.flags() & py::array::c_style)) {
+      throw py::value_error("logits row " + std::to_string(i) +
+                            " must be a C-contiguous float32 [vocab] or [1, vocab] array, vocab >= 1");
+    }
+    src[i] = static_cast<const float*>(a.data());
+    vocab[i] = a.size();
+  }
+  const int64_t s = static_cast<int64_t>(py::len(structure[0]));
+  const int64_t k = hera::kNumLogitFeatures + s;
+  py::array_t<float> x({n, k});
+  float* xp = x.mutable_data();
+  for (int64_t i = 0; i < n; ++i) {
+    const py::handle row = structure[i];
+    if (!PyList_Check(row.ptr()) || PyList_GET_SIZE(row.ptr()) != s) {
+      throw py::value_error("structure row " + std::to_string(i) + " must be a list of " + std::to_string(s) +
+                            " numbers");
+    }
+    for (int64_t j = 0; j < s; ++j) {
+      const double v = PyFloat_AsDouble(PyList_GET_ITEM(row.ptr(), j));
+      if (v == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+      xp[i * k + hera::kNumLogitFeatures + j] = static_cast<float>(v);
+    }
+  }
+  std::vector<int32_t> cols;
+  if (!columns.is_none()) {
+    const auto c = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(columns);
+    if (!c || c.ndim() != 1) throw py::value_error("columns must be a 1-D array of column indices");
+    cols.assign(c.data(), c.data() + c.size());
+    for (const int32_t j : cols) {
+      if (j < 0 || j >= k) throw py::value_error("column " + std::to_string(j) + " is not in a row of " +
+                                                 std::to_string(k) + " features");
+    }
+  }
+  const int64_t m = cols.empty() && columns.is_none() ? k : static_cast<int64_t>(cols.size());
+  if (m != f.num_feature) {
+    throw py::value_error("the model reads " + std::to_string(f.num_feature) + " features, the rows give it " +
+                          std::to_string(m));
+  }
+  py::array_t<float> p(n);
+  float* pp = p.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (int64_t i = 0; i < n; ++i) hera::logit_features(src[i], 1, vocab[i], xp + i * k);
+    if (columns.is_none()) {
+      f.predict(xp, n, pp);
+    } else {
+      std::vector<float> picked(static_cast<size_t>(n * m));
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < m; ++j) picked[i * m + j] = xp[i * k + cols[j]];
+      }
+      f.predict(picked.data(), n, pp);
+    }
+  }
+  return py::make_tuple(p, x);
+}
+
 hera::Forest forest_from_json(const py::bytes& b) {
   std::string_view text = b;  // a view into the bytes object, which outlives the call
   py::gil_scoped_release release;
@@ -91,6 +168,11 @@ PYBIND11_MODULE(_native, m) {
       .def("predict", &forest_predict, py::arg("X"), py::arg("output_margin") = false,
            "float32 C-contiguous [batch, n_features] (NaN = missing) -> float32 [batch]. One call "
            "per batch, GIL released.")
+      .def("score_logits", &forest_score_logits, py::arg("rows"), py::arg("structure"), py::arg("columns") = py::none(),
+           "Steps scored from their SLM logits in one call: per step the logit features of its row "
+           "(float32 [vocab]) then its structure features (a list of numbers) make its row of X; the "
+           "forest reads X's `columns` (int32; None: all). (P float32 [n], X float32 [n, 3 + s]); GIL "
+           "released once.")
       .def_property_readonly("n_features", [](const hera::Forest& f) { return f.num_feature; })
       .def_property_readonly("n_trees", [](const hera::Forest& f) { return f.n_trees(); })
       .def_property_readonly("n_nodes", &hera::Forest::n_nodes)

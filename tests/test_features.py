@@ -173,13 +173,15 @@ def test_score_batcher_scores_a_lone_step_in_place_and_batches_concurrent_ones()
 
     calls = []
 
-    def predict(X: np.ndarray) -> np.ndarray:
-        calls.append(len(X))
-        return X[:, 0] / 100.0
+    def score_rows(rows: list[np.ndarray], structure: list[list[float]]):
+        calls.append(len(rows))
+        X = np.hstack([np.concatenate([logit_features(r.reshape(1, -1)) for r in rows]),
+                       np.asarray(structure, dtype=np.float32)])
+        return X[:, 0] / 100.0, X
 
     rng = np.random.default_rng(0)
     rows = [rng.normal(size=4096).astype(np.float32) for _ in range(4)]
-    batcher = ScoreBatcher(predict)
+    batcher = ScoreBatcher(score_rows)
 
     def in_place(coro):
         """The coroutine's result if it finishes without suspending (None if it waits)."""
@@ -207,3 +209,51 @@ def test_score_batcher_scores_a_lone_step_in_place_and_batches_concurrent_ones()
     many = asyncio.run(together())
     assert calls == [1, 1, 4] and batcher.stats == {"batches": 3, "rows": 6}
     assert many[0][0] == pytest.approx(p0) and np.array_equal(many[0][1], X0)
+
+
+def test_the_live_paths_one_call_score_equals_features_rows_and_predictor_apart(monkeypatch) -> None:
+    """Predictor.score_logits (the live path: logit features, feature rows and the forest in one
+    native call) gives exactly what logit_features + feature_matrix + predict give, for the shipped
+    predictor (whose model reads a prefix of today's columns) and its numpy twin; bad input is a
+    ValueError naming it."""
+    from hera_core.native.forest import Forest
+    from hera_core.routing.predictor import Predictor, feature_matrix, structure_features
+
+    messages = [{"role": "user", "content": "What is 6 times 7?"}]
+    rng = np.random.default_rng(3)
+    rows = [rng.normal(scale=4.0, size=151_936).astype(np.float32) for _ in range(3)]
+    rows[1][:100] = -np.inf  # masked tokens
+    structure = [structure_features(i, 40 + 7 * i, messages, None, 3 * i) for i in range(3)]
+    X_apart = feature_matrix(np.concatenate([native_features(r.reshape(1, -1)) for r in rows]), structure)
+
+    predictor = Predictor.load()
+    assert predictor._col_index is not None  # the shipped model reads the first columns only
+    P, X = predictor.score_logits(rows, structure)
+    assert predictor._fused is not None  # the native one-call path ran
+    np.testing.assert_array_equal(X, X_apart)
+    np.testing.assert_array_equal(P, predictor.predict(X_apart))
+    P1, X1 = predictor.score_logits(rows[2:], structure[2:])  # one step (the lone step's case)
+    np.testing.assert_array_equal(P1, P[2:])
+    np.testing.assert_array_equal(X1, X[2:])
+
+    twin = Predictor.load()  # the numpy twins, as where the native core is not built
+    forest = Forest.from_json_bytes(twin.model_json, native=False)
+    twin._impl, twin._fused = forest.kernel, None
+    P_twin, X_twin = twin.score_logits(rows, structure)
+    np.testing.assert_allclose(P_twin, P, rtol=1e-5)
+    np.testing.assert_allclose(X_twin, X, rtol=RTOL, atol=ATOL)
+    P_py, X_py = forest.score_logits(rows, structure, predictor._col_index)
+    np.testing.assert_allclose(P_py, P, rtol=1e-5)
+
+    with pytest.raises(ValueError, match="10 structure features"):
+        predictor.score_logits(rows[:1], [structure[0][:-1]])
+    with pytest.raises(ValueError, match="float32"):
+        predictor.score_logits([rows[0].astype(np.float64)], structure[:1])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        predictor.score_logits([rows[0][::2]], structure[:1])
+    bad = rows[0].copy()
+    bad[7] = np.nan
+    with pytest.raises(ValueError, match="column 7 is NaN"):
+        predictor.score_logits([bad], structure[:1])
+    with pytest.raises(ValueError, match="model reads"):
+        native.load().Forest.from_json(predictor.model_json).score_logits(rows[:1], structure[:1], None)

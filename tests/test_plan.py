@@ -17,14 +17,14 @@ from hera_core.backends.tools import ToolSet
 from hera_core.checks.drafts import Agreement
 from hera_core.config import load_settings
 from hera_core.errors import CloudError, InvalidRequestError
-from hera_core.native.features import LOGIT_FEATURE_NAMES
+from hera_core.native.features import LOGIT_FEATURE_NAMES, logit_features
 from hera_core.offline.evaluation import Evaluator, Hera, HeraNoVote, HeraPrefill
 from hera_core.routing.plan import (Action, DraftOutcome, StepFacts, after_budget, after_cloud_failure,
                                     after_invalid_tool_call, decide_after_draft, needs_score, plan_step,
                                     samples_wanted, vote_key_wanted)
 from hera_core.routing.ledger import Ledger
 from hera_core.routing.policy import Override, Route
-from hera_core.routing.predictor import CostWeight, Kappa, VoteStage
+from hera_core.routing.predictor import CostWeight, Kappa, VoteStage, feature_matrix
 from hera_core.routing.runtime import Runtime
 from hera_core.routing.step import StepRequest
 
@@ -237,6 +237,10 @@ class _Predictor:
 
     def predict(self, X):
         return np.full(len(X), self.p, dtype=np.float32)
+
+    def score_logits(self, rows, structure):
+        X = feature_matrix(np.concatenate([logit_features(r.reshape(1, -1)) for r in rows]), structure)
+        return self.predict(X), X
 
     def keep_draft(self, prefill_row, check):
         assert prefill_row is not None and prefill_row.shape[0] == 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 
 from hera_core import native as native_lib
 from hera_core.native.arrays import float32_matrix
+from hera_core.native.features import logit_features_numpy
 
 SIGMOID_OBJECTIVES = frozenset({"binary:logistic", "reg:logistic"})
 IDENTITY_OBJECTIVES = frozenset(
@@ -401,6 +403,27 @@ class Forest:
         if self._backend == "native":
             return self._impl.predict(X, output_margin)
         return self._impl.predict(X, output_margin=output_margin)
+
+    def score_logits(self, rows: list[np.ndarray], structure: list[list[float]],
+                     columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Steps scored from their SLM logits: per step the logit features of its logits row
+        (float32 [vocab]) then its structure features make its row of X, and the model reads X's
+        `columns` (int32 indices; None: all). (P float32 [n], X float32 [n, 3 + s]): one native call
+        (GIL released once), or the numpy twins."""
+        if self._backend == "native":
+            return self._impl.score_logits(rows, structure, columns)
+        feats = np.concatenate([logit_features_numpy(np.asarray(r).reshape(1, -1)) for r in rows])
+        X = np.empty((len(rows), feats.shape[1] + len(structure[0])), dtype=np.float32)
+        X[:, :feats.shape[1]] = feats
+        X[:, feats.shape[1]:] = structure
+        picked = X if columns is None else np.ascontiguousarray(X[:, np.asarray(columns, dtype=np.intp)])
+        return self.predict(picked), X
+
+    @property
+    def kernel(self) -> Callable[[np.ndarray], np.ndarray]:
+        """`predict` with nothing in between: X (float32 C-contiguous [batch, n_features]) -> P
+        [batch], for callers that call it per step and have checked X themselves."""
+        return self._impl.predict
 
     def to_cuda(self) -> CudaForest:
         """Uploads the model to the GPU (needs the native backend and hera_core._native_cuda)."""

@@ -47,18 +47,25 @@ class Booker:
         return fn(*args, **kwargs)
 
     def write(self, where: tuple[str | None, str, int], decision: Decision | None, gen: Generation | None,
-              attempts: list | tuple = (), **fields) -> int:
+              attempts: list | tuple = (), *, latency_s: float = 0.0, cost_usd: float = 0.0,
+              cloud_cost_usd: float = 0.0, **fields) -> int:
         """The one place a ledger row is built: at `where` (run, session, step), from the step's
-        decision and answer (either may be None), `fields` overriding LedgerRow's own (cost_usd,
-        latency_s, status, ...)."""
+        decision and answer (either may be None), `fields` overriding LedgerRow's own (status,
+        route, model, ...)."""
         run, session, step = where
-        row = LedgerRow(
-            run=run or self.run, session=session, step=step, route=decision.route.value if decision else "cloud",
-            model=gen.model if gen else "", prompt_tokens=gen.prompt_tokens if gen else 0,
-            completion_tokens=gen.completion_tokens if gen else 0, cached_tokens=gen.cached_tokens if gen else 0,
-            latency_s=0.0, cost_usd=0.0, cloud_cost_usd=0.0, p_local=decision.p_local if decision else None,
-            threshold=decision.threshold if decision else None, reason=decision.reason if decision else "",
-            predictor_version=self.version() if decision else None)
+        if decision is not None:
+            route, reason, version = decision.route.value, decision.reason, self.version()
+            p_local, threshold = decision.p_local, decision.threshold
+        else:
+            route, p_local, threshold, reason, version = "cloud", None, None, "", None
+        if gen is not None:
+            model, prompt, completion, cached = gen.model, gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens
+        else:
+            model, prompt, completion, cached = "", 0, 0, 0
+        row = LedgerRow(run=run or self.run, session=session, step=step, route=route, model=model,
+                        prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+                        latency_s=latency_s, cost_usd=cost_usd, cloud_cost_usd=cloud_cost_usd, p_local=p_local,
+                        threshold=threshold, reason=reason, predictor_version=version)
         for name, value in fields.items():
             setattr(row, name, value)
         return self.ledger.record(row, attempts)

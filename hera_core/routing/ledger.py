@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import operator
 import os
 import sqlite3
 import weakref
@@ -103,6 +104,8 @@ DURABILITY = ("async", "commit")  # see the module doc
 LINGER_S = 0.005  # "async": the writer gathers rows this long before a commit (unless a reader waits)
 _NULLABLE = {"p_local", "threshold", "predictor_version"}
 _REQUIRED = [i for i, c in enumerate(_COLUMNS) if c not in _NULLABLE]  # NOT NULL columns, by position
+_column_values = operator.attrgetter(*_COLUMNS)  # a row -> its values, in column order
+_required_values = operator.itemgetter(*_REQUIRED)  # a row's values -> those of its NOT NULL columns
 log = logging.getLogger(__name__)
 # Rows of the learning loop (hera_core.routing.shadow): a shadow draft's device time, an audit's cloud
 # call. Real spend (in learning_cost_usd, and off the saving), never a served subtask nor a failure.
@@ -207,8 +210,7 @@ class Ledger(CostLedger):
         """Book one subtask (and its cloud attempts) in one transaction (see the module doc for when
         it is committed); the row's id."""
         row.ts = row.ts or time.time()
-        d = row.__dict__  # the dataclass's fields by name: no copy (asdict deep-copies, ~10 us)
-        values = [d[c] for c in _COLUMNS]
+        values = _column_values(row)  # (asdict deep-copies, ~10 us)
         tries = [(row.ts, row.run, row.session, row.step, i + 1, outcome, lat)
                  for i, (outcome, lat) in enumerate(attempts)] if attempts else []
         if self._writer is None:
@@ -219,7 +221,7 @@ class Ledger(CostLedger):
             return int(cur.lastrowid)
         # What the database would refuse is refused here, on the caller's side, as it would be at
         # commit: a row the writer cannot commit would otherwise hold up every row queued after it.
-        if any(values[i] is None for i in _REQUIRED) or any(None in t for t in tries):
+        if None in _required_values(values) or any(None in t for t in tries):
             raise sqlite3.IntegrityError("NOT NULL constraint failed: a ledger row or attempt lacks a value")
         with self._queued:
             if self._closing:

@@ -99,9 +99,10 @@ class StepPlan:
     @property
     def decision(self) -> Decision:
         """The route of a LOCAL or CLOUD plan."""
-        if self.action not in (Action.LOCAL, Action.CLOUD):
+        route = _ROUTE_OF_ACTION.get(self.action)
+        if route is None:
             raise ValueError(f"a {self.action.value} plan is decided after its draft (decide_after_draft)")
-        return self._decision(Route(self.action.value), self.reason)
+        return Decision(route, self.reason, self.facts.p_local, self.facts.threshold)
 
     @property
     def drafting(self) -> Decision:
@@ -139,26 +140,36 @@ def plan_step(facts: StepFacts) -> StepPlan:
     on; a step whose P is within the draft band of its threshold is drafted and checked (the draft
     stage decides); else local exactly when P >= threshold. A step asking for n > 1 samples is
     never drafted. Raises InvalidRequestError for a local-only step the SLM cannot answer."""
-    if facts.override is Override.LOCAL_ONLY and facts.why_not_local is not None:
-        raise InvalidRequestError(f"local-only step cannot run on the SLM: {facts.why_not_local}")
-    if needs_score(facts) and facts.p_local is None:
-        raise ValueError(f"step {facts.step} is decided by the predictor's score, and it has none")
-    base = decide(facts.p_local, facts.threshold, facts.override, local_can_serve=facts.why_not_local is None) \
-        if needs_score(facts) or not facts.automatic else None
-    if facts.distrusted and facts.on_unfamiliar == "cloud":
-        return StepPlan(facts, Action.CLOUD, "unfamiliar")
-    if facts.automatic and facts.samples == 1:
-        if facts.distrusted:  # policy.unfamiliar = "draft": the checks alone decide
+    # (Each rule's condition is read once: this runs on every step of the live path.)
+    override, why_not_local = facts.override, facts.why_not_local
+    if override is not Override.AUTO or why_not_local is not None:  # forced: the override, or the cloud
+        if override is Override.LOCAL_ONLY and why_not_local is not None:
+            raise InvalidRequestError(f"local-only step cannot run on the SLM: {why_not_local}")
+        base = decide(facts.p_local, facts.threshold, override, local_can_serve=why_not_local is None)
+        return StepPlan(facts, _ACTION_OF_ROUTE[base.route], base.reason)
+    single = facts.samples == 1
+    if facts.unfamiliar and facts.on_unfamiliar != "trust":  # distrusted
+        if facts.on_unfamiliar == "cloud":
+            return StepPlan(facts, Action.CLOUD, "unfamiliar")
+        if single:  # policy.unfamiliar = "draft": the checks alone decide
             return StepPlan(facts, Action.DRAFT, "unfamiliar", checks_only=True, votes_k=facts.agreement_k,
                             min_share=facts.agreement_min)
-        if not facts.tools and not facts.fixed_threshold and facts.voted is not None:
-            stage = facts.voted
-            return StepPlan(facts, Action.VOTE, "vote", votes_k=stage.k, min_share=stage.min_share)
-        if facts.draft_band > 0 and abs(facts.p_local - facts.threshold) < facts.draft_band:
+    p, threshold = facts.p_local, facts.threshold
+    if p is None:  # (needs_score holds from here on)
+        raise ValueError(f"step {facts.step} is decided by the predictor's score, and it has none")
+    if single:
+        vote = facts.vote
+        if vote is not None and facts.step < vote.steps and not facts.tools and not facts.fixed_threshold:
+            return StepPlan(facts, Action.VOTE, "vote", votes_k=vote.k, min_share=vote.min_share)
+        if facts.draft_band > 0 and abs(p - threshold) < facts.draft_band:
             return StepPlan(facts, Action.DRAFT, "uncertain", votes_k=facts.agreement_k,
                             min_share=facts.agreement_min)
-    assert base is not None  # needs_score holds here, or the step is forced
-    return StepPlan(facts, Action(base.route.value), base.reason)
+    # policy.decide's rule for an automatic step: local exactly when P >= threshold
+    return StepPlan(facts, Action.LOCAL if p >= threshold else Action.CLOUD, "predictor")
+
+
+_ACTION_OF_ROUTE = {Route.LOCAL: Action.LOCAL, Route.CLOUD: Action.CLOUD}
+_ROUTE_OF_ACTION = {Action.LOCAL: Route.LOCAL, Action.CLOUD: Route.CLOUD}
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from hera_core.routing.shadow import TrafficLearning
 
 __all__ = ["Runtime", "StepRequest", "SubtaskResult", "Score", "step_index", "predictor_version"]
+_NOTHING = contextlib.nullcontext()  # (reusable: it holds no state)
 RUN_OPTIONS = {"run": "default", "max_tokens": 512, "fallback": "local"}  # besides PolicySettings' fields
 
 
@@ -71,7 +72,8 @@ class Runtime:
         # every row and budget hold of this runtime (its budget and run label are the booker's)
         self.booker = Booker(ledger, prices, budget, str(run["run"]), lambda: self.predictor_version)
         self.max_tokens, self.fallback = int(run["max_tokens"]), run["fallback"]
-        self._scorer = ScoreBatcher(lambda X: self.predictor.predict(X))  # the predictor of the moment
+        # (the predictor of the moment: it may be swapped between requests)
+        self._scorer = ScoreBatcher(lambda rows, structure: self.predictor.score_logits(rows, structure))
         self.drafter = Drafter(local, policy.draft_check_timeout_s)
         # Learning from served traffic (shadow drafts, audits, swaps; hera_core.routing.shadow), or None.
         self.learning: "TrafficLearning | None" = None
@@ -128,10 +130,11 @@ class Runtime:
         features describe where it is not `toolset` (a structured answer under the engine's own
         grammar is, to the predictor, the forced answer call it is on an engine without one);
         `schema_size`: a structured step's schema size (`ResponseFormat.size`)."""
-        pre = await self.local.prefill(messages, **({"toolset": toolset} if toolset is not None else {}))
+        pre = await (self.local.prefill(messages) if toolset is None else self.local.prefill(messages, toolset=toolset))
         described = features_toolset if features_toolset is not None else toolset
         structure = structure_features(step, pre.prompt_tokens, messages, described, schema_size)
-        p, X = await self._scorer.score(pre.logits, structure)
+        scored = self._scorer.now(pre.logits, structure)  # (no await: a lone step is scored in place)
+        p, X = scored if scored is not None else await self._scorer.score(pre.logits, structure)
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
         kappa = self.predictor.kappa.at(step, pre.prompt_tokens)
         return Score(p, kappa + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
@@ -159,15 +162,29 @@ class Runtime:
         with self._client_on_slm():  # scoring and drafting use the SLM: no shadow draft meanwhile
             st.plan, score = await self._plan(st)
             st.features = score.features[0] if score is not None else None
-            await self._decide(st)
-        await self._within_budget(st)
-        # A local answer with tools offered (or structured) is announced once it is known to be valid.
-        held = st.toolset is not None or st.structured_on_slm
-        announce = req.on_decision if held and st.decision.route is Route.LOCAL and st.draft is None else None
-        if req.on_decision is not None and announce is None:
-            await req.on_decision(st.decision)
+            if st.plan.action is Action.DRAFT or st.plan.action is Action.VOTE:
+                await self._draft(st)
+            else:
+                st.decision = st.plan.decision
+        if st.cloud_reason is not None and st.decision.reason == "cannot-serve-locally":
+            st.decision = dataclasses.replace(st.decision, reason=st.cloud_reason)
+        if st.decision.route is Route.CLOUD and self.booker.budget is not None:
+            await self._within_budget(st)
+        announce = None
+        if req.on_decision is not None:
+            # A local answer with tools offered (or structured) is announced once it is known to be valid.
+            held = st.toolset is not None or st.structured_on_slm
+            if held and st.decision.route is Route.LOCAL and st.draft is None:
+                announce = req.on_decision
+            else:
+                await req.on_decision(st.decision)
         try:
-            gen, gens, attempts = await self._answer(st, announce)
+            if st.decision.route is Route.LOCAL:
+                with self._client_on_slm():
+                    gen, gens = await self._answer_locally(st, announce)
+                attempts = []
+            if st.decision.route is Route.CLOUD:  # (an invalid local tool call may have escalated it)
+                gen, gens, attempts = await self._answer_in_cloud(st)
             self._refuse_invalid_structured(st, gen)
             cloud_cost = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
             # (the scoring prefill is the local prefill; an escalated step also paid for its draft)
@@ -178,7 +195,9 @@ class Runtime:
                 self.booker.cancelled(st, st.decision, self.model_name(st.decision.route))
             self.booker.release(st)
             raise
-        row_id = await self.booker.io(self.booker.answered, st, gen, cost, cloud_cost, attempts)
+        booker = self.booker
+        row_id = await booker.io(booker.answered, st, gen, cost, cloud_cost, attempts) if booker.remote else \
+            booker.answered(st, gen, cost, cloud_cost, attempts)
         if st.learning is not None and st.decision.route is Route.LOCAL:
             self._maybe_audit(st, gen)
         return SubtaskResult(text=gen.text, route=st.decision.route, decision=st.decision, generation=gen,
@@ -222,9 +241,13 @@ class Runtime:
         score = None
         if req.override is not Override.CLOUD_ONLY and why_not_local is None:
             try:
-                shaped = answer_toolset(req.response_format) if st.structured_on_slm else None
-                size = req.response_format.size if req.response_format is not None else 0
-                score = await self.score(req.messages, req.step, st.toolset, features_toolset=shaped, schema_size=size)
+                fmt = req.response_format
+                if fmt is None:
+                    score = await self.score(req.messages, req.step, st.toolset)
+                else:
+                    shaped = answer_toolset(fmt) if st.structured_on_slm else None
+                    score = await self.score(req.messages, req.step, st.toolset, features_toolset=shaped,
+                                             schema_size=fmt.size)
             except CannotServeLocallyError as exc:  # too long for its window, tools it cannot decode
                 why_not_local = str(exc)
         band = self.draft_band if self.draft_band is not None else \
@@ -239,27 +262,19 @@ class Runtime:
             samples=req.samples, agreement_k=self.agreement_k, agreement_min=self.agreement_min)
         return plan_step(facts), score
 
-    async def _decide(self, st: StepRun) -> None:
-        """The plan's decision; a drafted step's once its draft is checked (and voted on)."""
-        plan = st.plan
-        if plan.action not in (Action.DRAFT, Action.VOTE):
-            st.decision = plan.decision
-        else:
-            try:
-                st.draft, st.check, st.decision = await self.drafter.draft(st, self.predictor)
-            except asyncio.CancelledError:
-                self.booker.cancelled(st, plan.drafting, self.local.name)
-                raise
-            if st.decision.route is Route.CLOUD:
-                st.draft_s = st.elapsed()
-        if st.cloud_reason is not None and st.decision.reason == "cannot-serve-locally":
-            st.decision = dataclasses.replace(st.decision, reason=st.cloud_reason)
+    async def _draft(self, st: StepRun) -> None:
+        """A DRAFT or VOTE plan's decision, once its draft is checked (and voted on)."""
+        try:
+            st.draft, st.check, st.decision = await self.drafter.draft(st, self.predictor)
+        except asyncio.CancelledError:
+            self.booker.cancelled(st, st.plan.drafting, self.local.name)
+            raise
+        if st.decision.route is Route.CLOUD:
+            st.draft_s = st.elapsed()
 
     async def _within_budget(self, st: StepRun) -> None:
         """A cloud step asks the budget for its price (held until booked): past a cap it moves to the
         SLM or is refused, as the budget's action says."""
-        if st.decision.route is not Route.CLOUD or self.budget is None:
-            return
         exceeded = await self.booker.io(self.booker.reserve, st)
         moved = after_budget(st.plan, st.decision, exceeded, self.budget.action)
         if moved is None:
@@ -281,17 +296,6 @@ class Runtime:
             raise exc
 
     # --- the answer on the route decided -----------------------------------------------------------
-    async def _answer(self, st: StepRun, announce) -> tuple[Generation, list[Generation], list]:
-        """The answer on the decided route, the decision updated on the way (an invalid tool call
-        escalated, a failed cloud call served locally): (answer, all samples, the cloud's attempts)."""
-        gen, gens, attempts = None, [], []
-        if st.decision.route is Route.LOCAL:
-            with self._client_on_slm():
-                gen, gens = await self._answer_locally(st, announce)
-        if st.decision.route is Route.CLOUD:
-            gen, gens, attempts = await self._answer_in_cloud(st)
-        return gen, gens, attempts
-
     async def _on_slm(self, st: StepRun, on_text) -> tuple[Generation, list[Generation]]:
         req = st.req
         if req.samples > 1:
@@ -332,11 +336,10 @@ class Runtime:
     async def _answer_in_cloud(self, st: StepRun) -> tuple[Generation, list[Generation], list]:
         """The cloud's answer; if the call fails, the SLM's where `after_cloud_failure` allows it."""
         req = st.req
-        kwargs: dict[str, Any] = {"extra": dict(req.cloud_extra or {})}
+        extra = dict(req.cloud_extra) if req.cloud_extra else {}
         if req.response_format is not None:
-            kwargs["extra"]["response_format"] = req.response_format.request_field()
-        if not kwargs["extra"]:
-            del kwargs["extra"]
+            extra["response_format"] = req.response_format.request_field()
+        kwargs: dict[str, Any] = {"extra": extra} if extra else {}
         if st.toolset is not None and not is_answer_toolset(st.toolset):  # (the SLM's way to a structured answer)
             kwargs["toolset"] = st.toolset
         streamed: list[str] = []
@@ -344,7 +347,7 @@ class Runtime:
         # A structured answer is held back until it has validated: the client never sees one that did not.
         relay = None if on_text is None or req.response_format is not None else \
             (lambda d: (streamed.append(d), on_text(d)))
-        shadow = self._start_shadow(st)
+        shadow = self._start_shadow(st) if st.learning is not None else None
         try:
             if req.samples > 1:
                 gen, gens = await self.drafter.sampled(self.cloud, st)
@@ -409,7 +412,7 @@ class Runtime:
     # --- learning from served traffic (hera_core.routing.shadow) ------------------------------------
     def _client_on_slm(self):
         """Around a client step's use of the SLM: running shadow drafts give way to it."""
-        return self.learning.client_on_slm() if self.learning is not None else contextlib.nullcontext()
+        return self.learning.client_on_slm() if self.learning is not None else _NOTHING
 
     def _start_shadow(self, st: StepRun) -> "asyncio.Future | None":
         """The SLM's draft of a cloud-routed step, for the trace store: started now beside the cloud

@@ -1,8 +1,9 @@
 """Score batching: the features and the predictor over the prefills that come back together.
 
 Steps whose prefills the engine evaluated in one batch resume in the same event-loop turn; their
-logits rows are scored at the next turn, their features row by row (each row viewed as [1, vocab]:
-copying the rows into one batch costs more than it saves on a CPU) and the predictor in one call.
+logits rows are scored together at the next turn: their logit features, feature rows and the
+predictor in one call (`Predictor.score_logits`: one native call, the rows read where they lie,
+never copied into one batch).
 
 A step that finds no batch open and nothing else ready to run in this loop turn is scored in place:
 no step could join its batch, so waiting a turn would only add the turn (two event-loop iterations
@@ -17,15 +18,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hera_core.native.features import logit_features
-from hera_core.routing.predictor import feature_matrix
+RowsScorer = Callable[[list[np.ndarray], list[list[float]]], tuple[np.ndarray, np.ndarray]]
 
 
 class ScoreBatcher:
     """P(local) and the feature row of each step, computed in batches (see the module doc)."""
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray]) -> None:
-        self.predict = predict  # feature rows [n, k] -> P(local) [n]
+    def __init__(self, score_rows: RowsScorer) -> None:
+        # (logits rows [vocab] each, structure features per step) -> (P(local) [n], feature rows [n, k]):
+        # `Predictor.score_logits`, which computes the logit features of each row (one native call).
+        self.score_rows = score_rows
         # Steps waiting for the next flush, per event loop: (logits row [vocab], structure features, future).
         self._pending: dict[asyncio.AbstractEventLoop, list[tuple[np.ndarray, list[float], asyncio.Future]]] = {}
         self._stats = {"batches": 0, "rows": 0}  # flushes that scored something, and the steps they scored
@@ -37,11 +39,11 @@ class ScoreBatcher:
 
     async def score(self, logits: np.ndarray, structure: list[float]) -> tuple[float, np.ndarray]:
         """(P(local), the feature row [1, n]) of one step."""
+        scored = self.now(logits, structure)
+        if scored is not None:
+            return scored
         loop = asyncio.get_running_loop()
         pending = self._pending.get(loop)
-        if pending is None and not getattr(loop, "_ready", True):  # alone: scored in place
-            P, X = self._score_rows([logits], [structure])
-            return float(P[0]), X
         fut = loop.create_future()
         if pending is None:
             pending = self._pending[loop] = []
@@ -49,12 +51,17 @@ class ScoreBatcher:
         pending.append((logits, structure, fut))
         return await fut
 
+    def now(self, logits: np.ndarray, structure: list[float]) -> tuple[float, np.ndarray] | None:
+        """`score` in place, for a step that is alone (no batch open, nothing else ready to run in
+        this loop turn); None: other steps may join its batch (then await `score`)."""
+        loop = asyncio.get_running_loop()
+        if loop in self._pending or getattr(loop, "_ready", True):
+            return None
+        P, X = self._score_rows([logits], [structure])
+        return float(P[0]), X
+
     def _score_rows(self, rows: list[np.ndarray], structure: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
-        # The features row by row, each logits row viewed as [1, vocab]: stacking the rows into one
-        # batch would copy 594 KiB a row (a vocabulary of 151,936), more than one call a row costs.
-        feats = [logit_features(lg.reshape(1, -1)) for lg in rows]
-        X = feature_matrix(feats[0] if len(feats) == 1 else np.concatenate(feats), structure)
-        P = self.predict(X)
+        P, X = self.score_rows(rows, structure)
         self._stats["batches"] += 1
         self._stats["rows"] += len(structure)
         return P, X
