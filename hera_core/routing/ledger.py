@@ -74,7 +74,7 @@ CREATE INDEX IF NOT EXISTS subtasks_session ON subtasks(session);
 """
 
 
-@dataclass
+@dataclass(slots=True)
 class LedgerRow:
     run: str
     session: str
@@ -193,7 +193,10 @@ class Ledger(CostLedger):
         if durability == "async":
             # Rows recorded and not yet committed, oldest first: (id, column values, attempt rows).
             self._queue: list[tuple[int, list[Any], list[tuple]]] = []
-            self._queued = threading.Condition(threading.Lock())  # guards _queue, _next_id, _written, _closing
+            # guards _queue, _next_id, _written, _closing; `record` takes the bare lock (a C call, where
+            # the Condition's `with` is two Python ones)
+            self._queue_lock = threading.Lock()
+            self._queued = threading.Condition(self._queue_lock)
             seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='subtasks'").fetchone()
             top = self._db.execute("SELECT MAX(id) FROM subtasks").fetchone()[0]
             self._next_id = max(seq[0] if seq else 0, top or 0) + 1  # the id the next row gets
@@ -223,7 +226,7 @@ class Ledger(CostLedger):
         # commit: a row the writer cannot commit would otherwise hold up every row queued after it.
         if None in _required_values(values) or any(None in t for t in tries):
             raise sqlite3.IntegrityError("NOT NULL constraint failed: a ledger row or attempt lacks a value")
-        with self._queued:
+        with self._queue_lock:
             if self._closing:
                 raise ValueError("the ledger is closed")
             row_id = self._next_id

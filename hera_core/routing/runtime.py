@@ -136,12 +136,12 @@ class Runtime:
         scored = self._scorer.now(pre.logits, structure)  # (no await: a lone step is scored in place)
         p, X = scored if scored is not None else await self._scorer.score(pre.logits, structure)
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
-        kappa = self.predictor.kappa.at(step, pre.prompt_tokens)
+        kappa = self._predictor.kappa.at(step, pre.prompt_tokens)
         return Score(p, kappa + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
 
     def is_unfamiliar(self, messages: list[Message]) -> bool:
         """The step is unlike every task the predictor was trained on (and the policy distrusts that)."""
-        fam = self.predictor.familiarity
+        fam = self._predictor.familiarity
         return self.unfamiliar != "trust" and fam is not None and not fam.familiar(messages)
 
     # --- one step: plan, decide, answer, book ------------------------------------------------------
@@ -250,14 +250,15 @@ class Runtime:
                                              schema_size=fmt.size)
             except CannotServeLocallyError as exc:  # too long for its window, tools it cannot decode
                 why_not_local = str(exc)
+        predictor = self._predictor
         band = self.draft_band if self.draft_band is not None else \
-            (self.predictor.draft.band if self.predictor.draft is not None else 0.0)
+            (predictor.draft.band if predictor.draft is not None else 0.0)
         facts = StepFacts(
             step=req.step, p_local=score.p_local if score else None,
             threshold=(req.threshold if req.threshold is not None else score.threshold) if score else None,
             override=req.override, why_not_local=why_not_local,
             unfamiliar=req.override is Override.AUTO and why_not_local is None and self.is_unfamiliar(req.messages),
-            on_unfamiliar=self.unfamiliar, draft_band=band, vote=self.predictor.vote if self.vote == "auto" else None,
+            on_unfamiliar=self.unfamiliar, draft_band=band, vote=predictor.vote if self.vote == "auto" else None,
             fixed_threshold=req.threshold is not None, tools=st.toolset is not None or bool(st.engine_extra),
             samples=req.samples, agreement_k=self.agreement_k, agreement_min=self.agreement_min)
         return plan_step(facts), score

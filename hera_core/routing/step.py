@@ -32,7 +32,7 @@ def step_index(messages: list[Message]) -> int:
     return sum(1 for m in messages if m.get("role") == "assistant")
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRequest:
     """What one subtask (one chat completion of an agent step) asks of the runtime.
 
@@ -83,7 +83,7 @@ class StepRequest:
             self.step = step_index(self.messages)
 
 
-@dataclass
+@dataclass(slots=True)
 class Score:
     p_local: float  # the predictor's P(the SLM's output at this step is good enough)
     threshold: float  # kappa at this step (cost-weighted if the predictor is) + offset - hot-prefix discount
@@ -91,7 +91,7 @@ class Score:
     features: np.ndarray  # float32 [1, len(FEATURE_NAMES)], the predictor's input row
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRun:
     """One subtask in flight: its request, its plan, and what deciding it has produced so far."""
 
@@ -136,7 +136,7 @@ class StepRun:
         return "response_format" in self.engine_extra
 
 
-@dataclass
+@dataclass(slots=True)
 class SubtaskResult:
     text: str
     route: Route
