@@ -79,8 +79,18 @@ py::tuple forest_score_logits(const hera::Forest& f, const py::list& rows, const
                           std::to_string(n) + " logits rows and " + std::to_string(structure.size()) +
                           " structure rows");
   }
-  std::vector<const float*> src(n);
-  std::vector<int64_t> vocab(n);
+  // (the live path scores one step at a time: no heap allocation for up to kSmall rows)
+  constexpr int64_t kSmall = 8;
+  const float* src_small[kSmall];
+  int64_t vocab_small[kSmall];
+  std::vector<const float*> src_big;
+  std::vector<int64_t> vocab_big;
+  if (n > kSmall) {
+    src_big.resize(n);
+    vocab_big.resize(n);
+  }
+  const float** src = n > kSmall ? src_big.data() : src_small;
+  int64_t* vocab = n > kSmall ? vocab_big.data() : vocab_small;
   for (int64_t i = 0; i < n; ++i) {
     const py::handle r = rows[i];
     if (!py::isinstance<py::array_t<float>>(r)) throw py::value_error("logits rows must be float32 numpy arrays");
@@ -110,17 +120,21 @@ py::tuple forest_score_logits(const hera::Forest& f, const py::list& rows, const
       xp[i * k + hera::kNumLogitFeatures + j] = static_cast<float>(v);
     }
   }
-  std::vector<int32_t> cols;
+  py::array_t<int32_t, py::array::c_style | py::array::forcecast> c;  // (kept alive: cols points into it)
+  const int32_t* cols = nullptr;
+  int64_t m = k;
   if (!columns.is_none()) {
-    const auto c = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(columns);
+    c = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(columns);
     if (!c || c.ndim() != 1) throw py::value_error("columns must be a 1-D array of column indices");
-    cols.assign(c.data(), c.data() + c.size());
-    for (const int32_t j : cols) {
-      if (j < 0 || j >= k) throw py::value_error("column " + std::to_string(j) + " is not in a row of " +
-                                                 std::to_string(k) + " features");
+    cols = c.data();
+    m = c.size();
+    for (int64_t j = 0; j < m; ++j) {
+      if (cols[j] < 0 || cols[j] >= k) {
+        throw py::value_error("column " + std::to_string(cols[j]) + " is not in a row of " + std::to_string(k) +
+                              " features");
+      }
     }
   }
-  const int64_t m = cols.empty() && columns.is_none() ? k : static_cast<int64_t>(cols.size());
   if (m != f.num_feature) {
     throw py::value_error("the model reads " + std::to_string(f.num_feature) + " features, the rows give it " +
                           std::to_string(m));
@@ -130,14 +144,20 @@ py::tuple forest_score_logits(const hera::Forest& f, const py::list& rows, const
   {
     py::gil_scoped_release release;
     for (int64_t i = 0; i < n; ++i) hera::logit_features(src[i], 1, vocab[i], xp + i * k);
-    if (columns.is_none()) {
+    if (cols == nullptr) {
       f.predict(xp, n, pp);
     } else {
-      std::vector<float> picked(static_cast<size_t>(n * m));
+      float picked_small[kSmall * 32];
+      std::vector<float> picked_big;
+      float* picked = picked_small;
+      if (n * m > kSmall * 32) {
+        picked_big.resize(static_cast<size_t>(n * m));
+        picked = picked_big.data();
+      }
       for (int64_t i = 0; i < n; ++i) {
         for (int64_t j = 0; j < m; ++j) picked[i * m + j] = xp[i * k + cols[j]];
       }
-      f.predict(picked.data(), n, pp);
+      f.predict(picked, n, pp);
     }
   }
   return py::make_tuple(p, x);

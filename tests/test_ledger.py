@@ -143,3 +143,48 @@ def test_kill_9_keeps_every_flushed_row_and_no_half_row(tmp_path):
     assert steps[:100] == list(range(100)) and steps == list(range(len(steps)))  # a prefix, none skipped
     assert other.execute("SELECT COUNT(*) FROM cloud_attempts").fetchone()[0] == 100
     other.close()
+
+
+def test_the_answered_steps_row_is_the_row_booker_write_makes(tmp_path):
+    """Booker.answered books its row as values in COLUMNS order (the per-step fast path): the row is
+    exactly the one Booker.write makes of the same step, in the SQLite ledger and through the
+    protocol's default record_values (a LedgerRow, as PostgreSQL's ledger takes it)."""
+    from hera_core.backends.base import Generation
+    from hera_core.config import PriceSettings
+    from hera_core.routing.booking import Booker
+    from hera_core.routing.ledger import COLUMNS, CostLedger
+    from hera_core.routing.policy import Decision, Route
+    from hera_core.routing.step import StepRequest, StepRun
+
+    class Rows(CostLedger):  # takes LedgerRows, as PgLedger does
+        remote = False
+
+        def __init__(self):
+            self.booked = []
+
+        def record(self, row, attempts=None):
+            self.booked.append((row, list(attempts or [])))
+            return len(self.booked)
+
+    assert COLUMNS == tuple(LedgerRow.__dataclass_fields__)
+    gen = Generation(text="x", prompt_tokens=48, completion_tokens=12, latency_s=5.0, ttft_s=0.1,
+                     finish_reason="stop", model="qwen", cached_tokens=16)
+    st = StepRun(StepRequest([{"role": "user", "content": "hi"}], "s1", run="label"), max_tokens=64, toolset=None)
+    st.decision = Decision(Route.CLOUD, "predictor", 0.42, 0.6)
+    attempts = [("ok", 0.5)]
+
+    def compare(ledger, read):
+        booker = Booker(ledger, PriceSettings(), None, "default", lambda: "v1")
+        booker.answered(st, gen, 0.003, 0.003, attempts)
+        booker.write(st.where, st.decision, gen, attempts, latency_s=5.0, cost_usd=0.003, cloud_cost_usd=0.003)
+        fast, slow = read(ledger)
+        assert {k: v for k, v in fast.items() if k not in ("id", "ts")} == \
+            {k: v for k, v in slow.items() if k not in ("id", "ts")}
+        assert fast["ts"] > 0 and fast["route"] == "cloud" and fast["predictor_version"] == "v1"
+        return fast
+
+    sqlite_row = compare(Ledger(tmp_path / "l.sqlite"), lambda ledger: ledger.rows())
+    assert len(Ledger(tmp_path / "l.sqlite").attempts()) == 2
+    memory_row = compare(Rows(), lambda ledger: [{c: getattr(r, c) for c in COLUMNS} for r, _ in ledger.booked])
+    assert {k: v for k, v in sqlite_row.items() if k not in ("id", "ts")} == \
+        {k: v for k, v in memory_row.items() if k != "ts"}

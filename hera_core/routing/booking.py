@@ -10,6 +10,7 @@ round trips, and an outage's connect timeouts, never hold up the event loop's ot
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -74,8 +75,13 @@ class Booker:
     def answered(self, st: StepRun, gen: Generation, cost: float, cloud_cost: float, attempts) -> int:
         """The answered step's row, then its budget holds settled (after the row: a shared budget
         never sees spend that was neither held nor booked)."""
-        row_id = self.write(st.where, st.decision, gen, attempts, latency_s=max(st.elapsed(), gen.latency_s),
-                            cost_usd=cost, cloud_cost_usd=cloud_cost)
+        # (the row as its values in COLUMNS order, which `write` would make of the same arguments:
+        # the one booking every step makes, without the LedgerRow; tests/test_ledger.py checks they agree)
+        req, d = st.req, st.decision
+        row_id = self.ledger.record_values(
+            (req.run or self.run, req.session, req.step, d.route.value, gen.model, gen.prompt_tokens,
+             gen.completion_tokens, gen.cached_tokens, max(st.elapsed(), gen.latency_s), cost, cloud_cost,
+             d.p_local, d.threshold, d.reason, "ok", time.time(), self.version()), attempts)
         for h in st.hold:
             self.budget.settle(st.session, h, cloud_cost if st.decision.route is Route.CLOUD else 0.0)
         return row_id

@@ -96,6 +96,8 @@ class LedgerRow:
 
 
 _COLUMNS = [f.name for f in fields(LedgerRow)]
+COLUMNS = tuple(_COLUMNS)  # a row's values in this order: CostLedger.record_values
+_TS = _COLUMNS.index("ts")
 _INSERT = f"INSERT INTO subtasks ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
 _INSERT_WITH_ID = f"INSERT INTO subtasks (id,{','.join(_COLUMNS)}) VALUES ({','.join('?' * (len(_COLUMNS) + 1))})"
 _INSERT_ATTEMPT = ("INSERT INTO cloud_attempts (ts, run, session, step, attempt, outcome, latency_s) "
@@ -138,6 +140,11 @@ class CostLedger(Protocol):
         writer whose rows reads wait for: see the ledger's durability). A row with `ts` 0 is stamped
         with the time now."""
         ...
+
+    def record_values(self, values: tuple, attempts: list[tuple[str, float]] | None = None) -> int:
+        """`record` of a row given as its values in LedgerRow's field order (COLUMNS): the runtime's
+        per-step booking, which skips making the LedgerRow (what the SQLite ledger queues is this)."""
+        return self.record(LedgerRow(*values), attempts)
 
     def rows(self, run: str | None = None) -> list[dict[str, Any]]:
         """Every row (of one run label), oldest first: the LedgerRow fields and its `id`."""
@@ -213,8 +220,13 @@ class Ledger(CostLedger):
         """Book one subtask (and its cloud attempts) in one transaction (see the module doc for when
         it is committed); the row's id."""
         row.ts = row.ts or time.time()
-        values = _column_values(row)  # (asdict deep-copies, ~10 us)
-        tries = [(row.ts, row.run, row.session, row.step, i + 1, outcome, lat)
+        return self.record_values(_column_values(row), attempts)  # (asdict deep-copies, ~10 us)
+
+    def record_values(self, values: tuple, attempts: list[tuple[str, float]] | None = None) -> int:
+        if not values[_TS]:
+            values = (*values[:_TS], time.time(), *values[_TS + 1:])
+        ts, run, session, step = values[_TS], values[0], values[1], values[2]
+        tries = [(ts, run, session, step, i + 1, outcome, lat)
                  for i, (outcome, lat) in enumerate(attempts)] if attempts else []
         if self._writer is None:
             with self._transaction():

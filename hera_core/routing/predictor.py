@@ -112,6 +112,8 @@ class CostWeight:
                              f"step, a positive reference prompt, max_ratio >= 1 and a price ratio >= 0, got "
                              f"gamma={self.gamma}, out_tokens={self.out_tokens}, ref=({self.ref_prompt_tokens}, "
                              f"{self.ref_out_tokens}), max_ratio={self.max_ratio}, out_per_in={self.out_per_in}")
+        if self.out_per_in is not None:  # the average step's cost, in prompt tokens (read at every step)
+            object.__setattr__(self, "_ref_cost", self.ref_prompt_tokens + self.out_per_in * self.ref_out_tokens)
 
     def ratio(self, step: int, prompt_tokens: float) -> float:
         """The step's expected cloud cost over the average training step's, at most max_ratio (1 for
@@ -119,7 +121,7 @@ class CostWeight:
         if self.out_per_in is None:
             return 1.0
         out = self.out_tokens[min(max(step, 0), len(self.out_tokens) - 1)]
-        r = (prompt_tokens + self.out_per_in * out) / (self.ref_prompt_tokens + self.out_per_in * self.ref_out_tokens)
+        r = (prompt_tokens + self.out_per_in * out) / self._ref_cost
         return min(r, self.max_ratio)
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +263,7 @@ class Predictor:
             cols = [self.input_names.index(n) for n in self.feature_names]
             self._cols = slice(0, len(cols)) if cols == list(range(len(cols))) else np.asarray(cols, dtype=np.intp)
         self._col_index = None if self._cols is None else np.asarray(cols, dtype=np.int32)  # (for score_logits)
+        self._structure_width = len(self.input_names) - len(LOGIT_FEATURE_NAMES)
 
     def _evaluator(self):
         """The native forest when built, else XGBoost where installed (one thread: small batches),
@@ -298,7 +301,10 @@ class Predictor:
         (float32 [vocab] each) and their STRUCTURE_FEATURE_NAMES values: what `predict` gives for
         the rows `feature_matrix` makes of `logit_features` and `structure`, in one native call
         where the forest is native (the live path's scoring)."""
-        width = len(self.input_names) - len(LOGIT_FEATURE_NAMES)
+        fused = self._fused
+        if fused is not None and structure and len(structure[0]) == self._structure_width:
+            return fused(rows, structure, self._col_index)  # (it checks every row against the first)
+        width = self._structure_width
         if any(len(s) != width for s in structure) or len(rows) != len(structure) or not rows:
             raise ValueError(f"need one logits row and {width} structure features per step, got {len(rows)} rows "
                              f"and structure rows of {sorted({len(s) for s in structure})} features")

@@ -180,8 +180,11 @@ class Runtime:
                 await req.on_decision(st.decision)
         try:
             if st.decision.route is Route.LOCAL:
-                with self._client_on_slm():
+                if self.learning is None:  # (no shadow drafts to hold off: no context to enter)
                     gen, gens = await self._answer_locally(st, announce)
+                else:
+                    with self.learning.client_on_slm():
+                        gen, gens = await self._answer_locally(st, announce)
                 attempts = []
             if st.decision.route is Route.CLOUD:  # (an invalid local tool call may have escalated it)
                 gen, gens, attempts = await self._answer_in_cloud(st)
@@ -316,7 +319,12 @@ class Runtime:
         on_text = st.req.on_text
         if st.req.samples > 1:
             return await self._on_slm(st, None)
-        gen = st.draft if st.draft is not None else (await self._on_slm(st, on_text))[0]
+        if st.draft is not None:
+            gen = st.draft
+        elif st.req.sampling is None:  # (the common case, without _on_slm's layer)
+            gen = await self.drafter.answer(st, on_text)
+        else:
+            gen = (await self._on_slm(st, on_text))[0]
         if st.structured_on_slm and not gen.tool_errors:
             why = st.req.response_format.validate(gen.text)  # (cut by max_tokens; a keyword the grammar skips)
             if why is not None:  # escalated like an invalid tool call
