@@ -181,8 +181,18 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    """The CPU as the ratios depend on it: its name, family and model (one name, "AMD EPYC", covers
+    several generations, whose native / numpy / XGBoost ratios differ) and whether it has AVX-512."""
+    if not Path("/proc/cpuinfo").exists():
+        return f"{platform.processor()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
+    info: dict[str, str] = {}
+    for ln in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = ln.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    cpu = info.get("model name", platform.processor())
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']} model {info.get('model', '?')}"
+        cpu += ", AVX-512)" if "avx512f" in info.get("flags", "").split() else ")"
     return f"{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
 
 
@@ -293,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {', '.join(_fmt(v) for v in values)} -> median {_fmt(now[name])}")
         rows, bad = compare(baseline, now)
     print(_table(["ratio", "baseline", "now", "change", "limit", ""], rows))
-    print(f"machine now: {_machine()}; baseline: {baseline.get('machine', '?')}")
+    now_machine = _machine()
+    print(f"machine now: {now_machine}; baseline: {baseline.get('machine', '?')}")
+    if now_machine.split(", load")[0] != baseline.get("machine"):
+        print("hera bench-compare: the baseline was measured on another CPU: ratios of native code to numpy or "
+              "XGBoost move between CPU generations (docs/benchmarks.md); `make bench-baseline` on this one")
     if bad:
         print(f"hera bench-compare: FAILED: {', '.join(bad)} (margin {baseline.get('margin', DEFAULT_MARGIN):.0%} "
               "unless a ratio states its own)")

@@ -61,13 +61,12 @@ PARTS = [
     ("    is_unfamiliar (familiarity check)", runtime_mod.Runtime, "is_unfamiliar"),
     ("      Familiarity.similarities (TF-IDF, 6 centroids)", familiarity_mod.Familiarity, "similarities"),
     ("    plan_step", runtime_mod, "plan_step"),
-    ("  _answer_in_cloud / _answer_locally (the route's engine call, instant)", runtime_mod.Runtime,
-     "_answer_in_cloud"),
-    ("  _answer_locally", runtime_mod.Runtime, "_answer_locally"),
+    ("  _answer_in_cloud (the cloud route's engine call, instant)", runtime_mod.Runtime, "_answer_in_cloud"),
+    ("  _answer_locally (the local route's)", runtime_mod.Runtime, "_answer_locally"),
     ("  prices.cloud_cost", PriceSettings, "cloud_cost"),
     ("  Booker.answered (ledger row, budget settled)", booking_mod.Booker, "answered"),
-    ("    Booker.write (the row built)", booking_mod.Booker, "write"),
-    ("      Ledger.record (queued for the writer; 'commit': INSERT + COMMIT)", ledger_mod.Ledger, "record"),
+    ("    Ledger.record_values (queued for the writer; 'commit': INSERT + COMMIT)", ledger_mod.Ledger,
+     "record_values"),
 ]
 
 
