@@ -199,7 +199,7 @@ class Ledger(CostLedger):
         self._writer: threading.Thread | None = None
         if durability == "async":
             # Rows recorded and not yet committed, oldest first: (id, column values, attempt rows).
-            self._queue: list[tuple[int, list[Any], list[tuple]]] = []
+            self._queue: list[tuple[int, tuple, list[tuple]]] = []
             # guards _queue, _next_id, _written, _closing; `record` takes the bare lock (a C call, where
             # the Condition's `with` is two Python ones)
             self._queue_lock = threading.Lock()
@@ -220,7 +220,7 @@ class Ledger(CostLedger):
         """Book one subtask (and its cloud attempts) in one transaction (see the module doc for when
         it is committed); the row's id."""
         row.ts = row.ts or time.time()
-        return self.record_values(_column_values(row), attempts)  # (asdict deep-copies, ~10 us)
+        return self.record_values(_column_values(row), attempts)  # (not asdict: it deep-copies, ~10 us)
 
     def record_values(self, values: tuple, attempts: list[tuple[str, float]] | None = None) -> int:
         if not values[_TS]:
