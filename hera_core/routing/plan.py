@@ -80,12 +80,6 @@ class StepFacts:
         """Unfamiliar, and the policy does not trust the predictor there."""
         return self.automatic and self.unfamiliar and self.on_unfamiliar != "trust"
 
-    @property
-    def voted(self) -> VoteStage | None:
-        """The vote stage, when it decides this step."""
-        stage = self.vote
-        return stage if stage is not None and self.step < stage.steps else None
-
 
 @dataclass(slots=True)
 class StepPlan:
@@ -161,7 +155,7 @@ def plan_step(facts: StepFacts) -> StepPlan:
     if p is None:  # (needs_score holds from here on)
         raise ValueError(f"step {facts.step} is decided by the predictor's score, and it has none")
     if single:
-        vote = facts.vote
+        vote = facts.vote  # the vote stage decides the task's first vote.steps steps
         if vote is not None and facts.step < vote.steps and not facts.tools and not facts.fixed_threshold:
             return StepPlan(facts, Action.VOTE, "vote", votes_k=vote.k, min_share=vote.min_share)
         if facts.draft_band > 0 and abs(p - threshold) < facts.draft_band:

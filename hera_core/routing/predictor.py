@@ -75,8 +75,6 @@ def structure_features(step: int, prompt_tokens: int, messages: list[dict[str, A
 def feature_matrix(logit_feats: np.ndarray, structure: list[list[float]]) -> np.ndarray:
     """[batch, 3] logit features + [batch, 10] structure -> float32 [batch, len(FEATURE_NAMES)]."""
     n, k = len(structure), logit_feats.shape[1]
-    if n == 1:  # one step (the live path's case): one list, one conversion (~0.3 us less)
-        return np.array([logit_feats[0].tolist() + list(structure[0])], dtype=np.float32)
     # One preallocated matrix filled in place: hstack + astype + ascontiguousarray made three arrays (~10 us).
     out = np.empty((n, k + (len(structure[0]) if n else 0)), dtype=np.float32)
     out[:, :k] = logit_feats
@@ -301,17 +299,14 @@ class Predictor:
         (float32 [vocab] each) and their STRUCTURE_FEATURE_NAMES values: what `predict` gives for
         the rows `feature_matrix` makes of `logit_features` and `structure`, in one native call
         where the forest is native (the live path's scoring)."""
-        fused = self._fused
-        if fused is not None and structure and len(structure[0]) == self._structure_width:
-            return fused(rows, structure, self._col_index)  # (it checks every row against the first)
+        if self._impl is None:
+            self._evaluator()
         width = self._structure_width
+        if self._fused is not None and structure and len(structure[0]) == width:
+            return self._fused(rows, structure, self._col_index)  # (it checks every row against the first)
         if any(len(s) != width for s in structure) or len(rows) != len(structure) or not rows:
             raise ValueError(f"need one logits row and {width} structure features per step, got {len(rows)} rows "
                              f"and structure rows of {sorted({len(s) for s in structure})} features")
-        if self._impl is None:
-            self._evaluator()
-        if self._fused is not None:
-            return self._fused(rows, structure, self._col_index)
         feats = logit_features(rows[0].reshape(1, -1)) if len(rows) == 1 else \
             np.concatenate([logit_features(r.reshape(1, -1)) for r in rows])
         X = feature_matrix(feats, structure)

@@ -134,7 +134,7 @@ class Runtime:
         described = features_toolset if features_toolset is not None else toolset
         structure = structure_features(step, pre.prompt_tokens, messages, described, schema_size)
         scored = self._scorer.now(pre.logits, structure)  # (no await: a lone step is scored in place)
-        p, X = scored if scored is not None else await self._scorer.score(pre.logits, structure)
+        p, X = scored if scored is not None else await self._scorer.join(pre.logits, structure)
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
         kappa = self._predictor.kappa.at(step, pre.prompt_tokens)
         return Score(p, kappa + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)

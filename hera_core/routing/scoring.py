@@ -40,8 +40,10 @@ class ScoreBatcher:
     async def score(self, logits: np.ndarray, structure: list[float]) -> tuple[float, np.ndarray]:
         """(P(local), the feature row [1, n]) of one step."""
         scored = self.now(logits, structure)
-        if scored is not None:
-            return scored
+        return scored if scored is not None else await self.join(logits, structure)
+
+    def join(self, logits: np.ndarray, structure: list[float]) -> "asyncio.Future[tuple[float, np.ndarray]]":
+        """The step's place in the batch of this loop turn (for a step `now` did not score): await it."""
         loop = asyncio.get_running_loop()
         pending = self._pending.get(loop)
         fut = loop.create_future()
@@ -49,11 +51,11 @@ class ScoreBatcher:
             pending = self._pending[loop] = []
             loop.call_soon(self._flush, loop)
         pending.append((logits, structure, fut))
-        return await fut
+        return fut
 
     def now(self, logits: np.ndarray, structure: list[float]) -> tuple[float, np.ndarray] | None:
         """`score` in place, for a step that is alone (no batch open, nothing else ready to run in
-        this loop turn); None: other steps may join its batch (then await `score`)."""
+        this loop turn); None: other steps may join its batch (then await `join`)."""
         loop = asyncio.get_running_loop()
         if loop in self._pending or getattr(loop, "_ready", True):
             return None
