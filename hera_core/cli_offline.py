@@ -135,6 +135,21 @@ def cmd_drafts(args) -> int:
     return 0
 
 
+def _workloads(specs: list[str] | None) -> dict[str, tuple[str, ...]] | None:
+    """`--workload NAME=PATTERN[,PATTERN...]` options -> {name: family patterns}."""
+    if not specs:
+        return None
+    out: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        name, _, pats = spec.partition("=")
+        patterns = tuple(p.strip() for p in pats.split(",") if p.strip())
+        if not name.strip() or not patterns or name.strip() in out:
+            raise UsageError(f"--workload {spec!r}: give NAME=FAMILY[,FAMILY...] (fnmatch patterns such as bfcl_*), "
+                             "each name once")
+        out[name.strip()] = patterns
+    return out
+
+
 def cmd_train(args) -> int:
     from hera_core.offline.profiling import load_traces
     from hera_core.offline.training import CostTarget, train
@@ -150,7 +165,7 @@ def cmd_train(args) -> int:
         cost = CostTarget(args.cloud_budget, _settings(args).prices) \
             if args.cost_aware or args.cloud_budget is not None else None
         predictor, report = train(traces, max_drop=args.max_drop, dask_client=client, openings=openings,
-                                  votes=_votes(args, traces), cost=cost)
+                                  votes=_votes(args, traces), cost=cost, workloads=_workloads(args.workload))
     finally:
         if client is not None:
             client.close()
@@ -391,4 +406,8 @@ def add_offline_parsers(sub) -> None:
     t.add_argument("--cloud-budget", type=float, metavar="SHARE",
                    help="with --cost-aware implied: the best estimated accuracy at most this share of "
                         "All-LLM's cloud cost (0-1] on the validation tasks")
+    t.add_argument("--workload", action="append", metavar="NAME=FAMILY,...",
+                   help="one operating point (kappa, draft band) per workload, calibrated on its own validation "
+                        "tasks and chosen at run time by the familiarity check; FAMILY: traced family names or "
+                        "fnmatch patterns (bfcl_*); repeat for each workload, every traced family in one")
     t.set_defaults(func=cmd_train)

@@ -343,3 +343,32 @@ def test_report_compares_hera_with_each_method_on_the_same_tasks(profiled):
         assert d["diff"] == pytest.approx(report["methods"]["hera"]["accuracy"] - report["methods"][name]["accuracy"])
     router = report["methods"]["query_router_cost"]
     assert router["cloud_cost_usd"] <= report["methods"]["hera"]["cloud_cost_usd"] + 1e-12
+
+
+def test_hera_takes_each_workloads_operating_point_as_the_runtime_does(profiled):
+    """A predictor shared by workloads: the evaluated HERA routes each task's steps at the threshold
+    of the workload its task is most like (Predictor.threshold_at, which the runtime reads)."""
+    from hera_core.offline.evaluation import Hera
+    from hera_core.offline.harness import first_messages
+    from hera_core.routing.familiarity import fit_familiarity, opening_text
+    from hera_core.routing.predictor import Kappa, Workload
+
+    tmp, tasks, _ = profiled
+    families = sorted({t.family for t in tasks})
+    cache = CompletionCache(tmp / "cache.sqlite", read_only=True)
+    predictor = random_predictor(kappa=Kappa(0.5, 0.0, 0))
+    predictor.familiarity = fit_familiarity(
+        [(t.family, opening_text(first_messages(t))) for t in make_tasks(families, per_family=10, split="train")], [])
+    local, cloud = Kappa(-0.01, 0.0, 0), Kappa(1.01, 0.0, 0)
+    predictor.workloads = (Workload("a", (families[0],), local), Workload("b", (families[1],), cloud))
+    ev = Evaluator(CachingEngine(_Offline(TINY), cache), CachingEngine(_Offline(TINY), cache), predictor, cache,
+                   load_settings(env={}).prices, TINY)
+    try:
+        for task in tasks:
+            msgs = first_messages(task)
+            row = run(ev.feature_row(msgs, 0, task))
+            kappa = local if task.family == families[0] else cloud
+            assert ev.threshold(row, 0, msgs) == kappa.at(0, 0)
+            assert run(Hera().route(task, 0, msgs, ev)) == ("local" if task.family == families[0] else "cloud")
+    finally:
+        cache.close()

@@ -127,15 +127,16 @@ class Hera(Method):
         """The step plan as the runtime makes it with this method's settings (policy.vote "off"
         for `votes = False`, no draft band for `drafts = False`), and the step's feature row (None
         when the plan does not read the score: the row is then not looked up)."""
-        stage = ev.predictor.draft if self.drafts else None
-        facts = StepFacts(step=step, unfamiliar=self.unfamiliar != "trust" and ev.unfamiliar(messages),
-                          on_unfamiliar=self.unfamiliar, draft_band=stage.band if stage is not None else 0.0,
+        tools = toolset is not None
+        facts = StepFacts(step=step, unfamiliar=self.unfamiliar != "trust" and ev.unfamiliar(messages, tools),
+                          on_unfamiliar=self.unfamiliar,
+                          draft_band=ev.predictor.draft_band_for(messages, tools) if self.drafts else 0.0,
                           vote=ev.predictor.vote if self.votes else None, tools=toolset is not None)
         row = None
         if needs_score(facts):
             row = await ev.feature_row(messages, step, toolset=toolset)
             facts = replace(facts, p_local=float(ev.predictor.predict(row)[0]),
-                            threshold=ev.threshold(row, step) + self.offset)
+                            threshold=ev.threshold(row, step, messages, tools) + self.offset)
         return plan_step(facts), row
 
     async def route(self, task, step, messages, ev):
@@ -245,14 +246,19 @@ class Evaluator:
         return feature_matrix(np.asarray([feats["logit"]], dtype=np.float32),
                               [structure_features(step, feats["prompt_tokens"], messages, toolset)])
 
-    def threshold(self, row: np.ndarray, step: int) -> float:
+    def threshold(self, row: np.ndarray, step: int, messages: list[Message] | None = None,
+                  tools: bool = False) -> float:
         """kappa at this step, as the runtime weighs it (by the step's expected cloud cost too, when
-        the predictor has a cost weight); `row` is the step's feature row."""
-        return self.predictor.kappa.at(step, float(row[0, PROMPT_TOKENS_COLUMN]))
+        the predictor has a cost weight; its workload's, given the step's `messages` and whether
+        it offers `tools`); `row` is the step's feature row."""
+        tokens = float(row[0, PROMPT_TOKENS_COLUMN])
+        if messages is None:
+            return self.predictor.kappa.at(step, tokens)
+        return self.predictor.threshold_at(messages, step, tokens, tools)
 
-    def unfamiliar(self, messages: list[Message]) -> bool:
+    def unfamiliar(self, messages: list[Message], tools: bool = False) -> bool:
         fam = self.predictor.familiarity
-        return fam is not None and not fam.familiar(messages)
+        return fam is not None and not fam.familiar(messages, tools)
 
     async def p_local(self, messages: list[Message], step: int, task: Task | None = None) -> float:
         return float(self.predictor.predict(await self.feature_row(messages, step, task))[0])
@@ -285,7 +291,8 @@ class Evaluator:
         draft, check = await self.draft_and_check(messages, toolset, with_logprobs=plan.action is Action.DRAFT,
                                                   prelude=prelude)
         outcome = DraftOutcome(check.passed, tool_calls=bool(draft.tool_calls), tool_errors=bool(draft.tool_errors),
-                               stage_keep=self.predictor.keep_draft(row, check)[0] if plan.draft_stage_decides
+                               stage_keep=self.predictor.keep_draft(row, check, messages, toolset is not None)[0]
+                               if plan.draft_stage_decides
                                else None)
         draft_key = None
         if vote_key_wanted(plan, outcome):
@@ -349,7 +356,8 @@ class Evaluator:
                 result.invalid_tool_calls += invalid_calls(gen, toolset)
                 all_cloud = self.prices.cloud_cost(gen.prompt_tokens, gen.completion_tokens)
                 result.steps.append(StepRecord(route, gen.latency_s + draft_s, all_cloud if route == "cloud" else 0.0,
-                                               all_cloud, escalated=escalated, unfamiliar=self.unfamiliar(messages)))
+                                               all_cloud, escalated=escalated,
+                                               unfamiliar=self.unfamiliar(messages, toolset is not None)))
                 return step_text(gen), route
 
             traj = await run_task(task, step_fn)

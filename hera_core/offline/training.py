@@ -18,7 +18,7 @@ from hera_core.config import PriceSettings
 from hera_core.errors import UsageError
 from hera_core.routing.familiarity import fit_familiarity
 from hera_core.routing.predictor import (DRAFT_STAGE_FEATURE_NAMES, FEATURE_NAMES, PROMPT_TOKENS_COLUMN, CostWeight,
-                                         DraftStage, Kappa, Predictor, VoteStage)
+                                         DraftStage, Kappa, Predictor, VoteStage, Workload)
 
 XGB_PARAMS = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.1, "subsample": 0.9,
               "min_child_weight": 1.0, "eval_metric": "auc", "nthread": 1, "seed": 0}
@@ -295,16 +295,23 @@ def _fit_booster(X: np.ndarray, y: np.ndarray, num_rounds: int, dask_client=None
 
 def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: int = 100, dask_client=None,
           openings: dict[str, str] | None = None, votes: dict[str, FirstStepVote] | None = None,
-          cost: CostTarget | None = None) -> tuple[Predictor, dict[str, Any]]:
+          cost: CostTarget | None = None,
+          workloads: dict[str, tuple[str, ...]] | None = None) -> tuple[Predictor, dict[str, Any]]:
     """Fit the predictor on the train split, calibrate kappa on val; with draft features in the
     traces, the draft stage too; with `openings` (task id -> the task's opening user message),
     the familiarity check that tells the runtime when a step is unlike every training task; with
     `votes` (task id -> its first step's vote), the vote stage and kappa calibrated together; with
-    `cost`, kappa cost-aware (`CostTarget`). The draft and vote stages are calibrated for the most
-    steps local within `max_drop`, so a cloud budget is not combined with them."""
+    `cost`, kappa cost-aware (`CostTarget`); with `workloads` (name -> family patterns, each traced
+    family in exactly one), one operating point per workload besides the pooled one
+    (`calibrate_workloads`: it needs `openings` of every family). The draft and vote stages are
+    calibrated for the most steps local within `max_drop`, so a cloud budget is not combined with them."""
     cloud_budget = cost.budget if cost is not None else None
     if cloud_budget is not None and not 0.0 < cloud_budget <= 1.0:
         raise UsageError(f"the cloud budget is a share of All-LLM's cloud cost, in (0, 1]; got {cloud_budget}")
+    groups = workload_families(traces, workloads) if workloads else None
+    if groups and votes:
+        raise UsageError("a vote stage is calibrated for one operating point, not per workload: drop --votes or "
+                         "--workload")
     if cloud_budget is not None and votes:
         raise UsageError("a cloud budget and a vote stage cannot be calibrated together yet (the vote stage keeps "
                          "the most steps local within --max-drop): drop --votes or --cloud-budget")
@@ -346,7 +353,8 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
     if openings:
         predictor.familiarity = fit_familiarity(
             [(t["family"], openings[t["task_id"]]) for t in traces if t["split"] == "train" and t["task_id"] in openings],
-            [(t["family"], openings[t["task_id"]]) for t in traces if t["split"] == "val" and t["task_id"] in openings])
+            [(t["family"], openings[t["task_id"]]) for t in traces if t["split"] == "val" and t["task_id"] in openings],
+            tools=family_tools(traces))
         report["familiarity"] = {**predictor.familiarity.meta, "thresholds": dict(zip(
             predictor.familiarity.families, (round(float(x), 4) for x in predictor.familiarity.thresholds)))}
     if votes:
@@ -355,7 +363,86 @@ def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: i
             cost_report["kappa_base_with_vote_stage"] = predictor.kappa.base
         report["kappa"] = predictor.kappa.to_dict()  # with the votes
         predictor.meta.update(vote_stage=report["vote_stage"], kappa=report["kappa"])
+    if groups:
+        predictor.workloads, report["workloads"] = calibrate_workloads(traces, predictor, groups,
+                                                                       max_drop=max_drop, cost=cost)
+        predictor.meta["workloads"] = report["workloads"]
     return predictor, report
+
+
+def family_tools(traces: list[dict[str, Any]]) -> dict[str, bool]:
+    """Family -> whether its tasks offer tools (most of its tasks' first steps do)."""
+    column = FEATURE_NAMES.index("tools_offered")
+    votes: dict[str, list[bool]] = {}
+    for t in traces:
+        if t["steps"]:
+            votes.setdefault(t["family"], []).append(t["steps"][0]["features"][column] > 0)
+    return {f: sum(v) * 2 > len(v) for f, v in votes.items()}
+
+
+def workload_families(traces: list[dict[str, Any]], patterns: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Workload name -> the traced families its patterns (fnmatch: `bfcl_*`) match. Every traced
+    family must match exactly one workload, and every workload some family: else a UsageError."""
+    from fnmatch import fnmatchcase
+
+    families = sorted({t["family"] for t in traces})
+    groups = {name: tuple(f for f in families if any(fnmatchcase(f, p) for p in pats))
+              for name, pats in patterns.items()}
+    empty = [name for name, fams in groups.items() if not fams]
+    if empty:
+        raise UsageError(f"--workload {empty[0]}={','.join(patterns[empty[0]])} matches none of the traced families "
+                         f"{families}")
+    for f in families:
+        owners = [name for name, fams in groups.items() if f in fams]
+        if len(owners) != 1:
+            raise UsageError(f"traced family {f!r} is in {'no' if not owners else 'more than one'} workload "
+                             f"({', '.join(owners) or 'none matches it'}): give each family exactly one --workload")
+    return groups
+
+
+def calibrate_workloads(traces: list[dict[str, Any]], predictor: Predictor, groups: dict[str, tuple[str, ...]], *,
+                        max_drop: float = 0.03, cost: CostTarget | None = None) -> tuple[tuple[Workload, ...], dict]:
+    """One operating point per workload, for the predictor's shared model(s): kappa (with its cost
+    weight, fitted on the workload's train split, with `cost`) and the draft stage's band and keep
+    threshold, calibrated on the workload's validation split exactly as `train` calibrates the
+    pooled ones. The familiarity check must know every family (it chooses the point at run time)."""
+    fam = predictor.familiarity
+    missing = sorted(set(f for fams in groups.values() for f in fams) - set(fam.families if fam else ()))
+    if missing:
+        raise UsageError(f"per-workload operating points are chosen by the familiarity check, which has no tasks of "
+                         f"{missing}: give their traces an opening (profile them again) or --tasks-file")
+    out, report = [], {}
+    for name, fams in groups.items():
+        own = [t for t in traces if t["family"] in fams]
+        calib = [t for t in own if t["split"] == "val"] or [t for t in own if t["split"] == "train"]
+        train_split = [t for t in own if t["split"] == "train"] or own
+        if cost is not None:
+            weight = fit_cost_weight(train_split, gamma=0.0, prices=cost.prices)
+            kappa, est, cost_report = calibrate_cost(calib, predictor, weight, max_drop=max_drop, budget=cost.budget,
+                                                     prices=cost.prices)
+        else:
+            kappa, est = calibrate(calib, predictor, max_drop)
+            cost_report = None
+        band, keep = 0.0, 1.01
+        probs = step_probs(predictor, calib)
+        local = kappa_routes(calib, probs, kappa)
+        if predictor.draft is not None:  # (trained only without a cloud budget)
+            band, keep, est = calibrate_draft_stage(calib, predictor, kappa, predictor.draft, max_drop)
+            if band > 0:
+                p2 = [predictor.draft.predict(np.asarray([s["features"] + s["draft_features"] for s in t["steps"]],
+                                                         dtype=np.float32)) for t in calib]
+                local = two_stage_routes(calib, probs, p2, kappa, band, keep)
+        Xv, yv = rows(calib, {calib[0]["split"]})
+        meta = {"families": list(fams), "calibration_tasks": len(calib), "calibration_split": calib[0]["split"],
+                "auc": auc(yv, np.concatenate(probs)), "max_drop": max_drop,
+                "est_accuracy": round(est.accuracy, 4), "llm_accuracy": round(est.llm_accuracy, 4),
+                "est_local_share": round(est.local_share, 4),
+                "draft_band": band, "keep_threshold": keep,
+                **({"est_cost_ratio": round(cost_ratio(calib, local, chars_per_token(calib), cost.prices), 4),
+                    "cost_calibration": cost_report} if cost is not None else {})}
+        out.append(Workload(name, fams, kappa, band, keep, meta))
+        report[name] = {**meta, "kappa": kappa.to_dict()}
+    return tuple(out), report
 
 
 def compare_labels(train: list[dict[str, Any]], evals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -416,6 +503,27 @@ def two_stage_routes(traces, p1: list[np.ndarray], p2: list[np.ndarray], kappa: 
     return out
 
 
+def calibrate_draft_stage(calib: list[dict[str, Any]], first: Predictor, kappa: Kappa, stage: DraftStage,
+                          max_drop: float) -> tuple[float, float, PolicyEstimate]:
+    """(band, keep threshold, estimate) of the draft stage on `calib` with the first stage's
+    `kappa`: the most steps local whose estimated accuracy stays within `max_drop` of All-LLM;
+    (0, 1.01, the first stage's estimate) when drafting keeps no more steps local."""
+    p1 = step_probs(first, calib)
+    p2 = [stage.predict(np.asarray([s["features"] + s["draft_features"] for s in t["steps"]], dtype=np.float32))
+          for t in calib]
+    best = None
+    for band in DRAFT_BANDS:  # ascending: a wider band (more drafting) must keep strictly more steps local
+        for keep in np.round(np.arange(0.05, 1.0001, 0.01), 2):
+            est = estimate_routes(calib, two_stage_routes(calib, p1, p2, kappa, band, float(keep)), kappa.base)
+            if est.accuracy >= est.llm_accuracy - max_drop and (best is None or est.local_share > best[2].local_share + 1e-9):
+                best = (band, float(keep), est)
+    if best is None:  # nothing meets the target: draft nothing
+        best = (0.0, 1.01, estimate(calib, p1, kappa))
+    if best[0] == 0.0:
+        best = (0.0, 1.01, best[2])  # the first stage alone is best: the stage stays off
+    return best
+
+
 def train_draft_stage(traces: list[dict[str, Any]], first: Predictor, *, max_drop: float = 0.03,
                       num_rounds: int = 100) -> tuple[DraftStage, dict[str, Any]]:
     """Fit the draft stage on the train split's drafts (prefill + draft features, the same
@@ -429,19 +537,7 @@ def train_draft_stage(traces: list[dict[str, Any]], first: Predictor, *, max_dro
     booster = xgb.train(XGB_PARAMS, xgb.DMatrix(X, label=y), num_boost_round=num_rounds)
     stage = DraftStage(model_json=bytes(booster.save_raw("json")))
     calib = [t for t in traces if t["split"] == "val"] or [t for t in traces if t["split"] == "train"]
-    p1 = step_probs(first, calib)
-    p2 = [stage.predict(np.asarray([s["features"] + s["draft_features"] for s in t["steps"]], dtype=np.float32))
-          for t in calib]
-    best = None
-    for band in DRAFT_BANDS:  # ascending: a wider band (more drafting) must keep strictly more steps local
-        for keep in np.round(np.arange(0.05, 1.0001, 0.01), 2):
-            est = estimate_routes(calib, two_stage_routes(calib, p1, p2, first.kappa, band, float(keep)), first.kappa.base)
-            if est.accuracy >= est.llm_accuracy - max_drop and (best is None or est.local_share > best[2].local_share + 1e-9):
-                best = (band, float(keep), est)
-    if best is None:  # nothing meets the target: draft nothing
-        best = (0.0, 1.01, estimate(calib, p1, first.kappa))
-    if best[0] == 0.0:
-        best = (0.0, 1.01, best[2])  # the first stage alone is best: the stage stays off
+    best = calibrate_draft_stage(calib, first, first.kappa, stage, max_drop)
     stage.band, stage.keep_threshold = best[0], best[1]
     Xv, yv = draft_rows(traces, {"val"})
     gain = booster.get_score(importance_type="gain")

@@ -79,7 +79,8 @@ class Drafter:
                                         timeout_s=self.check_timeout_s)
         row = st.features[None, :] if st.features is not None else None
         outcome = DraftOutcome(check.passed, tool_calls=bool(draft.tool_calls), tool_errors=bool(draft.tool_errors),
-                               stage_keep=predictor.keep_draft(row, check)[0] if plan.draft_stage_decides else None)
+                               stage_keep=predictor.keep_draft(row, check, st.messages, st.req.toolset is not None)[0]
+                               if plan.draft_stage_decides else None)
         draft_key = None
         if vote_key_wanted(plan, outcome):
             draft_key = await asyncio.to_thread(vote_key, draft.text, self.check_timeout_s)

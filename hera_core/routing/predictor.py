@@ -215,6 +215,44 @@ class VoteStage:
         return {"steps": self.steps, "k": self.k, "min_share": self.min_share, "meta": self.meta}
 
 
+@dataclass
+class Workload:
+    """One workload's operating point in a predictor trained on several (`hera train --workload`):
+    one model ranks every step, but the threshold P must reach (kappa and its cost weight) and how
+    the draft stage keeps a draft are calibrated on each workload's own validation tasks, since
+    their accuracies and costs differ (one threshold for all moved the steps of every workload).
+    A step takes the operating point of the training family its task is most like (the
+    familiarity check); an unfamiliar step that the policy trusts takes the predictor's own."""
+
+    name: str
+    families: tuple[str, ...]  # training families (the familiarity check's names) it holds
+    kappa: Kappa
+    draft_band: float = 0.0  # the draft stage's band here (0: this workload is not drafted)
+    keep_threshold: float = 1.01  # ... and the draft stage's P to keep a draft
+    meta: dict[str, Any] = field(default_factory=dict)  # its calibration
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.families or self.draft_band < 0 or not math.isfinite(self.keep_threshold):
+            raise ValueError(f"workload {self.name!r} needs a name, families, a draft band >= 0 and a finite keep "
+                             f"threshold, got families={self.families}, band={self.draft_band}, "
+                             f"keep={self.keep_threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "families": list(self.families), "kappa": self.kappa.to_dict(),
+                "draft_band": self.draft_band, "keep_threshold": self.keep_threshold, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Workload":
+        return cls(str(d["name"]), tuple(str(f) for f in d["families"]), _kappa_from_dict(d["kappa"]),
+                   float(d.get("draft_band", 0.0)), float(d.get("keep_threshold", 1.01)), d.get("meta", {}))
+
+
+def _kappa_from_dict(k: dict[str, Any]) -> Kappa:
+    cost = k.get("cost_weight")
+    return Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5)),
+                 None if cost is None else CostWeight.from_dict(cost))
+
+
 def predictor_version(predictor: Predictor) -> str:
     """The name of a predictor on ledger rows: its version in a learning folder (v0, v1, ...), else
     a short hash of its model, so rows of different predictors never share a name."""
@@ -246,8 +284,12 @@ class Predictor:
     familiarity: Familiarity | None = None  # what its training tasks looked like; None: every step is trusted
     vote: VoteStage | None = None  # first steps decided by the SLM's draft and samples; None: by kappa
     input_names: tuple[str, ...] = FEATURE_NAMES  # the columns of the rows it is given (its model reads feature_names)
+    workloads: tuple[Workload, ...] = ()  # per-workload operating points, chosen by the familiarity check
 
     def __post_init__(self) -> None:
+        # workload() per familiarity family, for the familiarity and workloads it was built from
+        self._by_family: tuple[Familiarity | None, tuple[Workload, ...] | None, list[Workload | None]] = \
+            (None, None, [])
         self._impl = None  # X -> P, loaded at the first call (`_evaluator`)
         self._fused = None  # the native forest's score_logits, where the forest is native
         unknown = [n for n in self.feature_names if n not in self.input_names]
@@ -312,14 +354,48 @@ class Predictor:
         X = feature_matrix(feats, structure)
         return self.predict(X), X
 
-    def keep_draft(self, prefill_row: np.ndarray, check: DraftCheck) -> tuple[bool, float | None]:
+    def keep_draft(self, prefill_row: np.ndarray, check: DraftCheck, messages: list[dict[str, Any]] | None = None,
+                   tools: bool = False) -> tuple[bool, float | None]:
         """Second stage for an uncertain step: (keep the SLM's draft?, P from the draft stage or
-        None when this predictor has none and the draft's own checks decide)."""
+        None when this predictor has none and the draft's own checks decide); `messages` (and
+        `tools`): the step's, whose workload's keep threshold applies (`workload`)."""
         if self.draft is None:
             return check.passed, None
         X = np.hstack([prefill_row.reshape(1, -1), check.features.reshape(1, -1)]).astype(np.float32)
         p = float(self.draft.predict(X)[0])
-        return p >= self.draft.keep_threshold, p
+        w = self.workload(messages, tools) if messages is not None and self.workloads else None
+        return p >= (self.draft.keep_threshold if w is None else w.keep_threshold), p
+
+    # --- one predictor, several workloads ---------------------------------------------------------
+    def workload(self, messages: list[dict[str, Any]], tools: bool = False) -> Workload | None:
+        """The operating point of the training family this step's task is most like (`tools`: the
+        step offers tools; `Familiarity.nearest`); None when the predictor has none (one for every
+        step: its own kappa and draft stage) or the step is unfamiliar."""
+        if not self.workloads:
+            return None
+        fam = self.familiarity
+        if fam is None:
+            raise ConfigError("a predictor with workloads needs its familiarity section; retrain it with `hera train`")
+        seen_fam, seen_workloads, by_family = self._by_family
+        if seen_fam is not fam or seen_workloads is not self.workloads:  # (both may be set after init)
+            owner = {f: w for w in self.workloads for f in w.families}
+            by_family = [owner.get(f) for f in fam.families]
+            self._by_family = (fam, self.workloads, by_family)
+        i = fam.nearest(messages, tools)
+        return None if i is None else by_family[i]
+
+    def threshold_at(self, messages: list[dict[str, Any]], step: int, prompt_tokens: float,
+                     tools: bool = False) -> float:
+        """The step's threshold: its workload's kappa at this step (`Kappa.at`), else the predictor's."""
+        w = self.workload(messages, tools) if self.workloads else None
+        return (self.kappa if w is None else w.kappa).at(step, prompt_tokens)
+
+    def draft_band_for(self, messages: list[dict[str, Any]], tools: bool = False) -> float:
+        """The draft stage's band at this step: its workload's, else the stage's (0: no draft stage)."""
+        w = self.workload(messages, tools) if self.workloads else None
+        if w is not None:
+            return w.draft_band
+        return self.draft.band if self.draft is not None else 0.0
 
     # --- files ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -334,6 +410,8 @@ class Predictor:
             d["familiarity"] = self.familiarity.to_dict()
         if self.vote is not None:
             d["vote_stage"] = self.vote.to_dict()
+        if self.workloads:
+            d["workloads"] = [w.to_dict() for w in self.workloads]
         return d
 
     def save(self, path: str | Path) -> None:
@@ -377,7 +455,30 @@ class Predictor:
         vote = _section(path, d.get("vote_stage"), "its vote stage", "hera train --votes",
                         lambda v: VoteStage(int(v["steps"]), int(v["k"]), float(v["min_share"]), v.get("meta", {})))
         cost = _section(path, k.get("cost_weight"), "its cost weight", "hera train --cost-aware", CostWeight.from_dict)
+        workloads = _section(path, d.get("workloads"), "its workload section", "hera train --workload",
+                             lambda ws: tuple(Workload.from_dict(w) for w in ws)) or ()
+        _check_workloads(path, workloads, familiarity, draft)
         return cls(model_json=base64.b64decode(d["model_b64"]), feature_names=names,
                    kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5)),
                                cost),
-                   meta=d.get("meta", {}), draft=draft, familiarity=familiarity, vote=vote)
+                   meta=d.get("meta", {}), draft=draft, familiarity=familiarity, vote=vote, workloads=workloads)
+
+
+def _check_workloads(path, workloads: tuple[Workload, ...], familiarity: Familiarity | None,
+                     draft: DraftStage | None) -> None:
+    """A predictor file's workloads must name families its familiarity check knows, each once, and
+    draft only with a draft stage: else a ConfigError (never a step routed by the wrong point)."""
+    if not workloads:
+        return
+    fix = "; retrain it with `hera train --workload`"
+    if familiarity is None:
+        raise ConfigError(f"predictor file {path} has workloads but no familiarity section to choose them by{fix}")
+    named = [f for w in workloads for f in w.families]
+    unknown = sorted(set(named) - set(familiarity.families))
+    twice = sorted({f for f in named if named.count(f) > 1})
+    if unknown or twice:
+        raise ConfigError(f"predictor file {path}: its workloads name families "
+                          f"{unknown or twice} {'its familiarity check does not know' if unknown else 'twice'}{fix}")
+    drafted = [w.name for w in workloads if w.draft_band > 0]
+    if drafted and draft is None:
+        raise ConfigError(f"predictor file {path}: workloads {drafted} draft, and it has no draft stage{fix}")

@@ -124,25 +124,30 @@ class Runtime:
         return self._scorer.stats
 
     async def score(self, messages: list[Message], step: int, toolset: ToolSet | None = None, *,
-                    features_toolset: ToolSet | None = None, schema_size: int = 0) -> Score:
+                    features_toolset: ToolSet | None = None, schema_size: int = 0,
+                    agent_tools: bool | None = None) -> Score:
         """SLM prefill + features + predictor for one subtask (the prompt as the local answer
         would continue it: with the offered tools rendered). `features_toolset`: what the tool
         features describe where it is not `toolset` (a structured answer under the engine's own
         grammar is, to the predictor, the forced answer call it is on an engine without one);
-        `schema_size`: a structured step's schema size (`ResponseFormat.size`)."""
+        `schema_size`: a structured step's schema size (`ResponseFormat.size`); `agent_tools`:
+        the agent offers tools (None: `toolset` is given), which tells a predictor shared by
+        workloads the step's kind."""
         pre = await (self.local.prefill(messages) if toolset is None else self.local.prefill(messages, toolset=toolset))
         described = features_toolset if features_toolset is not None else toolset
         structure = structure_features(step, pre.prompt_tokens, messages, described, schema_size)
         scored = self._scorer.now(pre.logits, structure)  # (no await: a lone step is scored in place)
         p, X = scored if scored is not None else await self._scorer.join(pre.logits, structure)
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
-        kappa = self._predictor.kappa.at(step, pre.prompt_tokens)
+        tools = toolset is not None if agent_tools is None else agent_tools
+        kappa = self._predictor.threshold_at(messages, step, pre.prompt_tokens, tools)  # (its workload's, if any)
         return Score(p, kappa + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
 
-    def is_unfamiliar(self, messages: list[Message]) -> bool:
-        """The step is unlike every task the predictor was trained on (and the policy distrusts that)."""
+    def is_unfamiliar(self, messages: list[Message], tools: bool = False) -> bool:
+        """The step is unlike every task the predictor was trained on (and the policy distrusts
+        that); `tools`: the agent offers tools at this step."""
         fam = self._predictor.familiarity
-        return self.unfamiliar != "trust" and fam is not None and not fam.familiar(messages)
+        return self.unfamiliar != "trust" and fam is not None and not fam.familiar(messages, tools)
 
     # --- one step: plan, decide, answer, book ------------------------------------------------------
     async def complete(self, messages: list[Message], *, session: str, **options: Any) -> SubtaskResult:
@@ -242,25 +247,26 @@ class Runtime:
         if st.cloud_reason is not None:
             why_not_local = f"the request asks for {st.cloud_reason}, which only the cloud serves"
         score = None
+        tools = req.toolset is not None  # the agent's own tools (not a structured answer's call): the step's kind
         if req.override is not Override.CLOUD_ONLY and why_not_local is None:
             try:
                 fmt = req.response_format
                 if fmt is None:
-                    score = await self.score(req.messages, req.step, st.toolset)
+                    score = await self.score(req.messages, req.step, st.toolset, agent_tools=tools)
                 else:
                     shaped = answer_toolset(fmt) if st.structured_on_slm else None
                     score = await self.score(req.messages, req.step, st.toolset, features_toolset=shaped,
-                                             schema_size=fmt.size)
+                                             schema_size=fmt.size, agent_tools=tools)
             except CannotServeLocallyError as exc:  # too long for its window, tools it cannot decode
                 why_not_local = str(exc)
         predictor = self._predictor
-        band = self.draft_band if self.draft_band is not None else \
-            (predictor.draft.band if predictor.draft is not None else 0.0)
+        band = self.draft_band if self.draft_band is not None else predictor.draft_band_for(req.messages, tools)
         facts = StepFacts(
             step=req.step, p_local=score.p_local if score else None,
             threshold=(req.threshold if req.threshold is not None else score.threshold) if score else None,
             override=req.override, why_not_local=why_not_local,
-            unfamiliar=req.override is Override.AUTO and why_not_local is None and self.is_unfamiliar(req.messages),
+            unfamiliar=req.override is Override.AUTO and why_not_local is None and
+            self.is_unfamiliar(req.messages, tools),
             on_unfamiliar=self.unfamiliar, draft_band=band, vote=predictor.vote if self.vote == "auto" else None,
             fixed_threshold=req.threshold is not None, tools=st.toolset is not None or bool(st.engine_extra),
             samples=req.samples, agreement_k=self.agreement_k, agreement_min=self.agreement_min)
