@@ -135,18 +135,24 @@ def cmd_drafts(args) -> int:
     return 0
 
 
-def _workloads(specs: list[str] | None) -> dict[str, tuple[str, ...]] | None:
-    """`--workload NAME=PATTERN[,PATTERN...]` options -> {name: family patterns}."""
+def _workloads(specs: list[str] | None) -> dict | None:
+    """`--workload NAME=PATTERN[,PATTERN...][:OPTION,...]` options -> {name: WorkloadSpec}."""
+    from hera_core.offline.training import WORKLOAD_OPTIONS, WorkloadSpec
+
     if not specs:
         return None
-    out: dict[str, tuple[str, ...]] = {}
+    out: dict[str, WorkloadSpec] = {}
     for spec in specs:
-        name, _, pats = spec.partition("=")
+        name, _, rest = spec.partition("=")
+        pats, _, opts = rest.partition(":")
+        name = name.strip()
         patterns = tuple(p.strip() for p in pats.split(",") if p.strip())
-        if not name.strip() or not patterns or name.strip() in out:
-            raise UsageError(f"--workload {spec!r}: give NAME=FAMILY[,FAMILY...] (fnmatch patterns such as bfcl_*), "
-                             "each name once")
-        out[name.strip()] = patterns
+        options = [o.strip() for o in opts.split(",") if o.strip()]
+        bad = [o for o in options if o not in WORKLOAD_OPTIONS]
+        if not name or not patterns or name in out or bad:
+            raise UsageError(f"--workload {spec!r}: give NAME=FAMILY[,FAMILY...][:OPTION,...] (fnmatch patterns such "
+                             f"as bfcl_*; options {', '.join(WORKLOAD_OPTIONS)}), each name once")
+        out[name] = WorkloadSpec(patterns, **{k: v for o in options for k, v in WORKLOAD_OPTIONS[o].items()})
     return out
 
 
@@ -191,6 +197,8 @@ def cmd_eval(args) -> int:
     if args.offline and not args.families:  # with no other flag, replay the committed evaluation
         args.traces = args.traces or str(COMMITTED_EVAL / "traces-test.jsonl")
         args.cache = args.cache or str(COMMITTED_EVAL / "completions.sqlite.xz")
+        # the predictor that run was made with (the shipped one is now shared by every workload)
+        args.predictor = args.predictor or str(COMMITTED_EVAL / "predictor.json")
         if args.tasks_per_family is None:
             args.tasks_per_family = 80
     if args.tasks_per_family is None:
@@ -349,7 +357,8 @@ def add_offline_parsers(sub) -> None:
                     "estimated curve)")
     ev.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--predictor", help="predictor file (default: the configured or shipped one)")
+    ev.add_argument("--predictor", help="predictor file (default: the configured or shipped one; with --offline "
+                    "alone, the committed run's bench/eval/predictor.json)")
     ev.add_argument("--cache", help="completion cache (default: <cache_dir>/completions.sqlite)")
     ev.add_argument("--offline", action="store_true", help="replay from the cache only; a miss is an error")
     ev.add_argument("--plot", default="eval.png", help="PNG of accuracy vs cloud cost ('' for none)")
@@ -406,8 +415,9 @@ def add_offline_parsers(sub) -> None:
     t.add_argument("--cloud-budget", type=float, metavar="SHARE",
                    help="with --cost-aware implied: the best estimated accuracy at most this share of "
                         "All-LLM's cloud cost (0-1] on the validation tasks")
-    t.add_argument("--workload", action="append", metavar="NAME=FAMILY,...",
-                   help="one operating point (kappa, draft band) per workload, calibrated on its own validation "
-                        "tasks and chosen at run time by the familiarity check; FAMILY: traced family names or "
-                        "fnmatch patterns (bfcl_*); repeat for each workload, every traced family in one")
+    t.add_argument("--workload", action="append", metavar="NAME=FAMILY,...[:OPTION,...]",
+                   help="one operating point (kappa, its own draft stage) per workload, calibrated on its own "
+                        "validation tasks and chosen at run time by the familiarity check; FAMILY: traced family "
+                        "names or fnmatch patterns (bfcl_*); OPTION: no-draft (never drafted), kappa-alone (no "
+                        "cost weight even with --cost-aware); repeat for each workload, every traced family in one")
     t.set_defaults(func=cmd_train)

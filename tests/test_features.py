@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,8 +227,10 @@ def test_the_live_paths_one_call_score_equals_features_rows_and_predictor_apart(
     structure = [structure_features(i, 40 + 7 * i, messages, None, 3 * i) for i in range(3)]
     X_apart = feature_matrix(np.concatenate([native_features(r.reshape(1, -1)) for r in rows]), structure)
 
-    predictor = Predictor.load()
-    assert predictor._col_index is not None  # the shipped model reads the first columns only
+    # the six-family run's predictor: an older schema's file, whose model reads the first columns only
+    older = Path(__file__).resolve().parents[1] / "bench" / "eval" / "predictor.json"
+    predictor = Predictor.load(older)
+    assert predictor._col_index is not None
     P, X = predictor.score_logits(rows, structure)
     assert predictor._fused is not None  # the native one-call path ran
     np.testing.assert_array_equal(X, X_apart)
@@ -235,8 +238,13 @@ def test_the_live_paths_one_call_score_equals_features_rows_and_predictor_apart(
     P1, X1 = predictor.score_logits(rows[2:], structure[2:])  # one step (the lone step's case)
     np.testing.assert_array_equal(P1, P[2:])
     np.testing.assert_array_equal(X1, X[2:])
+    shipped = Predictor.load()  # today's schema: its model reads the whole row
+    P_all, X_all = shipped.score_logits(rows, structure)
+    assert shipped._col_index is None and shipped._fused is not None
+    np.testing.assert_array_equal(X_all, X_apart)
+    np.testing.assert_array_equal(P_all, shipped.predict(X_apart))
 
-    twin = Predictor.load()  # the numpy twins, as where the native core is not built
+    twin = Predictor.load(older)  # the numpy twins, as where the native core is not built
     forest = Forest.from_json_bytes(twin.model_json, native=False)
     twin._impl, twin._fused = forest.kernel, None
     P_twin, X_twin = twin.score_logits(rows, structure)

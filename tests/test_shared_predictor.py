@@ -10,7 +10,8 @@ import pytest
 from hera_core.checks.drafts import DRAFT_FEATURE_NAMES
 from hera_core.errors import ConfigError, UsageError
 from hera_core.offline.harness import first_messages
-from hera_core.offline.training import CostTarget, calibrate, calibrate_cost, fit_cost_weight, train, workload_families
+from hera_core.offline.training import (CostTarget, WorkloadSpec, calibrate, calibrate_cost, fit_cost_weight, train,
+                                       workload_families)
 from hera_core.offline.workloads import make_tasks
 from hera_core.routing.familiarity import fit_familiarity, opening_text
 from hera_core.routing.plan import Action
@@ -40,12 +41,12 @@ def first_step(family):
     return first_messages(make_tasks([family], 1, split="test")[0])
 
 
-def two_workloads(fam, predictor=None, **kw) -> Predictor:
-    """Arithmetic and letter counting always local, the rest always cloud; the predictor's own
-    kappa (for a trusted unfamiliar step) in between."""
+def two_workloads(fam, predictor=None, draft=None) -> Predictor:
+    """Arithmetic and letter counting always local (drafted by `draft`), the rest always cloud;
+    the predictor's own kappa (for a trusted unfamiliar step) in between."""
     p = predictor or random_predictor(kappa=Kappa(0.5, 0.0, 0))
     p.familiarity = fam
-    p.workloads = (Workload("easy", ("basic_arithmetic", "letter_counting"), ALWAYS_LOCAL, **kw),
+    p.workloads = (Workload("easy", ("basic_arithmetic", "letter_counting"), ALWAYS_LOCAL, draft),
                    Workload("hard", ("word_sorting", "gsm_symbolic"), ALWAYS_CLOUD))
     return p
 
@@ -90,11 +91,12 @@ def test_training_records_which_families_offer_tools():
     assert family_tools(traces) == {"safe": True, "risky": False}
 
 
-def test_each_workload_takes_its_own_threshold_and_draft_band(fam):
-    stage = constant_draft_stage(keep=True)
-    p = two_workloads(fam, draft_band=0.3, keep_threshold=0.99)
-    p.draft = stage
-    stage.band, stage.keep_threshold = 0.1, 0.2
+def test_each_workload_takes_its_own_threshold_and_draft_stage(fam):
+    own = constant_draft_stage(keep=True, threshold=0.99)
+    own.band = 0.3
+    p = two_workloads(fam, draft=own)
+    p.draft = stage = constant_draft_stage(keep=True, threshold=0.2)
+    stage.band = 0.1
     easy, hard = first_step("basic_arithmetic"), first_step("word_sorting")
     assert p.workload(easy).name == "easy" and p.workload(hard).name == "hard" and p.workload(UNFAMILIAR) is None
     assert p.threshold_at(easy, 0, 100) == ALWAYS_LOCAL.at(0, 100)
@@ -108,15 +110,18 @@ def test_each_workload_takes_its_own_threshold_and_draft_band(fam):
 
     row = np.zeros((1, len(p.input_names)), dtype=np.float32)
     keep_p = p.keep_draft(row, Passed())[1]
-    assert 0.2 <= keep_p < 0.99  # the stage keeps at the stage's threshold, not at the easy workload's
+    assert 0.2 <= keep_p < 0.99  # the predictor's stage keeps at its threshold, the easy workload's would not
     assert p.keep_draft(row, Passed(), UNFAMILIAR)[0] and not p.keep_draft(row, Passed(), easy)[0]
+    assert p.keep_draft(row, Passed(), hard)[0]  # a workload without a stage of its own: the predictor's
 
 
 def test_workloads_survive_the_file_and_a_bad_section_is_refused(fam, tmp_path):
-    p = two_workloads(fam)
+    p = two_workloads(fam, draft=constant_draft_stage(keep=True, threshold=0.7))
     p.save(tmp_path / "p.json")
     q = Predictor.load(tmp_path / "p.json")
-    assert q.workloads == p.workloads and q.workload(first_step("gsm_symbolic")).name == "hard"
+    assert [(w.name, w.families, w.kappa) for w in q.workloads] == [(w.name, w.families, w.kappa) for w in p.workloads]
+    assert q.workload(first_step("gsm_symbolic")).name == "hard" and q.workloads[1].draft is None
+    assert (q.workloads[0].draft.keep_threshold, q.workloads[0].draft.model_json) == (0.7, p.workloads[0].draft.model_json)
     d = json.loads((tmp_path / "p.json").read_text())
 
     def refused(change, match):
@@ -128,10 +133,10 @@ def test_workloads_survive_the_file_and_a_bad_section_is_refused(fam, tmp_path):
 
     refused(lambda b: b["workloads"][0]["families"].append("mmlu"), "does not know")
     refused(lambda b: b["workloads"][1]["families"].append("basic_arithmetic"), "twice")
-    refused(lambda b: b["workloads"][0].update(draft_band=0.2), "no draft stage")
     refused(lambda b: b.pop("familiarity"), "no familiarity")
     refused(lambda b: b["workloads"][0].pop("kappa"), "its workload section is unreadable")
-    refused(lambda b: b["workloads"][0].update(draft_band=-1), "its workload section is unreadable")
+    refused(lambda b: b["workloads"][0].update(families=[]), "its workload section is unreadable")
+    refused(lambda b: b["workloads"][0]["draft_stage"]["feature_names"].pop(), "easy's draft stage lists features")
 
 
 def test_the_runtime_routes_each_workload_by_its_own_point(runtime, fam):  # noqa: F811
@@ -149,8 +154,9 @@ def test_the_runtime_routes_each_workload_by_its_own_point(runtime, fam):  # noq
     assert score.threshold == pytest.approx(0.5) and plan.action is (Action.LOCAL if score.p_local >= 0.5 else
                                                                       Action.CLOUD)
     # the workload's draft band: only the easy workload's steps are drafted
-    runtime.predictor.draft = constant_draft_stage(keep=True)
-    runtime.predictor.workloads = (Workload("easy", ("basic_arithmetic", "letter_counting"), ALWAYS_LOCAL, 5.0, 0.0),
+    stage = constant_draft_stage(keep=True, threshold=0.0)
+    stage.band = 5.0
+    runtime.predictor.workloads = (Workload("easy", ("basic_arithmetic", "letter_counting"), ALWAYS_LOCAL, stage),
                                    Workload("hard", ("word_sorting", "gsm_symbolic"), ALWAYS_CLOUD))
     assert run(runtime.plan(StepRequest(first_step("letter_counting"), "e2", step=0)))[0].action is Action.DRAFT
     assert run(runtime.plan(StepRequest(first_step("word_sorting"), "h2", step=0)))[0].action is Action.CLOUD
@@ -197,7 +203,7 @@ def workload_traces(seed=0):
 
 def test_training_calibrates_each_workload_on_its_own_validation_tasks():
     traces, openings = workload_traces()
-    groups = {"a": ("safe",), "b": ("ris*",)}
+    groups = {"a": WorkloadSpec(("safe",)), "b": WorkloadSpec(("ris*",))}
     p, report = train(traces, num_rounds=30, openings=openings, workloads=groups)
     a, b = p.workloads
     assert (a.name, a.families, b.families) == ("a", ("safe",), ("risky",))
@@ -215,17 +221,43 @@ def test_training_calibrates_each_workload_on_its_own_validation_tasks():
     assert p.workloads[0].kappa.cost.out_tokens[0] == pytest.approx(20, abs=1)
 
 
+def test_each_workload_gets_its_own_draft_stage_and_options():
+    """The risky family's drafts reveal its labels (the prefill cannot): its workload gets a draft
+    stage of its own that keeps more of its steps local; the safe workload, marked no-draft and
+    kappa-alone, is never drafted and has no cost weight although the training is cost-aware."""
+    traces, openings = workload_traces()
+    rng = np.random.default_rng(5)
+    for t in traces:
+        for s in t["steps"]:
+            if t["family"] == "risky":  # the prefill tells nothing here
+                s["features"][0] = float(rng.normal())
+            d = [0.0] * len(DRAFT_FEATURE_NAMES)
+            tells = t["family"] == "risky" and rng.random() < 0.95
+            d[DRAFT_FEATURE_NAMES.index("code_ran")] = float(s["label"] if tells else rng.random() < 0.5)
+            s["draft_features"] = d
+    specs = {"safe": WorkloadSpec(("safe",), draft=False, kappa_alone=True), "risky": WorkloadSpec(("risky",))}
+    p, report = train(traces, num_rounds=30, openings=openings, workloads=specs, cost=CostTarget())
+    safe, risky = p.workloads
+    assert safe.draft is None and report["workloads"]["safe"]["draft_stage"] == "off: the workload is not drafted"
+    assert safe.kappa.cost is None and risky.kappa.cost is not None
+    assert risky.draft is not None and risky.draft.band > 0 and risky.draft is not p.draft
+    kappa_only = report["workloads"]["risky"]["cost_calibration"]["chosen"]
+    assert report["workloads"]["risky"]["est_local_share"] > kappa_only["est_local_share"] + 0.1
+    assert report["workloads"]["risky"]["est_accuracy"] >= report["workloads"]["risky"]["llm_accuracy"] - 0.03
+
+
 def test_workloads_must_cover_every_traced_family_once():
     traces, openings = workload_traces()
+    assert workload_families(traces, {"all": WorkloadSpec(("*",))})["all"].families == ("risky", "safe")
     with pytest.raises(UsageError, match="'risky' is in no workload"):
-        workload_families(traces, {"a": ("safe",)})
+        workload_families(traces, {"a": WorkloadSpec(("safe",))})
     with pytest.raises(UsageError, match="more than one"):
-        workload_families(traces, {"a": ("*",), "b": ("risky",)})
+        workload_families(traces, {"a": WorkloadSpec(("*",)), "b": WorkloadSpec(("risky",))})
     with pytest.raises(UsageError, match="matches none"):
-        workload_families(traces, {"a": ("*",), "c": ("mmlu",)})
+        workload_families(traces, {"a": WorkloadSpec(("*",)), "c": WorkloadSpec(("mmlu",))})
     with pytest.raises(UsageError, match="familiarity check, which has no tasks of"):
         train(traces, num_rounds=5, openings={k: v for k, v in openings.items() if not k.startswith("risky")},
-              workloads={"a": ("safe",), "b": ("risky",)})
+              workloads={"a": WorkloadSpec(("safe",)), "b": WorkloadSpec(("risky",))})
 
 
 def test_the_cli_refuses_a_malformed_workload_in_one_line(tmp_path):
@@ -234,8 +266,30 @@ def test_the_cli_refuses_a_malformed_workload_in_one_line(tmp_path):
     traces, _ = workload_traces()
     path = tmp_path / "traces.jsonl"
     path.write_text("".join(json.dumps(t) + "\n" for t in traces))
-    for spec in (["nofamilies"], ["=safe"], ["a=safe", "--workload", "a=risky"]):
+    for spec in (["nofamilies"], ["=safe"], ["a=safe", "--workload", "a=risky"], ["a=*:no-such-option"]):
         proc = hera("train", str(path), "--workload", *spec, "--out", str(tmp_path / "p.json"))
         err = proc.stderr.strip()
         assert proc.returncode == 2 and "--workload" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("workload", ["bfcl", "workflows"])
+def test_the_shipped_predictors_replay_gives_the_committed_results(workload, tmp_path, monkeypatch):
+    """bench/eval/shared/replay.py, offline from the committed caches: the shipped predictor on the
+    workload's test tasks beside the workload's own predictor gives replay.json's figures exactly
+    (accuracies, costs, shares and paired intervals), so the docs' table is what this tree does."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("shared_replay", root / "bench" / "eval" / "shared" / "replay.py")
+    replay = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "shared_replay", replay)  # (its dataclass looks its module up)
+    spec.loader.exec_module(replay)
+    monkeypatch.setattr(replay, "WORK", tmp_path)  # its own copy of the committed cache
+    w = replay.WORKLOADS[workload]
+    if w.config:  # the workflow settings name their models' folder relative to the repository root
+        monkeypatch.chdir(root)
+    measured = run(replay.replay(workload, w, True, replay.SHIPPED))
+    assert json.loads(json.dumps(measured)) == json.loads((root / "bench/eval/shared/replay.json").read_text())[workload]

@@ -94,14 +94,17 @@ def estimate_routes(traces: list[dict[str, Any]], local: list[list[bool]], thres
 
 
 def calibrate(traces: list[dict[str, Any]], predictor: Predictor, max_drop: float,
-              per_step: float = 0.02, max_steps: int = 5) -> tuple[Kappa, PolicyEstimate]:
+              per_step: float = 0.02, max_steps: int = 5, weighed: bool = True) -> tuple[Kappa, PolicyEstimate]:
+    """kappa's base (the predictor's cost weight kept, unless not `weighed`): the most steps local
+    whose estimated accuracy stays within `max_drop` of All-LLM on `traces`."""
     probs = step_probs(predictor, traces)
+    weight = predictor.kappa.cost if weighed else None
     for base in np.round(np.arange(0.05, 1.0001, 0.01), 2):  # low to high: first feasible keeps most local
-        kappa = Kappa(float(base), per_step, max_steps, predictor.kappa.cost)
+        kappa = Kappa(float(base), per_step, max_steps, weight)
         est = estimate(traces, probs, kappa)
         if est.accuracy >= est.llm_accuracy - max_drop:
             return kappa, est
-    kappa = Kappa(1.01, per_step, max_steps, predictor.kappa.cost)  # nothing meets the target: all cloud
+    kappa = Kappa(1.01, per_step, max_steps, weight)  # nothing meets the target: all cloud
     return kappa, estimate(traces, probs, kappa)
 
 
@@ -296,13 +299,13 @@ def _fit_booster(X: np.ndarray, y: np.ndarray, num_rounds: int, dask_client=None
 def train(traces: list[dict[str, Any]], *, max_drop: float = 0.03, num_rounds: int = 100, dask_client=None,
           openings: dict[str, str] | None = None, votes: dict[str, FirstStepVote] | None = None,
           cost: CostTarget | None = None,
-          workloads: dict[str, tuple[str, ...]] | None = None) -> tuple[Predictor, dict[str, Any]]:
+          workloads: dict[str, WorkloadSpec] | None = None) -> tuple[Predictor, dict[str, Any]]:
     """Fit the predictor on the train split, calibrate kappa on val; with draft features in the
     traces, the draft stage too; with `openings` (task id -> the task's opening user message),
     the familiarity check that tells the runtime when a step is unlike every training task; with
     `votes` (task id -> its first step's vote), the vote stage and kappa calibrated together; with
-    `cost`, kappa cost-aware (`CostTarget`); with `workloads` (name -> family patterns, each traced
-    family in exactly one), one operating point per workload besides the pooled one
+    `cost`, kappa cost-aware (`CostTarget`); with `workloads` (name -> its spec, each traced family
+    in exactly one), one operating point per workload besides the pooled one
     (`calibrate_workloads`: it needs `openings` of every family). The draft and vote stages are
     calibrated for the most steps local within `max_drop`, so a cloud budget is not combined with them."""
     cloud_budget = cost.budget if cost is not None else None
@@ -380,67 +383,87 @@ def family_tools(traces: list[dict[str, Any]]) -> dict[str, bool]:
     return {f: sum(v) * 2 > len(v) for f, v in votes.items()}
 
 
-def workload_families(traces: list[dict[str, Any]], patterns: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    """Workload name -> the traced families its patterns (fnmatch: `bfcl_*`) match. Every traced
-    family must match exactly one workload, and every workload some family: else a UsageError."""
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A workload of `hera train --workload NAME=FAMILY,...[:OPTION,...]`: the traced families it
+    holds (fnmatch patterns: `bfcl_*`) and how its operating point is calibrated."""
+
+    patterns: tuple[str, ...]
+    draft: bool = True  # its own draft stage where its traces have drafts (option "no-draft": never drafted)
+    kappa_alone: bool = False  # kappa without a cost weight even with --cost-aware (option "kappa-alone")
+    families: tuple[str, ...] = ()  # the traced families the patterns match (`workload_families`)
+
+
+WORKLOAD_OPTIONS = {"no-draft": {"draft": False}, "kappa-alone": {"kappa_alone": True}}
+
+
+def workload_families(traces: list[dict[str, Any]], specs: dict[str, WorkloadSpec]) -> dict[str, WorkloadSpec]:
+    """The specs with the traced families their patterns match. Every traced family must match
+    exactly one workload, and every workload some family: else a UsageError."""
     from fnmatch import fnmatchcase
 
     families = sorted({t["family"] for t in traces})
-    groups = {name: tuple(f for f in families if any(fnmatchcase(f, p) for p in pats))
-              for name, pats in patterns.items()}
-    empty = [name for name, fams in groups.items() if not fams]
+    out = {name: replace(spec, families=tuple(f for f in families if any(fnmatchcase(f, p) for p in spec.patterns)))
+           for name, spec in specs.items()}
+    empty = [name for name, spec in out.items() if not spec.families]
     if empty:
-        raise UsageError(f"--workload {empty[0]}={','.join(patterns[empty[0]])} matches none of the traced families "
-                         f"{families}")
+        raise UsageError(f"--workload {empty[0]}={','.join(specs[empty[0]].patterns)} matches none of the traced "
+                         f"families {families}")
     for f in families:
-        owners = [name for name, fams in groups.items() if f in fams]
+        owners = [name for name, spec in out.items() if f in spec.families]
         if len(owners) != 1:
             raise UsageError(f"traced family {f!r} is in {'no' if not owners else 'more than one'} workload "
                              f"({', '.join(owners) or 'none matches it'}): give each family exactly one --workload")
-    return groups
+    return out
 
 
-def calibrate_workloads(traces: list[dict[str, Any]], predictor: Predictor, groups: dict[str, tuple[str, ...]], *,
+def calibrate_workloads(traces: list[dict[str, Any]], predictor: Predictor, specs: dict[str, WorkloadSpec], *,
                         max_drop: float = 0.03, cost: CostTarget | None = None) -> tuple[tuple[Workload, ...], dict]:
-    """One operating point per workload, for the predictor's shared model(s): kappa (with its cost
-    weight, fitted on the workload's train split, with `cost`) and the draft stage's band and keep
-    threshold, calibrated on the workload's validation split exactly as `train` calibrates the
-    pooled ones. The familiarity check must know every family (it chooses the point at run time)."""
+    """One operating point per workload for the predictor's shared model: kappa (with its cost weight
+    fitted on the workload's train split, with `cost` unless the spec says kappa alone), calibrated
+    on the workload's validation split as `train` calibrates a predictor of its own, and the
+    workload's own draft stage, fitted on its train split's drafts (where it has them and the spec
+    drafts). The familiarity check must know every family (it chooses the point at run time)."""
     fam = predictor.familiarity
-    missing = sorted(set(f for fams in groups.values() for f in fams) - set(fam.families if fam else ()))
+    missing = sorted(set(f for spec in specs.values() for f in spec.families) - set(fam.families if fam else ()))
     if missing:
         raise UsageError(f"per-workload operating points are chosen by the familiarity check, which has no tasks of "
                          f"{missing}: give their traces an opening (profile them again) or --tasks-file")
     out, report = [], {}
-    for name, fams in groups.items():
-        own = [t for t in traces if t["family"] in fams]
+    for name, spec in specs.items():
+        own = [t for t in traces if t["family"] in spec.families]
         calib = [t for t in own if t["split"] == "val"] or [t for t in own if t["split"] == "train"]
         train_split = [t for t in own if t["split"] == "train"] or own
-        if cost is not None:
+        cost_report = None
+        if cost is not None and not spec.kappa_alone:
             weight = fit_cost_weight(train_split, gamma=0.0, prices=cost.prices)
             kappa, est, cost_report = calibrate_cost(calib, predictor, weight, max_drop=max_drop, budget=cost.budget,
                                                      prices=cost.prices)
         else:
-            kappa, est = calibrate(calib, predictor, max_drop)
-            cost_report = None
-        band, keep = 0.0, 1.01
+            kappa, est = calibrate(calib, predictor, max_drop, weighed=False)
         probs = step_probs(predictor, calib)
         local = kappa_routes(calib, probs, kappa)
-        if predictor.draft is not None:  # (trained only without a cloud budget)
-            band, keep, est = calibrate_draft_stage(calib, predictor, kappa, predictor.draft, max_drop)
-            if band > 0:
-                p2 = [predictor.draft.predict(np.asarray([s["features"] + s["draft_features"] for s in t["steps"]],
-                                                         dtype=np.float32)) for t in calib]
-                local = two_stage_routes(calib, probs, p2, kappa, band, keep)
+        draft, draft_report = None, None
+        if spec.draft and has_drafts(train_split) and (cost is None or cost.budget is None):
+            draft, draft_report = train_draft_stage(own, predictor, max_drop=max_drop, kappa=kappa)
+            if draft.band > 0:
+                p2 = [draft.predict(np.asarray([s["features"] + s["draft_features"] for s in t["steps"]],
+                                               dtype=np.float32)) for t in calib]
+                local = two_stage_routes(calib, probs, p2, kappa, draft.band, draft.keep_threshold)
+                est = estimate_routes(calib, local, kappa.base)
+            else:  # drafting keeps no more steps local here: not drafted
+                draft, draft_report = None, f"off: it keeps no more steps local (val AUC {draft_report['auc_val']:.3f})"
         Xv, yv = rows(calib, {calib[0]["split"]})
-        meta = {"families": list(fams), "calibration_tasks": len(calib), "calibration_split": calib[0]["split"],
-                "auc": auc(yv, np.concatenate(probs)), "max_drop": max_drop,
+        meta = {"families": list(spec.families), "calibration_tasks": len(calib),
+                "calibration_split": calib[0]["split"], "auc": auc(yv, np.concatenate(probs)), "max_drop": max_drop,
                 "est_accuracy": round(est.accuracy, 4), "llm_accuracy": round(est.llm_accuracy, 4),
                 "est_local_share": round(est.local_share, 4),
-                "draft_band": band, "keep_threshold": keep,
-                **({"est_cost_ratio": round(cost_ratio(calib, local, chars_per_token(calib), cost.prices), 4),
-                    "cost_calibration": cost_report} if cost is not None else {})}
-        out.append(Workload(name, fams, kappa, band, keep, meta))
+                **({"est_cost_ratio": round(cost_ratio(calib, local, chars_per_token(calib), cost and cost.prices), 4)}
+                   if all("prompt_tokens" in s and "llm_text" in s for t in calib for s in t["steps"]) else {}),
+                "draft_stage": draft_report if draft_report is not None else
+                ("off: the workload is not drafted" if not spec.draft else "off: no drafts in its traces"),
+                **({"cost_calibration": cost_report} if cost_report is not None else {})}
+        out.append(Workload(name, spec.families, kappa, draft, meta))
         report[name] = {**meta, "kappa": kappa.to_dict()}
     return tuple(out), report
 
@@ -525,10 +548,11 @@ def calibrate_draft_stage(calib: list[dict[str, Any]], first: Predictor, kappa: 
 
 
 def train_draft_stage(traces: list[dict[str, Any]], first: Predictor, *, max_drop: float = 0.03,
-                      num_rounds: int = 100) -> tuple[DraftStage, dict[str, Any]]:
+                      num_rounds: int = 100, kappa: Kappa | None = None) -> tuple[DraftStage, dict[str, Any]]:
     """Fit the draft stage on the train split's drafts (prefill + draft features, the same
     substitution labels) and calibrate its band and keep threshold on the validation split:
-    the most steps local whose estimated accuracy stays within `max_drop` of All-LLM."""
+    the most steps local whose estimated accuracy stays within `max_drop` of All-LLM, with the
+    first stage's `kappa` (default: the predictor's)."""
     import xgboost as xgb
 
     X, y = draft_rows(traces, {"train"})
@@ -537,7 +561,7 @@ def train_draft_stage(traces: list[dict[str, Any]], first: Predictor, *, max_dro
     booster = xgb.train(XGB_PARAMS, xgb.DMatrix(X, label=y), num_boost_round=num_rounds)
     stage = DraftStage(model_json=bytes(booster.save_raw("json")))
     calib = [t for t in traces if t["split"] == "val"] or [t for t in traces if t["split"] == "train"]
-    best = calibrate_draft_stage(calib, first, first.kappa, stage, max_drop)
+    best = calibrate_draft_stage(calib, first, kappa or first.kappa, stage, max_drop)
     stage.band, stage.keep_threshold = best[0], best[1]
     Xv, yv = draft_rows(traces, {"val"})
     gain = booster.get_score(importance_type="gain")

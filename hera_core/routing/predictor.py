@@ -218,33 +218,26 @@ class VoteStage:
 @dataclass
 class Workload:
     """One workload's operating point in a predictor trained on several (`hera train --workload`):
-    one model ranks every step, but the threshold P must reach (kappa and its cost weight) and how
-    the draft stage keeps a draft are calibrated on each workload's own validation tasks, since
-    their accuracies and costs differ (one threshold for all moved the steps of every workload).
-    A step takes the operating point of the training family its task is most like (the
-    familiarity check); an unfamiliar step that the policy trusts takes the predictor's own."""
+    one model ranks every workload's steps, but the threshold P must reach (kappa and its cost
+    weight) is calibrated on each workload's own validation tasks, since their accuracies and costs
+    differ, and the draft stage is the workload's own, since a draft's checks mean different things
+    in each (a program that ran, a tool call that validates). A step takes the operating point of
+    the training family its task is most like (the familiarity check); an unfamiliar step that the
+    policy trusts takes the predictor's own."""
 
     name: str
     families: tuple[str, ...]  # training families (the familiarity check's names) it holds
     kappa: Kappa
-    draft_band: float = 0.0  # the draft stage's band here (0: this workload is not drafted)
-    keep_threshold: float = 1.01  # ... and the draft stage's P to keep a draft
+    draft: DraftStage | None = None  # its draft stage (its band and keep threshold); None: not drafted
     meta: dict[str, Any] = field(default_factory=dict)  # its calibration
 
     def __post_init__(self) -> None:
-        if not self.name or not self.families or self.draft_band < 0 or not math.isfinite(self.keep_threshold):
-            raise ValueError(f"workload {self.name!r} needs a name, families, a draft band >= 0 and a finite keep "
-                             f"threshold, got families={self.families}, band={self.draft_band}, "
-                             f"keep={self.keep_threshold}")
+        if not self.name or not self.families:
+            raise ValueError(f"a workload needs a name and families, got {self.name!r}, {self.families}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "families": list(self.families), "kappa": self.kappa.to_dict(),
-                "draft_band": self.draft_band, "keep_threshold": self.keep_threshold, "meta": self.meta}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Workload":
-        return cls(str(d["name"]), tuple(str(f) for f in d["families"]), _kappa_from_dict(d["kappa"]),
-                   float(d.get("draft_band", 0.0)), float(d.get("keep_threshold", 1.01)), d.get("meta", {}))
+                **({"draft_stage": self.draft.to_dict()} if self.draft is not None else {}), "meta": self.meta}
 
 
 def _kappa_from_dict(k: dict[str, Any]) -> Kappa:
@@ -359,12 +352,13 @@ class Predictor:
         """Second stage for an uncertain step: (keep the SLM's draft?, P from the draft stage or
         None when this predictor has none and the draft's own checks decide); `messages` (and
         `tools`): the step's, whose workload's keep threshold applies (`workload`)."""
-        if self.draft is None:
+        if self.draft is None and not self.workloads:
             return check.passed, None
-        X = np.hstack([prefill_row.reshape(1, -1), check.features.reshape(1, -1)]).astype(np.float32)
-        p = float(self.draft.predict(X)[0])
         w = self.workload(messages, tools) if messages is not None and self.workloads else None
-        return p >= (self.draft.keep_threshold if w is None else w.keep_threshold), p
+        stage = self.draft if w is None or w.draft is None else w.draft
+        X = np.hstack([prefill_row.reshape(1, -1), check.features.reshape(1, -1)]).astype(np.float32)
+        p = float(stage.predict(X)[0])
+        return p >= stage.keep_threshold, p
 
     # --- one predictor, several workloads ---------------------------------------------------------
     def workload(self, messages: list[dict[str, Any]], tools: bool = False) -> Workload | None:
@@ -393,9 +387,8 @@ class Predictor:
     def draft_band_for(self, messages: list[dict[str, Any]], tools: bool = False) -> float:
         """The draft stage's band at this step: its workload's, else the stage's (0: no draft stage)."""
         w = self.workload(messages, tools) if self.workloads else None
-        if w is not None:
-            return w.draft_band
-        return self.draft.band if self.draft is not None else 0.0
+        stage = self.draft if w is None else w.draft
+        return stage.band if stage is not None else 0.0
 
     # --- files ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -440,34 +433,42 @@ class Predictor:
             raise ConfigError(f"predictor file {path} lists features {d.get('feature_names')}, expected "
                               f"{list(SCHEMA_FEATURES[d['schema']])}; retrain it with `hera train`")
         k = d.get("kappa", {})
-        draft = None
-        if d.get("draft_stage") is not None:
-            ds = d["draft_stage"]
-            ds_names = tuple(ds.get("feature_names", ()))
-            if ds_names != names + DRAFT_FEATURE_NAMES:
-                raise ConfigError(f"predictor file {path}: its draft stage lists features {ds.get('feature_names')}, "
-                                  f"expected {list(names + DRAFT_FEATURE_NAMES)}; retrain it with `hera train`")
-            draft = DraftStage(model_json=base64.b64decode(ds["model_b64"]),
-                               keep_threshold=float(ds.get("keep_threshold", 0.5)), band=float(ds.get("band", 0.2)),
-                               meta=ds.get("meta", {}), feature_names=ds_names)
+        draft = _draft_stage(path, d.get("draft_stage"), names, "its draft stage")
         familiarity = _section(path, d.get("familiarity"), "its familiarity section", "hera train",
                                Familiarity.from_dict)
         vote = _section(path, d.get("vote_stage"), "its vote stage", "hera train --votes",
                         lambda v: VoteStage(int(v["steps"]), int(v["k"]), float(v["min_share"]), v.get("meta", {})))
         cost = _section(path, k.get("cost_weight"), "its cost weight", "hera train --cost-aware", CostWeight.from_dict)
         workloads = _section(path, d.get("workloads"), "its workload section", "hera train --workload",
-                             lambda ws: tuple(Workload.from_dict(w) for w in ws)) or ()
-        _check_workloads(path, workloads, familiarity, draft)
+                             lambda ws: tuple(_workload(path, w, names) for w in ws)) or ()
+        _check_workloads(path, workloads, familiarity)
         return cls(model_json=base64.b64decode(d["model_b64"]), feature_names=names,
                    kappa=Kappa(float(k.get("base", 0.6)), float(k.get("per_step", 0.02)), int(k.get("max_steps", 5)),
                                cost),
                    meta=d.get("meta", {}), draft=draft, familiarity=familiarity, vote=vote, workloads=workloads)
 
 
-def _check_workloads(path, workloads: tuple[Workload, ...], familiarity: Familiarity | None,
-                     draft: DraftStage | None) -> None:
-    """A predictor file's workloads must name families its familiarity check knows, each once, and
-    draft only with a draft stage: else a ConfigError (never a step routed by the wrong point)."""
+def _draft_stage(path, ds: dict[str, Any] | None, names: tuple[str, ...], what: str) -> DraftStage | None:
+    """A draft stage section (None where absent), over the prefill's features `names` then the draft's."""
+    if ds is None:
+        return None
+    ds_names = tuple(ds.get("feature_names", ()))
+    if ds_names != names + DRAFT_FEATURE_NAMES:
+        raise ConfigError(f"predictor file {path}: {what} lists features {ds.get('feature_names')}, "
+                          f"expected {list(names + DRAFT_FEATURE_NAMES)}; retrain it with `hera train`")
+    return DraftStage(model_json=base64.b64decode(ds["model_b64"]), keep_threshold=float(ds.get("keep_threshold", 0.5)),
+                      band=float(ds.get("band", 0.2)), meta=ds.get("meta", {}), feature_names=ds_names)
+
+
+def _workload(path, d: dict[str, Any], names: tuple[str, ...]) -> Workload:
+    return Workload(str(d["name"]), tuple(str(f) for f in d["families"]), _kappa_from_dict(d["kappa"]),
+                    _draft_stage(path, d.get("draft_stage"), names, f"workload {d['name']}'s draft stage"),
+                    d.get("meta", {}))
+
+
+def _check_workloads(path, workloads: tuple[Workload, ...], familiarity: Familiarity | None) -> None:
+    """A predictor file's workloads must name families its familiarity check knows, each once: else
+    a ConfigError (never a step routed by the wrong point)."""
     if not workloads:
         return
     fix = "; retrain it with `hera train --workload`"
@@ -479,6 +480,3 @@ def _check_workloads(path, workloads: tuple[Workload, ...], familiarity: Familia
     if unknown or twice:
         raise ConfigError(f"predictor file {path}: its workloads name families "
                           f"{unknown or twice} {'its familiarity check does not know' if unknown else 'twice'}{fix}")
-    drafted = [w.name for w in workloads if w.draft_band > 0]
-    if drafted and draft is None:
-        raise ConfigError(f"predictor file {path}: workloads {drafted} draft, and it has no draft stage{fix}")
