@@ -24,7 +24,7 @@ from hera_core.routing.plan import (Action, DraftOutcome, StepFacts, after_budge
                                     samples_wanted, vote_key_wanted)
 from hera_core.routing.ledger import Ledger
 from hera_core.routing.policy import Override, Route
-from hera_core.routing.predictor import CostWeight, Kappa, VoteStage, feature_matrix
+from hera_core.routing.predictor import CostWeight, Kappa, Predictor, VoteStage, Workload, feature_matrix
 from hera_core.routing.runtime import Runtime
 from hera_core.routing.step import StepRequest
 
@@ -212,11 +212,16 @@ METHOD_SETTINGS = {  # each evaluated HERA, and the runtime settings it stands f
 
 
 class _Familiarity:
+    families = ["f"]  # one training family (a workload's, where the predictor has one)
+
     def __init__(self, familiar: bool) -> None:
         self.is_familiar = familiar
 
-    def familiar(self, messages) -> bool:
+    def familiar(self, messages, tools=False) -> bool:
         return self.is_familiar
+
+    def nearest(self, messages, tools=False) -> int | None:
+        return 0 if self.is_familiar else None
 
 
 class _Stage:
@@ -225,15 +230,11 @@ class _Stage:
 
 
 @dataclasses.dataclass
-class _Predictor:
-    """The predictor's interface with a chosen P and draft-stage verdict."""
+class _Predictor(Predictor):
+    """A predictor with a chosen P and draft-stage verdict (its workloads' lookups are the real ones)."""
 
-    p: float
-    kappa: Kappa
-    familiarity: _Familiarity | None
-    draft: _Stage | None
-    vote: VoteStage | None
-    stage_keep: bool
+    p: float = 0.0
+    stage_keep: bool = False
 
     def predict(self, X):
         return np.full(len(X), self.p, dtype=np.float32)
@@ -242,7 +243,7 @@ class _Predictor:
         X = feature_matrix(np.concatenate([logit_features(r.reshape(1, -1)) for r in rows]), structure)
         return self.predict(X), X
 
-    def keep_draft(self, prefill_row, check):
+    def keep_draft(self, prefill_row, check, messages=None, tools=False):
         assert prefill_row is not None and prefill_row.shape[0] == 1
         return self.stage_keep, None
 
@@ -280,6 +281,9 @@ steps = st.fixed_dictionaries({
     "offset": st.sampled_from((0.0, -0.05, 0.1)),
     "familiar": st.sampled_from((True, False, None)),  # None: the predictor has no familiarity check
     "band": st.sampled_from((None, 0.0, 0.05, 0.3)),  # None: no draft stage
+    # a predictor shared by workloads: the familiar step's workload has its own kappa base and draft
+    # band (None: no stage of its own); None: no workloads
+    "workload": st.one_of(st.none(), st.tuples(st.floats(0.3, 0.95), st.sampled_from((None, 0.0, 0.3)))),
     "vote": st.sampled_from((None, VoteStage(1, 2, 0.5), VoteStage(2, 4, 1.0), VoteStage(2, 4, 0.5))),
     "tools": st.booleans(),
     "stage_keep": st.booleans(),
@@ -293,9 +297,13 @@ steps = st.fixed_dictionaries({
 
 def _predictor(s) -> _Predictor:
     cost = CostWeight(s["gamma"], (40.0, 10.0), 100.0, 20.0) if s["gamma"] else None
-    return _Predictor(float(np.float32(s["p"])), Kappa(s["base"], 0.02, 5, cost),
-                      None if s["familiar"] is None else _Familiarity(s["familiar"]),
-                      None if s["band"] is None else _Stage(s["band"]), s["vote"], s["stage_keep"])
+    workloads = ()
+    if s.get("workload") is not None and s["familiar"] is not None:  # (chosen by the familiarity check)
+        base, band = s["workload"]
+        workloads = (Workload("w", ("f",), Kappa(base, 0.01, 3, cost), None if band is None else _Stage(band)),)
+    return _Predictor(b"{}", Kappa(s["base"], 0.02, 5, cost), familiarity=None if s["familiar"] is None else
+                      _Familiarity(s["familiar"]), draft=None if s["band"] is None else _Stage(s["band"]),
+                      vote=s["vote"], workloads=workloads, p=float(np.float32(s["p"])), stage_keep=s["stage_keep"])
 
 
 def _draft(s) -> Generation:

@@ -365,18 +365,26 @@ class Predictor:
         """The operating point of the training family this step's task is most like (`tools`: the
         step offers tools; `Familiarity.nearest`); None when the predictor has none (one for every
         step: its own kappa and draft stage) or the step is unfamiliar."""
-        if not self.workloads:
-            return None
+        return self.locate(messages, tools)[1] if self.workloads else None
+
+    def locate(self, messages: list[dict[str, Any]], tools: bool = False) -> tuple[bool, Workload | None]:
+        """(the step is familiar, its workload or None) in one familiarity lookup: what the live
+        path reads once a step. Without a familiarity check every step is familiar."""
         fam = self.familiarity
         if fam is None:
-            raise ConfigError("a predictor with workloads needs its familiarity section; retrain it with `hera train`")
+            if self.workloads:
+                raise ConfigError("a predictor with workloads needs its familiarity section; retrain it with "
+                                  "`hera train`")
+            return True, None
+        i = fam.nearest(messages, tools)
+        if i is None or not self.workloads:
+            return i is not None, None
         seen_fam, seen_workloads, by_family = self._by_family
         if seen_fam is not fam or seen_workloads is not self.workloads:  # (both may be set after init)
             owner = {f: w for w in self.workloads for f in w.families}
             by_family = [owner.get(f) for f in fam.families]
             self._by_family = (fam, self.workloads, by_family)
-        i = fam.nearest(messages, tools)
-        return None if i is None else by_family[i]
+        return True, by_family[i]
 
     def threshold_at(self, messages: list[dict[str, Any]], step: int, prompt_tokens: float,
                      tools: bool = False) -> float:

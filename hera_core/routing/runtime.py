@@ -35,7 +35,7 @@ from hera_core.routing.ledger import Ledger
 from hera_core.routing.plan import (Action, StepFacts, StepPlan, after_budget, after_cloud_failure,
                                     after_invalid_tool_call, may_leave_device, plan_step)
 from hera_core.routing.policy import Override, Route
-from hera_core.routing.predictor import Predictor, predictor_version, structure_features
+from hera_core.routing.predictor import Kappa, Predictor, predictor_version, structure_features
 from hera_core.routing.scoring import ScoreBatcher
 from hera_core.routing.step import Score, StepRequest, StepRun, SubtaskResult, step_index
 
@@ -133,14 +133,21 @@ class Runtime:
         `schema_size`: a structured step's schema size (`ResponseFormat.size`); `agent_tools`:
         the agent offers tools (None: `toolset` is given), which tells a predictor shared by
         workloads the step's kind."""
+        tools = toolset is not None if agent_tools is None else agent_tools
+        point = self._predictor.workload(messages, tools) if self._predictor.workloads else None
+        return await self._score(messages, step, toolset, features_toolset, schema_size,
+                                 self._predictor.kappa if point is None else point.kappa)
+
+    async def _score(self, messages: list[Message], step: int, toolset: ToolSet | None,
+                     features_toolset: ToolSet | None, schema_size: int, kappa_of: Kappa) -> Score:
+        """`score` with the step's kappa (its workload's, or the predictor's) already chosen."""
         pre = await (self.local.prefill(messages) if toolset is None else self.local.prefill(messages, toolset=toolset))
         described = features_toolset if features_toolset is not None else toolset
         structure = structure_features(step, pre.prompt_tokens, messages, described, schema_size)
         scored = self._scorer.now(pre.logits, structure)  # (no await: a lone step is scored in place)
         p, X = scored if scored is not None else await self._scorer.join(pre.logits, structure)
         hot = pre.cached_tokens / pre.prompt_tokens if pre.prompt_tokens else 0.0
-        tools = toolset is not None if agent_tools is None else agent_tools
-        kappa = self._predictor.threshold_at(messages, step, pre.prompt_tokens, tools)  # (its workload's, if any)
+        kappa = kappa_of.at(step, pre.prompt_tokens)
         return Score(p, kappa + self.threshold_offset - self.hot_prefix_discount * hot, pre, X)
 
     def is_unfamiliar(self, messages: list[Message], tools: bool = False) -> bool:
@@ -247,26 +254,30 @@ class Runtime:
         if st.cloud_reason is not None:
             why_not_local = f"the request asks for {st.cloud_reason}, which only the cloud serves"
         score = None
-        tools = req.toolset is not None  # the agent's own tools (not a structured answer's call): the step's kind
+        predictor = self._predictor
+        # The step's kind is whether the agent offers tools (not a structured answer's call); one
+        # familiarity lookup tells whether the step is familiar and, for a predictor shared by
+        # workloads, whose operating point (kappa, draft stage) it takes.
+        familiar, point = predictor.locate(req.messages, req.toolset is not None)
         if req.override is not Override.CLOUD_ONLY and why_not_local is None:
+            kappa = predictor.kappa if point is None else point.kappa
             try:
                 fmt = req.response_format
                 if fmt is None:
-                    score = await self.score(req.messages, req.step, st.toolset, agent_tools=tools)
+                    score = await self._score(req.messages, req.step, st.toolset, None, 0, kappa)
                 else:
                     shaped = answer_toolset(fmt) if st.structured_on_slm else None
-                    score = await self.score(req.messages, req.step, st.toolset, features_toolset=shaped,
-                                             schema_size=fmt.size, agent_tools=tools)
+                    score = await self._score(req.messages, req.step, st.toolset, shaped, fmt.size, kappa)
             except CannotServeLocallyError as exc:  # too long for its window, tools it cannot decode
                 why_not_local = str(exc)
-        predictor = self._predictor
-        band = self.draft_band if self.draft_band is not None else predictor.draft_band_for(req.messages, tools)
+        stage = predictor.draft if point is None else point.draft
+        band = self.draft_band if self.draft_band is not None else (stage.band if stage is not None else 0.0)
         facts = StepFacts(
             step=req.step, p_local=score.p_local if score else None,
             threshold=(req.threshold if req.threshold is not None else score.threshold) if score else None,
             override=req.override, why_not_local=why_not_local,
-            unfamiliar=req.override is Override.AUTO and why_not_local is None and
-            self.is_unfamiliar(req.messages, tools),
+            unfamiliar=req.override is Override.AUTO and why_not_local is None and self.unfamiliar != "trust" and
+            not familiar,
             on_unfamiliar=self.unfamiliar, draft_band=band, vote=predictor.vote if self.vote == "auto" else None,
             fixed_threshold=req.threshold is not None, tools=st.toolset is not None or bool(st.engine_extra),
             samples=req.samples, agreement_k=self.agreement_k, agreement_min=self.agreement_min)
