@@ -66,7 +66,8 @@ def measure(cloud_url: str) -> dict:
         engine = LlamaCppEngine(model_path(SLM), name=SLM, n_ctx=4096, n_threads=1, n_slots=SESSIONS + 1)
         cloud = CloudEngine(cloud_url + "/v1", LLM, timeout_s=600)
         predictor = Predictor.load()
-        predictor.kappa = Kappa(base=1.01)
+        # every step to the cloud: no workload's own point, no draft stage, kappa above any P
+        predictor.kappa, predictor.workloads, predictor.draft = Kappa(base=1.01), (), None
         learner = LiveLearner(LearningSettings(shadow=True), folder / "learning", predictor)
         prices = load_settings(env={}).prices
         rts = {}
