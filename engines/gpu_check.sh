@@ -9,7 +9,7 @@
 #
 # "run" expects python3 with numpy, pytest, pytest-benchmark, hypothesis, aiohttp, rich,
 # prometheus-client, pybind11, setuptools, cmake, torch or cupy, and nvcc on the PATH (a CUDA
-# image with PyTorch has all of them); .gpu-wheels/ brings xgboost and pydantic.
+# image with PyTorch has all of them); .gpu-wheels/ brings xgboost, pydantic, orjson and jsonschema.
 # Not covered here: TensorRT-LLM (its wheel is gigabytes and pins its own CUDA and torch; its
 # tests in tests/test_gpu_engines.py skip without it) and llama.cpp's CUDA build (engines/README.md).
 set -uo pipefail
@@ -23,7 +23,8 @@ wheels)
   HOSTPY=${HOSTPY:-.venv/bin/python}
   mapfile -t pins < <("$HOSTPY" - <<'EOF'
 from importlib.metadata import version
-for name in ("xgboost-cpu", "pydantic", "pydantic-core", "annotated-types", "typing-inspection"):
+for name in ("xgboost-cpu", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "orjson",
+             "jsonschema", "jsonschema-specifications", "referencing", "rpds-py"):
     print(f"{name}=={version(name)}")
 EOF
   )

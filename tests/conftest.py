@@ -17,12 +17,15 @@ from tests.processes import wait_for_http
 TINY = "smollm2-135m"  # plumbing tests: fast, real
 
 
-def pytest_sessionstart(session):
-    """The suite starts with the self-test: llama.cpp's first decode runs in a child process, so a
+def pytest_collection_finish(session):
+    """The run starts with the self-test: llama.cpp's first decode runs in a child process, so a
     native crash (an instruction set this CPU lacks, a broken kernel) stops the run here with its
-    message and fix, instead of killing pytest mid-run and hiding every other result."""
+    message and fix, instead of killing pytest mid-run and hiding every other result. Only where a
+    collected test uses the model (the GPU checks alone, on a machine without it, need no llama.cpp)."""
     from hera_core.install.doctor import decode_self_test
 
+    if not any("tiny_model_path" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
     try:
         path = model_path(TINY)
     except Exception as exc:  # noqa: BLE001 - the message says how to install it
