@@ -293,3 +293,26 @@ def test_the_shipped_predictors_replay_gives_the_committed_results(workload, tmp
         monkeypatch.chdir(root)
     measured = run(replay.replay(workload, w, True, replay.SHIPPED))
     assert json.loads(json.dumps(measured)) == json.loads((root / "bench/eval/shared/replay.json").read_text())[workload]
+
+
+def test_the_estimated_curve_sweeps_the_workloads_own_kappa():
+    """`hera eval`'s estimated curve over one workload's traces sweeps that workload's kappa (its
+    cost weight), not the pooled one's."""
+    from dataclasses import replace
+
+    from hera_core.offline.report import estimated_curve
+    from hera_core.offline.training import estimate, step_probs
+
+    traces, openings = workload_traces()
+    p, _ = train(traces, num_rounds=20, openings=openings, cost=CostTarget(),
+                 workloads={"a": WorkloadSpec(("safe",)), "b": WorkloadSpec(("risky",))})
+    risky = [t for t in traces if t["family"] == "risky" and t["split"] == "val"]
+    own = p.workloads[1].kappa
+    curve = estimated_curve(risky, p)
+    probs = step_probs(p, risky)
+    pooled = []
+    for point in curve:
+        est = estimate(risky, probs, replace(own, base=point["threshold_base"]))
+        assert (point["accuracy"], point["local_share"]) == (est.accuracy, est.local_share)
+        pooled.append(estimate(risky, probs, replace(p.kappa, base=point["threshold_base"])).local_share)
+    assert pooled != [point["local_share"] for point in curve]  # (the pooled kappa's curve is another)

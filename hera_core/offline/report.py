@@ -14,13 +14,16 @@ from hera_core.routing.predictor import Predictor
 
 
 def estimated_curve(traces: list[dict[str, Any]], predictor: Predictor) -> list[dict[str, float]]:
-    """HERA's cost/accuracy trade-off as the threshold sweeps, estimated from profiled labels."""
+    """HERA's cost/accuracy trade-off as the threshold sweeps, estimated from profiled labels (with
+    the kappa of the workload that holds every traced family, for a predictor shared by workloads)."""
     from hera_core.offline.training import estimate, step_probs
 
+    families = {t["family"] for t in traces}
+    kappa = next((w.kappa for w in predictor.workloads if families <= set(w.families)), predictor.kappa)
     probs = step_probs(predictor, traces)
     points = []
     for base in np.round(np.arange(0.0, 1.0201, 0.02), 2):
-        est = estimate(traces, probs, replace(predictor.kappa, base=float(base)))
+        est = estimate(traces, probs, replace(kappa, base=float(base)))
         points.append({"threshold_base": float(base), "accuracy": est.accuracy, "local_share": est.local_share})
     return points
 
