@@ -461,7 +461,9 @@ def calibrate_workloads(traces: list[dict[str, Any]], predictor: Predictor, spec
                 **({"est_cost_ratio": round(cost_ratio(calib, local, chars_per_token(calib), cost and cost.prices), 4)}
                    if all("prompt_tokens" in s and "llm_text" in s for t in calib for s in t["steps"]) else {}),
                 "draft_stage": draft_report if draft_report is not None else
-                ("off: the workload is not drafted" if not spec.draft else "off: no drafts in its traces"),
+                ("off: the workload is not drafted" if not spec.draft else
+                 "off: not calibrated within a cloud budget" if cost is not None and cost.budget is not None else
+                 "off: no drafts in its traces"),
                 **({"cost_calibration": cost_report} if cost_report is not None else {})}
         out.append(Workload(name, spec.families, kappa, draft, meta))
         report[name] = {**meta, "kappa": kappa.to_dict()}
