@@ -257,8 +257,7 @@ class Evaluator:
         return self.predictor.threshold_at(messages, step, tokens, tools)
 
     def unfamiliar(self, messages: list[Message], tools: bool = False) -> bool:
-        fam = self.predictor.familiarity
-        return fam is not None and not fam.familiar(messages, tools)
+        return not self.predictor.locate(messages, tools)[0]
 
     async def p_local(self, messages: list[Message], step: int, task: Task | None = None) -> float:
         return float(self.predictor.predict(await self.feature_row(messages, step, task))[0])
@@ -456,6 +455,20 @@ def query_threshold(scores: dict[str, float], step_counts: dict[str, int], share
     return -1.0  # everything local
 
 
+async def first_step_scores(ev: Evaluator, tasks: list[Task]) -> dict[str, float]:
+    """Each task's first-step P: what the query router ranks tasks by."""
+    return {task.task_id: await ev.p_local(first_messages(task), 0, task) for task in tasks}
+
+
+async def router_at_cost(ev: Evaluator, tasks: list[Task], first: dict[str, float], all_llm: list[TaskResult],
+                         method: list[TaskResult], progress=None) -> list[TaskResult]:
+    """The query router (by the first-step scores `first`) calibrated to at most `method`'s cloud
+    spend, each task costing what it cost All-LLM (`all_llm`)."""
+    task_costs = {r.task_id: sum(s.cloud_cost_usd for s in r.steps) for r in all_llm}
+    budget = sum(s.cloud_cost_usd for r in method for s in r.steps)
+    return await ev.run(QueryRouter(query_threshold_cost(first, task_costs, budget)), tasks, progress)
+
+
 async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0, progress=None,
                    sweep: tuple[float, ...] = (), unfamiliar: str = "cloud") -> dict[str, Any]:
     """Every method on `tasks`; `sweep` adds live HERA runs with these threshold offsets;
@@ -469,13 +482,11 @@ async def evaluate(tasks: list[Task], ev: Evaluator, *, seed: int = 0, progress=
     all_llm_cost = sum(s.cloud_cost_usd for r in per_method["all_llm"] for s in r.steps)
     hera_share = summarize(per_method["hera"], all_llm_cost)["local_share"]
     per_method["random"] = await ev.run(RandomRouter(hera_share, seed), tasks, progress)
-    first = {task.task_id: await ev.p_local(first_messages(task), 0, task) for task in tasks}
+    first = await first_step_scores(ev, tasks)
     counts = {r.task_id: len(r.steps) for r in per_method["all_llm"]}
     per_method["query_router"] = await ev.run(QueryRouter(query_threshold(first, counts, hera_share)), tasks, progress)
-    hera_cost = sum(s.cloud_cost_usd for r in per_method["hera"] for s in r.steps)
-    task_costs = {r.task_id: sum(s.cloud_cost_usd for s in r.steps) for r in per_method["all_llm"]}
-    per_method["query_router_cost"] = await ev.run(QueryRouter(query_threshold_cost(first, task_costs, hera_cost)),
-                                                   tasks, progress)
+    per_method["query_router_cost"] = await router_at_cost(ev, tasks, first, per_method["all_llm"],
+                                                           per_method["hera"], progress)
     per_method["query_cascade"] = query_cascade(per_method["all_slm"], per_method["all_llm"])
     per_method["oracle"] = await ev.run(Oracle(), tasks, progress)
 

@@ -453,7 +453,7 @@ def calibrate_workloads(traces: list[dict[str, Any]], predictor: Predictor, spec
                 est = estimate_routes(calib, local, kappa.base)
             else:  # drafting keeps no more steps local here: not drafted
                 draft, draft_report = None, f"off: it keeps no more steps local (val AUC {draft_report['auc_val']:.3f})"
-        Xv, yv = rows(calib, {calib[0]["split"]})
+        yv = np.asarray([s["label"] for t in calib for s in t["steps"]], dtype=np.float32)
         meta = {"families": list(spec.families), "calibration_tasks": len(calib),
                 "calibration_split": calib[0]["split"], "auc": auc(yv, np.concatenate(probs)), "max_drop": max_drop,
                 "est_accuracy": round(est.accuracy, 4), "llm_accuracy": round(est.llm_accuracy, 4),

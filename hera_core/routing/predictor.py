@@ -386,17 +386,23 @@ class Predictor:
             self._by_family = (fam, self.workloads, by_family)
         return True, by_family[i]
 
+    def kappa_of(self, w: Workload | None) -> Kappa:
+        """The kappa a step of workload `w` takes (None: no workload, the predictor's own)."""
+        return self.kappa if w is None else w.kappa
+
+    def draft_band_of(self, w: Workload | None) -> float:
+        """The draft band a step of workload `w` takes (None: the predictor's stage's; 0: no stage)."""
+        stage = self.draft if w is None else w.draft
+        return stage.band if stage is not None else 0.0
+
     def threshold_at(self, messages: list[dict[str, Any]], step: int, prompt_tokens: float,
                      tools: bool = False) -> float:
         """The step's threshold: its workload's kappa at this step (`Kappa.at`), else the predictor's."""
-        w = self.workload(messages, tools) if self.workloads else None
-        return (self.kappa if w is None else w.kappa).at(step, prompt_tokens)
+        return self.kappa_of(self.workload(messages, tools)).at(step, prompt_tokens)
 
     def draft_band_for(self, messages: list[dict[str, Any]], tools: bool = False) -> float:
         """The draft stage's band at this step: its workload's, else the stage's (0: no draft stage)."""
-        w = self.workload(messages, tools) if self.workloads else None
-        stage = self.draft if w is None else w.draft
-        return stage.band if stage is not None else 0.0
+        return self.draft_band_of(self.workload(messages, tools))
 
     # --- files ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -134,9 +134,8 @@ class Runtime:
         the agent offers tools (None: `toolset` is given), which tells a predictor shared by
         workloads the step's kind."""
         tools = toolset is not None if agent_tools is None else agent_tools
-        point = self._predictor.workload(messages, tools) if self._predictor.workloads else None
-        return await self._score(messages, step, toolset, features_toolset, schema_size,
-                                 self._predictor.kappa if point is None else point.kappa)
+        kappa = self._predictor.kappa_of(self._predictor.workload(messages, tools))
+        return await self._score(messages, step, toolset, features_toolset, schema_size, kappa)
 
     async def _score(self, messages: list[Message], step: int, toolset: ToolSet | None,
                      features_toolset: ToolSet | None, schema_size: int, kappa_of: Kappa) -> Score:
@@ -153,8 +152,7 @@ class Runtime:
     def is_unfamiliar(self, messages: list[Message], tools: bool = False) -> bool:
         """The step is unlike every task the predictor was trained on (and the policy distrusts
         that); `tools`: the agent offers tools at this step."""
-        fam = self._predictor.familiarity
-        return self.unfamiliar != "trust" and fam is not None and not fam.familiar(messages, tools)
+        return self.unfamiliar != "trust" and not self._predictor.locate(messages, tools)[0]
 
     # --- one step: plan, decide, answer, book ------------------------------------------------------
     async def complete(self, messages: list[Message], *, session: str, **options: Any) -> SubtaskResult:
@@ -260,7 +258,7 @@ class Runtime:
         # workloads, whose operating point (kappa, draft stage) it takes.
         familiar, point = predictor.locate(req.messages, req.toolset is not None)
         if req.override is not Override.CLOUD_ONLY and why_not_local is None:
-            kappa = predictor.kappa if point is None else point.kappa
+            kappa = predictor.kappa_of(point)
             try:
                 fmt = req.response_format
                 if fmt is None:
@@ -270,8 +268,7 @@ class Runtime:
                     score = await self._score(req.messages, req.step, st.toolset, shaped, fmt.size, kappa)
             except CannotServeLocallyError as exc:  # too long for its window, tools it cannot decode
                 why_not_local = str(exc)
-        stage = predictor.draft if point is None else point.draft
-        band = self.draft_band if self.draft_band is not None else (stage.band if stage is not None else 0.0)
+        band = self.draft_band if self.draft_band is not None else predictor.draft_band_of(point)
         facts = StepFacts(
             step=req.step, p_local=score.p_local if score else None,
             threshold=(req.threshold if req.threshold is not None else score.threshold) if score else None,

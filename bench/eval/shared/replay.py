@@ -73,8 +73,8 @@ async def replay(name: str, w: Workload, offline: bool, shared_path: Path) -> di
     from hera_core.backends.caching import CachingEngine, CompletionCache
     from hera_core.cli_offline import _Offline
     from hera_core.config import load_settings
-    from hera_core.offline.evaluation import (AllLLM, Evaluator, Hera, QueryRouter, first_messages,
-                                              query_threshold_cost, summarize)
+    from hera_core.offline.evaluation import (AllLLM, Evaluator, Hera, first_step_scores, router_at_cost,
+                                              summarize)
     from hera_core.offline.stats import paired_bootstrap
     from hera_core.progress import progress_bar
     from hera_core.routing.predictor import Predictor
@@ -95,10 +95,8 @@ async def replay(name: str, w: Workload, offline: bool, shared_path: Path) -> di
             llm = await ev_own.run(AllLLM(), tasks, bar.advance)
             hera_own = await ev_own.run(Hera(), tasks, bar.advance)
             hera_shared = await ev_shared.run(Hera(), tasks, bar.advance)
-            first = {t.task_id: await ev_shared.p_local(first_messages(t), 0, t) for t in tasks}
-            costs = {r.task_id: sum(s.cloud_cost_usd for s in r.steps) for r in llm}
-            budget = sum(s.cloud_cost_usd for r in hera_shared for s in r.steps)
-            router = await ev_shared.run(QueryRouter(query_threshold_cost(first, costs, budget)), tasks, bar.advance)
+            first = await first_step_scores(ev_shared, tasks)
+            router = await router_at_cost(ev_shared, tasks, first, llm, hera_shared, bar.advance)
         llm_cost = sum(s.cloud_cost_usd for r in llm for s in r.steps)
         right = {k: [r.correct for r in v] for k, v in
                  (("own", hera_own), ("shared", hera_shared), ("router", router), ("llm", llm))}

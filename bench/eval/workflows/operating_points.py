@@ -27,8 +27,8 @@ KEYS = ("accuracy", "local_share", "cost_ratio")
 async def measure(cache_path: Path) -> dict:
     from hera_core.backends.caching import CachingEngine, CompletionCache
     from hera_core.config import load_settings
-    from hera_core.offline.evaluation import (AllLLM, Evaluator, Hera, QueryRouter, first_messages,
-                                              query_threshold_cost, summarize)
+    from hera_core.offline.evaluation import (AllLLM, Evaluator, Hera, first_step_scores, router_at_cost,
+                                              summarize)
     from hera_core.offline.stats import paired_bootstrap
     from hera_core.offline.workloads import make_tasks
     from hera_core.routing.predictor import Predictor
@@ -45,10 +45,7 @@ async def measure(cache_path: Path) -> dict:
                                Predictor.load(HERE / name), cache, settings.prices, settings.local.model)
                 llm, hera = await ev.run(AllLLM(), tasks), await ev.run(Hera(), tasks)
                 llm_cost = sum(s.cloud_cost_usd for r in llm for s in r.steps)
-                first = {t.task_id: await ev.p_local(first_messages(t), 0, t) for t in tasks}
-                costs = {r.task_id: sum(s.cloud_cost_usd for s in r.steps) for r in llm}
-                budget = sum(s.cloud_cost_usd for r in hera for s in r.steps)
-                router = await ev.run(QueryRouter(query_threshold_cost(first, costs, budget)), tasks)
+                router = await router_at_cost(ev, tasks, await first_step_scores(ev, tasks), llm, hera)
                 right = {k: [r.correct for r in v] for k, v in (("hera", hera), ("router", router), ("llm", llm))}
                 out[str(drop)] = {"predictor": name, "hera": summarize(hera, llm_cost),
                                   "query_router_cost": summarize(router, llm_cost), "all_llm": summarize(llm, llm_cost),
